@@ -1,0 +1,294 @@
+"""The length-adaptive encoder for extractive question answering.
+
+This is the model of the Length-Adaptive Transformer (Kim & Cho, 2021) as used by QuaLA-MiniLM
+(Guskin et al., 2022): a BERT or RoBERTa encoder that, after the attention of each layer, keeps only
+the `length_config[i]` most significant tokens and runs the feed-forward block on those alone.
+Dropped tokens are not lost: Drop-and-Restore writes every token's last computed hidden state back
+into a full-length sequence before the span head, so every input position gets a start/end logit.
+
+The model wraps the Hugging Face modules (embeddings, attention, feed-forward, QA head) instead of
+copying them; its parameter names are exactly those of `<Arch>ForQuestionAnswering`, so a saved
+directory also loads with `AutoModelForQuestionAnswering.from_pretrained` (at full length).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForQuestionAnswering, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
+from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+from qala.utils import atomic_directory, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+QALA_CONFIG_NAME = "qala_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class LengthAdaptiveConfig:
+    """What the length-adaptive wrapper adds to the backbone's own config.json.
+
+    Saved as qala_config.json beside the weights; the backbone's config.json stays transformers'.
+    """
+
+    # Tokens kept after each layer, one entry per layer, non-increasing. None = full length.
+    # Values count positions of the padded input (max_seq_length), as in the reference code.
+    length_config: list[int] | None = None
+    # Probability of skipping a whole layer in training (LayerDrop, Fan et al. 2019).
+    layer_dropout_prob: float = 0.0
+    # The padded sequence length that length configurations are written for.
+    max_seq_length: int = 384
+
+    def __post_init__(self) -> None:
+        if self.length_config is not None:
+            self.length_config = [int(n) for n in self.length_config]
+            check_length_config(self.length_config, max_seq_length=self.max_seq_length)
+        if not 0.0 <= self.layer_dropout_prob < 1.0:
+            raise ValueError(f"layer_dropout_prob must be in [0, 1), got {self.layer_dropout_prob}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> LengthAdaptiveConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; expected only {sorted(known)}")
+        return cls(**data)
+
+
+def check_length_config(
+    length_config: Sequence[int], *, num_layers: int | None = None, max_seq_length: int | None = None
+) -> None:
+    """Raise ValueError unless `length_config` is a usable per-layer list of kept lengths."""
+    if num_layers is not None and len(length_config) != num_layers:
+        raise ValueError(f"length_config has {len(length_config)} entries, the model has {num_layers} layers")
+    if any(n < 1 for n in length_config):
+        raise ValueError(f"length_config entries must be >= 1 (the [CLS] token is always kept): {list(length_config)}")
+    if any(b > a for a, b in zip(length_config, length_config[1:])):
+        raise ValueError(f"length_config must be non-increasing from layer to layer: {list(length_config)}")
+    if max_seq_length is not None and length_config and length_config[0] > max_seq_length:
+        raise ValueError(f"length_config {list(length_config)} keeps more than max_seq_length={max_seq_length}")
+
+
+def constant_ratio_length_config(keep_ratio: float, num_layers: int, seq_length: int) -> list[int]:
+    """Each layer keeps `keep_ratio` of the tokens the previous layer kept (LAT's length_drop_ratio)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    lengths, length = [], seq_length
+    for _ in range(num_layers):
+        length = max(1, math.ceil(length * keep_ratio))
+        lengths.append(length)
+    return lengths
+
+
+def sample_length_config(
+    seq_length: int, num_layers: int, ratio_bound: float, rng: random.Random, min_length: int = 2
+) -> list[int]:
+    """LengthDrop: each layer keeps a uniform draw from [ceil(prev * (1 - bound)), prev] tokens."""
+    lengths, length = [], seq_length
+    for _ in range(num_layers):
+        length = max(min_length, rng.randint(math.ceil(length * (1 - ratio_bound)), length))
+        lengths.append(length)
+    return lengths
+
+
+def smallest_length_config(seq_length: int, num_layers: int, ratio_bound: float, min_length: int = 2) -> list[int]:
+    """The sandwich rule's smallest sub-model: every layer at the bound."""
+    return [max(min_length, n) for n in constant_ratio_length_config(1 - ratio_bound, num_layers, seq_length)]
+
+
+def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x[b, indices[b]] for each row b; x is [batch, seq] or [batch, seq, hidden]."""
+    if x.dim() == 3:
+        indices = indices.unsqueeze(-1).expand(-1, -1, x.size(-1))
+    return x.gather(1, indices)
+
+
+def attention_significance(attention_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much attention each token receives, summed over heads and (real) queries: [batch, seq].
+
+    Padded positions score -inf so they never take a top-k slot from a real token, whatever the
+    attention values are; the first token ([CLS]/<s>) scores +inf so it is always kept.
+    """
+    probs = attention_probs.detach().float()
+    received = (probs * mask[:, None, :, None]).sum(dim=(1, 2))
+    received = received.masked_fill(~mask, float("-inf"))
+    is_first = torch.arange(received.size(1), device=received.device) == 0
+    return received.masked_fill(is_first, float("inf"))
+
+
+class LengthAdaptiveForQuestionAnswering(nn.Module):
+    """A BERT/RoBERTa encoder with per-layer token dropping, Drop-and-Restore and LayerDrop, plus a span head."""
+
+    def __init__(self, qa_model: PreTrainedModel, config: LengthAdaptiveConfig | None = None) -> None:
+        super().__init__()
+        backbone = getattr(qa_model, qa_model.base_model_prefix, None)
+        layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+        if layers is None or not hasattr(qa_model, "qa_outputs") or not all(
+            hasattr(layer, name) for layer in layers for name in ("attention", "feed_forward_chunk")
+        ):
+            raise ValueError(
+                f"model type {qa_model.config.model_type!r} is not supported: qala needs a BERT-style encoder "
+                "(bert, roberta and their relatives) with encoder.layer[i].attention/feed_forward_chunk and qa_outputs"
+            )
+        # Token selection reads the attention probabilities, which only the eager kernel returns.
+        qa_model.set_attn_implementation("eager")
+        # Registered under the backbone's own prefix ("bert", "roberta") so that parameter names
+        # match transformers' <Arch>ForQuestionAnswering exactly.
+        self.base_model_prefix = qa_model.base_model_prefix
+        self.add_module(self.base_model_prefix, backbone)
+        self.qa_outputs = qa_model.qa_outputs
+        # transformers' config stays `config` (Trainer and pipelines read it); ours sits beside it.
+        self.config = qa_model.config
+        self.qala_config = config or LengthAdaptiveConfig()
+
+    @property
+    def backbone(self) -> PreTrainedModel:
+        return getattr(self, self.base_model_prefix)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.encoder.layer)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        length_config: Sequence[int] | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        """Span logits for every input position.
+
+        `length_config` overrides `self.qala_config.length_config` for this call (None: use the config's).
+        A length at or above the current number of tokens keeps them all.
+        """
+        lengths = length_config if length_config is not None else self.qala_config.length_config
+        if lengths is not None and len(lengths) != self.num_layers:
+            raise ValueError(f"length_config has {len(lengths)} entries, the model has {self.num_layers} layers")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()
+
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        batch_size, seq_length, hidden_size = hidden.shape
+        # positions[b, j]: where the j-th surviving token of row b sits in the input.
+        positions = torch.arange(seq_length, device=hidden.device).expand(batch_size, -1)
+        # Drop-and-Restore buffer: each token's hidden state as of the last layer that kept it.
+        restored = None
+
+        for i, layer in enumerate(self.backbone.encoder.layer):
+            if self.training and self.qala_config.layer_dropout_prob > 0 and random.random() < self.qala_config.layer_dropout_prob:
+                continue  # LayerDrop: the layer is skipped and so is its token selection
+
+            additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+            attention_output, attention_probs = layer.attention(hidden, additive_mask)
+
+            keep = None if lengths is None else int(lengths[i])
+            if keep is not None and keep < hidden.size(1):
+                significance = attention_significance(attention_probs, mask)
+                # Sorted so survivors keep their input order and [CLS] stays first.
+                kept = significance.topk(keep, dim=1).indices.sort(dim=1).values
+                restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
+                restored = restored.scatter(1, positions.unsqueeze(-1).expand(-1, -1, hidden_size), hidden)
+                attention_output = _gather_tokens(attention_output, kept)
+                mask = _gather_tokens(mask, kept)
+                positions = _gather_tokens(positions, kept)
+
+            hidden = layer.feed_forward_chunk(attention_output)
+
+        if restored is not None:
+            hidden = restored.scatter(1, positions.unsqueeze(-1).expand(-1, -1, hidden_size), hidden)
+
+        logits = self.qa_outputs(hidden)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
+
+    # ---------------------------------------------------------------- save / load
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """config.json (transformers'), qala_config.json, model.safetensors; written atomically."""
+        config = copy.deepcopy(self.config)
+        config.architectures = [MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES[config.model_type]]
+        with atomic_directory(save_directory) as tmp:
+            config.save_pretrained(tmp)
+            atomic_write_text(tmp / QALA_CONFIG_NAME, self.qala_config.to_json())
+            state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        length_config: Sequence[int] | None = None,
+        layer_dropout_prob: float | None = None,
+        max_seq_length: int | None = None,
+        **hf_kwargs,
+    ) -> LengthAdaptiveForQuestionAnswering:
+        """Load a qala directory, or any BERT/RoBERTa checkpoint (local directory or hub id).
+
+        A checkpoint without a QA head gets a freshly initialised one (transformers logs which weights).
+        Keyword arguments other than the LengthAdaptiveConfig fields go to transformers' from_pretrained.
+        """
+        qala_config_file = Path(name_or_path) / QALA_CONFIG_NAME
+        config = (
+            LengthAdaptiveConfig.from_json_file(qala_config_file)
+            if qala_config_file.is_file()
+            else LengthAdaptiveConfig()
+        )
+        overrides = {
+            "length_config": list(length_config) if length_config is not None else None,
+            "layer_dropout_prob": layer_dropout_prob,
+            "max_seq_length": max_seq_length,
+        }
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        qa_model = AutoModelForQuestionAnswering.from_pretrained(
+            str(name_or_path), attn_implementation="eager", **hf_kwargs
+        )
+        model = cls(qa_model, config)
+        if config.length_config is not None:
+            check_length_config(config.length_config, num_layers=model.num_layers)
+        return model
+
+    @classmethod
+    def from_config(
+        cls, backbone_config: PretrainedConfig, config: LengthAdaptiveConfig | None = None
+    ) -> LengthAdaptiveForQuestionAnswering:
+        """A randomly initialised model (tests, architecture-only benchmarks)."""
+        qa_model = AutoModelForQuestionAnswering.from_config(backbone_config, attn_implementation="eager")
+        return cls(qa_model, config)
+
+
+def span_loss(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
+) -> torch.Tensor:
+    """Mean of start and end cross-entropy, as transformers' BertForQuestionAnswering computes it."""
+    ignored_index = start_logits.size(1)
+    start_positions = start_positions.view(-1).clamp(0, ignored_index)
+    end_positions = end_positions.view(-1).clamp(0, ignored_index)
+    loss_fct = nn.CrossEntropyLoss(ignore_index=ignored_index)
+    return (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
+

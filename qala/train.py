@@ -1,0 +1,312 @@
+"""Train a length-adaptive QA model from a recipe.
+
+    python -m qala.train RECIPE.yaml [key.sub=value ...] [~key.sub ...] [--resume]
+
+Runs the stages the recipe lists, in order, each in its own folder under run.output_dir:
+  finetune    cross-entropy on start/end (+ distillation from model.teacher if given);
+  lengthdrop  LengthDrop with the sandwich rule: per step the full model (task loss, + teacher KD),
+              the smallest sub-model and N random sub-models, the sub-models taught in place by the
+              full model's logits (Kim & Cho 2021, as used by QuaLA-MiniLM).
+A finished stage (its model/ folder written for the same recipe fingerprint) is skipped on rerun;
+an interrupted one continues from its last checkpoint with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from qala.data import SquadFormatError, featurize, load_squad
+from qala.evaluate import evaluate_features
+from qala.model import (
+    LengthAdaptiveForQuestionAnswering,
+    constant_ratio_length_config,
+    sample_length_config,
+    smallest_length_config,
+)
+from qala.recipe import Recipe, RecipeError, StageConfig, load_recipe, make_training_arguments
+from qala.utils import atomic_write_json, atomic_write_text, environment_info, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+TRAINING_INFO = "training_info.json"
+
+
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities over real positions only: padding carries no probability mass."""
+    return F.log_softmax((logits / temperature).masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+
+
+def distillation_loss(
+    student: tuple[torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    direction: str = "forward_kl",
+) -> torch.Tensor:
+    """KL between teacher and student span distributions, averaged over start and end.
+
+    forward_kl = KL(p_teacher || p_student), the usual knowledge-distillation objective (Hinton et al.;
+    equal to soft-target cross-entropy up to a constant). Its gradient on the student logits is
+    (p_student - p_teacher): every position the teacher believes in pulls the student, even one the
+    student currently gives ~0 probability. reverse_kl = KL(p_student || p_teacher), what the issue
+    says the LAT reference computes, is mode-seeking: its gradient is weighted by p_student, so a
+    sub-model that has put its mass on a wrong span gets almost no signal towards the full model's
+    span. We default to forward_kl for that reason; both are selectable per stage in the recipe.
+    """
+    mask = mask.bool()
+    losses = []
+    for s, t in zip(student, teacher):
+        log_p_student = masked_log_softmax(s.float(), mask, temperature)
+        log_p_teacher = masked_log_softmax(t.detach().float(), mask, temperature)
+        if direction == "forward_kl":
+            kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none")
+        else:
+            kl = F.kl_div(log_p_teacher, log_p_student, log_target=True, reduction="none")
+        losses.append(kl.masked_fill(~mask, 0.0).sum(-1).mean())
+    # temperature**2 keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    return (losses[0] + losses[1]) / 2 * temperature**2
+
+
+class QalaTrainer(Trainer):
+    """transformers' Trainer with one change: the loss (KD and the LengthDrop sandwich)."""
+
+    def __init__(
+        self, *args, stage: StageConfig, lengthdrop: bool, teacher: torch.nn.Module | None = None, **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self.lengthdrop = lengthdrop
+        self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = {k: inputs.pop(k) for k in ("start_positions", "end_positions")}
+        full = model(**inputs, **labels)
+        loss = full.loss
+        mask = inputs["attention_mask"].bool()
+        if self.teacher is not None:
+            with torch.no_grad():
+                taught = self.teacher(**inputs)
+            kd = distillation_loss(
+                (full.start_logits, full.end_logits), (taught.start_logits, taught.end_logits), mask,
+                temperature=self.stage.kd_temperature,
+            )
+            loss = self.stage.kd_alpha * kd + (1 - self.stage.kd_alpha) * loss
+
+        if self.lengthdrop and model.training:
+            unwrapped = self.accelerator.unwrap_model(model)
+            seq_length, num_layers = inputs["input_ids"].size(1), unwrapped.num_layers
+            bound = self.stage.length_drop_ratio_bound
+            # Seeded by (seed, step): a resumed run draws the same sub-models it would have drawn.
+            rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
+            sub_configs = [smallest_length_config(seq_length, num_layers, bound)]
+            sub_configs += [sample_length_config(seq_length, num_layers, bound, rng) for _ in range(self.stage.num_sandwich)]
+            target = (full.start_logits, full.end_logits)
+            for length_config in sub_configs:
+                sub = model(**inputs, length_config=length_config)
+                loss = loss + distillation_loss(
+                    (sub.start_logits, sub.end_logits), target, mask, direction=self.stage.inplace_distillation
+                )
+        return (loss, full) if return_outputs else loss
+
+
+def load_teacher(recipe: Recipe, tokenizer) -> torch.nn.Module | None:
+    """The teacher must tokenize exactly like the student: KD compares logits position by position."""
+    if not recipe.model.teacher:
+        return None
+    path = resolve_model_path(recipe.model.teacher)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab() or type(teacher_tokenizer) is not type(tokenizer):
+        raise RecipeError(
+            "model.teacher",
+            [f"{recipe.model.teacher}: its tokenizer differs from the student's; distillation compares "
+             "span logits token by token, so the teacher must share the student's vocabulary and tokenizer "
+             "(e.g. a BERT-base-uncased SQuAD teacher for an uncased BERT-vocabulary MiniLM)"],
+        )
+    return AutoModelForQuestionAnswering.from_pretrained(path)
+
+
+def stage_fingerprint(recipe: Recipe, stage_name: str, previous: str) -> str:
+    return recipe.fingerprint("run.seed", "data", "model", f"train.{stage_name}") + previous
+
+
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Run every stage of the recipe; returns {stage: {training info and evaluation}}."""
+    out = Path(recipe.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    set_seed(recipe.run.seed)
+
+    d = recipe.data
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
+    train_examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
+    eval_examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
+    if d.max_train_samples:
+        train_examples = train_examples.select(range(min(d.max_train_samples, len(train_examples))))
+    if d.max_eval_samples:
+        eval_examples = eval_examples.select(range(min(d.max_eval_samples, len(eval_examples))))
+    train_features = featurize(train_examples, tokenizer, train=True, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride)
+    # Evaluation pads to max_seq_length so length configurations are absolute, as in deployment.
+    eval_features = featurize(
+        eval_examples, tokenizer, train=False, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride,
+        pad_to_max_length=True,
+    )
+    teacher = load_teacher(recipe, tokenizer)
+    logger.info("train: %d questions -> %d features; eval: %d questions", len(train_examples), len(train_features), len(eval_examples))
+
+    results: dict[str, Any] = {}
+    source, previous = resolve_model_path(recipe.model.name_or_path), ""
+    for stage_name in recipe.train.stages:
+        stage: StageConfig = getattr(recipe.train, stage_name)
+        stage_dir = out / stage_name
+        fingerprint = stage_fingerprint(recipe, stage_name, previous)
+        info = _finished(stage_dir, fingerprint)
+        if info is not None:
+            logger.info("%s: already trained for this recipe (%s), skipping", stage_name, stage_dir / "model")
+        else:
+            info = _train_stage(
+                recipe, stage_name, stage, source, stage_dir, fingerprint,
+                tokenizer=tokenizer, train_features=train_features, teacher=teacher, resume=resume,
+            )
+        info["eval"] = _evaluate_stage(recipe, stage_dir, fingerprint, eval_examples, eval_features)
+        results[stage_name] = info
+        source, previous = str(stage_dir / "model"), fingerprint
+    return results
+
+
+def _finished(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    path = stage_dir / "model" / TRAINING_INFO
+    if path.is_file():
+        info = json.loads(path.read_text())
+        if info.get("fingerprint") == fingerprint:
+            return info
+        logger.warning("%s was trained from another recipe (fingerprint differs): training it again", stage_dir)
+    return None
+
+
+def _train_stage(
+    recipe: Recipe, stage_name: str, stage: StageConfig, source: str, stage_dir: Path, fingerprint: str,
+    *, tokenizer, train_features, teacher, resume: bool,
+) -> dict[str, Any]:
+    checkpoints = stage_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last and not resume:
+        raise RecipeError(
+            str(stage_dir),
+            [f"checkpoints of an unfinished run exist in {checkpoints}: pass --resume to continue from "
+             f"{Path(last).name}, or delete that folder to start again"],
+        )
+    if resume and last:
+        started_from = (checkpoints / "fingerprint.txt").read_text().strip() if (checkpoints / "fingerprint.txt").exists() else None
+        if started_from != fingerprint:
+            logger.warning("resuming %s from %s, which was started with a different recipe", stage_name, last)
+        logger.info("resuming %s from %s", stage_name, last)
+    atomic_write_text(checkpoints / "fingerprint.txt", fingerprint + "\n")
+    atomic_write_text(stage_dir / "recipe.yaml", recipe.to_yaml())
+
+    set_seed(recipe.run.seed)  # the new QA head (if any) is initialised reproducibly
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(source, max_seq_length=recipe.data.max_seq_length)
+    model.qala_config.length_config = None
+    model.qala_config.layer_dropout_prob = stage.layer_dropout_prob
+    args = make_training_arguments(stage.training_args, output_dir=str(checkpoints), seed=recipe.run.seed)
+    trainer = QalaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_features,
+        # Dynamic padding: SQuAD windows average far below 384 tokens, so padding each batch only
+        # to its longest row roughly halves training compute.
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+        processing_class=tokenizer,
+        stage=stage,
+        lengthdrop=stage_name == "lengthdrop",
+        teacher=teacher,
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    wall = time.perf_counter() - start
+
+    info = {
+        "stage": stage_name,
+        "fingerprint": fingerprint,
+        "source": source,
+        "wall_seconds_this_run": round(wall, 1),
+        "resumed_from": Path(last).name if resume and last else None,
+        "train_metrics": result.metrics,
+        "global_step": trainer.state.global_step,
+        "num_train_features": len(train_features),
+        "environment": environment_info(),
+    }
+    if trainer.is_world_process_zero():
+        model.qala_config.layer_dropout_prob = 0.0  # LayerDrop is a training-time regulariser only
+        model.save_pretrained(stage_dir / "model")
+        tokenizer.save_pretrained(stage_dir / "model")
+        atomic_write_text(stage_dir / "model" / "recipe.yaml", recipe.to_yaml())
+        atomic_write_json(stage_dir / "model" / TRAINING_INFO, info)
+    return info
+
+
+def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_examples, eval_features) -> dict[str, Any]:
+    """EM/F1 at full length and at each constant keep ratio; cached in eval.json for the fingerprint."""
+    e = recipe.eval
+    path = stage_dir / "eval.json"
+    key = {"fingerprint": fingerprint, "eval": recipe.fingerprint("eval", "data")}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(stage_dir / "model")
+    configs: dict[str, list[int] | None] = {"full": None}
+    for ratio in e.keep_ratios:
+        configs[f"keep_{ratio:g}"] = constant_ratio_length_config(ratio, model.num_layers, recipe.data.max_seq_length)
+    rows = {}
+    for name, length_config in configs.items():
+        metrics, _ = evaluate_features(
+            model, eval_examples, eval_features, length_config=length_config, batch_size=e.batch_size,
+            n_best_size=e.n_best_size, max_answer_length=e.max_answer_length,
+        )
+        logger.info("%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], length_config)
+        rows[name] = metrics
+    result = {"key": key, "data": recipe.data.eval, "results": rows, "environment": environment_info()}
+    atomic_write_json(path, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qala.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/squad_offline.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        results = run(recipe, resume=args.resume)
+    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for stage, info in results.items():
+        for name, m in info["eval"]["results"].items():
+            print(f"{stage:>10} {name:>9}: EM {m['exact_match']:6.2f}  F1 {m['f1']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForQuestionAnswering, BertConfig, RobertaConfig
+
+from qala.model import (
+    LengthAdaptiveConfig,
+    LengthAdaptiveForQuestionAnswering,
+    attention_significance,
+    check_length_config,
+    constant_ratio_length_config,
+    sample_length_config,
+    smallest_length_config,
+)
+
+
+def tiny_bert_config(**kw):
+    return BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=128, **kw,
+    )
+
+
+def tiny_roberta_config():
+    return RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=130, pad_token_id=1,
+    )
+
+
+def make_batch(batch=3, seq=24, pad_from=(24, 17, 9), vocab=99, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for row, n in enumerate(pad_from):
+        mask[row, :n] = 1
+    input_ids = input_ids.masked_fill(mask == 0, 0)
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, seq // 3:] = 1
+    return input_ids, mask, token_type_ids * mask
+
+
+@pytest.mark.parametrize("make_config", [tiny_bert_config, tiny_roberta_config])
+def test_full_length_logits_equal_transformers(make_config):
+    torch.manual_seed(0)
+    reference = AutoModelForQuestionAnswering.from_config(make_config(), attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering(
+        AutoModelForQuestionAnswering.from_config(make_config(), attn_implementation="eager")
+    ).eval()
+    model.load_state_dict(reference.state_dict())
+    assert set(model.state_dict()) == set(reference.state_dict())  # same parameter names
+
+    input_ids, mask, token_type_ids = make_batch()
+    if isinstance(reference.config, RobertaConfig):
+        input_ids = input_ids.masked_fill(mask == 0, 1)
+        token_type_ids = None
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+        got = model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+    real = mask.bool()
+    torch.testing.assert_close(got.start_logits[real], expected.start_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.end_logits[real], expected.end_logits[real], atol=1e-5, rtol=1e-5)
+
+
+def test_full_length_config_equals_no_config():
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    input_ids, mask, tt = make_batch()
+    with torch.no_grad():
+        a = model(input_ids, mask, tt)
+        b = model(input_ids, mask, tt, length_config=[24, 24])
+    torch.testing.assert_close(a.start_logits, b.start_logits)
+
+
+def test_drop_and_restore_gives_every_position_a_logit():
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    input_ids, mask, tt = make_batch()
+    with torch.no_grad():
+        full = model(input_ids, mask, tt)
+        short = model(input_ids, mask, tt, length_config=[12, 5])
+    assert short.start_logits.shape == full.start_logits.shape == (3, 24)
+    assert torch.isfinite(short.start_logits).all() and torch.isfinite(short.end_logits).all()
+    assert not torch.allclose(short.start_logits, full.start_logits)
+
+
+def test_restored_tokens_keep_state_from_layer_that_dropped_them():
+    # With one layer dropping to length 1 ([CLS] only), every other token's final state is the input
+    # of that layer, so its logits equal qa_outputs(state after layer 0).
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    input_ids, mask, tt = make_batch()
+    with torch.no_grad():
+        out = model(input_ids, mask, tt, length_config=[24, 1])
+        # the reference: run layer 0 by hand at full length
+        hidden = model.backbone.embeddings(input_ids=input_ids, token_type_ids=tt)
+        additive = (1 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        layer0 = model.backbone.encoder.layer[0]
+        attn, _ = layer0.attention(hidden, additive)
+        hidden = layer0.feed_forward_chunk(attn)
+        expected = model.qa_outputs(hidden)[..., 0]
+    torch.testing.assert_close(out.start_logits[:, 1:], expected[:, 1:])
+
+
+def test_significance_never_prefers_padding_and_keeps_cls():
+    batch, heads, seq = 2, 3, 8
+    probs = torch.rand(batch, heads, seq, seq)
+    probs[..., 5:] = 10.0  # padding receives huge attention: must still lose
+    probs[..., 0] = 0.0  # [CLS] receives nothing: must still be kept
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[:, 5:] = False
+    score = attention_significance(probs, mask)
+    kept = score.topk(5, dim=1).indices
+    assert sorted(kept[0].tolist()) == [0, 1, 2, 3, 4]
+    assert (score[:, 5:] == float("-inf")).all()
+
+
+def test_topk_in_model_never_keeps_padding_over_real_tokens():
+    torch.manual_seed(1)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    input_ids, mask, tt = make_batch(pad_from=(24, 10, 6))
+    captured = []
+    original = attention_significance
+
+    import qala.model as qm
+
+    def spy(probs, m):
+        score = original(probs, m)
+        captured.append(m.clone())
+        return score
+
+    qm.attention_significance = spy
+    try:
+        with torch.no_grad():
+            model(input_ids, mask, tt, length_config=[8, 4])
+    finally:
+        qm.attention_significance = original
+    # After layer 0 keeps 8 tokens, rows with >= 8 real tokens hold only real tokens.
+    mask_after_first = captured[1]
+    assert mask_after_first[0].all() and mask_after_first[1].all()
+    assert mask_after_first[2].sum() == 6  # row with 6 real tokens keeps all of them
+
+
+def test_length_config_helpers():
+    assert constant_ratio_length_config(0.5, 3, 384) == [192, 96, 48]
+    assert smallest_length_config(384, 6, 0.2) == constant_ratio_length_config(0.8, 6, 384)
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sample_length_config(384, 6, 0.2, rng)
+        prev = 384
+        for n in lengths:
+            assert prev * 0.8 - 1 <= n <= prev
+            prev = n
+        assert min(lengths) >= 2
+        check_length_config(lengths, num_layers=6, max_seq_length=384)
+    with pytest.raises(ValueError, match="non-increasing"):
+        check_length_config([10, 20])
+    with pytest.raises(ValueError, match="2 layers"):
+        check_length_config([10], num_layers=2)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(
+        tiny_bert_config(), LengthAdaptiveConfig(length_config=[20, 10], max_seq_length=24)
+    ).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = LengthAdaptiveForQuestionAnswering.from_pretrained(tmp_path / "m").eval()
+    assert loaded.qala_config.length_config == [20, 10]
+    input_ids, mask, tt = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids, mask, tt).start_logits, loaded(input_ids, mask, tt).start_logits)
+    # The directory is a plain transformers QA checkpoint too.
+    hf = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(input_ids=input_ids, attention_mask=mask, token_type_ids=tt).start_logits[mask.bool()],
+            model(input_ids, mask, tt, length_config=[24, 24]).start_logits[mask.bool()],
+            atol=1e-5, rtol=1e-5,
+        )
+
+
+def test_layerdrop_only_in_training():
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(
+        tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        LengthAdaptiveConfig(layer_dropout_prob=0.5),
+    )
+    input_ids, mask, tt = make_batch()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids, mask, tt), model(input_ids, mask, tt)
+    torch.testing.assert_close(a.start_logits, b.start_logits)
+    model.train()
+    random.seed(0)
+    with torch.no_grad():
+        outs = {tuple(model(input_ids, mask, tt).start_logits[0, :3].tolist()) for _ in range(12)}
+    assert len(outs) > 1  # some passes skipped layers
+
+
+def test_bad_length_config_is_rejected():
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config())
+    input_ids, mask, tt = make_batch()
+    with pytest.raises(ValueError, match="2 layers"):
+        model(input_ids, mask, tt, length_config=[5])
+    with pytest.raises(ValueError, match="non-increasing"):
+        LengthAdaptiveConfig(length_config=[3, 9])
