@@ -15,6 +15,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,55 +68,65 @@ def load_squad(
     """
     path = Path(source)
     if path.is_file() or str(source).endswith(".json"):
-        label = str(source)
-        if not path.is_file():
-            raise SquadFormatError(f"{label}: SQuAD JSON file not found")
-        rows, problems = _flatten_squad_json(_read_json(path, label), label)
-        columns = {name: [row[name] for row in rows] for name in SQUAD_FEATURES}
-        invalid = _validate_rows(columns, [row["where"] for row in rows], label, problems)
-        keep = [i for i in range(len(rows)) if i not in invalid]
-        _report_problems(problems, label, skip_invalid, n_questions=len(rows))
-        kept = {name: [values[i] for i in keep] for name, values in columns.items()}
-        kept["answers"] = [
-            {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
-            for answers in kept["answers"]
-        ]
-        dataset = datasets.Dataset.from_dict(kept, features=SQUAD_FEATURES)
+        dataset, label = _load_json_file(path, str(source), skip_invalid), str(source)
     else:
         label = f"{source}[{split}]"
-        dataset = datasets.load_dataset(str(source), split=split)
-        absent = [name for name in SQUAD_FEATURES if name not in dataset.column_names]
-        if absent:
-            raise SquadFormatError(
-                f"{label}: missing column(s) {absent}; expected the columns of the hub 'squad' dataset "
-                f"{list(SQUAD_FEATURES)}, got {dataset.column_names}"
-            )
-        dataset = dataset.select_columns(list(SQUAD_FEATURES))
-        columns = _columns(dataset, list(SQUAD_FEATURES))
-        columns["answers"] = [_hub_answers_as_list(answers) for answers in columns["answers"]]
-        wheres = [f"{label}: article {title!r}" for title in columns["title"]]
-        problems = []
-        invalid = _validate_rows(columns, wheres, label, problems)
-        _report_problems(problems, label, skip_invalid, n_questions=len(dataset))
-        if invalid:
-            dataset = dataset.select([i for i in range(len(dataset)) if i not in invalid])
+        dataset = _load_hub_dataset(str(source), split, label, skip_invalid)
     logger.info("Loaded %d questions from %s", len(dataset), label)
     return dataset
 
 
+@dataclass(frozen=True)
 class _Problem:
     """One validation problem. `is_question` tells a bad question (skippable, counted) from a
     malformed article or paragraph; `qid` is the question id when it has a usable one."""
 
-    def __init__(self, message: str, *, is_question: bool = False, qid: str | None = None) -> None:
-        self.message = message
-        self.is_question = is_question
-        self.qid = qid
+    message: str
+    is_question: bool = False
+    qid: str | None = None
+
+
+def _load_json_file(path: Path, label: str, skip_invalid: bool) -> datasets.Dataset:
+    if not path.is_file():
+        raise SquadFormatError(f"{label}: SQuAD JSON file not found")
+    rows, problems = _flatten_squad_json(_read_json(path, label), label)
+    columns = {name: [row[name] for row in rows] for name in SQUAD_FEATURES}
+    invalid = _validate_rows(columns, [row["where"] for row in rows], label, problems)
+    _report_problems(problems, label, skip_invalid, n_kept=len(rows) - len(invalid))
+    keep = [i for i in range(len(rows)) if i not in invalid]
+    kept = {name: [values[i] for i in keep] for name, values in columns.items()}
+    # JSON answers are a list of {"text", "answer_start"}; the hub schema has parallel lists.
+    kept["answers"] = [
+        {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
+        for answers in kept["answers"]
+    ]
+    return datasets.Dataset.from_dict(kept, features=SQUAD_FEATURES)
+
+
+def _load_hub_dataset(name: str, split: str, label: str, skip_invalid: bool) -> datasets.Dataset:
+    dataset = datasets.load_dataset(name, split=split)
+    absent = [column for column in SQUAD_FEATURES if column not in dataset.column_names]
+    if absent:
+        raise SquadFormatError(
+            f"{label}: missing column(s) {absent}; expected the columns of the hub 'squad' dataset "
+            f"{list(SQUAD_FEATURES)}, got {dataset.column_names}"
+        )
+    dataset = dataset.select_columns(list(SQUAD_FEATURES))
+    columns = _columns(dataset, list(SQUAD_FEATURES))
+    columns["answers"] = [_hub_answers_as_list(answers) for answers in columns["answers"]]
+    problems: list[_Problem] = []
+    wheres = [f"{label}: article {title!r}" for title in columns["title"]]
+    invalid = _validate_rows(columns, wheres, label, problems)
+    _report_problems(problems, label, skip_invalid, n_kept=len(dataset) - len(invalid))
+    if invalid:
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in invalid])
+    return dataset
 
 
 def _read_json(path: Path, label: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: tolerate a byte-order mark, which json.loads would reject.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise SquadFormatError(f"{label}: not UTF-8 text ({err})") from err
     except OSError as err:
@@ -297,7 +308,7 @@ def _validate_rows(
     return invalid
 
 
-def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, n_questions: int) -> None:
+def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, n_kept: int) -> None:
     if not problems:
         return
     if not skip_invalid:
@@ -312,7 +323,7 @@ def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, n
         "%s: skipped %d invalid question(s) (%d kept)%s; first ids: %s; first problems:\n  %s",
         label,
         skipped,
-        n_questions - skipped,
+        n_kept,
         f" and {structural} malformed article(s)/paragraph(s)" if structural else "",
         ", ".join(ids[:_SHOWN_PROBLEMS]) or "-",
         "\n  ".join(problem.message for problem in problems[:_SHOWN_PROBLEMS]),
@@ -364,7 +375,7 @@ def _check_question_room(
     examples: Mapping[str, Any], questions: list[str], tokenizer: Any, max_seq_length: int, doc_stride: int
 ) -> None:
     """Refuse questions that leave no more than doc_stride tokens for the context in a truncated window.
-    The Rust tokenizer would otherwise panic (an uncatchable-looking PanicException with a backtrace)."""
+    The Rust tokenizer would otherwise panic (PanicException, not an Exception subclass, with a backtrace)."""
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
     for i, q_len in enumerate(lengths):
