@@ -54,9 +54,7 @@ class SquadFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_squad(
-    source: str | os.PathLike[str], split: str = "train", *, skip_invalid: bool = False
-) -> datasets.Dataset:
+def load_squad(source: str | os.PathLike[str], split: str = "train", *, skip_invalid: bool = False) -> datasets.Dataset:
     """Load SQuAD v1.1 questions as a flat `datasets.Dataset` with the columns of the hub `squad`
     dataset: id, title, context, question, answers = {"text": [...], "answer_start": [...]}.
 
@@ -180,9 +178,7 @@ def _flatten_squad_json(data: Any, label: str) -> tuple[list[dict[str, Any]], li
             qas = paragraph.get("qas", _MISSING)
             if qas is _MISSING or not isinstance(qas, list):
                 what = (
-                    "missing field 'qas'"
-                    if qas is _MISSING
-                    else f"field 'qas' must be a list, got {_type_name(qas)}"
+                    "missing field 'qas'" if qas is _MISSING else f"field 'qas' must be a list, got {_type_name(qas)}"
                 )
                 problems.append(_Problem(f"{p_where}: {what}"))
                 continue
@@ -333,9 +329,7 @@ def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, n
 def references_from(dataset: datasets.Dataset | Mapping[str, Sequence[Any]]) -> dict[str, list[str]]:
     """Question id -> gold answer texts, the `references` argument of `squad_metrics`."""
     columns = _columns(dataset, ["id", "answers"])
-    return {
-        qid: list(answers["text"]) for qid, answers in zip(columns["id"], columns["answers"], strict=True)
-    }
+    return {qid: list(answers["text"]) for qid, answers in zip(columns["id"], columns["answers"], strict=True)}
 
 
 def _columns(data: datasets.Dataset | Mapping[str, Sequence[Any]], names: list[str]) -> dict[str, list[Any]]:
@@ -357,14 +351,11 @@ def _check_featurize_args(tokenizer: Any, max_seq_length: int, doc_stride: int) 
             f"got {type(tokenizer).__name__}; load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
         )
     if doc_stride < 0 or doc_stride >= max_seq_length:
-        raise ValueError(
-            f"doc_stride={doc_stride} must be >= 0 and smaller than max_seq_length={max_seq_length}"
-        )
+        raise ValueError(f"doc_stride={doc_stride} must be >= 0 and smaller than max_seq_length={max_seq_length}")
     model_max_length = getattr(tokenizer, "model_max_length", None)
     if model_max_length is not None and max_seq_length > model_max_length:
         raise ValueError(
-            f"max_seq_length={max_seq_length} is larger than the tokenizer's "
-            f"model_max_length={model_max_length}"
+            f"max_seq_length={max_seq_length} is larger than the tokenizer's model_max_length={model_max_length}"
         )
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     if max_seq_length <= n_special + 1:
@@ -561,8 +552,7 @@ def postprocess_with_scores(
     ft = _columns(features, ["example_id", "offset_mapping"])
     if len(start_logits) != len(ft["example_id"]) or len(end_logits) != len(ft["example_id"]):
         raise ValueError(
-            f"got {len(start_logits)} start and {len(end_logits)} end logit rows "
-            f"for {len(ft['example_id'])} features"
+            f"got {len(start_logits)} start and {len(end_logits)} end logit rows for {len(ft['example_id'])} features"
         )
     features_per_example: dict[str, list[int]] = defaultdict(list)
     for feature_index, example_id in enumerate(ft["example_id"]):
@@ -653,9 +643,7 @@ def f1_score(prediction: str, ground_truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_metrics(
-    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
-) -> dict[str, float]:
+def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """{"exact_match", "f1"} as percentages over the reference questions (best over each question's gold
     answers; a question without a prediction scores 0) and "n", the number of reference questions."""
     if not references:
@@ -672,8 +660,6 @@ def squad_metrics(
         exact_match += max(float(exact_match_score(prediction, truth)) for truth in ground_truths)
         f1 += max(f1_score(prediction, truth) for truth in ground_truths)
     if missing:
-        logger.warning(
-            "%d of %d reference question(s) have no prediction and score 0", missing, len(references)
-        )
+        logger.warning("%d of %d reference question(s) have no prediction and score 0", missing, len(references))
     n = len(references)
     return {"exact_match": 100.0 * exact_match / n, "f1": 100.0 * f1 / n, "n": n}

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from qala.data import SquadFormatError, featurize, load_squad, postprocess_predictions, references_from, squad_metrics
+from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
 from qala.model import LengthAdaptiveForQuestionAnswering, check_length_config, constant_ratio_length_config
 from qala.utils import atomic_write_json, resolve_model_path
 
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="SQuAD-format JSON file, or a datasets hub name such as 'squad'")
     parser.add_argument("--split", default="validation", help="split, for hub datasets (default: validation)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--length-config", help="comma-separated tokens kept after each layer, e.g. 300,260,220,180,140,100")
+    group.add_argument(
+        "--length-config", help="comma-separated tokens kept after each layer, e.g. 300,260,220,180,140,100"
+    )
     group.add_argument("--keep-ratio", type=float, help="each layer keeps this share of the previous layer's tokens")
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (384)")
     parser.add_argument("--doc-stride", type=int, default=128)
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Padded to max_seq_length so that length configurations mean what they mean in deployment.
     features = featurize(
-        examples, tokenizer, train=False, max_seq_length=max_seq_length, doc_stride=args.doc_stride,
+        examples,
+        tokenizer,
+        train=False,
+        max_seq_length=max_seq_length,
+        doc_stride=args.doc_stride,
         pad_to_max_length=True,
     )
     metrics, predictions = evaluate_features(

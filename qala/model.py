@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForQuestionAnswering, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
 from qala.utils import atomic_directory, atomic_write_text
 
@@ -81,7 +81,7 @@ def check_length_config(
         raise ValueError(f"length_config has {len(length_config)} entries, the model has {num_layers} layers")
     if any(n < 1 for n in length_config):
         raise ValueError(f"length_config entries must be >= 1 (the [CLS] token is always kept): {list(length_config)}")
-    if any(b > a for a, b in zip(length_config, length_config[1:])):
+    if any(b > a for a, b in zip(length_config, length_config[1:], strict=False)):
         raise ValueError(f"length_config must be non-increasing from layer to layer: {list(length_config)}")
     if max_seq_length is not None and length_config and length_config[0] > max_seq_length:
         raise ValueError(f"length_config {list(length_config)} keeps more than max_seq_length={max_seq_length}")
@@ -141,8 +141,10 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         super().__init__()
         backbone = getattr(qa_model, qa_model.base_model_prefix, None)
         layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-        if layers is None or not hasattr(qa_model, "qa_outputs") or not all(
-            hasattr(layer, name) for layer in layers for name in ("attention", "feed_forward_chunk")
+        if (
+            layers is None
+            or not hasattr(qa_model, "qa_outputs")
+            or not all(hasattr(layer, name) for layer in layers for name in ("attention", "feed_forward_chunk"))
         ):
             raise ValueError(
                 f"model type {qa_model.config.model_type!r} is not supported: qala needs a BERT-style encoder "
@@ -196,7 +198,11 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         restored = None
 
         for i, layer in enumerate(self.backbone.encoder.layer):
-            if self.training and self.qala_config.layer_dropout_prob > 0 and random.random() < self.qala_config.layer_dropout_prob:
+            if (
+                self.training
+                and self.qala_config.layer_dropout_prob > 0
+                and random.random() < self.qala_config.layer_dropout_prob
+            ):
                 continue  # LayerDrop: the layer is skipped and so is its token selection
 
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
@@ -291,4 +297,3 @@ def span_loss(
     end_positions = end_positions.view(-1).clamp(0, ignored_index)
     loss_fct = nn.CrossEntropyLoss(ignore_index=ignored_index)
     return (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
-

@@ -249,7 +249,11 @@ def _convert_scalar(tp: Any, value: Any, path: str) -> tuple[Any, list[str]]:
     if tp is Any:
         return value, []
     if tp is bool:
-        return (value, []) if isinstance(value, bool) else (None, [f"{path}: expected true or false, got {_describe(value)}"])
+        return (
+            (value, [])
+            if isinstance(value, bool)
+            else (None, [f"{path}: expected true or false, got {_describe(value)}"])
+        )
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, []
@@ -278,7 +282,9 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         if source.endswith(".json") or source.startswith(PACKAGE_SCHEME):
             problems += _check_exists(f"data.{key}", source)
     if d.doc_stride >= d.max_seq_length:
-        problems.append(f"data.doc_stride: must be smaller than data.max_seq_length ({d.max_seq_length}), got {d.doc_stride}")
+        problems.append(
+            f"data.doc_stride: must be smaller than data.max_seq_length ({d.max_seq_length}), got {d.doc_stride}"
+        )
     for key in ("name_or_path", "tokenizer", "teacher"):
         value = getattr(recipe.model, key)
         if value and (value.startswith((".", "/", "~")) or value.startswith(PACKAGE_SCHEME)):
@@ -287,11 +293,15 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         stage: StageConfig = getattr(recipe.train, name)
         problems += check_training_args(stage.training_args, f"train.{name}.training_args")
         if not 0 < stage.length_drop_ratio_bound < 1:
-            problems.append(f"train.{name}.length_drop_ratio_bound: expected a value in (0, 1), got {stage.length_drop_ratio_bound}")
+            problems.append(
+                f"train.{name}.length_drop_ratio_bound: expected a value in (0, 1), got {stage.length_drop_ratio_bound}"
+            )
         if stage.num_sandwich < 0:
             problems.append(f"train.{name}.num_sandwich: expected >= 0, got {stage.num_sandwich}")
         if not 0 <= stage.layer_dropout_prob < 1:
-            problems.append(f"train.{name}.layer_dropout_prob: expected a value in [0, 1), got {stage.layer_dropout_prob}")
+            problems.append(
+                f"train.{name}.layer_dropout_prob: expected a value in [0, 1), got {stage.layer_dropout_prob}"
+            )
         if not 0 <= stage.kd_alpha <= 1:
             problems.append(f"train.{name}.kd_alpha: expected a value in [0, 1], got {stage.kd_alpha}")
     for i, ratio in enumerate(recipe.eval.keep_ratios):

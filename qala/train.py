@@ -74,7 +74,7 @@ def distillation_loss(
     """
     mask = mask.bool()
     losses = []
-    for s, t in zip(student, teacher):
+    for s, t in zip(student, teacher, strict=True):
         log_p_student = masked_log_softmax(s.float(), mask, temperature)
         log_p_teacher = masked_log_softmax(t.detach().float(), mask, temperature)
         if direction == "forward_kl":
@@ -106,7 +106,9 @@ class QalaTrainer(Trainer):
             with torch.no_grad():
                 taught = self.teacher(**inputs)
             kd = distillation_loss(
-                (full.start_logits, full.end_logits), (taught.start_logits, taught.end_logits), mask,
+                (full.start_logits, full.end_logits),
+                (taught.start_logits, taught.end_logits),
+                mask,
                 temperature=self.stage.kd_temperature,
             )
             loss = self.stage.kd_alpha * kd + (1 - self.stage.kd_alpha) * loss
@@ -118,7 +120,9 @@ class QalaTrainer(Trainer):
             # Seeded by (seed, step): a resumed run draws the same sub-models it would have drawn.
             rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
             sub_configs = [smallest_length_config(seq_length, num_layers, bound)]
-            sub_configs += [sample_length_config(seq_length, num_layers, bound, rng) for _ in range(self.stage.num_sandwich)]
+            sub_configs += [
+                sample_length_config(seq_length, num_layers, bound, rng) for _ in range(self.stage.num_sandwich)
+            ]
             target = (full.start_logits, full.end_logits)
             for length_config in sub_configs:
                 sub = model(**inputs, length_config=length_config)
@@ -137,9 +141,11 @@ def load_teacher(recipe: Recipe, tokenizer) -> torch.nn.Module | None:
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab() or type(teacher_tokenizer) is not type(tokenizer):
         raise RecipeError(
             "model.teacher",
-            [f"{recipe.model.teacher}: its tokenizer differs from the student's; distillation compares "
-             "span logits token by token, so the teacher must share the student's vocabulary and tokenizer "
-             "(e.g. a BERT-base-uncased SQuAD teacher for an uncased BERT-vocabulary MiniLM)"],
+            [
+                f"{recipe.model.teacher}: its tokenizer differs from the student's; distillation compares "
+                "span logits token by token, so the teacher must share the student's vocabulary and tokenizer "
+                "(e.g. a BERT-base-uncased SQuAD teacher for an uncased BERT-vocabulary MiniLM)"
+            ],
         )
     return AutoModelForQuestionAnswering.from_pretrained(path)
 
@@ -163,14 +169,25 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         train_examples = train_examples.select(range(min(d.max_train_samples, len(train_examples))))
     if d.max_eval_samples:
         eval_examples = eval_examples.select(range(min(d.max_eval_samples, len(eval_examples))))
-    train_features = featurize(train_examples, tokenizer, train=True, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride)
+    train_features = featurize(
+        train_examples, tokenizer, train=True, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride
+    )
     # Evaluation pads to max_seq_length so length configurations are absolute, as in deployment.
     eval_features = featurize(
-        eval_examples, tokenizer, train=False, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride,
+        eval_examples,
+        tokenizer,
+        train=False,
+        max_seq_length=d.max_seq_length,
+        doc_stride=d.doc_stride,
         pad_to_max_length=True,
     )
     teacher = load_teacher(recipe, tokenizer)
-    logger.info("train: %d questions -> %d features; eval: %d questions", len(train_examples), len(train_features), len(eval_examples))
+    logger.info(
+        "train: %d questions -> %d features; eval: %d questions",
+        len(train_examples),
+        len(train_features),
+        len(eval_examples),
+    )
 
     results: dict[str, Any] = {}
     source, previous = resolve_model_path(recipe.model.name_or_path), ""
@@ -183,8 +200,16 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
             logger.info("%s: already trained for this recipe (%s), skipping", stage_name, stage_dir / "model")
         else:
             info = _train_stage(
-                recipe, stage_name, stage, source, stage_dir, fingerprint,
-                tokenizer=tokenizer, train_features=train_features, teacher=teacher, resume=resume,
+                recipe,
+                stage_name,
+                stage,
+                source,
+                stage_dir,
+                fingerprint,
+                tokenizer=tokenizer,
+                train_features=train_features,
+                teacher=teacher,
+                resume=resume,
             )
         info["eval"] = _evaluate_stage(recipe, stage_dir, fingerprint, eval_examples, eval_features)
         results[stage_name] = info
@@ -203,19 +228,34 @@ def _finished(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def _train_stage(
-    recipe: Recipe, stage_name: str, stage: StageConfig, source: str, stage_dir: Path, fingerprint: str,
-    *, tokenizer, train_features, teacher, resume: bool,
+    recipe: Recipe,
+    stage_name: str,
+    stage: StageConfig,
+    source: str,
+    stage_dir: Path,
+    fingerprint: str,
+    *,
+    tokenizer,
+    train_features,
+    teacher,
+    resume: bool,
 ) -> dict[str, Any]:
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last and not resume:
         raise RecipeError(
             str(stage_dir),
-            [f"checkpoints of an unfinished run exist in {checkpoints}: pass --resume to continue from "
-             f"{Path(last).name}, or delete that folder to start again"],
+            [
+                f"checkpoints of an unfinished run exist in {checkpoints}: pass --resume to continue from "
+                f"{Path(last).name}, or delete that folder to start again"
+            ],
         )
     if resume and last:
-        started_from = (checkpoints / "fingerprint.txt").read_text().strip() if (checkpoints / "fingerprint.txt").exists() else None
+        started_from = (
+            (checkpoints / "fingerprint.txt").read_text().strip()
+            if (checkpoints / "fingerprint.txt").exists()
+            else None
+        )
         if started_from != fingerprint:
             logger.warning("resuming %s from %s, which was started with a different recipe", stage_name, last)
         logger.info("resuming %s from %s", stage_name, last)
@@ -279,10 +319,17 @@ def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_exam
     rows = {}
     for name, length_config in configs.items():
         metrics, _ = evaluate_features(
-            model, eval_examples, eval_features, length_config=length_config, batch_size=e.batch_size,
-            n_best_size=e.n_best_size, max_answer_length=e.max_answer_length,
+            model,
+            eval_examples,
+            eval_features,
+            length_config=length_config,
+            batch_size=e.batch_size,
+            n_best_size=e.n_best_size,
+            max_answer_length=e.max_answer_length,
         )
-        logger.info("%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], length_config)
+        logger.info(
+            "%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], length_config
+        )
         rows[name] = metrics
     result = {"key": key, "data": recipe.data.eval, "results": rows, "environment": environment_info()}
     atomic_write_json(path, result)

@@ -69,7 +69,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
-    package, _, sub = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    package, _, sub = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -270,9 +270,7 @@ Q1 = ("data", 0, "paragraphs", 0, "qas", 0)
         (_set(("data", 0, "paragraphs", 0, "qas", 1, "id"), "q1"), "duplicate question id"),
     ],
 )
-def test_load_squad_question_errors_name_file_title_and_id(
-    tmp_path: Path, mutate: Any, expected: str
-) -> None:
+def test_load_squad_question_errors_name_file_title_and_id(tmp_path: Path, mutate: Any, expected: str) -> None:
     doc = _doc()
     mutate(doc)
     path = _write(tmp_path, doc, name="broken-dev.json")
@@ -446,9 +444,7 @@ def test_featurize_windows_labels_and_offsets(tokenizer) -> None:
     expected = ["input_ids", "attention_mask", "start_positions", "end_positions"]
     expected += ["token_type_ids"] if has_token_types else []
     assert sorted(train.column_names) == sorted(expected)
-    assert sorted(evals.column_names) == sorted(
-        [*expected[:2], *expected[4:], "example_id", "offset_mapping"]
-    )
+    assert sorted(evals.column_names) == sorted([*expected[:2], *expected[4:], "example_id", "offset_mapping"])
 
     # The long context is split into several windows; the short one fits in one, and train and eval
     # windows are the same windows.
@@ -475,9 +471,7 @@ def test_featurize_windows_labels_and_offsets(tokenizer) -> None:
             assert end == 0 and row["input_ids"][0] == tokenizer.cls_token_id
             window = [offsets[k] for k in _context_positions(offsets)]
             answer_start = contexts[example_id].find(golds[example_id])
-            assert not (
-                window[0][0] <= answer_start and window[-1][1] >= answer_start + len(golds[example_id])
-            )
+            assert not (window[0][0] <= answer_start and window[-1][1] >= answer_start + len(golds[example_id]))
             continue
         labelled += 1
         assert offsets[start] is not None and offsets[end] is not None and start <= end
@@ -521,9 +515,7 @@ def test_answer_ending_the_context_is_labelled_on_its_tokens(tokenizer) -> None:
 
 
 def test_roberta_layout_without_token_type_ids(roberta_tokenizer) -> None:
-    features = featurize(
-        _examples(), roberta_tokenizer, train=False, max_seq_length=MAX_LEN, doc_stride=STRIDE
-    )
+    features = featurize(_examples(), roberta_tokenizer, train=False, max_seq_length=MAX_LEN, doc_stride=STRIDE)
     assert "token_type_ids" not in features.column_names
     row = features[len(features) - 1]  # the short example
     tokens = roberta_tokenizer.convert_ids_to_tokens(row["input_ids"])
@@ -552,9 +544,7 @@ def test_untrimmed_bpe_offsets_still_label_the_answer() -> None:
 
 
 def test_pad_to_max_length_gives_fixed_length_rows(tokenizer) -> None:
-    evals = featurize(
-        _examples(), tokenizer, train=False, max_seq_length=384, doc_stride=128, pad_to_max_length=True
-    )
+    evals = featurize(_examples(), tokenizer, train=False, max_seq_length=384, doc_stride=128, pad_to_max_length=True)
     assert evals["example_id"].count("long") >= 2
     for row in evals:
         assert len(row["input_ids"]) == len(row["attention_mask"]) == len(row["offset_mapping"]) == 384
@@ -563,9 +553,7 @@ def test_pad_to_max_length_gives_fixed_length_rows(tokenizer) -> None:
         if row["example_id"] == "short":
             assert n_real < 384
             assert set(row["input_ids"][n_real:]) == {tokenizer.pad_token_id}
-    train = featurize(
-        _examples(), tokenizer, train=True, max_seq_length=384, doc_stride=128, pad_to_max_length=True
-    )
+    train = featurize(_examples(), tokenizer, train=True, max_seq_length=384, doc_stride=128, pad_to_max_length=True)
     assert {len(row) for row in train["input_ids"]} == {384}
 
 
@@ -664,18 +652,14 @@ def test_postprocess_rejects_too_long_spans() -> None:
         "q": "Alpha beta gamma delta epsilon"
     }
     # Five tokens is too long for max_answer_length=4; the best remaining span ends at gamma.
-    assert postprocess_predictions(examples, features, start, end, max_answer_length=4) == {
-        "q": "Alpha beta gamma"
-    }
+    assert postprocess_predictions(examples, features, start, end, max_answer_length=4) == {"q": "Alpha beta gamma"}
 
 
 def test_postprocess_returns_empty_string_without_valid_span(caplog: pytest.LogCaptureFixture) -> None:
     examples, features = _pp_data([WINDOW_0])
     start = _logits(9, {0: 9.0, 1: 8.0})
     end = _logits(9, {2: 9.0, 8: 8.0})
-    assert postprocess_with_scores(examples, features, start, end, n_best_size=2) == {
-        "q": ("", float("-inf"))
-    }
+    assert postprocess_with_scores(examples, features, start, end, n_best_size=2) == {"q": ("", float("-inf"))}
     # A question with no window at all also gets "" (and a warning).
     no_features = features.filter(lambda row: False)
     with caplog.at_level(logging.WARNING, logger="qala.data"):

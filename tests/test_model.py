@@ -17,15 +17,25 @@ from qala.model import (
 
 def tiny_bert_config(**kw):
     return BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=128, **kw,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=128,
+        **kw,
     )
 
 
 def tiny_roberta_config():
     return RobertaConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=130, pad_token_id=1,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=130,
+        pad_token_id=1,
     )
 
 
@@ -37,7 +47,7 @@ def make_batch(batch=3, seq=24, pad_from=(24, 17, 9), vocab=99, seed=0):
         mask[row, :n] = 1
     input_ids = input_ids.masked_fill(mask == 0, 0)
     token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, seq // 3:] = 1
+    token_type_ids[:, seq // 3 :] = 1
     return input_ids, mask, token_type_ids * mask
 
 
@@ -178,7 +188,8 @@ def test_save_and_load_roundtrip(tmp_path):
         torch.testing.assert_close(
             hf(input_ids=input_ids, attention_mask=mask, token_type_ids=tt).start_logits[mask.bool()],
             model(input_ids, mask, tt, length_config=[24, 24]).start_logits[mask.bool()],
-            atol=1e-5, rtol=1e-5,
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 

