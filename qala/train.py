@@ -29,6 +29,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
@@ -84,6 +85,26 @@ def distillation_loss(
         losses.append(kl.masked_fill(~mask, 0.0).sum(-1).mean())
     # temperature**2 keeps gradient magnitudes comparable across temperatures (Hinton et al.).
     return (losses[0] + losses[1]) / 2 * temperature**2
+
+
+class StageClock(TrainerCallback):
+    """Training wall time that survives a kill: stored in every checkpoint, resumed from the last one."""
+
+    FILE = "qala_elapsed.json"
+
+    def __init__(self, resumed_from: str | None) -> None:
+        previous = Path(resumed_from or "") / self.FILE
+        self.before = json.loads(previous.read_text())["seconds"] if resumed_from and previous.is_file() else 0.0
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            atomic_write_json(folder / self.FILE, {"seconds": round(self.seconds, 1)})
 
 
 class QalaTrainer(Trainer):
@@ -279,15 +300,15 @@ def _train_stage(
         lengthdrop=stage_name == "lengthdrop",
         teacher=teacher,
     )
-    start = time.perf_counter()
+    clock = StageClock(last if resume else None)
+    trainer.add_callback(clock)
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
-    wall = time.perf_counter() - start
 
     info = {
         "stage": stage_name,
         "fingerprint": fingerprint,
         "source": source,
-        "wall_seconds_this_run": round(wall, 1),
+        "wall_seconds": round(clock.seconds, 1),  # summed over interrupted runs
         "resumed_from": Path(last).name if resume and last else None,
         "train_metrics": result.metrics,
         "global_step": trainer.state.global_step,

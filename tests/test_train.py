@@ -110,6 +110,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_checkpoin
 
     checkpoints = tmp_path / "killed" / "finetune" / "checkpoints"
     assert (checkpoints / "checkpoint-2").is_dir()
+    assert (checkpoints / "checkpoint-2" / "qala_elapsed.json").is_file()
     assert not (tmp_path / "killed" / "finetune" / "model").exists()
 
     # Without --resume the run refuses to overwrite the checkpoints.
@@ -119,6 +120,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_checkpoin
     result = qt.run(load_recipe(killed_path, one_stage), resume=True)
     assert result["finetune"]["resumed_from"] == "checkpoint-2"
     assert result["finetune"]["global_step"] == 4
+    assert result["finetune"]["wall_seconds"] > 0
     resumed = load_file(tmp_path / "killed" / "finetune" / "model" / "model.safetensors")
     reference = load_file(tmp_path / "straight" / "finetune" / "model" / "model.safetensors")
     for name, tensor in reference.items():
