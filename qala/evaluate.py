@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,22 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module,
+    model: Callable,
     features,
     *,
     batch_size: int = 32,
     length_config: Sequence[int] | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Start/end logits [num_features, seq_len] for eval features (padded to one length)."""
-    model.eval()
-    device = next(model.parameters()).device
+    """Start/end logits [num_features, seq_len] for eval features (padded to one length).
+
+    `model` is a LengthAdaptiveForQuestionAnswering, fp32 or quantized, or any callable taking the
+    same keyword inputs (a compiled wrapper).
+    """
+    device = torch.device("cpu")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        device = next(model.parameters(), torch.empty(0)).device
     columns = [c for c in MODEL_INPUTS if c in features.column_names]
     starts, ends = [], []
     for i in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress, leave=False):
@@ -56,7 +62,7 @@ def predict_logits(
 
 
 def evaluate_features(
-    model: torch.nn.Module,
+    model: Callable,
     examples,
     features,
     *,

@@ -97,12 +97,61 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    # Windows of the TRAINING file used for calibration: never the evaluation file.
+    samples: int = 256
+    batch_size: int = 16
+    # full: every calibration batch at full length. mixed: full length plus LengthDrop sub-models
+    # (one sampled length configuration per batch), so that activation ranges cover the shorter
+    # sequences later layers see when tokens are dropped.
+    length_configs: Literal["full", "mixed"] = "mixed"
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Accuracy-aware tuning with Intel Neural Compressor's TuningConfig (trial expansion and stop rule)."""
+
+    enabled: bool = True
+    tolerable_loss: float = 0.01  # relative F1 loss allowed against the fp32 model
+    max_trials: int = 8
+    # Each entry is one INC StaticQuantConfig/DynamicQuantConfig (fields such as act_sym, act_algo,
+    # w_granularity; a list value expands into one trial per value), plus `fp32_units`: unit name
+    # patterns kept in fp32 (qa_outputs, encoder.layer.5.*).
+    config_set: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"act_sym": False, "act_algo": "minmax", "w_granularity": "per_channel"},
+            {"act_sym": False, "act_algo": "minmax", "w_granularity": "per_channel", "fp32_units": ["qa_outputs"]},
+            {"act_sym": [False, True], "act_algo": "kl", "w_granularity": "per_channel", "fp32_units": ["qa_outputs"]},
+        ]
+    )
+    eval_samples: int | None = None  # questions of the eval file scored per trial (None: all)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    model: str = "runs/squad_offline/lengthdrop/model"  # a trained fp32 qala model directory
+    output_dir: str = "runs/squad_offline/int8"
+    approach: Literal["static", "dynamic", "qat"] = "static"
+    backend: Literal["pt2e", "ipex"] = "pt2e"  # ipex: retired IPEX 2.8, needs torch 2.8 (see README)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    # Where tuning measures F1 (None: full length); the report also scores eval_keep_ratios.
+    eval_length_config: list[int] | None = None
+    eval_keep_ratios: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    latency_repeats: int = 5
+    # QAT only: the training stage run with fake-quantized units (LengthDrop sandwich included).
+    qat: StageConfig = field(default_factory=StageConfig)
+
+
+@dataclass(frozen=True)
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,6 +353,20 @@ def _check_semantics(recipe: Recipe) -> list[str]:
             )
         if not 0 <= stage.kd_alpha <= 1:
             problems.append(f"train.{name}.kd_alpha: expected a value in [0, 1], got {stage.kd_alpha}")
+    q = recipe.quantization
+    if not 0 <= q.tuning.tolerable_loss < 1:
+        problems.append(
+            f"quantization.tuning.tolerable_loss: expected a relative loss in [0, 1), got {q.tuning.tolerable_loss}"
+        )
+    if q.tuning.max_trials < 1:
+        problems.append(f"quantization.tuning.max_trials: expected >= 1, got {q.tuning.max_trials}")
+    if q.calibration.samples < 1:
+        problems.append(f"quantization.calibration.samples: expected >= 1, got {q.calibration.samples}")
+    problems += check_training_args(q.qat.training_args, "quantization.qat.training_args")
+    for i, entry in enumerate(q.tuning.config_set):
+        units = entry.get("fp32_units", [])
+        if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+            problems.append(f"quantization.tuning.config_set[{i}].fp32_units: expected a list of unit name patterns")
     for i, ratio in enumerate(recipe.eval.keep_ratios):
         if not 0 < ratio <= 1:
             problems.append(f"eval.keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")

@@ -1,0 +1,364 @@
+"""INT8 quantization of a trained length-adaptive model, driven by the recipe's `quantization` section.
+
+    python -m qala.tune RECIPE.yaml [key.sub=value ...]
+
+approach static   post-training static INT8 (INC 3.x StaticQuantConfig, PT2E + X86InductorQuantizer),
+                  calibrated on the TRAINING file; with tuning enabled, Intel Neural Compressor's
+                  TuningConfig expands the recipe's config_set into trials and stops at the first
+                  one within tolerable_loss (relative F1) of the fp32 model, or after max_trials.
+approach dynamic  INC DynamicQuantConfig (activation scales computed per call); tuned the same way.
+approach qat      quantization-aware training (torchao prepare_qat_pt2e, the same X86 quantizer),
+                  trained with the LengthDrop sandwich so the INT8 model stays length-adaptive.
+
+Writes OUTPUT_DIR/model (the INT8 artifact), OUTPUT_DIR/trials/trial-N.json (one per trial; a rerun
+skips trials already scored) and OUTPUT_DIR/report.json (every trial's config, F1 and latency, the
+chosen one, and F1/EM + latency of fp32 and INT8 at full length and each eval_keep_ratio).
+Exit status 0 when the goal is met, 3 when no trial met it (the best model found is still saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from qala.data import SquadFormatError, featurize, load_squad
+from qala.evaluate import MODEL_INPUTS, evaluate_features
+from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, sample_length_config
+from qala.recipe import QuantizationConfig, Recipe, RecipeError, load_recipe, make_training_arguments
+from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+EXIT_GOAL_NOT_MET = 3
+
+
+def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict[str, Any]]:
+    """Calibration inputs from the training file, padded to max_seq_length like deployment inputs.
+
+    With length_configs=mixed, two batches in three carry a LengthDrop-sampled length configuration.
+    """
+    q, d = recipe.quantization, recipe.data
+    examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
+    # Shuffled with the run seed: the first windows of a file all come from one article.
+    order = list(range(len(examples)))
+    random.Random(recipe.run.seed).shuffle(order)
+    examples = examples.select(order[: q.calibration.samples])
+    features = featurize(
+        examples,
+        tokenizer,
+        train=False,
+        max_seq_length=d.max_seq_length,
+        doc_stride=d.doc_stride,
+        pad_to_max_length=True,
+    )
+    columns = [c for c in MODEL_INPUTS if c in features.column_names]
+    features = features.select(range(min(q.calibration.samples, len(features))))
+    rng = random.Random(recipe.run.seed)
+    bound = recipe.train.lengthdrop.length_drop_ratio_bound
+    batches = []
+    for i in range(0, len(features), q.calibration.batch_size):
+        rows = features[i : i + q.calibration.batch_size]
+        batch: dict[str, Any] = {c: torch.tensor(rows[c]) for c in columns}
+        mixed = q.calibration.length_configs == "mixed" and len(batches) % 3 != 0
+        batch["length_config"] = sample_length_config(d.max_seq_length, num_layers, bound, rng) if mixed else None
+        batches.append(batch)
+    return batches
+
+
+def inc_config(approach: str, entry: dict[str, Any]):
+    """One recipe config_set entry -> an INC config; fp32_units become INC local (per-name) fp32 configs."""
+    from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
+
+    cls = {"static": StaticQuantConfig, "dynamic": DynamicQuantConfig}[approach]
+    params = {k: v for k, v in entry.items() if k != "fp32_units"}
+    try:
+        config = cls(**params)
+    except TypeError as e:
+        raise RecipeError(
+            "quantization.tuning.config_set", [f"{entry}: not valid for INC {cls.__name__} ({e})"]
+        ) from None
+    for pattern in entry.get("fp32_units", []):
+        config.set_local(pattern, cls(w_dtype="fp32", act_dtype="fp32"))
+    return config
+
+
+def fp32_units_of(config) -> list[str]:
+    return [name for name, local in (getattr(config, "local_config", None) or {}).items() if local.w_dtype == "fp32"]
+
+
+def describe(config) -> dict[str, Any]:
+    """The settings that distinguish trials, for the report."""
+    keys = ("w_dtype", "w_sym", "w_granularity", "w_algo", "act_dtype", "act_sym", "act_granularity", "act_algo")
+    return {
+        "type": type(config).__name__,
+        **{k: getattr(config, k) for k in keys if hasattr(config, k)},
+        "fp32_units": fp32_units_of(config),
+    }
+
+
+class Tuner:
+    """Quantize, score and time; one object so trials share the fp32 model, data and eval features."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        from qala import quantize as qz
+
+        self.qz = qz
+        self.recipe = recipe
+        q: QuantizationConfig = recipe.quantization
+        self.q = q
+        self.out = Path(q.output_dir)
+        model_dir = resolve_model_path(q.model)
+        self.fp32 = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        d = recipe.data
+        examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
+        self.examples = examples
+        self.features = featurize(
+            examples,
+            self.tokenizer,
+            train=False,
+            max_seq_length=d.max_seq_length,
+            doc_stride=d.doc_stride,
+            pad_to_max_length=True,
+        )
+        n = q.tuning.eval_samples
+        self.tune_examples = examples.select(range(min(n, len(examples)))) if n else examples
+        ids = set(self.tune_examples["id"])
+        self.tune_features = self.features.filter(lambda f: f["example_id"] in ids) if n else self.features
+        self.calibration = calibration_batches(recipe, self.tokenizer, self.fp32.num_layers)
+
+    # -- scoring
+
+    def f1(self, model, length_config=None, *, full: bool = False) -> dict[str, Any]:
+        examples, features = (self.examples, self.features) if full else (self.tune_examples, self.tune_features)
+        metrics, _ = evaluate_features(
+            model,
+            examples,
+            features,
+            length_config=length_config,
+            batch_size=self.recipe.eval.batch_size,
+            progress=False,
+        )
+        return metrics
+
+    def latency(self, model, length_config, batch_size: int) -> dict[str, Any]:
+        rows = self.features[:batch_size]
+        inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
+        with torch.no_grad():
+            return median_latency_ms(
+                lambda: model(**inputs, length_config=length_config), warmup=2, repeats=self.q.latency_repeats
+            )
+
+    # -- quantizing
+
+    def quantize(self, config):
+        model = copy.deepcopy(self.fp32)
+        self.qz.quantize_(model, config, self.calibration, fp32_units=fp32_units_of(config))
+        return model
+
+    def tune(self) -> tuple[Any, Any, dict[str, Any]]:
+        """INC's tuning loop over the recipe's config_set; returns (model, config, report)."""
+        from neural_compressor.common.base_tuning import init_tuning
+        from neural_compressor.torch.quantization import TuningConfig as IncTuningConfig
+
+        t = self.q.tuning
+        config_set = [inc_config(self.q.approach, entry) for entry in t.config_set]
+        if not t.enabled:
+            config_set = config_set[:1]
+        # INC's own loop (neural_compressor.torch.quantization.autotune) calls INC's quantize() on a
+        # single exported graph; a length-adaptive model is many graphs with Python between them, so we
+        # drive INC's trial expansion and stopping rule (init_tuning) with qala's quantize_ instead.
+        loader, _, monitor = init_tuning(
+            tuning_config=IncTuningConfig(
+                config_set=config_set, tolerable_loss=t.tolerable_loss, max_trials=t.max_trials if t.enabled else 1
+            )
+        )
+        length_config = self.q.eval_length_config
+        baseline = self.f1(self.fp32, length_config)
+        monitor.set_baseline(baseline["f1"])
+        trials_dir = self.out / "trials"
+        trials, best = [], None
+        for index, config in enumerate(loader, 1):
+            path = trials_dir / f"trial-{index}.json"
+            record = json.loads(path.read_text()) if path.is_file() else None
+            if record is None or record["config"] != describe(config):
+                model = self.quantize(config)
+                metrics = self.f1(model, length_config)
+                record = {
+                    "trial": index,
+                    "config": describe(config),
+                    "f1": metrics["f1"],
+                    "exact_match": metrics["exact_match"],
+                    "relative_loss": (baseline["f1"] - metrics["f1"]) / max(baseline["f1"], 1e-9),
+                    "latency_batch1_eager_qdq": self.latency(model, length_config, 1),
+                }
+                atomic_write_json(path, record)
+            else:
+                logger.info("trial %d already scored (%s), reusing", index, path)
+            trials.append(record)
+            monitor.add_trial_result(index, record["f1"], config)
+            if best is None or record["f1"] > best[1]["f1"]:
+                best = (config, record)
+            if monitor.need_stop():
+                break
+        config, record = best
+        met = record["relative_loss"] <= t.tolerable_loss
+        report = {
+            "baseline": baseline,
+            "trials": trials,
+            "chosen": record,
+            "goal_met": met,
+            "tolerable_loss": t.tolerable_loss,
+            "eval_length_config": length_config,
+        }
+        return self.quantize(config), config, report
+
+    def qat(self) -> tuple[Any, dict[str, Any]]:
+        from qala.train import QalaTrainer
+
+        d = self.recipe.data
+        train_examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
+        if d.max_train_samples:
+            train_examples = train_examples.select(range(min(d.max_train_samples, len(train_examples))))
+        train_features = featurize(
+            train_examples,
+            self.tokenizer,
+            train=True,
+            max_seq_length=d.max_seq_length,
+            doc_stride=d.doc_stride,
+            pad_to_max_length=True,
+        )
+        model = copy.deepcopy(self.fp32)
+        example = {k: v for k, v in self.calibration[0].items() if k != "length_config"}
+        self.qz.prepare_qat_(model, example)
+        stage = self.q.qat
+        trainer = QalaTrainer(
+            model=model,
+            args=make_training_arguments(
+                stage.training_args, output_dir=str(self.out / "qat_checkpoints"), seed=self.recipe.run.seed
+            ),
+            train_dataset=train_features,
+            # Padded to max_seq_length: the exported fake-quant units were traced at that length.
+            data_collator=DataCollatorWithPadding(self.tokenizer, padding="max_length", max_length=d.max_seq_length),
+            stage=stage,
+            lengthdrop=True,
+        )
+        result = trainer.train()
+        self.qz.convert_qat_(model)
+        return model, {"train_metrics": result.metrics, "global_step": trainer.state.global_step}
+
+    # -- the report
+
+    def final_report(self, int8) -> dict[str, Any]:
+        """F1/EM on the whole eval file and latency, fp32 vs INT8, at full length and each keep ratio."""
+        configs: dict[str, list[int] | None] = {"full": None}
+        for ratio in self.q.eval_keep_ratios:
+            configs[f"keep_{ratio:g}"] = constant_ratio_length_config(
+                ratio, self.fp32.num_layers, self.recipe.data.max_seq_length
+            )
+        compiled = self.qz.CompiledQA(int8)
+        rows = {}
+        for name, length_config in configs.items():
+            fp32_metrics = self.f1(self.fp32, length_config, full=True)
+            int8_metrics = self.f1(int8, length_config, full=True)
+            row = {
+                "length_config": length_config,
+                "fp32": {"f1": fp32_metrics["f1"], "exact_match": fp32_metrics["exact_match"]},
+                "int8": {"f1": int8_metrics["f1"], "exact_match": int8_metrics["exact_match"]},
+                "relative_f1_loss": (fp32_metrics["f1"] - int8_metrics["f1"]) / max(fp32_metrics["f1"], 1e-9),
+                "latency": {},
+            }
+            for bs in self.q.latency_batch_sizes:
+                row["latency"][f"batch{bs}"] = {
+                    "fp32_eager": self.latency(self.fp32, length_config, bs),
+                    "int8_compiled": self.latency(compiled, length_config, bs),
+                }
+            rows[name] = row
+            logger.info("%s: fp32 F1 %.2f int8 F1 %.2f", name, row["fp32"]["f1"], row["int8"]["f1"])
+        return {
+            "rows": rows,
+            "compile_seconds": {str(k): v for k, v in compiled.compile_seconds.items()},
+            "threads": torch.get_num_threads(),
+        }
+
+
+def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
+    q = recipe.quantization
+    if q.backend == "ipex":
+        from qala.quantize.ipex import require_ipex
+
+        require_ipex()  # raises with the exact torch/IPEX versions needed
+    out = Path(q.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    tuner = Tuner(recipe)
+    if q.approach == "qat":
+        int8, report = tuner.qat()
+        config_record: dict[str, Any] = {"approach": "qat"}
+        goal_met = True
+    else:
+        int8, config, report = tuner.tune()
+        config_record = describe(config)
+        goal_met = report["goal_met"]
+    report["final"] = tuner.final_report(int8)
+    tuner.qz.save_quantized(
+        int8,
+        out / "model",
+        approach=q.approach,
+        quant_config=config_record,
+        fp32_units=config_record.get("fp32_units", []),
+        served_length_configs=[r["length_config"] for r in report["final"]["rows"].values() if r["length_config"]],
+    )
+    tuner.tokenizer.save_pretrained(out / "model")
+    atomic_write_text(out / "model" / "recipe.yaml", recipe.to_yaml())
+    size = sum(f.stat().st_size for f in (out / "model").iterdir() if f.is_file())
+    report.update(approach=q.approach, artifact=str(out / "model"), artifact_bytes=size, environment=environment_info())
+    atomic_write_json(out / "report.json", report)
+    return report, 0 if goal_met else EXIT_GOAL_NOT_MET
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qala.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="YAML recipe with a quantization section, e.g. recipes/squad_int8.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        report, status = run(recipe)
+    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chosen = report.get("chosen")
+    if chosen:
+        print(
+            f"chosen trial {chosen['trial']}: F1 {chosen['f1']:.2f} (fp32 {report['baseline']['f1']:.2f}, "
+            f"relative loss {chosen['relative_loss']:.4f}, tolerance {report['tolerable_loss']})"
+        )
+    for name, row in report["final"]["rows"].items():
+        lat = row["latency"].get("batch1", {})
+        print(
+            f"{name:>9}: fp32 F1 {row['fp32']['f1']:6.2f}  int8 F1 {row['int8']['f1']:6.2f}  "
+            f"batch-1 ms fp32 {lat.get('fp32_eager', {}).get('median_ms', float('nan')):.1f} "
+            f"int8 {lat.get('int8_compiled', {}).get('median_ms', float('nan')):.1f}"
+        )
+    print(f"INT8 artifact: {report['artifact']} ({report['artifact_bytes'] / 1e6:.1f} MB on disk)")
+    if status == EXIT_GOAL_NOT_MET:
+        print(
+            f"goal NOT met: no trial within {report['tolerable_loss']:.2%} relative F1; kept the best one",
+            file=sys.stderr,
+        )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
