@@ -145,6 +145,67 @@ class QuantizationConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """The recipe's `search` section."""
+
+    # Model directory to search: a trained fp32 qala model, or an INT8 artifact (qala.tune's
+    # OUTPUT_DIR/model, recognised by its quantization.json). Must match `backend`.
+    model: str = "runs/squad_offline/int8_static/model"
+    output_dir: str = "runs/squad_offline/search"
+    # Cost axis: "latency" = median ms measured on this machine for `backend`; "macs" = analytic
+    # multiply-accumulates per window (macs_per_sample), machine-independent and free to compute.
+    objective: Literal["latency", "macs"] = "latency"
+    # What is deployed, scored and timed: the INT8 artifact or the fp32 model.
+    backend: Literal["int8", "fp32"] = "int8"
+    population_size: int = 20  # random genes in generation 0 (besides the bounds and the keep-ratio genes)
+    mutation_prob: float = 0.5  # chance that a mutation redraws a layer's length
+    mutation_size: int = 30  # accepted mutated children per generation
+    crossover_size: int = 30  # accepted crossed-over children per generation
+    iterations: int = 30  # generations after generation 0
+    # The lowest configuration: layer i keeps at least ceil(previous * min_keep_ratio) tokens, i.e.
+    # constant_ratio_length_config(min_keep_ratio). The reference's 0.8 stops at about half the MACs
+    # of a 6-layer model at 384 tokens; lower values search cheaper configurations.
+    min_keep_ratio: float = 0.8
+    # Questions of the evaluation file scored per gene (a seeded random subset; None: all). The final
+    # frontier and the constant-keep-ratio curve are always re-scored on the whole file.
+    eval_samples: int | None = None
+    latency_batch_size: int = 1  # windows per timed call (padded to data.max_seq_length)
+    latency_threads: int | None = None  # torch.set_num_threads for the whole search (None: torch's default)
+    latency_repeats: int = 5  # timed calls per gene (median), after latency_warmup untimed ones
+    latency_warmup: int = 2  # the first INT8 call of a new length configuration also compiles it
+    seed: int | None = None  # RNG of the search and of the subset (None: run.seed)
+    # A generation stops proposing children after max_attempts_factor * (mutation_size + crossover_size)
+    # proposals (duplicates and already seen genes included), so a small search space cannot loop forever.
+    max_attempts_factor: int = 20
+    baseline_points: int = 6  # constant-keep-ratio genes, evenly spaced from min_keep_ratio to 1
+    # Copy frontier.json into `model`, where qala.answer.QalaModel.from_pretrained finds it.
+    install_frontier: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.min_keep_ratio <= 1:
+            problems.append(f"min_keep_ratio: expected a value in (0, 1], got {self.min_keep_ratio}")
+        if not 0 <= self.mutation_prob <= 1:
+            problems.append(f"mutation_prob: expected a probability in [0, 1], got {self.mutation_prob}")
+        for name in ("population_size", "mutation_size", "crossover_size", "iterations"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: expected >= 0, got {getattr(self, name)}")
+        for name in ("latency_batch_size", "latency_repeats", "max_attempts_factor"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.latency_warmup < 0:
+            problems.append(f"latency_warmup: expected >= 0, got {self.latency_warmup}")
+        for name in ("eval_samples", "latency_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name}: expected >= 1 or null, got {value}")
+        if self.baseline_points < 2:
+            problems.append(f"baseline_points: expected >= 2 (both bounds), got {self.baseline_points}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +213,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,799 @@
+"""Evolutionary search over per-layer sequence lengths: the F1-versus-cost Pareto frontier of one model.
+
+    python -m qala.search RECIPE.yaml [key.sub=value ...] [--install-into MODEL_DIR]
+    torchrun --nproc-per-node N -m qala.search RECIPE.yaml ...     # candidates spread over N processes
+
+The search of the Length-Adaptive Transformer (Kim & Cho 2021, `evolution.py`), driven by the recipe's
+`search` section. A gene is a length configuration: one kept length per layer, non-increasing, each
+between the recipe's lowest configuration (`min_keep_ratio` per layer) and full length. Generation 0
+is the two bounds, the constant-keep-ratio configurations and `population_size` random genes; every
+later generation breeds `mutation_size` mutated and `crossover_size` crossed-over children of the
+current Pareto frontier. Only accepted children count: valid, never seen before, and with a cost
+between the costs of the lowest and the full configuration. The cost is analytic MACs
+(`macs_per_sample`) or latency measured here on the deployed backend (fp32, or the INT8 artifact).
+
+OUTPUT_DIR/generation-N.json   checkpoint after each generation (every evaluated gene, population,
+                               RNG state); a rerun resumes from the latest one
+OUTPUT_DIR/evaluations.jsonl   every evaluation as it finishes, so a killed generation is not redone
+OUTPUT_DIR/genes.json          every evaluated gene with its cost and F1
+OUTPUT_DIR/frontier.json       the Pareto frontier (re-scored on the whole evaluation file when the
+                               search scored a subset) and the constant-keep-ratio curve
+OUTPUT_DIR/frontier.png        F1 versus cost: frontier, constant keep ratios, every evaluated gene
+The frontier is also copied into the searched model directory (search.install_frontier) and into
+--install-into, where `qala.answer.QalaModel` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qala.data import SquadFormatError, featurize, load_squad
+from qala.evaluate import MODEL_INPUTS, evaluate_features
+from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
+from qala.recipe import Recipe, SearchConfig, load_recipe
+from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+Gene = tuple[int, ...]
+
+QUANTIZATION_MARKER = "quantization.json"  # present in an INT8 artifact directory (qala.quantize)
+FRONTIER_NAME = "frontier.json"
+GENES_NAME = "genes.json"
+PLOT_NAME = "frontier.png"
+EVALUATIONS_NAME = "evaluations.jsonl"
+
+
+# --------------------------------------------------------------------------- genes and operators
+
+
+def is_valid_gene(gene: Sequence[int], lower: Sequence[int], seq_length: int) -> bool:
+    """Non-increasing, and layer by layer within [lower[i], seq_length]."""
+    if len(gene) != len(lower):
+        return False
+    if any(b > a for a, b in zip(gene, gene[1:], strict=False)):
+        return False
+    return all(lo <= n <= seq_length for n, lo in zip(gene, lower, strict=True))
+
+
+def random_gene(lower: Sequence[int], seq_length: int, rng: random.Random) -> Gene:
+    """Each layer keeps a uniform draw from [lower[i], what the previous layer kept]."""
+    gene, prev = [], seq_length
+    for lo in lower:
+        prev = rng.randint(lo, prev)
+        gene.append(prev)
+    return tuple(gene)
+
+
+def mutate(parent: Sequence[int], lower: Sequence[int], seq_length: int, prob: float, rng: random.Random) -> Gene:
+    """With probability `prob` a layer's length is redrawn from [lower[i], the child's previous layer];
+    a layer left alone is cut to the previous layer's length where a redraw shortened that one.
+
+    `lower` is non-increasing, so every redraw range is non-empty and the child stays valid.
+    """
+    child, prev = [], seq_length
+    for n, lo in zip(parent, lower, strict=True):
+        prev = rng.randint(lo, prev) if rng.random() < prob else min(n, prev)
+        child.append(prev)
+    return tuple(child)
+
+
+def crossover(a: Sequence[int], b: Sequence[int], rng: random.Random) -> Gene:
+    """Each layer from one parent or the other, then cut to the previous layer's length (repair).
+
+    The repair keeps the child within the parents' bounds: layer i ends up at least
+    min(a[i], b[i], child[i-1]) >= lower[i], since lower is non-increasing.
+    """
+    child, prev = [], None
+    for x, y in zip(a, b, strict=True):
+        n = x if rng.random() < 0.5 else y
+        prev = n if prev is None else min(n, prev)
+        child.append(prev)
+    return tuple(child)
+
+
+def pareto_front(points: Mapping[Gene, tuple[float, float]]) -> list[Gene]:
+    """The genes no other gene beats, by cost (lower is better) then F1 (higher is better); cheapest first.
+
+    `points` maps gene -> (cost, f1). A gene is dropped when another costs no more and scores at least as
+    well; of genes with exactly equal cost and F1, the first in gene order is kept (one point per
+    (cost, F1)), so the frontier has strictly increasing cost and strictly increasing F1.
+    """
+    front: list[Gene] = []
+    for gene in sorted(points, key=lambda g: (points[g][0], -points[g][1], g)):
+        if not front or points[gene][1] > points[front[-1]][1]:
+            front.append(gene)
+    return front
+
+
+def select_parents(points: Mapping[Gene, tuple[float, float]], minimum: int = 2) -> list[Gene]:
+    """The Pareto frontier; if it has fewer than `minimum` genes (crossover needs two), the next
+    non-dominated layers too."""
+    remaining = dict(points)
+    parents: list[Gene] = []
+    while remaining and len(parents) < minimum:
+        layer = pareto_front(remaining)
+        parents += layer
+        for gene in layer:
+            del remaining[gene]
+    return parents
+
+
+def keep_ratios(min_keep_ratio: float, points: int) -> list[float]:
+    """`points` keep ratios evenly spaced from 1 down to min_keep_ratio (both included)."""
+    return [1 - (1 - min_keep_ratio) * i / (points - 1) for i in range(points)]
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def macs_per_sample(config: Any, length_config: Sequence[int] | None, seq_length: int) -> int:
+    """Multiply-accumulates of one padded window of `seq_length` tokens through the length-adaptive model.
+
+    `config` is the backbone's transformers config (hidden_size H, intermediate_size I,
+    num_attention_heads h, num_hidden_layers L). Per layer, with n_in tokens entering and n_out kept
+    (n_out = min(length_config[i], n_in); None keeps everything):
+      Q, K, V and output projections   4 * n_in * H * H
+      attention scores and weighted sum 2 * n_in * n_in * H     (all heads together)
+      token selection, when n_out < n_in: h * n_in * n_in       (the significance sum over heads and
+                                                                  queries, counted as one MAC per add;
+                                                                  the top-k itself is a comparison)
+      feed-forward on kept tokens only  2 * n_out * H * I
+    plus the span head on every restored position, seq_length * H * 2. Embeddings are lookups and
+    biases, LayerNorm, softmax, GELU and Drop-and-Restore's scatter are not multiply-accumulates: 0.
+    """
+    hidden, inner, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    num_layers = config.num_hidden_layers
+    lengths = list(length_config) if length_config is not None else [seq_length] * num_layers
+    if len(lengths) != num_layers:
+        raise ValueError(f"length_config has {len(lengths)} entries, the model has {num_layers} layers")
+    total, n_in = 0, seq_length
+    for keep in lengths:
+        n_out = min(int(keep), n_in)
+        total += 4 * n_in * hidden * hidden + 2 * n_in * n_in * hidden + 2 * n_out * hidden * inner
+        if n_out < n_in:
+            total += heads * n_in * n_in
+        n_in = n_out
+    return total + seq_length * hidden * 2
+
+
+def latency_cost(
+    model: Callable, inputs: Mapping[str, torch.Tensor], *, repeats: int = 5, warmup: int = 2
+) -> Callable[[Gene], float]:
+    """gene -> median milliseconds of `model(**inputs, length_config=gene)` on this machine."""
+
+    def cost(gene: Gene) -> float:
+        with torch.no_grad():
+            timing = median_latency_ms(
+                lambda: model(**inputs, length_config=list(gene)), warmup=warmup, repeats=repeats
+            )
+        return timing["median_ms"]
+
+    return cost
+
+
+# --------------------------------------------------------------------------- the search loop
+
+
+@dataclass
+class SearchState:
+    """Everything a generation checkpoint holds."""
+
+    generation: int
+    bounds: tuple[float, float]  # cost of the lowest and of the full configuration
+    genes: dict[Gene, dict[str, Any]] = field(default_factory=dict)  # every evaluated gene, in order
+    population: list[Gene] = field(default_factory=list)  # the Pareto frontier after this generation
+    history: list[dict[str, Any]] = field(default_factory=list)  # per generation: accepted, attempts
+    rng_state: Any = None
+
+    def points(self) -> dict[Gene, tuple[float, float]]:
+        """(cost, F1) of the genes within the cost bounds."""
+        return {g: (r["cost"], r["f1"]) for g, r in self.genes.items() if r["status"] == "ok"}
+
+    def to_json(self, fingerprint: str) -> dict[str, Any]:
+        version, internal, gauss = self.rng_state
+        return {
+            "generation": self.generation,
+            "fingerprint": fingerprint,
+            "bounds": list(self.bounds),
+            "population": [list(g) for g in self.population],
+            "history": self.history,
+            "genes": list(self.genes.values()),
+            "rng_state": [version, list(internal), gauss],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SearchState:
+        version, internal, gauss = data["rng_state"]
+        return cls(
+            generation=data["generation"],
+            bounds=tuple(data["bounds"]),
+            genes={tuple(r["gene"]): dict(r) for r in data["genes"]},
+            population=[tuple(g) for g in data["population"]],
+            history=list(data["history"]),
+            rng_state=(version, tuple(internal), gauss),
+        )
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) under torchrun with an initialised process group, else None."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+class GeneEvaluator:
+    """Scores genes once each: cost first, F1 only within the bounds; sharded over ranks when distributed.
+
+    Every result is appended to evaluations.jsonl as it finishes (rank 0), and a rerun reads it back,
+    so genes evaluated in a generation that was killed are not evaluated again. Only lines written
+    under the same `fingerprint` are reused: a changed setup (data, subset, backend) scores afresh.
+    """
+
+    def __init__(
+        self,
+        cost_fn: Callable[[Gene], float],
+        f1_fn: Callable[[Gene], float],
+        journal: Path | None,
+        fingerprint: str = "",
+    ) -> None:
+        self.cost_fn, self.f1_fn = cost_fn, f1_fn
+        self.journal = journal
+        self.fingerprint = fingerprint
+        self.cache: dict[Gene, dict[str, Any]] = {}
+        if journal is not None and journal.is_file():
+            for line in journal.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the half-written last line of a killed run
+                if record.pop("fingerprint", None) == fingerprint:
+                    self.cache.setdefault(tuple(record["gene"]), {}).update(record)
+        self.is_writer = (_distributed() or (0, 1))[0] == 0
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.cache.setdefault(tuple(record["gene"]), {}).update(record)
+        if self.journal is not None and self.is_writer:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with self.journal.open("a") as f:
+                f.write(json.dumps({**record, "fingerprint": self.fingerprint}) + "\n")
+
+    def _one(self, gene: Gene, bounds: tuple[float, float] | None) -> dict[str, Any]:
+        cached = self.cache.get(gene, {})
+        cost = cached["cost"] if "cost" in cached else float(self.cost_fn(gene))
+        # Latency is noisy: a gene can time outside the bounds even though its lengths are inside.
+        if bounds is not None and not bounds[0] <= cost <= bounds[1]:
+            return {"gene": list(gene), "cost": cost, "f1": None, "status": "out_of_bounds"}
+        f1 = cached["f1"] if cached.get("f1") is not None else float(self.f1_fn(gene))
+        return {"gene": list(gene), "cost": cost, "f1": f1, "status": "ok"}
+
+    def __call__(self, genes: Sequence[Gene], bounds: tuple[float, float] | None) -> list[dict[str, Any]]:
+        dist = _distributed()
+        if dist is None:
+            results = []
+            for gene in genes:
+                record = self._one(gene, bounds)
+                self._write(record)
+                results.append(record)
+            return results
+        rank, world = dist
+        mine = [(i, self._one(gene, bounds)) for i, gene in enumerate(genes) if i % world == rank]
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        by_index = dict(item for part in gathered for item in part)
+        results = [by_index[i] for i in range(len(genes))]
+        for record in results:
+            self._write(record)
+        return results
+
+    def f1_full(self, genes: Sequence[Gene], f1_full_fn: Callable[[Gene], float]) -> dict[Gene, float]:
+        """F1 on the whole evaluation file (the final re-scoring), cached like the rest."""
+        todo = [g for g in genes if self.cache.get(g, {}).get("f1_full") is None]
+        dist = _distributed()
+        if dist is None:
+            for gene in todo:
+                self._write({"gene": list(gene), "f1_full": float(f1_full_fn(gene))})
+        else:
+            rank, world = dist
+            mine = [(g, float(f1_full_fn(g))) for i, g in enumerate(todo) if i % world == rank]
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, mine)
+            for gene, score in (item for part in gathered for item in part):
+                self._write({"gene": list(gene), "f1_full": score})
+        return {g: self.cache[g]["f1_full"] for g in genes}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    paths = sorted(Path(output_dir).glob("generation-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return paths[-1] if paths else None
+
+
+def evolve(
+    cost_fn: Callable[[Gene], float],
+    f1_fn: Callable[[Gene], float],
+    *,
+    num_layers: int,
+    seq_length: int,
+    config: SearchConfig,
+    seed: int,
+    output_dir: str | Path | None = None,
+    fingerprint: str = "",
+) -> tuple[SearchState, GeneEvaluator]:
+    """Run (or resume) the evolutionary search; returns the final state and the evaluator (its cache).
+
+    `cost_fn(gene)` and `f1_fn(gene)` are called at most once per gene over the whole search, resumes
+    included. With `output_dir`, generation-N.json is written after every generation and the search
+    resumes from the latest one (a checkpoint of another fingerprint is used with a warning).
+    """
+    lower = tuple(constant_ratio_length_config(config.min_keep_ratio, num_layers, seq_length))
+    full = (seq_length,) * num_layers
+    out = Path(output_dir) if output_dir is not None else None
+    evaluator = GeneEvaluator(cost_fn, f1_fn, out / EVALUATIONS_NAME if out is not None else None, fingerprint)
+    is_writer = evaluator.is_writer
+    rng = random.Random(seed)
+
+    last = latest_checkpoint(out) if out is not None else None
+    if last is not None:
+        data = json.loads(last.read_text())
+        if data.get("fingerprint") != fingerprint:
+            logger.warning("resuming from %s, which was written by a different search setup", last)
+        state = SearchState.from_json(data)
+        if any(len(g) != num_layers or max(g) > seq_length for g in state.genes):
+            raise ValueError(
+                f"{last}: its genes do not fit a {num_layers}-layer model at {seq_length} tokens; "
+                f"use another search.output_dir or delete {out}/generation-*.json"
+            )
+        rng.setstate(state.rng_state)
+        logger.info("resuming after generation %d (%s)", state.generation, last)
+    else:
+        state = _generation_zero(evaluator, lower, full, seq_length, config, rng)
+        _checkpoint(state, rng, out, fingerprint, is_writer)
+
+    while state.generation < config.iterations:
+        state.generation += 1
+        _breed(state, evaluator, lower, seq_length, config, rng)
+        _checkpoint(state, rng, out, fingerprint, is_writer)
+    return state, evaluator
+
+
+def _checkpoint(state: SearchState, rng: random.Random, out: Path | None, fingerprint: str, is_writer: bool) -> None:
+    state.population = pareto_front(state.points())
+    state.rng_state = rng.getstate()
+    best = max((state.genes[g]["f1"] for g in state.population), default=float("nan"))
+    logger.info(
+        "generation %d: %d genes evaluated, frontier of %d, best F1 %.2f",
+        state.generation,
+        len(state.genes),
+        len(state.population),
+        best,
+    )
+    if out is not None and is_writer:
+        atomic_write_json(out / f"generation-{state.generation}.json", state.to_json(fingerprint))
+
+
+def _add(state: SearchState, records: Iterable[dict[str, Any]], origins: Iterable[dict[str, Any]]) -> int:
+    """Store evaluated genes with where they came from; returns how many are within the bounds."""
+    accepted = 0
+    for record, origin in zip(records, origins, strict=True):
+        state.genes[tuple(record["gene"])] = {**record, "generation": state.generation, **origin}
+        accepted += record["status"] == "ok"
+    return accepted
+
+
+def _generation_zero(
+    evaluator: GeneEvaluator,
+    lower: Gene,
+    full: Gene,
+    seq_length: int,
+    config: SearchConfig,
+    rng: random.Random,
+) -> SearchState:
+    num_layers = len(lower)
+    # The bounds first: their costs are the cost bounds every other gene must respect.
+    bound_genes = list(dict.fromkeys([lower, full]))
+    records = evaluator(bound_genes, None)
+    costs = [r["cost"] for r in records]
+    state = SearchState(generation=0, bounds=(min(costs), max(costs)))
+    _add(state, records, [{"origin": "bound"}] * len(records))
+
+    ratio_genes = [
+        tuple(constant_ratio_length_config(r, num_layers, seq_length))
+        for r in keep_ratios(config.min_keep_ratio, config.baseline_points)
+    ]
+    ratio_genes = [g for g in dict.fromkeys(ratio_genes) if g not in state.genes]
+    _add(state, evaluator(ratio_genes, state.bounds), [{"origin": "keep_ratio"}] * len(ratio_genes))
+
+    accepted, attempts = 0, 0
+    cap = config.max_attempts_factor * max(config.population_size, 1)
+    while accepted < config.population_size and attempts < cap:
+        batch: list[Gene] = []
+        while len(batch) < config.population_size - accepted and attempts < cap:
+            attempts += 1
+            gene = random_gene(lower, seq_length, rng)
+            if gene not in state.genes and gene not in batch:
+                batch.append(gene)
+        accepted += _add(state, evaluator(batch, state.bounds), [{"origin": "random"}] * len(batch))
+    if accepted < config.population_size:
+        logger.warning(
+            "generation 0: only %d of %d random genes accepted after %d proposals (search space too small?)",
+            accepted,
+            config.population_size,
+            attempts,
+        )
+    state.history.append({"generation": 0, "random": accepted, "proposals": attempts})
+    return state
+
+
+def _breed(
+    state: SearchState,
+    evaluator: GeneEvaluator,
+    lower: Gene,
+    seq_length: int,
+    config: SearchConfig,
+    rng: random.Random,
+) -> None:
+    """One generation: children of the current frontier until mutation_size and crossover_size are
+    accepted (or the proposal cap is reached). Proposals go in rounds so that each round can be
+    evaluated in parallel; a round's out-of-bounds children are replaced in the next round."""
+    parents = select_parents(state.points())
+    wanted = {"mutation": config.mutation_size, "crossover": config.crossover_size if len(parents) >= 2 else 0}
+    if config.crossover_size and len(parents) < 2:
+        logger.warning("generation %d: fewer than two parents, no crossover", state.generation)
+    accepted = dict.fromkeys(wanted, 0)
+    attempts, cap = 0, config.max_attempts_factor * max(sum(wanted.values()), 1)
+    while any(accepted[k] < wanted[k] for k in wanted) and attempts < cap:
+        batch: list[Gene] = []
+        origins: list[dict[str, Any]] = []
+        for kind in wanted:
+            need = wanted[kind] - accepted[kind]
+            while need > 0 and attempts < cap:
+                attempts += 1
+                if kind == "mutation":
+                    chosen = [rng.choice(parents)]
+                    child = mutate(chosen[0], lower, seq_length, config.mutation_prob, rng)
+                else:
+                    chosen = rng.sample(parents, 2)
+                    child = crossover(chosen[0], chosen[1], rng)
+                if child in state.genes or child in batch:
+                    continue
+                batch.append(child)
+                origins.append({"origin": kind, "parents": [list(p) for p in chosen]})
+                need -= 1
+        if not batch:
+            break
+        records = evaluator(batch, state.bounds)
+        for record, origin in zip(records, origins, strict=True):
+            accepted[origin["origin"]] += record["status"] == "ok"
+        _add(state, records, origins)
+    if any(accepted[k] < wanted[k] for k in wanted):
+        logger.warning(
+            "generation %d: accepted %s of %s children after %d proposals",
+            state.generation,
+            accepted,
+            wanted,
+            attempts,
+        )
+    state.history.append({"generation": state.generation, **accepted, "proposals": attempts})
+
+
+# --------------------------------------------------------------------------- the recipe-driven run
+
+
+def load_search_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe, SearchConfig]:
+    """The recipe and its `search` section; raises RecipeError listing every problem."""
+    recipe = load_recipe(path, list(overrides))
+    return recipe, recipe.search
+
+
+def search_fingerprint(recipe: Recipe, search: SearchConfig) -> str:
+    """What a checkpoint's genes depend on (not `iterations`: a finished search may be extended)."""
+    data = dataclasses.asdict(search)
+    for key in ("iterations", "output_dir", "install_frontier", "latency_repeats", "latency_warmup"):
+        data.pop(key)
+    data["data"] = dataclasses.asdict(recipe.data)
+    data["seed"] = search.seed if search.seed is not None else recipe.run.seed
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_backend(model_dir: str | Path, backend: str) -> tuple[Any, Callable]:
+    """(model to score, callable to time) for an fp32 directory or an INT8 artifact.
+
+    INT8 is scored eagerly and timed through qala.quantize.CompiledQA (the deployed path); fp32 is
+    scored and timed eagerly.
+    """
+    model_dir = Path(model_dir)
+    is_int8 = (model_dir / QUANTIZATION_MARKER).is_file()
+    if backend == "int8" and not is_int8:
+        raise FileNotFoundError(
+            f"{model_dir} has no {QUANTIZATION_MARKER}: it is not an INT8 artifact; point search.model at "
+            "qala.tune's OUTPUT_DIR/model, or set search.backend=fp32"
+        )
+    if backend == "fp32" and is_int8:
+        raise FileNotFoundError(
+            f"{model_dir} is an INT8 artifact: set search.backend=int8, or point search.model at an fp32 model"
+        )
+    if backend == "int8":
+        from qala.quantize import CompiledQA, load_quantized
+
+        model = load_quantized(model_dir)
+        return model, CompiledQA(model)
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
+    return model, model
+
+
+def backbone_config(model: Any, model_dir: str | Path) -> Any:
+    """The transformers config (layers, hidden size...) of a loaded model, or read from its directory."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        return config
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The recipe's search end to end; returns the frontier document (also written as frontier.json)."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    rank = (_distributed() or (0, 1))[0]
+    out = Path(search.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", _resolved_yaml(recipe, search))
+    if search.latency_threads:
+        torch.set_num_threads(search.latency_threads)
+    d, e = recipe.data, recipe.eval
+    seed = search.seed if search.seed is not None else recipe.run.seed
+    model_dir = Path(resolve_model_path(search.model))
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"search.model: directory not found: {search.model}")
+    model, timed = load_backend(model_dir, search.backend)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    config = backbone_config(model, model_dir)
+    num_layers, seq_length = config.num_hidden_layers, d.max_seq_length
+
+    examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
+    if d.max_eval_samples:
+        examples = examples.select(range(min(d.max_eval_samples, len(examples))))
+    # Padded to max_seq_length: a length configuration means the same in search and deployment.
+    features = featurize(
+        examples, tokenizer, train=False, max_seq_length=seq_length, doc_stride=d.doc_stride, pad_to_max_length=True
+    )
+    sub_examples, sub_features = examples, features
+    if search.eval_samples and search.eval_samples < len(examples):
+        # A random subset: the first questions of a file all come from one article.
+        chosen = sorted(random.Random(seed).sample(range(len(examples)), search.eval_samples))
+        sub_examples = examples.select(chosen)
+        ids = set(sub_examples["id"])
+        sub_features = features.filter(lambda f: f["example_id"] in ids)
+
+    def score(gene: Gene, examples_, features_) -> float:
+        metrics, _ = evaluate_features(
+            model,
+            examples_,
+            features_,
+            length_config=list(gene),
+            batch_size=e.batch_size,
+            n_best_size=e.n_best_size,
+            max_answer_length=e.max_answer_length,
+            progress=False,
+        )
+        return metrics["f1"]
+
+    if search.objective == "macs":
+
+        def cost_fn(gene: Gene) -> float:
+            return float(macs_per_sample(config, gene, seq_length))
+
+    else:
+        rows = features[: search.latency_batch_size]
+        inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
+        repeat = math.ceil(search.latency_batch_size / inputs["input_ids"].size(0))
+        inputs = {k: v.repeat(repeat, 1)[: search.latency_batch_size] for k, v in inputs.items()}
+        cost_fn = latency_cost(timed, inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)
+
+    fingerprint = search_fingerprint(recipe, search)
+    state, evaluator = evolve(
+        cost_fn,
+        lambda g: score(g, sub_examples, sub_features),
+        num_layers=num_layers,
+        seq_length=seq_length,
+        config=search,
+        seed=seed,
+        output_dir=out,
+        fingerprint=fingerprint,
+    )
+
+    # Final frontier and the constant-keep-ratio curve, both on the whole evaluation file.
+    ratio_genes = {
+        r: tuple(constant_ratio_length_config(r, num_layers, seq_length))
+        for r in keep_ratios(search.min_keep_ratio, search.baseline_points)
+    }
+    subset = sub_examples is not examples
+    ratio_genes = {r: g for r, g in ratio_genes.items() if g in state.genes}
+    to_rescore = list(dict.fromkeys([*state.population, *ratio_genes.values()]))
+    # Out-of-bounds keep-ratio genes have no F1 yet; the curve needs one.
+    full_f1 = {g: state.genes[g]["f1"] for g in to_rescore if not subset and state.genes[g]["f1"] is not None}
+    full_f1.update(
+        evaluator.f1_full([g for g in to_rescore if g not in full_f1], lambda g: score(g, examples, features))
+    )
+    final = pareto_front({g: (state.genes[g]["cost"], full_f1[g]) for g in state.population})
+    unit = "ms" if search.objective == "latency" else "MACs"
+
+    def entry(gene: Gene) -> dict[str, Any]:
+        record = state.genes[gene]
+        row = {"length_config": list(gene), "cost": record["cost"], "f1": full_f1[gene]}
+        if subset:
+            row["f1_subset"] = record["f1"]
+        row["macs"] = macs_per_sample(config, gene, seq_length)
+        if search.objective == "latency":
+            row["latency_ms"] = record["cost"]
+        return row
+
+    document = {
+        "objective": search.objective,
+        "cost_unit": unit,
+        "backend": search.backend,
+        "model": str(search.model),
+        "max_seq_length": seq_length,
+        "doc_stride": d.doc_stride,
+        "num_layers": num_layers,
+        "min_keep_ratio": search.min_keep_ratio,
+        "lower_bound": constant_ratio_length_config(search.min_keep_ratio, num_layers, seq_length),
+        "cost_bounds": list(state.bounds),
+        "eval": {
+            "data": d.eval,
+            "questions": len(examples),
+            "search_questions": len(sub_examples),
+        },
+        "latency": {
+            "batch_size": search.latency_batch_size,
+            "threads": torch.get_num_threads(),
+            "repeats": search.latency_repeats,
+        }
+        if search.objective == "latency"
+        else None,
+        "frontier": [entry(g) for g in final],
+        "keep_ratio_curve": [{"keep_ratio": round(r, 4), **entry(g)} for r, g in ratio_genes.items()],
+        "search": {
+            "generations": state.generation,
+            "evaluated": len(state.genes),
+            "within_bounds": len(state.points()),
+            "subset_frontier": len(state.population),
+            "history": state.history,
+            "seed": seed,
+            "fingerprint": fingerprint,
+            "wall_seconds_this_run": round(time.perf_counter() - started, 1),
+        },
+        "environment": environment_info(),
+    }
+    if rank == 0:
+        atomic_write_json(out / GENES_NAME, {"objective": search.objective, "genes": list(state.genes.values())})
+        atomic_write_json(out / FRONTIER_NAME, document)
+        plot_frontier(document, list(state.genes.values()), out / PLOT_NAME)
+        targets = [*([model_dir] if search.install_frontier else []), *map(Path, install_into)]
+        for target in dict.fromkeys(targets):
+            install_frontier(out / FRONTIER_NAME, target)
+    return document
+
+
+def _resolved_yaml(recipe: Recipe, search: SearchConfig) -> str:
+    """The recipe after overrides, search section included (before and after Recipe has one)."""
+    import yaml
+
+    data = recipe.to_dict()
+    data["search"] = dataclasses.asdict(search)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def install_frontier(frontier_file: str | Path, model_dir: str | Path) -> Path:
+    """Copy frontier.json into a model directory (qala.answer reads it there)."""
+    target = Path(model_dir) / FRONTIER_NAME
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"cannot install the frontier: {model_dir} is not a directory")
+    atomic_write_text(target, Path(frontier_file).read_text())
+    # Latencies measured for the previous frontier's configurations are re-measured on first load.
+    logger.info("installed %s into %s", frontier_file, model_dir)
+    return target
+
+
+def plot_frontier(document: Mapping[str, Any], genes: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """F1 versus cost: every evaluated gene, the frontier and the constant-keep-ratio curve of the same model."""
+    # matplotlib's object API: no pyplot, so no global backend or figure state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scale, unit = (1e-9, "GMACs per window") if document["cost_unit"] == "MACs" else (1.0, "ms (measured)")
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ok = [g for g in genes if g.get("status") == "ok"]
+    subset = document["eval"]["search_questions"] < document["eval"]["questions"]
+    ax.scatter(
+        [g["cost"] * scale for g in ok],
+        [g["f1"] for g in ok],
+        s=8,
+        color="0.7",
+        label=f"evaluated genes ({len(ok)}{', subset F1' if subset else ''})",
+    )
+    curve = document["keep_ratio_curve"]
+    ax.plot(
+        [p["cost"] * scale for p in curve],
+        [p["f1"] for p in curve],
+        "s--",
+        color="tab:orange",
+        label="constant keep ratio",
+    )
+    for p in curve:
+        ax.annotate(
+            f"{p['keep_ratio']:g}", (p["cost"] * scale, p["f1"]), fontsize=7, xytext=(3, -9), textcoords="offset points"
+        )
+    front = document["frontier"]
+    ax.plot(
+        [p["cost"] * scale for p in front], [p["f1"] for p in front], "o-", color="tab:blue", label="Pareto frontier"
+    )
+    ax.set_xlabel(f"{document['objective']}: {unit}")
+    ax.set_ylabel("F1" + (" (whole evaluation file)" if subset else ""))
+    name = "/".join(Path(document["model"]).parts[-2:])
+    ax.set_title(f"{name}: {document['backend']}, {document['max_seq_length']} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qala.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="YAML recipe with a search section, e.g. recipes/squad_search.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    parser.add_argument(
+        "--install-into", action="append", default=[], metavar="MODEL_DIR", help="also copy frontier.json here"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qala.recipe import RecipeError
+
+    started_group = False
+    try:
+        recipe, search = load_search_recipe(args.recipe, args.overrides)
+        # torchrun sets WORLD_SIZE but leaves the process group to the script; gloo works on CPU hosts.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="gloo")
+            started_group = True
+        is_main = (_distributed() or (0, 1))[0] == 0
+        document = run(recipe, search, install_into=args.install_into)
+    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+    if is_main:
+        unit = document["cost_unit"]
+        print(f"Pareto frontier ({document['objective']}, {document['backend']}):")
+        for row in document["frontier"]:
+            cost = f"{row['cost']:.2f} ms" if unit == "ms" else f"{row['cost'] / 1e9:.3f} GMACs"
+            print(f"  F1 {row['f1']:6.2f}  {cost:>14}  {row['length_config']}")
+        print(f"wrote {Path(search.output_dir) / FRONTIER_NAME}, {GENES_NAME}, {PLOT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

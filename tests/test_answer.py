@@ -1,0 +1,195 @@
+"""Budget-aware answering: configuration choice, the latency cache, answers on a tiny model, the CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import qala.answer as qa
+import qala.search as qs
+from qala.answer import FrontierPoint, QalaModel, host_name, select_point
+from qala.model import LengthAdaptiveForQuestionAnswering
+from tests.conftest import REPO
+
+CONTEXT = (
+    "The river Elbe rises in the Krkonose mountains and flows through Dresden and Hamburg "
+    "before it reaches the North Sea near Cuxhaven."
+)
+QUESTION = "Through which cities does the Elbe flow?"
+
+# (length_config, F1 from the search, ms per window on "this host")
+FRONTIER = [((64, 64), 50.0, 10.0), ((48, 32), 40.0, 6.0), ((40, 20), 30.0, 3.0)]
+
+
+def test_select_point_picks_the_most_accurate_that_fits():
+    points = [FrontierPoint(c, f1, ms) for c, f1, ms in FRONTIER]
+    assert select_point(points, None) == (points[0], True)
+    assert select_point(points, 10.0) == (points[0], True)  # exactly at the budget fits
+    assert select_point(points, 9.9) == (points[1], True)
+    assert select_point(points, 3.0) == (points[2], True)
+    assert select_point(points, 2.9) == (points[2], False)  # nothing fits: the fastest
+    assert select_point(points, 12.0, windows=2) == (points[1], True)  # 2 windows cost twice
+    assert select_point(points, 5.0, windows=2) == (points[2], False)
+    # Equal F1: the faster one.
+    tie = [FrontierPoint((8, 8), 40.0, 5.0), FrontierPoint((8, 4), 40.0, 4.0)]
+    assert select_point(tie, 100.0)[0] == tie[1]
+    with pytest.raises(ValueError, match="no frontier"):
+        select_point([], 1.0)
+
+
+def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None):
+    model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    frontier = {
+        "objective": "latency",
+        "max_seq_length": 64,
+        "doc_stride": 32,
+        "frontier": [{"length_config": list(c), "f1": f1, "cost": ms} for c, f1, ms in reversed(FRONTIER)],
+    }
+    (model_dir / "frontier.json").write_text(json.dumps(frontier))
+    if cached_ms:
+        cache = {
+            "host": host_name(),
+            "backend": "fp32",
+            "threads": threads or torch.get_num_threads(),
+            "batch_size": 1,
+            "configs": [{"length_config": list(c), "median_ms": ms} for c, _, ms in FRONTIER],
+        }
+        (model_dir / f"latency_{host_name()}.json").write_text(json.dumps(cache))
+    return model_dir
+
+
+def no_timing(*args, **kwargs):
+    raise AssertionError("latencies should come from the cache")
+
+
+def test_answer_uses_the_best_configuration_within_the_budget(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    model = QalaModel.from_pretrained(model_dir)
+
+    result = model.answer(QUESTION, CONTEXT, budget_ms=7)
+    assert result["length_config"] == [48, 32] and result["expected_ms"] == 6.0 and result["fits_budget"]
+    assert isinstance(result["answer"], str) and result["answer"] and result["answer"] in CONTEXT
+    assert isinstance(result["score"], float)
+    assert model.answer(QUESTION, CONTEXT)["length_config"] == [64, 64]  # no budget: most accurate
+
+    with pytest.warns(UserWarning, match="no frontier configuration fits 1"):
+        result = model.answer(QUESTION, CONTEXT, budget_ms=1)
+    assert result["length_config"] == [40, 20] and not result["fits_budget"]
+    assert result["answer"] in CONTEXT
+
+
+def test_long_context_windows_count_against_the_budget(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    model = QalaModel.from_pretrained(model_dir)
+    long_context = " ".join([CONTEXT] * 4)
+    result = model.answer(QUESTION, long_context, budget_ms=25)
+    windows = result["windows"]
+    assert windows > 1
+    chosen, fits = select_point(model.points, 25, windows)
+    assert result["length_config"] == list(chosen.length_config) and result["fits_budget"] == fits
+    assert result["expected_ms"] == pytest.approx(chosen.latency_ms * windows)
+    assert result["answer"] in long_context
+
+    results = model.answer_batch([QUESTION, "Where does the Elbe rise?"], [CONTEXT, CONTEXT], budget_ms=100)
+    assert len(results) == 2 and all(r["answer"] in CONTEXT for r in results)
+    assert results[0]["windows"] == 2 and results[0]["length_config"] == [64, 64]
+    assert model.answer_batch([], []) == []
+    with pytest.raises(ValueError, match="2 questions and 1 contexts"):
+        model.answer_batch([QUESTION, QUESTION], [CONTEXT])
+
+
+def test_latency_is_measured_once_per_host_and_setup(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint, cached_ms=False)
+    model = QalaModel.from_pretrained(model_dir, latency_repeats=2)
+    cache = json.loads((model_dir / f"latency_{host_name()}.json").read_text())
+    assert cache["backend"] == "fp32" and cache["threads"] == torch.get_num_threads()
+    assert sorted(tuple(row["length_config"]) for row in cache["configs"]) == sorted(c for c, _, _ in FRONTIER)
+    assert all(p.latency_ms > 0 for p in model.points)
+
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    QalaModel.from_pretrained(model_dir)  # read back, not measured
+    # A cache for another thread count is stale.
+    write_model_dir(tmp_path / "other", tiny_checkpoint, threads=torch.get_num_threads() + 1)
+    with pytest.raises(AssertionError, match="from the cache"):
+        QalaModel.from_pretrained(tmp_path / "other" / "model")
+
+
+def test_a_model_without_a_frontier_says_how_to_get_one(tmp_path, tiny_checkpoint, capsys):
+    model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "bare"))
+    with pytest.raises(FileNotFoundError, match="python -m qala.search"):
+        QalaModel.from_pretrained(model_dir)
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
+    assert "qala.search" in capsys.readouterr().err
+
+
+def test_cli_prints_the_answer_as_json(tmp_path, tiny_checkpoint, capsys, caplog):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    argv = ["--model", str(model_dir), "--budget-ms", "4", "--question", QUESTION, "--context", CONTEXT]
+    assert qa.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["length_config"] == [40, 20] and printed["budget_ms"] == 4.0
+    assert printed["answer"] in CONTEXT and {"score", "expected_ms"} <= set(printed)
+    # A budget nothing fits: still an answer, with a logged warning (stderr outside pytest).
+    assert qa.main([*argv[:2], "--budget-ms", "0.5", *argv[4:]]) == 0
+    assert json.loads(capsys.readouterr().out)["length_config"] == [40, 20]
+    assert "no frontier configuration fits 0.5 ms" in caplog.text
+
+
+def test_a_searched_model_answers(tmp_path, tiny_checkpoint, monkeypatch):
+    """The frontier written by qala.search is what QalaModel reads."""
+    monkeypatch.chdir(REPO)
+    model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""
+data: {{train: package://qala/samples/squad_sample_train.json, eval: package://qala/samples/squad_sample_dev.json,
+        max_seq_length: 64, doc_stride: 32, max_eval_samples: 6}}
+model: {{name_or_path: {model_dir}}}
+search: {{model: {model_dir}, output_dir: {tmp_path}/search, objective: macs, backend: fp32, population_size: 2,
+          iterations: 0, baseline_points: 2}}
+"""
+    )
+    assert qs.main([str(recipe)]) == 0
+    model = QalaModel.from_pretrained(model_dir, latency_repeats=1)
+    frontier = json.loads((model_dir / "frontier.json").read_text())["frontier"]
+    assert {p.length_config for p in model.points} == {tuple(row["length_config"]) for row in frontier}
+    result = model.answer(QUESTION, CONTEXT)
+    assert result["answer"] in CONTEXT and tuple(result["length_config"]) in {p.length_config for p in model.points}
+
+
+def test_int8_artifact_is_searched_and_answers(tmp_path, tiny_checkpoint, monkeypatch):
+    """INT8: the search scores the artifact (MACs objective: no compile), QalaModel serves it (eagerly)."""
+    quantize = pytest.importorskip("qala.quantize")
+    inc = pytest.importorskip("neural_compressor.torch.quantization")
+    monkeypatch.chdir(REPO)
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    batch = dict(tokenizer([QUESTION] * 2, [CONTEXT] * 2, padding="max_length", max_length=64, return_tensors="pt"))
+    config = inc.StaticQuantConfig()
+    quantize.quantize_(model, config, [batch, {**batch, "length_config": [40, 20]}])
+    artifact = tmp_path / "int8"
+    quantize.save_quantized(model, artifact, approach="static", quant_config=config.to_dict(), tokenizer=tokenizer)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""
+data: {{train: package://qala/samples/squad_sample_train.json, eval: package://qala/samples/squad_sample_dev.json,
+        max_seq_length: 64, doc_stride: 32, max_eval_samples: 4}}
+model: {{name_or_path: {tiny_checkpoint}}}
+search: {{model: {artifact}, output_dir: {tmp_path}/search, objective: macs, backend: int8, population_size: 1,
+          iterations: 0, baseline_points: 2}}
+"""
+    )
+    assert qs.main([str(recipe)]) == 0
+    assert json.loads((artifact / "frontier.json").read_text())["backend"] == "int8"
+
+    served = QalaModel.from_pretrained(artifact, latency_repeats=1, compile=False)
+    cache = json.loads((artifact / f"latency_{host_name()}.json").read_text())
+    assert cache["backend"] == "int8-eager"
+    result = served.answer(QUESTION, CONTEXT, budget_ms=1e6)
+    assert result["answer"] in CONTEXT and result["fits_budget"]
