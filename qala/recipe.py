@@ -140,6 +140,9 @@ class QuantizationConfig:
     eval_keep_ratios: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     latency_repeats: int = 5
+    # Time INT8 through torch.compile (one graph per length configuration and shape, compiled on
+    # first use, 15-45 s each here); false times the uncompiled model (tests, quick looks).
+    compile: bool = True
     # QAT only: the training stage run with fake-quantized units (LengthDrop sandwich included).
     qat: StageConfig = field(default_factory=StageConfig)
 

@@ -1,0 +1,119 @@
+"""qala.tune end to end on a tiny model: INC-driven trials, report, artifact, exit codes."""
+
+import json
+
+import pytest
+
+import qala.tune as qtune
+from qala.quantize import load_quantized
+from tests.conftest import REPO
+
+RECIPE = """
+run: {{output_dir: {out}, seed: 3}}
+data:
+  train: package://qala/samples/squad_sample_train.json
+  eval: package://qala/samples/squad_sample_dev.json
+  max_seq_length: 128
+  doc_stride: 64
+  max_eval_samples: 6
+  max_train_samples: 16
+model: {{name_or_path: {model}}}
+quantization:
+  model: {model}
+  output_dir: {out}/int8
+  approach: {approach}
+  calibration: {{samples: 8, batch_size: 4, length_configs: mixed}}
+  tuning:
+    tolerable_loss: 0.01
+    max_trials: 3
+    eval_samples: 5
+    config_set:
+      - {{act_sym: [false, true], w_granularity: per_channel}}
+      - {{w_granularity: per_channel, fp32_units: [qa_outputs]}}
+  eval_keep_ratios: [0.5]
+  latency_batch_sizes: [1]
+  latency_repeats: 2
+  compile: false
+  qat:
+    num_sandwich: 1
+    training_args: {{max_steps: 2, per_device_train_batch_size: 4, save_strategy: "no", disable_tqdm: true}}
+eval: {{batch_size: 8}}
+"""
+
+
+def write_recipe(tmp_path, model, approach="static"):
+    path = tmp_path / f"{approach}.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / approach, model=model, approach=approach))
+    return path
+
+
+def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert qtune.main([str(write_recipe(tmp_path, tiny_checkpoint))]) == 0
+    out = tmp_path / "static" / "int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["goal_met"] and report["trials"]
+    first = report["trials"][0]
+    assert first["config"]["type"] == "INT8StaticQuantConfig" and "f1" in first and "latency_batch1_eager_qdq" in first
+    assert set(report["final"]["rows"]) == {"full", "keep_0.5"}
+    row = report["final"]["rows"]["keep_0.5"]
+    assert row["length_config"] == [64, 32] and "fp32_eager" in row["latency"]["batch1"]
+    assert report["artifact_bytes"] > 0 and "versions" in report["environment"]
+    assert (out / "trials" / "trial-1.json").is_file()
+    model = load_quantized(out / "model")
+    assert json.loads((out / "model" / "quantization.json").read_text())["approach"] == "static"
+    assert model.qala_config.max_seq_length == 128 or model.qala_config.max_seq_length == 384
+    assert "INT8 artifact" in capsys.readouterr().out
+
+
+def test_goal_not_met_keeps_best_and_exits_nonzero(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    scores = iter([50.0, 40.0, 45.0, 42.0, 44.0, 41.0])
+    original = qtune.Tuner.f1
+
+    def fake_f1(self, model, length_config=None, *, full=False):
+        metrics = original(self, model, length_config, full=full)
+        if not full:  # trials: fp32 baseline first, then each quantized model
+            metrics["f1"] = next(scores)
+        return metrics
+
+    monkeypatch.setattr(qtune.Tuner, "f1", fake_f1)
+    assert qtune.main([str(write_recipe(tmp_path, tiny_checkpoint))]) == qtune.EXIT_GOAL_NOT_MET
+    report = json.loads((tmp_path / "static" / "int8" / "report.json").read_text())
+    assert not report["goal_met"]
+    assert len(report["trials"]) == 3  # max_trials
+    assert report["chosen"]["f1"] == 45.0 and report["chosen"]["trial"] == 2
+    assert "goal NOT met" in capsys.readouterr().err
+    assert (tmp_path / "static" / "int8" / "model" / "quantization.json").is_file()
+
+
+def test_rerun_reuses_scored_trials(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = write_recipe(tmp_path, tiny_checkpoint)
+    assert qtune.main([str(path)]) == 0
+    calls = []
+    monkeypatch.setattr(qtune.Tuner, "quantize", lambda self, config: calls.append(config) or _quantize(self, config))
+    assert qtune.main([str(path)]) == 0
+    assert len(calls) == 1  # only the final re-quantization of the chosen config, no trial re-scored
+
+
+_quantize = qtune.Tuner.quantize
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "qat"])
+def test_dynamic_and_qat(tmp_path, tiny_checkpoint, monkeypatch, approach):
+    monkeypatch.chdir(REPO)
+    assert qtune.main([str(write_recipe(tmp_path, tiny_checkpoint, approach))]) == 0
+    out = tmp_path / approach / "int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["approach"] == approach
+    assert json.loads((out / "model" / "quantization.json").read_text())["approach"] == approach
+    if approach == "qat":
+        assert report["global_step"] == 2
+
+
+def test_bad_config_set_entry_is_a_recipe_error(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    path = write_recipe(tmp_path, tiny_checkpoint)
+    assert qtune.main([str(path), "quantization.tuning.config_set=[{act_sim: true}]"]) == 2
+    assert "config_set" in capsys.readouterr().err
