@@ -17,10 +17,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import numpy as np
+
+from qala.recipe import DataConfig
+from qala.utils import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -663,3 +666,32 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
         logger.warning("%d of %d reference question(s) have no prediction and score 0", missing, len(references))
     n = len(references)
     return {"exact_match": 100.0 * exact_match / n, "f1": 100.0 * f1 / n, "n": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe's data, as every stage loads it
+# --------------------------------------------------------------------------------------------------
+
+
+def load_split(data: DataConfig, which: Literal["train", "eval"]) -> datasets.Dataset:
+    """The recipe's training or evaluation questions, with max_train_samples / max_eval_samples applied."""
+    if which == "train":
+        examples = load_squad(resolve_model_path(data.train), split=data.train_split, skip_invalid=data.skip_invalid)
+        limit = data.max_train_samples
+    else:
+        examples = load_squad(resolve_model_path(data.eval), split=data.eval_split)
+        limit = data.max_eval_samples
+    return examples.select(range(min(limit, len(examples)))) if limit else examples
+
+
+def windows(examples: datasets.Dataset, tokenizer: Any, data: DataConfig, *, train: bool) -> datasets.Dataset:
+    """Training windows unpadded (batches pad dynamically); all others padded to max_seq_length, so that
+    a length configuration means the same thing in evaluation, calibration, search and deployment."""
+    return featurize(
+        examples,
+        tokenizer,
+        train=train,
+        max_seq_length=data.max_seq_length,
+        doc_stride=data.doc_stride,
+        pad_to_max_length=not train,
+    )

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from qala.data import SquadFormatError, featurize, load_squad
+from qala.data import SquadFormatError, load_split, windows
 from qala.evaluate import MODEL_INPUTS, evaluate_features
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
 from qala.recipe import Recipe, SearchConfig, load_recipe
@@ -568,13 +568,8 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     config = backbone_config(model, model_dir)
     num_layers, seq_length = config.num_hidden_layers, d.max_seq_length
 
-    examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
-    if d.max_eval_samples:
-        examples = examples.select(range(min(d.max_eval_samples, len(examples))))
-    # Padded to max_seq_length: a length configuration means the same in search and deployment.
-    features = featurize(
-        examples, tokenizer, train=False, max_seq_length=seq_length, doc_stride=d.doc_stride, pad_to_max_length=True
-    )
+    examples = load_split(d, "eval")
+    features = windows(examples, tokenizer, d, train=False)
     sub_examples, sub_features = examples, features
     if search.eval_samples and search.eval_samples < len(examples):
         # A random subset: the first questions of a file all come from one article.

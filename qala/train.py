@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from qala.data import SquadFormatError, featurize, load_squad
+from qala.data import SquadFormatError, load_split, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
     LengthAdaptiveForQuestionAnswering,
@@ -184,24 +184,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
     d = recipe.data
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
-    train_examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
-    eval_examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
-    if d.max_train_samples:
-        train_examples = train_examples.select(range(min(d.max_train_samples, len(train_examples))))
-    if d.max_eval_samples:
-        eval_examples = eval_examples.select(range(min(d.max_eval_samples, len(eval_examples))))
-    train_features = featurize(
-        train_examples, tokenizer, train=True, max_seq_length=d.max_seq_length, doc_stride=d.doc_stride
-    )
-    # Evaluation pads to max_seq_length so length configurations are absolute, as in deployment.
-    eval_features = featurize(
-        eval_examples,
-        tokenizer,
-        train=False,
-        max_seq_length=d.max_seq_length,
-        doc_stride=d.doc_stride,
-        pad_to_max_length=True,
-    )
+    train_examples, eval_examples = load_split(d, "train"), load_split(d, "eval")
+    train_features = windows(train_examples, tokenizer, d, train=True)
+    eval_features = windows(eval_examples, tokenizer, d, train=False)
     teacher = load_teacher(recipe, tokenizer)
     logger.info(
         "train: %d questions -> %d features; eval: %d questions",

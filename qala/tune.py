@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from qala.data import SquadFormatError, featurize, load_squad
+from qala.data import SquadFormatError, load_split, windows
 from qala.evaluate import MODEL_INPUTS, evaluate_features
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, sample_length_config
 from qala.quantize.ipex import IpexUnavailableError
@@ -49,19 +49,11 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
     With length_configs=mixed, two batches in three carry a LengthDrop-sampled length configuration.
     """
     q, d = recipe.quantization, recipe.data
-    examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
+    examples = load_split(d, "train")
     # Shuffled with the run seed: the first windows of a file all come from one article.
     order = list(range(len(examples)))
     random.Random(recipe.run.seed).shuffle(order)
-    examples = examples.select(order[: q.calibration.samples])
-    features = featurize(
-        examples,
-        tokenizer,
-        train=False,
-        max_seq_length=d.max_seq_length,
-        doc_stride=d.doc_stride,
-        pad_to_max_length=True,
-    )
+    features = windows(examples.select(order[: q.calibration.samples]), tokenizer, d, train=False)
     columns = [c for c in MODEL_INPUTS if c in features.column_names]
     features = features.select(range(min(q.calibration.samples, len(features))))
     rng = random.Random(recipe.run.seed)
@@ -125,20 +117,17 @@ class Tuner:
         self.fp32 = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         d = recipe.data
-        examples = load_squad(resolve_model_path(d.eval), split=d.eval_split)
+        examples = load_split(d, "eval")
         self.examples = examples
-        self.features = featurize(
-            examples,
-            self.tokenizer,
-            train=False,
-            max_seq_length=d.max_seq_length,
-            doc_stride=d.doc_stride,
-            pad_to_max_length=True,
-        )
+        self.features = windows(examples, self.tokenizer, d, train=False)
         n = q.tuning.eval_samples
-        self.tune_examples = examples.select(range(min(n, len(examples)))) if n else examples
+        # A seeded random subset: the first questions of a file all come from one article.
+        chosen = (
+            sorted(random.Random(recipe.run.seed).sample(range(len(examples)), n)) if n and n < len(examples) else None
+        )
+        self.tune_examples = examples.select(chosen) if chosen else examples
         ids = set(self.tune_examples["id"])
-        self.tune_features = self.features.filter(lambda f: f["example_id"] in ids) if n else self.features
+        self.tune_features = self.features.filter(lambda f: f["example_id"] in ids) if chosen else self.features
         self.calibration = calibration_batches(recipe, self.tokenizer, self.fp32.num_layers)
 
     # -- scoring
@@ -231,17 +220,7 @@ class Tuner:
         from qala.train import QalaTrainer
 
         d = self.recipe.data
-        train_examples = load_squad(resolve_model_path(d.train), split=d.train_split, skip_invalid=d.skip_invalid)
-        if d.max_train_samples:
-            train_examples = train_examples.select(range(min(d.max_train_samples, len(train_examples))))
-        train_features = featurize(
-            train_examples,
-            self.tokenizer,
-            train=True,
-            max_seq_length=d.max_seq_length,
-            doc_stride=d.doc_stride,
-            pad_to_max_length=True,
-        )
+        train_features = windows(load_split(d, "train"), self.tokenizer, d, train=True)
         model = copy.deepcopy(self.fp32)
         example = {k: v for k, v in self.calibration[0].items() if k != "length_config"}
         self.qz.prepare_qat_(model, example)
