@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import random
@@ -75,7 +74,7 @@ def inc_config(approach: str, entry: dict[str, Any]):
     cls = {"static": StaticQuantConfig, "dynamic": DynamicQuantConfig}[approach]
     params = {k: v for k, v in entry.items() if k != "fp32_units"}
     # INC's configs accept unknown keyword arguments silently; a typo must not become a default trial.
-    known = set(inspect.signature(cls).parameters) - {"white_list"}
+    known = set(cls().params_list) - {"white_list", "model_info"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise RecipeError(
