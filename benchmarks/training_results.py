@@ -19,6 +19,10 @@ def collect(run_dir: Path) -> dict:
         evaluation = json.loads((stage_dir / "eval.json").read_text())
         stages[stage_dir.name] = {
             "train_wall_seconds": info.get("wall_seconds", info.get("wall_seconds_this_run")),
+            # Runs made before stage clocks were kept in checkpoints timed only the last process.
+            "train_wall_covers": "whole stage"
+            if "wall_seconds" in info or not info.get("resumed_from")
+            else f"only the process resumed from {info['resumed_from']}",
             "global_step": info["global_step"],
             "num_train_features": info["num_train_features"],
             "train_metrics": info["train_metrics"],
