@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model_path(args.model_dir)
     try:
-        model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir)
+        if (Path(model_dir) / "quantization.json").is_file():
+            # An INT8 artifact: its model.safetensors holds the fp32 weights it was quantized from, so
+            # loading it as an fp32 model would silently score the wrong model.
+            from qala.quantize import load_quantized
+
+            model = load_quantized(model_dir)
+        else:
+            model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         examples = load_squad(args.data, split=args.split)
     except (OSError, ValueError) as e:  # SquadFormatError is a ValueError

@@ -65,6 +65,19 @@ def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys
     assert model.qala_config.max_seq_length == 128 or model.qala_config.max_seq_length == 384
     assert "INT8 artifact" in capsys.readouterr().out
 
+    # qala.evaluate scores the artifact as INT8 (not the fp32 weights stored in it).
+    from qala.evaluate import main as evaluate_main
+
+    data = str(REPO / "qala" / "samples" / "squad_sample_dev.json")
+    args = [str(out / "model"), data, "--max-seq-length", "128", "--doc-stride", "64", "--max-samples", "6"]
+    assert evaluate_main([*args, "--keep-ratio", "0.5"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["n"] == 6 and line["length_config"] == [64, 32]
+    final = report["final"]["rows"]["keep_0.5"]["int8"]
+    assert line["f1"] == pytest.approx(final["f1"], abs=1e-6) and line["exact_match"] == pytest.approx(
+        final["exact_match"]
+    )
+
 
 def test_goal_not_met_keeps_best_and_exits_nonzero(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
