@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from qala.data import SquadFormatError, load_split, windows
 from qala.evaluate import MODEL_INPUTS, evaluate_features
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, sample_length_config
+from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
 from qala.recipe import QuantizationConfig, Recipe, RecipeError, load_recipe, make_training_arguments
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
@@ -105,9 +106,6 @@ class Tuner:
     """Quantize, score and time; one object so trials share the fp32 model, data and eval features."""
 
     def __init__(self, recipe: Recipe) -> None:
-        from qala import quantize as qz
-
-        self.qz = qz
         self.recipe = recipe
         q: QuantizationConfig = recipe.quantization
         self.q = q
@@ -166,7 +164,7 @@ class Tuner:
 
     def quantize(self, config):
         model = copy.deepcopy(self.fp32)
-        self.qz.quantize_(model, config, self.calibration, fp32_units=fp32_units_of(config))
+        quantize_(model, config, self.calibration, fp32_units=fp32_units_of(config))
         return model
 
     def tune(self) -> tuple[Any, Any, dict[str, Any]]:
@@ -233,7 +231,7 @@ class Tuner:
         train_features = windows(load_split(d, "train"), self.tokenizer, d, train=True)
         model = copy.deepcopy(self.fp32)
         example = {k: v for k, v in self.calibration[0].items() if k != "length_config"}
-        self.qz.prepare_qat_(model, example)
+        prepare_qat_(model, example)
         stage = self.q.qat
         trainer = QalaTrainer(
             model=model,
@@ -247,7 +245,7 @@ class Tuner:
             lengthdrop=True,
         )
         result = trainer.train()
-        self.qz.convert_qat_(model)
+        convert_qat_(model)
         return model, {"train_metrics": result.metrics, "global_step": trainer.state.global_step}
 
     # -- the report
@@ -263,7 +261,7 @@ class Tuner:
             configs[f"keep_{ratio:g}"] = constant_ratio_length_config(
                 ratio, self.fp32.num_layers, self.recipe.data.max_seq_length
             )
-        timed = self.qz.CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
+        timed = CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
         rows = {}
         for name, length_config in configs.items():
             fp32_metrics = self.f1(self.fp32, length_config, full=True)
@@ -314,7 +312,7 @@ def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
         goal_met = report["goal_met"]
     report["final"] = tuner.final_report(int8)
     served = [r["length_config"] for r in report["final"]["rows"].values() if r["length_config"]]
-    size = tuner.qz.save_quantized(
+    size = save_quantized(
         int8,
         out / "model",
         approach=q.approach,
