@@ -695,3 +695,20 @@ def windows(examples: datasets.Dataset, tokenizer: Any, data: DataConfig, *, tra
         doc_stride=data.doc_stride,
         pad_to_max_length=not train,
     )
+
+
+def question_subset(
+    examples: datasets.Dataset, features: datasets.Dataset, n: int | None, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded random subset of n questions and their windows (all of them when n is None or too large).
+
+    Random, not the first n: the first questions of a SQuAD file all come from one article.
+    """
+    if not n or n >= len(examples):
+        return examples, features
+    import random
+
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+    subset = examples.select(chosen)
+    ids = set(subset["id"])
+    return subset, features.filter(lambda f: f["example_id"] in ids)

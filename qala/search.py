@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from qala.data import SquadFormatError, load_split, windows
+from qala.data import SquadFormatError, load_split, question_subset, windows
 from qala.evaluate import MODEL_INPUTS, evaluate_features
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
 from qala.recipe import Recipe, SearchConfig, load_recipe
@@ -570,13 +570,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
 
     examples = load_split(d, "eval")
     features = windows(examples, tokenizer, d, train=False)
-    sub_examples, sub_features = examples, features
-    if search.eval_samples and search.eval_samples < len(examples):
-        # A random subset: the first questions of a file all come from one article.
-        chosen = sorted(random.Random(seed).sample(range(len(examples)), search.eval_samples))
-        sub_examples = examples.select(chosen)
-        ids = set(sub_examples["id"])
-        sub_features = features.filter(lambda f: f["example_id"] in ids)
+    sub_examples, sub_features = question_subset(examples, features, search.eval_samples, seed)
 
     def score(gene: Gene, examples_, features_) -> float:
         metrics, _ = evaluate_features(

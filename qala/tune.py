@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from qala.data import SquadFormatError, load_split, windows
+from qala.data import SquadFormatError, load_split, question_subset, windows
 from qala.evaluate import MODEL_INPUTS, evaluate_features
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, sample_length_config
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
@@ -118,14 +118,9 @@ class Tuner:
         examples = load_split(d, "eval")
         self.examples = examples
         self.features = windows(examples, self.tokenizer, d, train=False)
-        n = q.tuning.eval_samples
-        # A seeded random subset: the first questions of a file all come from one article.
-        chosen = (
-            sorted(random.Random(recipe.run.seed).sample(range(len(examples)), n)) if n and n < len(examples) else None
+        self.tune_examples, self.tune_features = question_subset(
+            examples, self.features, q.tuning.eval_samples, recipe.run.seed
         )
-        self.tune_examples = examples.select(chosen) if chosen else examples
-        ids = set(self.tune_examples["id"])
-        self.tune_features = self.features.filter(lambda f: f["example_id"] in ids) if chosen else self.features
         self.calibration = calibration_batches(recipe, self.tokenizer, self.fp32.num_layers)
 
     # -- scoring
