@@ -103,8 +103,11 @@ class CalibrationConfig:
     batch_size: int = 16
     # full: every calibration batch at full length. mixed: full length plus LengthDrop sub-models
     # (one sampled length configuration per batch), so that activation ranges cover the shorter
-    # sequences later layers see when tokens are dropped.
-    length_configs: Literal["full", "mixed"] = "mixed"
+    # sequences later layers see when tokens are dropped. `full` is the default because it measured
+    # better on the whole SQuAD dev file (benchmarks/results/int8_squad_offline.json: F1 55.30 vs 55.14
+    # at full length, 53.76 vs 52.98 at keep 0.8; the 400-question tuning subset leaned the other way,
+    # 55.20 vs 55.35).
+    length_configs: Literal["full", "mixed"] = "full"
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,100 @@ class SearchConfig:
             raise ValueError("; ".join(problems))
 
 
+BASELINES = ("bert-base", "tinybert-6l", "dynamic-tinybert")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The recipe's `benchmark` section (python -m qala.bench): which rows to time, and how.
+
+    Windows are the first `windows` evaluation windows of `data.eval`, padded to data.max_seq_length.
+    """
+
+    output_dir: str = "benchmarks/results/bench"  # bench.json, bench.md, the plots, per-row worker files
+    # A trained fp32 qala model directory (the MiniLM rows, eager); None: no fp32 MiniLM rows.
+    model: str | None = None
+    # An INT8 artifact (qala.tune's OUTPUT_DIR/model), timed through qala.quantize.CompiledQA; None: no INT8 rows.
+    int8_model: str | None = None
+    # A frontier.json written by qala.search: its configurations become QuaLA rows. None: full length only.
+    frontier: str | None = None
+    max_frontier_rows: int = 3  # frontier configurations benchmarked (the most accurate, the cheapest, evenly between)
+    frontier_dtypes: list[Literal["fp32", "int8"]] = field(default_factory=lambda: ["fp32", "int8"])
+    # Accuracy of our rows comes only from files of measured evaluations (never invented): qala.train's
+    # eval.json for `model` at full length, qala.tune's report.json for `int8_model` at full length;
+    # frontier rows take the F1 of frontier.json (for the dtype the search scored). `f1` adds measured F1
+    # by row id (see bench.json's row ids) for anything else.
+    fp32_eval: str | None = None
+    int8_report: str | None = None
+    f1: dict[str, float] = field(default_factory=dict)
+    # Architecture-only rows with random weights (speed does not depend on the weights); bert-base is the 1x.
+    baselines: list[Literal["bert-base", "tinybert-6l", "dynamic-tinybert"]] = field(
+        default_factory=lambda: list(BASELINES)
+    )
+    # transformers.BertConfig keyword overrides per baseline name (tests shrink them); empty: the published shapes.
+    baseline_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    windows: int = 64  # evaluation windows used as inputs; batches larger than this tile them
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    threads: int | None = None  # torch threads per row (None: every core of the host)
+    warmup: int = 2  # untimed calls per batch size (the first INT8 call of a shape also compiles it)
+    repeats: int = 10  # timed calls per batch size (median), at most; see max_seconds_per_measurement
+    latency_repeats: int = 30  # timed calls at batch 1 (p50/p90/p99 latency)
+    min_repeats: int = 3
+    # Repeats are cut (not below min_repeats) so one batch size takes about this long: BERT-base at batch
+    # 32 costs ~14 s per call on 2 cores.
+    max_seconds_per_measurement: float = 30.0
+    compile_int8: bool = True  # false: INT8 rows run uncompiled (tests, quick looks; slow, not deployable timings)
+    onnxruntime: bool = True  # ONNX Runtime fp32 + dynamic INT8 peers of `model` (extra `onnx`)
+    # IPEX 2.8 INT8 peer: needs its own torch 2.8 environment (README); recorded as skipped with the reason.
+    ipex: bool = True
+    gemm_peak: bool = True  # measure this CPU's fp32 and INT8 GEMM peak (the roofline)
+    gemm_size: int = 2048  # the peak's square matrices (size x size times size x size)
+    core_sweep: bool = True  # throughput versus cores and instances through torch.backends.xeon.run_cpu
+    cores: list[int] | None = None  # core counts of the sweep, one instance each (None: 1..all cores)
+    instances: list[int] = field(default_factory=lambda: [2])  # multi-instance runs: N instances, all cores split
+    sweep_batch_size: int = 32
+    sweep_repeats: int = 3
+    # No new row starts after this many minutes (rows already measured are kept); None: no limit.
+    time_budget_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in (
+            "windows",
+            "repeats",
+            "latency_repeats",
+            "min_repeats",
+            "sweep_batch_size",
+            "sweep_repeats",
+            "gemm_size",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "max_frontier_rows"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            problems.append(f"batch_sizes: expected a non-empty list of sizes >= 1, got {self.batch_sizes}")
+        for name in ("cores", "instances"):
+            values = getattr(self, name) or []
+            if any(v < 1 for v in values):
+                problems.append(f"{name}: expected values >= 1, got {values}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads: expected >= 1 or null, got {self.threads}")
+        if self.max_seconds_per_measurement <= 0:
+            problems.append(f"max_seconds_per_measurement: expected > 0, got {self.max_seconds_per_measurement}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            problems.append(f"time_budget_minutes: expected > 0 or null, got {self.time_budget_minutes}")
+        bad = [k for k, v in self.f1.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            problems.append(f"f1: expected numbers (measured F1 by row id), got non-numbers for {bad}")
+        unknown = sorted(set(self.baseline_configs) - set(BASELINES))
+        if unknown:
+            problems.append(f"baseline_configs: unknown baselines {unknown}; expected some of {list(BASELINES)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
 @dataclass(frozen=True)
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
@@ -217,6 +314,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -432,6 +530,10 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         units = entry.get("fp32_units", [])
         if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
             problems.append(f"quantization.tuning.config_set[{i}].fp32_units: expected a list of unit name patterns")
+    b = recipe.benchmark
+    for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report"):
+        if getattr(b, key):
+            problems += _check_exists(f"benchmark.{key}", getattr(b, key))
     for i, ratio in enumerate(recipe.eval.keep_ratios):
         if not 0 < ratio <= 1:
             problems.append(f"eval.keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")

@@ -1,0 +1,94 @@
+"""The searched frontier as a table: F1, batch-1 latency (from the search), batch-32 latency (measured here), MACs.
+
+python benchmarks/frontier_table.py runs/squad_offline/search/frontier.json benchmarks/results/search_squad_offline.json
+
+The search times batch 1 only (its objective); this measures batch 32 for every frontier configuration
+and the constant-keep-ratio curve through the same backend (INT8: qala.quantize.CompiledQA), on real
+dev windows padded to the frontier's max_seq_length, median of `--repeats` calls after one warm-up call
+(which compiles the graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qala.data import load_split, windows
+from qala.evaluate import MODEL_INPUTS
+from qala.recipe import DataConfig
+from qala.utils import atomic_write_json, environment_info, median_latency_ms
+
+
+def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[int, ...], dict[str, float]]:
+    from transformers import AutoTokenizer
+
+    from qala.search import load_backend
+
+    model_dir = document["model"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = DataConfig(
+        eval=document["eval"]["data"], max_seq_length=document["max_seq_length"], doc_stride=document["doc_stride"]
+    )
+    features = windows(load_split(data, "eval"), tokenizer, data, train=False)
+    rows = features[:32]
+    inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
+    model = load_backend(model_dir, document["backend"])[1]  # INT8: CompiledQA, the deployed path
+    configs = {tuple(r["length_config"]) for r in document["frontier"] + document["keep_ratio_curve"]}
+    timings = {}
+    with torch.no_grad():
+        for config in sorted(configs, reverse=True):
+            timings[config] = median_latency_ms(
+                lambda c=config: model(**inputs, length_config=list(c)), warmup=1, repeats=repeats
+            )
+            print(config, timings[config]["median_ms"], flush=True)
+    return timings
+
+
+def markdown(document: dict[str, Any]) -> str:
+    full = next(r for r in document["keep_ratio_curve"] if r["keep_ratio"] == 1.0)
+    lines = [
+        "| length configuration | F1 (dev) | rel. F1 vs full | batch-1 ms | x full | batch-32 ms | GMACs/sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def line(r: dict[str, Any], prefix: str = "") -> str:
+        loss = (full["f1"] - r["f1"]) / full["f1"]
+        return (
+            f"| {prefix}`{r['length_config']}` | {r['f1']:.2f} | {-100 * loss:+.1f}% | {r['latency_ms']:.1f} | "
+            f"{r['latency_ms'] / full['latency_ms']:.2f} | {r['batch32_ms']:.0f} | {r['macs'] / 1e9:.2f} |"
+        )
+
+    lines += [line(r) for r in document["frontier"]]
+    lines += [line(r, f"keep {r['keep_ratio']:g} ") for r in document["keep_ratio_curve"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("frontier", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    document = json.loads(args.frontier.read_text())
+    timings = measure_batch32(document, args.repeats)
+    for row in document["frontier"] + document["keep_ratio_curve"]:
+        row["batch32_ms"] = timings[tuple(row["length_config"])]["median_ms"]
+    document["batch32"] = {
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "statistic": "median after one warm-up (compiling) call",
+        "environment": environment_info(),
+    }
+    atomic_write_json(args.out, document)
+    print(markdown(document))
+
+
+if __name__ == "__main__":
+    main()
