@@ -275,11 +275,14 @@ def dynamic_tinybert_length_config(config: Any, reference: Any, seq_length: int)
 
 
 def pick_frontier(
-    frontier: Sequence[Mapping[str, Any]], n: int, full_f1: float | None = None
+    frontier: Sequence[Mapping[str, Any]], n: int, full_f1: float | None = None, seq_length: int | None = None
 ) -> list[Mapping[str, Any]]:
     """Up to n frontier points: the cheapest within 1% relative F1 of the full model (when its F1 is known),
-    the most accurate, the cheapest, then evenly spaced between, ordered by cost."""
-    points = sorted(frontier, key=lambda p: p["cost"])
+    the most accurate, the cheapest, then evenly spaced between, ordered by cost. The full-length point
+    (every layer at seq_length) is left out: the MiniLM rows already measure it."""
+    points = sorted(
+        (p for p in frontier if seq_length is None or min(p["length_config"]) < seq_length), key=lambda p: p["cost"]
+    )
     if n <= 0 or not points:
         return []
     chosen: list[int] = []
@@ -398,7 +401,7 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
     frontier = _read_json(bench.frontier)
     chosen: list[Mapping[str, Any]] = []
     if frontier:
-        chosen = pick_frontier(frontier.get("frontier", []), bench.max_frontier_rows, fp32_f1)
+        chosen = pick_frontier(frontier.get("frontier", []), bench.max_frontier_rows, fp32_f1, seq_length=seq)
         notes["frontier"] = {
             "file": bench.frontier,
             "backend": frontier.get("backend"),

@@ -170,6 +170,8 @@ def test_pick_frontier():
     assert [p["cost"] for p in qb.pick_frontier(frontier, 2, full_f1=55.5)] == [3, 4]
     assert qb.pick_frontier(frontier, 0) == [] and qb.pick_frontier([], 3) == []
     assert len(qb.pick_frontier(frontier, 10)) == 5
+    # The full-length point (every layer at seq_length) is already a MiniLM row: never picked again.
+    assert [p["cost"] for p in qb.pick_frontier(frontier, 1, seq_length=4)] == [3]
 
 
 def test_dynamic_tinybert_configuration_matches_the_published_speedup_in_macs():
