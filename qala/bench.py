@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qala.utils import directory_bytes
+
 logger = logging.getLogger(__name__)
 
 BENCH_NAME = "bench.json"
@@ -533,10 +535,6 @@ def measure(
     return summarize(seconds, batch_size), first
 
 
-def _dir_bytes(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def build_row(spec: Mapping[str, Any], work_dir: Path) -> tuple[Callable, dict[str, Any], int | None]:
     """(call(batch) -> outputs, facts about the row, vocabulary size for clamping ids)."""
     import torch
@@ -565,7 +563,7 @@ def build_row(spec: Mapping[str, Any], work_dir: Path) -> tuple[Callable, dict[s
 
         return call, facts, config.vocab_size
 
-    facts["size_bytes"] = _dir_bytes(spec["path"])
+    facts["size_bytes"] = directory_bytes(spec["path"])
     facts["size_kind"] = "directory"
     if kind == "fp32_dir":
         model = LengthAdaptiveForQuestionAnswering.from_pretrained(spec["path"]).eval()

@@ -63,6 +63,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def directory_bytes(path: str | Path) -> int:
+    """Size on disk of every file under a directory (an artifact, a model)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -53,7 +53,7 @@ from qala.quantize.units import (
     synthetic_batch,
     unit_names,
 )
-from qala.utils import atomic_directory, atomic_write_json, atomic_write_text
+from qala.utils import atomic_directory, atomic_write_json, atomic_write_text, directory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def save_quantized(
         atomic_write_json(tmp / QUANTIZATION_NAME, record)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    size = directory_bytes(path)
     logger.info("saved INT8 %s artifact to %s: %.1f MB", approach, path, size / 1e6)
     return size
 
