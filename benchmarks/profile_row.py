@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.profiler import ProfilerActivity, profile
 
+from qala.bench import load_inputs, make_batch
 from qala.search import load_backend
 from qala.utils import atomic_write_text
 
@@ -36,10 +36,7 @@ def main() -> None:
     lengths = [int(n) for n in args.length_config.split(",")] if args.length_config else None
     backend = "int8" if (args.model / "quantization.json").is_file() else "fp32"
     _, model = load_backend(args.model, backend)
-    tensors = load_file(str(args.inputs))
-    n = tensors["input_ids"].size(0)
-    repeat = -(-args.batch_size // n)
-    batch = {k: v.repeat(repeat, 1)[: args.batch_size] for k, v in tensors.items() if v.dim() == 2}
+    batch = make_batch(load_inputs(args.inputs), args.batch_size)
     with torch.no_grad():
         model(**batch, length_config=lengths)  # compiles an INT8 graph; warms caches either way
         with profile(activities=[ProfilerActivity.CPU]) as prof:
