@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from qala.data import postprocess_with_scores, prepare_eval_features
-from qala.evaluate import MODEL_INPUTS
-from qala.model import LengthAdaptiveForQuestionAnswering
-from qala.search import FRONTIER_NAME, QUANTIZATION_MARKER
+from qala.model import MODEL_INPUTS, batch_inputs
+from qala.quantize.load import load_model, model_kind
+from qala.search import FRONTIER_NAME
 from qala.utils import atomic_write_json, median_latency_ms, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -121,13 +121,12 @@ class QalaModel:
             raise ValueError(f"{frontier_file} lists no configurations; run the search again")
         if threads:
             torch.set_num_threads(threads)
-        int8 = (model_dir / QUANTIZATION_MARKER).is_file()
+        int8 = model_kind(model_dir) == "int8"
+        model: Callable = load_model(model_dir)
         if int8:
-            from qala.quantize import CompiledQA, load_quantized
+            from qala.quantize import CompiledQA
 
-            model: Callable = CompiledQA(load_quantized(model_dir), compile=compile)
-        else:
-            model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
+            model = CompiledQA(model, compile=compile)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         seq_length = int(frontier["max_seq_length"])
         configs = [tuple(int(n) for n in row["length_config"]) for row in frontier["frontier"]]
@@ -184,7 +183,7 @@ class QalaModel:
             )
             warnings.warn(message, stacklevel=3)
             logger.warning(message)
-        inputs = {c: torch.tensor(features[c]) for c in MODEL_INPUTS if c in features}
+        inputs = batch_inputs(features)
         with torch.no_grad():
             out = self.model(**inputs, length_config=list(point.length_config))
         scored = postprocess_with_scores(

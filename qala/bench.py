@@ -262,8 +262,7 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
 def dynamic_tinybert_length_config(config: Any, reference: Any, seq_length: int) -> tuple[list[int], float]:
     """(length configuration, keep ratio): the constant keep ratio, in steps of 0.01, whose MACs are closest
     to BERT-base's divided by the published 3.3x."""
-    from qala.model import constant_ratio_length_config
-    from qala.search import macs_per_sample
+    from qala.model import constant_ratio_length_config, macs_per_sample
 
     target = macs_per_sample(reference, None, seq_length) / DYNAMIC_TINYBERT_SPEEDUP
     best = None
@@ -321,7 +320,7 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
     """Every row spec to measure, in order, and what the plan was built from (frontier choice, skipped peers)."""
     from transformers import AutoConfig, BertConfig
 
-    from qala.search import macs_per_sample
+    from qala.model import macs_per_sample
     from qala.utils import resolve_model_path
 
     seq = recipe.data.max_seq_length

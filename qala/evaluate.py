@@ -23,13 +23,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
-from qala.model import LengthAdaptiveForQuestionAnswering, check_length_config, constant_ratio_length_config
+from qala.model import batch_inputs, check_length_config, constant_ratio_length_config
+from qala.quantize.load import load_model
 from qala.utils import atomic_write_json, resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
 
 @torch.no_grad()
 def predict_logits(
@@ -49,11 +47,10 @@ def predict_logits(
     if isinstance(model, torch.nn.Module):
         model.eval()
         device = next(model.parameters(), torch.empty(0)).device
-    columns = [c for c in MODEL_INPUTS if c in features.column_names]
     starts, ends = [], []
     for i in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress, leave=False):
         batch = features[i : i + batch_size]
-        inputs = {c: torch.tensor(batch[c], device=device) for c in columns}
+        inputs = batch_inputs(batch, device=device)
         kwargs = {"length_config": length_config} if length_config is not None else {}
         out = model(**inputs, **kwargs)
         starts.append(out.start_logits.float().cpu().numpy())
@@ -106,14 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model_path(args.model_dir)
     try:
-        if (Path(model_dir) / "quantization.json").is_file():
-            # An INT8 artifact: its model.safetensors holds the fp32 weights it was quantized from, so
-            # loading it as an fp32 model would silently score the wrong model.
-            from qala.quantize import load_quantized
-
-            model = load_quantized(model_dir)
-        else:
-            model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir)
+        model = load_model(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         examples = load_squad(args.data, split=args.split)
     except (OSError, ValueError) as e:  # SquadFormatError is a ValueError

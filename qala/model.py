@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,6 +37,33 @@ logger = logging.getLogger(__name__)
 
 QALA_CONFIG_NAME = "qala_config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+# The forward's token inputs, in the order the exported graphs take them.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def batch_inputs(
+    columns: Mapping[str, Any], *, device: torch.device | str | None = None, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """The model's keyword tensors from featurized windows (column name -> one list per window).
+
+    Windows of different lengths (unpadded featurization) are right-padded to the longest window of
+    this batch and no further, with attention_mask 0 on the padding, so a batch never carries more
+    positions than its longest real window. Columns other than MODEL_INPUTS are ignored.
+    """
+    tensors = {}
+    for name in MODEL_INPUTS:
+        if name not in columns:
+            continue
+        rows = columns[name]
+        if isinstance(rows, torch.Tensor):
+            tensors[name] = rows.to(device=device, dtype=torch.long)
+            continue
+        longest = max((len(row) for row in rows), default=0)
+        fill = pad_id if name == "input_ids" else 0
+        tensors[name] = torch.tensor([list(row) + [fill] * (longest - len(row)) for row in rows], device=device)
+    return tensors
 
 
 @dataclass
@@ -112,6 +140,39 @@ def sample_length_config(
 def smallest_length_config(seq_length: int, num_layers: int, ratio_bound: float, min_length: int = 2) -> list[int]:
     """The sandwich rule's smallest sub-model: every layer at the bound."""
     return [max(min_length, n) for n in constant_ratio_length_config(1 - ratio_bound, num_layers, seq_length)]
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def macs_per_sample(config: Any, length_config: Sequence[int] | None, seq_length: int) -> int:
+    """Multiply-accumulates of one padded window of `seq_length` tokens through the length-adaptive model.
+
+    `config` is the backbone's transformers config (hidden_size H, intermediate_size I,
+    num_attention_heads h, num_hidden_layers L). Per layer, with n_in tokens entering and n_out kept
+    (n_out = min(length_config[i], n_in); None keeps everything):
+      Q, K, V and output projections   4 * n_in * H * H
+      attention scores and weighted sum 2 * n_in * n_in * H     (all heads together)
+      token selection, when n_out < n_in: h * n_in * n_in       (the significance sum over heads and
+                                                                  queries, counted as one MAC per add;
+                                                                  the top-k itself is a comparison)
+      feed-forward on kept tokens only  2 * n_out * H * I
+    plus the span head on every restored position, seq_length * H * 2. Embeddings are lookups and
+    biases, LayerNorm, softmax, GELU and Drop-and-Restore's scatter are not multiply-accumulates: 0.
+    """
+    hidden, inner, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    num_layers = config.num_hidden_layers
+    lengths = list(length_config) if length_config is not None else [seq_length] * num_layers
+    if len(lengths) != num_layers:
+        raise ValueError(f"length_config has {len(lengths)} entries, the model has {num_layers} layers")
+    total, n_in = 0, seq_length
+    for keep in lengths:
+        n_out = min(int(keep), n_in)
+        total += 4 * n_in * hidden * hidden + 2 * n_in * n_in * hidden + 2 * n_out * hidden * inner
+        if n_out < n_in:
+            total += heads * n_in * n_in
+        n_in = n_out
+    return total + seq_length * hidden * 2
 
 
 def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from qala.data import SquadFormatError, load_split, question_subset, windows
-from qala.evaluate import MODEL_INPUTS, evaluate_features
-from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
+from qala.evaluate import evaluate_features
+from qala.model import batch_inputs, constant_ratio_length_config, macs_per_sample
+from qala.quantize.load import load_model, model_kind
 from qala.recipe import Recipe, SearchConfig, load_recipe
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
 
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 Gene = tuple[int, ...]
 
-QUANTIZATION_MARKER = "quantization.json"  # present in an INT8 artifact directory (qala.quantize)
 FRONTIER_NAME = "frontier.json"
 GENES_NAME = "genes.json"
 PLOT_NAME = "frontier.png"
@@ -140,36 +140,6 @@ def keep_ratios(min_keep_ratio: float, points: int) -> list[float]:
 
 
 # --------------------------------------------------------------------------- cost
-
-
-def macs_per_sample(config: Any, length_config: Sequence[int] | None, seq_length: int) -> int:
-    """Multiply-accumulates of one padded window of `seq_length` tokens through the length-adaptive model.
-
-    `config` is the backbone's transformers config (hidden_size H, intermediate_size I,
-    num_attention_heads h, num_hidden_layers L). Per layer, with n_in tokens entering and n_out kept
-    (n_out = min(length_config[i], n_in); None keeps everything):
-      Q, K, V and output projections   4 * n_in * H * H
-      attention scores and weighted sum 2 * n_in * n_in * H     (all heads together)
-      token selection, when n_out < n_in: h * n_in * n_in       (the significance sum over heads and
-                                                                  queries, counted as one MAC per add;
-                                                                  the top-k itself is a comparison)
-      feed-forward on kept tokens only  2 * n_out * H * I
-    plus the span head on every restored position, seq_length * H * 2. Embeddings are lookups and
-    biases, LayerNorm, softmax, GELU and Drop-and-Restore's scatter are not multiply-accumulates: 0.
-    """
-    hidden, inner, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    num_layers = config.num_hidden_layers
-    lengths = list(length_config) if length_config is not None else [seq_length] * num_layers
-    if len(lengths) != num_layers:
-        raise ValueError(f"length_config has {len(lengths)} entries, the model has {num_layers} layers")
-    total, n_in = 0, seq_length
-    for keep in lengths:
-        n_out = min(int(keep), n_in)
-        total += 4 * n_in * hidden * hidden + 2 * n_in * n_in * hidden + 2 * n_out * hidden * inner
-        if n_out < n_in:
-            total += heads * n_in * n_in
-        n_in = n_out
-    return total + seq_length * hidden * 2
 
 
 def latency_cost(
@@ -516,24 +486,14 @@ def load_backend(model_dir: str | Path, backend: str) -> tuple[Any, Callable]:
     INT8 is scored eagerly and timed through qala.quantize.CompiledQA (the deployed path); fp32 is
     scored and timed eagerly.
     """
-    model_dir = Path(model_dir)
-    is_int8 = (model_dir / QUANTIZATION_MARKER).is_file()
-    if backend == "int8" and not is_int8:
-        raise FileNotFoundError(
-            f"{model_dir} has no {QUANTIZATION_MARKER}: it is not an INT8 artifact; point search.model at "
-            "qala.tune's OUTPUT_DIR/model, or set search.backend=fp32"
-        )
-    if backend == "fp32" and is_int8:
-        raise FileNotFoundError(
-            f"{model_dir} is an INT8 artifact: set search.backend=int8, or point search.model at an fp32 model"
-        )
-    if backend == "int8":
-        from qala.quantize import CompiledQA, load_quantized
-
-        model = load_quantized(model_dir)
-        return model, CompiledQA(model)
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
-    return model, model
+    kind = model_kind(model_dir)
+    if kind != backend:
+        hint = "point search.model at qala.tune's OUTPUT_DIR/model, or set search.backend=fp32"
+        if kind == "int8":
+            hint = "set search.backend=int8, or point search.model at an fp32 model"
+        raise FileNotFoundError(f"{model_dir} is an {kind} model directory, not {backend}: {hint}")
+    compiled = load_model(model_dir, compiled=backend == "int8")
+    return getattr(compiled, "model", compiled), compiled
 
 
 def backbone_config(model: Any, model_dir: str | Path) -> Any:
@@ -592,7 +552,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
 
     else:
         rows = features[: search.latency_batch_size]
-        inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
+        inputs = batch_inputs(rows)
         repeat = math.ceil(search.latency_batch_size / inputs["input_ids"].size(0))
         inputs = {k: v.repeat(repeat, 1)[: search.latency_batch_size] for k, v in inputs.items()}
         cost_fn = latency_cost(timed, inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)

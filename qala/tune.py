@@ -31,8 +31,13 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from qala.data import SquadFormatError, load_split, question_subset, windows
-from qala.evaluate import MODEL_INPUTS, evaluate_features
-from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, sample_length_config
+from qala.evaluate import evaluate_features
+from qala.model import (
+    LengthAdaptiveForQuestionAnswering,
+    batch_inputs,
+    constant_ratio_length_config,
+    sample_length_config,
+)
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
 from qala.recipe import QuantizationConfig, Recipe, RecipeError, load_recipe, make_training_arguments
@@ -54,14 +59,13 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
     order = list(range(len(examples)))
     random.Random(recipe.run.seed).shuffle(order)
     features = windows(examples.select(order[: q.calibration.samples]), tokenizer, d, train=False)
-    columns = [c for c in MODEL_INPUTS if c in features.column_names]
     features = features.select(range(min(q.calibration.samples, len(features))))
     rng = random.Random(recipe.run.seed)
     bound = recipe.train.lengthdrop.length_drop_ratio_bound
     batches = []
     for i in range(0, len(features), q.calibration.batch_size):
         rows = features[i : i + q.calibration.batch_size]
-        batch: dict[str, Any] = {c: torch.tensor(rows[c]) for c in columns}
+        batch: dict[str, Any] = batch_inputs(rows)
         mixed = q.calibration.length_configs == "mixed" and len(batches) % 3 != 0
         batch["length_config"] = sample_length_config(d.max_seq_length, num_layers, bound, rng) if mixed else None
         batches.append(batch)
@@ -111,7 +115,9 @@ class Tuner:
         self.q = q
         self.out = Path(q.output_dir)
         model_dir = resolve_model_path(q.model)
-        self.fp32_cache = Path(model_dir) / ".." / "fp32_eval_cache.json"
+        # Beside the output (not the model: a shared reference model's folder is read-only); keyed by
+        # model path, so approaches tuned into sibling folders share it.
+        self.fp32_cache = self.out.parent / "fp32_eval_cache.json"
         self.fp32 = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         d = recipe.data
@@ -149,7 +155,7 @@ class Tuner:
 
     def latency(self, model, length_config, batch_size: int) -> dict[str, Any]:
         rows = self.features[:batch_size]
-        inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
+        inputs = batch_inputs(rows)
         with torch.no_grad():
             return median_latency_ms(
                 lambda: model(**inputs, length_config=length_config), warmup=2, repeats=self.q.latency_repeats

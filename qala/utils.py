@@ -10,9 +10,12 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 PACKAGE_SCHEME = "package://"
 
@@ -128,21 +131,44 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def median_latency_ms(fn, *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
-    """Median (and spread) wall time of `fn()` in milliseconds, after warm-up calls."""
-    import statistics
-    import time
+def time_calls(
+    fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, min_repeats: int = 3, max_seconds: float | None = None
+) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn()` after `warmup` untimed ones: the one timer of qala.
 
+    Every latency in qala (search costs, serving calibration, tuning reports, benchmarks) comes from
+    here, so all of them follow one warm-up rule. `max_seconds` stops early, but never before
+    `min_repeats` timed calls, when calls are slow (a benchmark row at batch 32).
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    seconds: list[float] = []
+    started = time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1000)
+        seconds.append(time.perf_counter() - start)
+        if max_seconds is not None and len(seconds) >= min_repeats and time.perf_counter() - started > max_seconds:
+            break
+    return seconds
+
+
+def latency_stats(seconds: Sequence[float], batch_size: int = 1) -> dict[str, float]:
+    """Milliseconds per call (median, p50/p90/p99 by numpy, min, max) and items per second of timed calls."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {
-        "median_ms": round(statistics.median(times), 3),
-        "min_ms": round(min(times), 3),
-        "max_ms": round(max(times), 3),
-        "repeats": repeats,
+        "median_ms": round(float(p50), 3),
+        "p50_ms": round(float(p50), 3),
+        "p90_ms": round(float(p90), 3),
+        "p99_ms": round(float(p99), 3),
+        "min_ms": round(float(ms.min()), 3),
+        "max_ms": round(float(ms.max()), 3),
+        "repeats": int(ms.size),
+        "per_second": round(batch_size * 1000.0 / float(p50), 3),
     }
+
+
+def median_latency_ms(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+    """`latency_stats(time_calls(fn))`: median (and spread) wall time of `fn()` in milliseconds."""
+    return latency_stats(time_calls(fn, warmup=warmup, repeats=repeats))

@@ -16,9 +16,8 @@ import torch
 from transformers import BertConfig
 
 import qala.bench as qb
-from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.model import LengthAdaptiveForQuestionAnswering, macs_per_sample
 from qala.recipe import RecipeError, load_recipe
-from qala.search import macs_per_sample
 from tests.conftest import REPO
 
 TINY = "{hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, vocab_size: 800"

@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig
 
 import qala.search as qs
-from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
+from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, macs_per_sample
 from qala.recipe import RecipeError
 from qala.search import (
     SearchConfig,
@@ -20,7 +20,6 @@ from qala.search import (
     evolve,
     is_valid_gene,
     load_search_recipe,
-    macs_per_sample,
     mutate,
     pareto_front,
     random_gene,
