@@ -73,8 +73,15 @@ class LengthAdaptiveConfig:
     Saved as qala_config.json beside the weights; the backbone's config.json stays transformers'.
     """
 
-    # Tokens kept after each layer, one entry per layer, non-increasing. None = full length.
-    # Values count positions of the padded input (max_seq_length), as in the reference code.
+    # Two ways to say how many tokens each layer keeps (at most one may be set; neither = full length):
+    # keep_ratios: per layer, the share of each window's REAL token count that survives that layer
+    #   (cumulative: ratio i is of the real length, not of layer i-1's survivors), non-increasing,
+    #   in (0, 1]. A window of n tokens keeps ceil(r_i * n) after layer i. qala's native units: the
+    #   same configuration means the same thing for a 60-token and a 384-token window, and padding
+    #   never takes a slot.
+    keep_ratios: list[float] | None = None
+    # length_config: absolute kept positions of the window padded to max_seq_length, as in the LAT
+    #   reference code and ITREX (the paper-compatible mode, used by the padded benchmark table).
     length_config: list[int] | None = None
     # Probability of skipping a whole layer in training (LayerDrop, Fan et al. 2019).
     layer_dropout_prob: float = 0.0
@@ -82,6 +89,11 @@ class LengthAdaptiveConfig:
     max_seq_length: int = 384
 
     def __post_init__(self) -> None:
+        if self.keep_ratios is not None and self.length_config is not None:
+            raise ValueError("set keep_ratios or length_config, not both")
+        if self.keep_ratios is not None:
+            self.keep_ratios = [float(r) for r in self.keep_ratios]
+            check_keep_ratios(self.keep_ratios)
         if self.length_config is not None:
             self.length_config = [int(n) for n in self.length_config]
             check_length_config(self.length_config, max_seq_length=self.max_seq_length)
@@ -113,6 +125,58 @@ def check_length_config(
         raise ValueError(f"length_config must be non-increasing from layer to layer: {list(length_config)}")
     if max_seq_length is not None and length_config and length_config[0] > max_seq_length:
         raise ValueError(f"length_config {list(length_config)} keeps more than max_seq_length={max_seq_length}")
+
+
+def check_keep_ratios(keep_ratios: Sequence[float], *, num_layers: int | None = None) -> None:
+    """Raise ValueError unless `keep_ratios` is a usable per-layer list of kept shares of the real length."""
+    ratios = list(keep_ratios)
+    if num_layers is not None and len(ratios) != num_layers:
+        raise ValueError(f"keep_ratios has {len(ratios)} entries, the model has {num_layers} layers: {ratios}")
+    bad = [r for r in ratios if not (isinstance(r, int | float) and 0.0 < r <= 1.0)]
+    if bad:
+        raise ValueError(f"keep_ratios entries must be in (0, 1], got {bad[0]!r} in {ratios}")
+    if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
+        raise ValueError(f"keep_ratios must be non-increasing from layer to layer: {ratios}")
+
+
+def parse_keep_ratios(text: str, *, num_layers: int | None = None) -> list[float]:
+    """'0.9,0.8,0.7,0.6,0.5,0.4' -> per-layer ratios; 'keep=0.8' (or a single number) -> that
+    constant per-layer keep, compounded (0.8, 0.64, ...), as LAT's length_drop_ratio."""
+    text = text.strip()
+    try:
+        if text.startswith("keep=") or ("," not in text and num_layers is not None):
+            single = float(text.removeprefix("keep="))
+            if num_layers is None:
+                raise ValueError("a constant keep ratio needs the number of layers")
+            if not 0.0 < single <= 1.0:
+                raise ValueError(f"keep ratio must be in (0, 1], got {single}")
+            ratios = constant_keep_ratios(single, num_layers)
+        else:
+            ratios = [float(r) for r in text.split(",")]
+    except ValueError as e:
+        raise ValueError(f"keep ratios {text!r}: {e}") from None
+    check_keep_ratios(ratios, num_layers=num_layers)
+    return ratios
+
+
+def constant_keep_ratios(keep_ratio: float, num_layers: int) -> list[float]:
+    """Each layer keeps `keep_ratio` of what the previous one kept, as shares of the real length."""
+    return [round(keep_ratio ** (i + 1), 6) for i in range(num_layers)]
+
+
+def kept_per_layer(keep_ratios: Sequence[float], num_tokens: int) -> list[int]:
+    """Tokens a window of `num_tokens` real tokens keeps after each layer: ceil(r * n), at least 1."""
+    # The epsilon absorbs float noise (0.7 * 10 = 7.000000000000001 must keep 7, not 8).
+    return [min(num_tokens, max(1, math.ceil(r * num_tokens - 1e-6))) for r in keep_ratios]
+
+
+def sample_keep_ratios(num_layers: int, ratio_bound: float, rng: random.Random) -> list[float]:
+    """LengthDrop in ratio units: each layer keeps a uniform share in [1 - bound, 1] of the previous one's."""
+    ratios, ratio = [], 1.0
+    for _ in range(num_layers):
+        ratio *= rng.uniform(1 - ratio_bound, 1.0)
+        ratios.append(ratio)
+    return ratios
 
 
 def constant_ratio_length_config(keep_ratio: float, num_layers: int, seq_length: int) -> list[int]:
@@ -182,6 +246,15 @@ def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.gather(1, indices)
 
 
+def _restore(
+    restored: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor, carried: torch.Tensor
+) -> torch.Tensor:
+    """Write the carried tokens' hidden states back at their input positions; other slots leave theirs."""
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+    current = torch.where(carried.unsqueeze(-1), hidden, restored.gather(1, index))
+    return restored.scatter(1, index, current)
+
+
 def attention_significance(attention_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """How much attention each token receives, summed over heads and (real) queries: [batch, seq].
 
@@ -238,25 +311,38 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
+        keep_ratios: Sequence[float] | torch.Tensor | None = None,
     ) -> QuestionAnsweringModelOutput:
         """Span logits for every input position.
 
-        `length_config` overrides `self.qala_config.length_config` for this call (None: use the config's).
-        A length at or above the current number of tokens keeps them all.
+        How many tokens each layer keeps, for this call (neither given: the config's, else full length):
+        `keep_ratios`: per-layer shares of each row's real token count (attention_mask sum); a list
+        for the whole batch or a [batch, layers] tensor, one configuration per row (LengthDrop).
+        `length_config`: absolute kept positions of the padded window (the paper-compatible mode).
+        In a batch padded to its longest row, each row keeps its own count and the surplus slots of
+        shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
         """
-        lengths = length_config if length_config is not None else self.qala_config.length_config
-        if lengths is not None and len(lengths) != self.num_layers:
-            raise ValueError(f"length_config has {len(lengths)} entries, the model has {self.num_layers} layers")
+        if length_config is not None and keep_ratios is not None:
+            raise ValueError("pass length_config or keep_ratios, not both")
+        if length_config is None and keep_ratios is None:
+            length_config, keep_ratios = self.qala_config.length_config, self.qala_config.keep_ratios
+        if length_config is not None and len(length_config) != self.num_layers:
+            raise ValueError(f"length_config has {len(length_config)} entries, the model has {self.num_layers} layers")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
 
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         batch_size, seq_length, hidden_size = hidden.shape
+        ratios = self._ratio_table(keep_ratios, batch_size, hidden.device)
+        real_lengths = mask.sum(dim=1)
         # positions[b, j]: where the j-th surviving token of row b sits in the input.
         positions = torch.arange(seq_length, device=hidden.device).expand(batch_size, -1)
         # Drop-and-Restore buffer: each token's hidden state as of the last layer that kept it.
         restored = None
+        # carried[b, j]: slot j still holds a token being computed (padding included); False only for
+        # the surplus slots a shorter row masks in a batch, whose tokens were already restored.
+        carried = torch.ones_like(mask)
 
         for i, layer in enumerate(self.backbone.encoder.layer):
             if (
@@ -269,21 +355,35 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
 
-            keep = None if lengths is None else int(lengths[i])
-            if keep is not None and keep < hidden.size(1):
-                significance = attention_significance(attention_probs, mask)
-                # Sorted so survivors keep their input order and [CLS] stays first.
-                kept = significance.topk(keep, dim=1).indices.sort(dim=1).values
+            # kept[b]: how many tokens row b keeps after this layer (None: all of them).
+            kept = None
+            if length_config is not None and int(length_config[i]) < hidden.size(1):
+                kept = torch.full_like(real_lengths, int(length_config[i]))
+            elif ratios is not None:
+                wanted = torch.ceil(ratios[:, i] * real_lengths - 1e-6).long().clamp(min=1)
+                valid = mask.sum(dim=1)
+                if bool((wanted < valid).any()):
+                    kept = torch.minimum(wanted, valid)
+            if kept is not None:
+                # Record every live token's state before some of them stop being updated.
                 restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
-                restored = restored.scatter(1, positions.unsqueeze(-1).expand(-1, -1, hidden_size), hidden)
-                attention_output = _gather_tokens(attention_output, kept)
-                mask = _gather_tokens(mask, kept)
-                positions = _gather_tokens(positions, kept)
+                restored = _restore(restored, positions, hidden, carried)
+                significance = attention_significance(attention_probs, mask)
+                top = significance.topk(int(kept.max()), dim=1).indices
+                # Rank r of a row survives if r < kept[b]: shorter rows mask their surplus slots.
+                survives = torch.arange(top.size(1), device=top.device)[None, :] < kept[:, None]
+                # Sorted so survivors keep their input order and [CLS] stays first.
+                top, order = top.sort(dim=1)
+                survives = survives.gather(1, order)
+                attention_output = _gather_tokens(attention_output, top)
+                mask = _gather_tokens(mask, top) & survives
+                carried = _gather_tokens(carried, top) & survives
+                positions = _gather_tokens(positions, top)
 
             hidden = layer.feed_forward_chunk(attention_output)
 
         if restored is not None:
-            hidden = restored.scatter(1, positions.unsqueeze(-1).expand(-1, -1, hidden_size), hidden)
+            hidden = _restore(restored, positions, hidden, carried)
 
         logits = self.qa_outputs(hidden)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
@@ -292,6 +392,22 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         if start_positions is not None and end_positions is not None:
             loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
+
+    def _ratio_table(
+        self, keep_ratios: Sequence[float] | torch.Tensor | None, batch_size: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """keep_ratios as a [batch, layers] float tensor (one row per window), checked."""
+        if keep_ratios is None:
+            return None
+        if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
+            if keep_ratios.shape != (batch_size, self.num_layers):
+                expected = f"[{batch_size}, {self.num_layers}]"
+                raise ValueError(f"keep_ratios tensor must be {expected}, got {list(keep_ratios.shape)}")
+            return keep_ratios.to(device=device, dtype=torch.float64)
+        ratios = [float(r) for r in keep_ratios]
+        check_keep_ratios(ratios, num_layers=self.num_layers)
+        # float64: ceil(r * n) must not flip on float32 rounding (0.7 * 10).
+        return torch.tensor(ratios, device=device, dtype=torch.float64).expand(batch_size, -1)
 
     # ---------------------------------------------------------------- save / load
 

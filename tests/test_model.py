@@ -8,8 +8,13 @@ from qala.model import (
     LengthAdaptiveConfig,
     LengthAdaptiveForQuestionAnswering,
     attention_significance,
+    check_keep_ratios,
     check_length_config,
+    constant_keep_ratios,
     constant_ratio_length_config,
+    kept_per_layer,
+    parse_keep_ratios,
+    sample_keep_ratios,
     sample_length_config,
     smallest_length_config,
 )
@@ -218,3 +223,99 @@ def test_bad_length_config_is_rejected():
         model(input_ids, mask, tt, length_config=[5])
     with pytest.raises(ValueError, match="non-increasing"):
         LengthAdaptiveConfig(length_config=[3, 9])
+
+
+# ------------------------------------------------------------------ keep ratios (units of the input)
+
+
+def _ragged_rows(lengths, vocab=99, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, vocab, (n,), generator=g) for n in lengths]
+
+
+def _padded(rows):
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("ratios", [None, [1.0, 1.0], [0.7, 0.4], [0.5, 0.05]])
+def test_a_window_gives_the_same_logits_padded_or_alone(ratios):
+    # Each row of a mixed-length batch must score exactly as it does alone and unpadded: padding never
+    # takes a slot and each row keeps its own count.
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    rows = _ragged_rows([23, 9, 16, 4])
+    ids, mask = _padded(rows)
+    with torch.no_grad():
+        batch = model(ids, mask, keep_ratios=ratios)
+        for b, row in enumerate(rows):
+            alone = model(row[None], torch.ones(1, len(row), dtype=torch.long), keep_ratios=ratios)
+            n = len(row)
+            torch.testing.assert_close(batch.start_logits[b, :n], alone.start_logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batch.end_logits[b, :n], alone.end_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_keep_ratios_keep_ceil_r_n_real_tokens_per_row():
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    seen = []
+    layer = model.backbone.encoder.layer[1]
+    original = layer.feed_forward_chunk
+    layer.feed_forward_chunk = lambda x: seen.append(x.shape[1]) or original(x)
+    rows = _ragged_rows([23, 9, 16, 4])
+    ratios = [0.7, 0.4]
+    with torch.no_grad():
+        for row in rows:
+            model(row[None], keep_ratios=ratios)
+    # layer 1 keeps ceil(0.4 * n) of each row's real tokens (never fewer than 1: [CLS])
+    assert seen == [kept_per_layer(ratios, len(r))[1] for r in rows] == [10, 4, 7, 2]
+    # In a padded batch the widest row sets the slots; the others mask their surplus.
+    seen.clear()
+    ids, mask = _padded(rows)
+    with torch.no_grad():
+        model(ids, mask, keep_ratios=ratios)
+    assert seen == [10]
+
+
+def test_per_row_keep_ratio_table_matches_one_row_at_a_time():
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    rows = _ragged_rows([20, 13, 7])
+    table = torch.tensor([[0.9, 0.5], [0.6, 0.6], [1.0, 0.3]])
+    ids, mask = _padded(rows)
+    with torch.no_grad():
+        batch = model(ids, mask, keep_ratios=table)
+        for b, row in enumerate(rows):
+            alone = model(row[None], keep_ratios=table[b].tolist())
+            torch.testing.assert_close(batch.start_logits[b, : len(row)], alone.start_logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ratios, message",
+    [([0.9, 1.2], "must be in \\(0, 1\\], got 1.2"), ([0.0, 0.0], "got 0.0"), ([0.5, 0.8], "non-increasing"),
+     ([0.9], "1 entries, the model has 2 layers")],
+)
+def test_bad_keep_ratios_name_the_value(ratios, message):
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.ones(1, 5, dtype=torch.long), keep_ratios=ratios)
+
+
+def test_keep_ratio_helpers():
+    assert constant_keep_ratios(0.8, 3) == [0.8, 0.64, 0.512]
+    assert parse_keep_ratios("0.9,0.8", num_layers=2) == [0.9, 0.8]
+    assert parse_keep_ratios("keep=0.5", num_layers=2) == [0.5, 0.25]
+    assert kept_per_layer([0.7, 0.1], 10) == [7, 1]  # 0.7 * 10 keeps 7, not 8 (float noise)
+    assert kept_per_layer([1.0, 0.01], 3) == [3, 1]
+    rng = random.Random(0)
+    for _ in range(50):
+        r = sample_keep_ratios(6, 0.2, rng)
+        check_keep_ratios(r, num_layers=6)
+        assert r[0] >= 0.8 and all(b >= 0.8 * a - 1e-12 for a, b in zip(r, r[1:], strict=False))
+    with pytest.raises(ValueError, match="keep_ratios"):
+        LengthAdaptiveConfig(keep_ratios=[0.9, 0.8], length_config=[5, 4])
