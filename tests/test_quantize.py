@@ -31,8 +31,17 @@ from qala.quantize import (
     save_quantized,
 )
 from qala.quantize.units import graph_ops
+from tests.conftest import REPO
 from tests.test_model import make_batch, tiny_bert_config
 
+LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 QDQ_OPS = {"quantized_decomposed.quantize_per_tensor.default", "quantized_decomposed.dequantize_per_channel.default"}
 SHORT = [12, 5]  # a length configuration for the 24-token test batches
 CALIBRATION_CONFIGS = [None, [20, 10], SHORT, [16, 16]]
@@ -317,13 +326,27 @@ RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def test_artifacts_reload_identically_in_a_fresh_process(tmp_path, static_pair, dynamic_pair, qat_run):
-    models = {"static": static_pair[1], "dynamic": dynamic_pair[1], "qat": qat_run[0]}
+@pytest.fixture(scope="module")
+def static_int8_embeddings():
+    """Static INT8 with the word-embedding table int8 too: the whole model as it ships."""
+    return quantize_(tiny_model(), StaticQuantConfig(), calibration_batches(), int8_embeddings=True)
+
+
+def test_artifacts_reload_identically_in_a_fresh_process(
+    tmp_path, static_pair, dynamic_pair, qat_run, static_int8_embeddings
+):
+    models = {
+        "static": static_pair[1],
+        "dynamic": dynamic_pair[1],
+        "qat": qat_run[0],
+        "static_emb": static_int8_embeddings,
+    }
     configs = {"static": StaticQuantConfig().to_dict(), "dynamic": DYNAMIC_CONFIG.to_dict(), "qat": QAT_CONFIG}
-    for approach, model in models.items():
+    for name, model in models.items():
+        approach = name.partition("_")[0]
         size = save_quantized(
             model,
-            tmp_path / approach,
+            tmp_path / name,
             approach=approach,
             quant_config=configs[approach],
             served_length_configs=[SHORT, [24, 24]],
@@ -334,9 +357,30 @@ def test_artifacts_reload_identically_in_a_fresh_process(tmp_path, static_pair, 
     assert record["approach"] == "static" and record["served_length_configs"] == [SHORT, [24, 24]]
     assert record["reduce_range"] == static_pair[1].qa_outputs.reduce_range
     assert record["units"]["fp32"] == [] and len(record["units"]["quantized"]) == 7
-    assert {"config.json", "qala_config.json", "model.safetensors", "observers.safetensors"} <= {
-        p.name for p in (tmp_path / "static").iterdir()
-    }
+    files = {p.name for p in (tmp_path / "static").iterdir()}
+    assert {"config.json", "qala_config.json", "int8_weights.safetensors", "observers.safetensors"} <= files
+    assert "model.safetensors" not in files  # transformers must not mistake it for an fp32 checkpoint
+    manifest = json.loads((tmp_path / "static" / "manifest.json").read_text())["sha256"]
+    assert set(manifest) == files - {"manifest.json"}
+
+    # A true INT8 artifact: every Linear weight of a quantized unit is stored int8 with its scales and
+    # no fp32 copy; with int8_embeddings the word-embedding table too.
+    for name in models:
+        stored = load_file(str(tmp_path / name / "int8_weights.safetensors"))
+        record = json.loads((tmp_path / name / "quantization.json").read_text())
+        linear = [f"bert.encoder.layer.{i}.{m}.weight" for i in range(2) for m in LINEARS] + ["qa_outputs.weight"]
+        assert sorted(record["int8_weights"]) == sorted(linear), name
+        for key in linear:
+            assert stored[key].dtype == torch.int8, (name, key)
+            assert stored[f"{key}.scale"].dtype == torch.float32, (name, key)
+        # The only floating-point tensors left: biases, LayerNorms, scales and the small embedding tables.
+        allowed = (".bias", "LayerNorm.weight", ".scale", "position_embeddings.weight", "token_type_embeddings.weight")
+        allowed += ("word_embeddings.weight",) if name != "static_emb" else ()
+        floats = [k for k, t in stored.items() if t.is_floating_point()]
+        assert all(k.endswith(allowed) for k in floats), (name, [k for k in floats if not k.endswith(allowed)])
+    emb = load_file(str(tmp_path / "static_emb" / "int8_weights.safetensors"))
+    assert emb["bert.embeddings.word_embeddings.qweight"].dtype == torch.int8
+    assert "bert.embeddings.word_embeddings.weight" not in emb
 
     batch = {k: v for k, v in batch_dict(seed=11).items() if k != "length_config"}
     save_file(batch, str(tmp_path / "batch.safetensors"))
@@ -346,9 +390,9 @@ def test_artifacts_reload_identically_in_a_fresh_process(tmp_path, static_pair, 
         timeout=300,
     )
     reloaded = load_file(str(tmp_path / "logits.safetensors"))
-    for approach, model in models.items():
+    for name, model in models.items():
         for tag, lengths in (("full", None), ("short", SHORT)):
-            assert max_error(reloaded[f"{approach}/{tag}"], logits(model, batch, lengths)) <= 1e-6, (approach, tag)
+            assert torch.equal(reloaded[f"{name}/{tag}"], logits(model, batch, lengths)), (name, tag)
 
 
 def test_save_checks_what_the_model_was_quantized_with(tmp_path, static_pair):
@@ -371,6 +415,16 @@ def _rewrite_record(path, **changes) -> None:
     file.write_text(json.dumps(record))
 
 
+def _refresh_manifest(path) -> None:
+    """Make the manifest agree with the files again, to reach the checks behind it."""
+    from qala.quantize.artifact import _sha256
+
+    file = path / "manifest.json"
+    manifest = json.loads(file.read_text())
+    manifest["sha256"] = {name: _sha256(path / name) for name in manifest["sha256"]}
+    file.write_text(json.dumps(manifest))
+
+
 def test_bad_artifacts_name_the_file_at_fault(tmp_path, static_pair):
     good = tmp_path / "good"
     save_quantized(static_pair[1], good, approach="static", quant_config=StaticQuantConfig().to_dict())
@@ -390,30 +444,106 @@ def test_bad_artifacts_name_the_file_at_fault(tmp_path, static_pair):
     with pytest.raises(ArtifactError, match="quantization.json: missing"):
         load_quantized(no_record)
 
+    # The manifest covers the configs, not only the weights: an edited quantization.json is named.
+    edited = variant("edited")
+    _rewrite_record(edited, reduce_range=True)
+    with pytest.raises(ArtifactError, match="quantization.json: SHA-256 differs from manifest.json"):
+        load_quantized(edited)
+    config = variant("edited-config")
+    (config / "config.json").write_text((config / "config.json").read_text().replace('"hidden_act"', '"hidden_act" '))
+    with pytest.raises(ArtifactError, match="config.json: SHA-256 differs"):
+        load_quantized(config)
+
+    truncated = variant("truncated")
+    data = (truncated / "int8_weights.safetensors").read_bytes()
+    (truncated / "int8_weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="int8_weights.safetensors: SHA-256 differs"):
+        load_quantized(truncated)
+    _refresh_manifest(truncated)  # even with a matching checksum, a truncated file is named
+    with pytest.raises(ArtifactError, match="int8_weights.safetensors: cannot be read as safetensors"):
+        load_quantized(truncated)
+
+    no_manifest = variant("no-manifest")
+    (no_manifest / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json: missing"):
+        load_quantized(no_manifest)
+
     unknown = variant("unknown-approach")
     _rewrite_record(unknown, approach="awq")
+    _refresh_manifest(unknown)
     with pytest.raises(ArtifactError, match="quantization.json: unknown approach 'awq'"):
         load_quantized(unknown)
 
     # A consistent file set whose observers do not fit the recorded approach.
     other = variant("other-approach")
     _rewrite_record(other, approach="dynamic", quant_config=DynamicQuantConfig().to_dict())
+    _refresh_manifest(other)
     with pytest.raises(ArtifactError, match="observers.safetensors: observer state of unit encoder.layer.0.attention"):
         load_quantized(other)
 
-    tampered = variant("tampered")
-    weights = load_file(str(tampered / "model.safetensors"))
-    weights["bert.encoder.layer.1.intermediate.dense.weight"] = torch.zeros(5, 32)
-    save_file(weights, str(tampered / "model.safetensors"))
-    with pytest.raises(ArtifactError, match="model.safetensors: SHA-256 differs"):
-        load_quantized(tampered)
-    # Even with a matching checksum, a wrong shape is reported against its file.
-    from qala.quantize.artifact import _sha256
+    reshaped = variant("reshaped")
+    weights = load_file(str(reshaped / "int8_weights.safetensors"))
+    weights["bert.encoder.layer.1.intermediate.dense.bias"] = torch.zeros(5)
+    save_file(weights, str(reshaped / "int8_weights.safetensors"))
+    _refresh_manifest(reshaped)
+    with pytest.raises(ArtifactError, match="int8_weights.safetensors: does not fit"):
+        load_quantized(reshaped)
 
-    record = json.loads((tampered / "quantization.json").read_text())
-    _rewrite_record(tampered, sha256={**record["sha256"], "model.safetensors": _sha256(tampered / "model.safetensors")})
-    with pytest.raises(ArtifactError, match="model.safetensors: does not fit"):
-        load_quantized(tampered)
+    # The CLI that loads artifacts: one line naming the file, exit status 2.
+    data_file = str(REPO / "qala" / "samples" / "squad_sample_dev.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "qala.evaluate", str(edited), data_file, "--max-samples", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "quantization.json: SHA-256 differs" in errors[0], result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ sensitivity and int8 embeddings
+
+
+def test_sensitivity_gives_one_score_per_unit(static_pair):
+    from qala.quantize.sensitivity import unit_sensitivity
+
+    reference, quantized = static_pair
+    batch = batch_dict(seed=5)
+    expected = logits(reference, batch)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+
+    def error(model):  # stands in for F1 on a dev subset
+        return max_error(logits(model, batch), expected)
+
+    only = unit_sensitivity(reference, StaticQuantConfig(), calibration_batches(), error)
+    assert list(only) == list(quantizable_units(quantized))
+    assert all(isinstance(v, float) and v > 0 for v in only.values())  # one INT8 unit moves the logits
+    all_but = unit_sensitivity(reference, None, None, error, mode="all_but", quantized=quantized)
+    assert list(all_but) == list(only)
+    assert max(all_but.values()) <= error(quantized) * 1.5  # fp32 for one unit never costs much more
+    # The fp32 model and the quantized one come back unchanged.
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert all(isinstance(u, QuantizedUnit) for u in quantizable_units(quantized).values())
+    picked = unit_sensitivity(reference, None, None, error, units=["qa_outputs"], quantized=quantized)
+    assert list(picked) == ["qa_outputs"]
+    with pytest.raises(ValueError, match="not quantized"):
+        unit_sensitivity(reference, None, None, error, units=["nope"], quantized=quantized)
+
+
+def test_int8_embeddings_are_per_row_and_close_to_fp32():
+    from qala.quantize.embedding import Int8Embedding, quantize_embeddings_
+
+    model = tiny_model()
+    table = model.backbone.embeddings.word_embeddings.weight.detach().clone()
+    quantize_embeddings_(model)
+    int8 = model.backbone.embeddings.word_embeddings
+    assert isinstance(int8, Int8Embedding) and int8.qweight.dtype == torch.int8
+    ids = torch.arange(table.size(0))
+    # Symmetric per-row int8: error at most half a step of that row.
+    assert ((int8(ids) - table).abs() <= int8.scale[:, None] / 2 + 1e-7).all()
+    assert not any(p.is_floating_point() and p.shape == table.shape for p in model.parameters())
 
 
 # ------------------------------------------------------------------ CompiledQA

@@ -1,16 +1,26 @@
 """The INT8 artifact: a directory that rebuilds a quantized length-adaptive model exactly, with no pickle.
 
     config.json, qala_config.json   the backbone's and qala's configs (as LengthAdaptive...save_pretrained)
-    model.safetensors               the fp32 weights the units were quantized from (for QAT: the trained ones)
+    int8_weights.safetensors        every quantized weight as int8 plus its scale and zero point
+                                    ("<name>", "<name>.scale", "<name>.zero_point"); the word-embedding
+                                    table int8 per row when it was quantized; everything else (biases,
+                                    LayerNorms, position embeddings, fp32 units) as is. No fp32 copy of a
+                                    quantized weight is stored.
     observers.safetensors           every observer / fake-quant buffer of every prepared unit, "<unit>:<key>"
+                                    (activation ranges, and the weight ranges the scales came from)
     quantization.json               approach, config, units, example shape, served length configs,
-                                    versions and the SHA-256 of both weight files
-    (tokenizer files, if a tokenizer is given)
+                                    the layout of each int8 weight, versions
+    manifest.json                   SHA-256 of every other file (configs and quantization.json included),
+                                    written last
+    (tokenizer files and extra text files such as recipe.yaml, if given)
 
-Loading replays the quantization without data: rebuild the fp32 model, export each unit, prepare it
-with the recorded config, load its observer state, convert. Conversion is a pure function of the
-weights and the observer state, so the reloaded model computes exactly what the saved one did.
-A torch.export .pt2 archive was not used because it pickles parts of the program.
+Loading replays the quantization without data: rebuild the model with each quantized weight
+dequantized from its int8 values (w = (q - zero_point) * scale, the very op the graph applies),
+export each unit, prepare it with the recorded config, load its observer state, convert. The
+observers give back the same scales, and quantizing the dequantized weight with them gives back
+exactly the stored int8 values (checked at load), so the reloaded model computes exactly what the
+saved one did. A torch.export .pt2 archive was not used because it pickles parts of the program.
+Artifacts of format version 1 (fp32 weights + observers) still load.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from qala.model import (
     check_length_config,
 )
 from qala.quantize import pt2e, qat
+from qala.quantize.embedding import Int8Embedding, has_int8_embeddings, word_embeddings, word_embeddings_key
 from qala.quantize.units import (
     APPROACHES,
     QuantizedUnit,
@@ -58,10 +69,15 @@ from qala.utils import atomic_directory, atomic_write_json, atomic_write_text, d
 logger = logging.getLogger(__name__)
 
 FORMAT = "qala-int8-pt2e"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANTIZATION_NAME = "quantization.json"
 OBSERVERS_NAME = "observers.safetensors"
+INT8_WEIGHTS_NAME = "int8_weights.safetensors"
+MANIFEST_NAME = "manifest.json"
 _VERSIONED = ("torch", "torchao", "neural-compressor-pt", "transformers")
+_QDQ = torch.ops.quantized_decomposed
+_PER_CHANNEL, _PER_TENSOR = "per_channel", "per_tensor"
 
 
 class ArtifactError(ValueError):
@@ -94,6 +110,63 @@ def _unit_approach(units: Mapping[str, QuantizedUnit]) -> tuple[str, dict, bool]
     return approach, json.loads(config), reduce_range
 
 
+def _attr(graph: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    value: Any = graph
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def int8_weights(unit: QuantizedUnit) -> dict[str, dict[str, Any]]:
+    """Each weight a converted unit quantizes: {source key: int8 values, scale, zero point and layout}.
+
+    Read from the graph's own quantize op on the weight (per channel or per tensor), applied to the
+    weight: these are the int8 values Inductor folds into its kernels.
+    """
+    if unit.stage != "converted":
+        raise ValueError(f"unit {unit.unit_name} is not converted")
+    graph, source = unit.graph_module, set(unit.source_keys)
+    found: dict[str, dict[str, Any]] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not node.args:
+            continue
+        weight = node.args[0]
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target in source):
+            continue
+        w = _attr(graph, str(weight.target)).detach()
+        if node.target == _QDQ.quantize_per_channel.default:
+            _, scale, zero_point, axis, qmin, qmax, dtype = node.args
+            scale, zero_point = _attr(graph, scale.target).detach(), _attr(graph, zero_point.target).detach()
+            q = _QDQ.quantize_per_channel(w, scale, zero_point, axis, qmin, qmax, dtype)
+            layout = {"scheme": _PER_CHANNEL, "axis": int(axis)}
+        elif node.target == _QDQ.quantize_per_tensor.default:
+            _, scale, zero_point, qmin, qmax, dtype = node.args
+            q = _QDQ.quantize_per_tensor(w, float(scale), int(zero_point), qmin, qmax, dtype)
+            scale, zero_point = torch.tensor(float(scale)), torch.tensor(int(zero_point))
+            layout = {"scheme": _PER_TENSOR}
+        else:
+            continue
+        layout.update(quant_min=int(qmin), quant_max=int(qmax), dtype=str(dtype).removeprefix("torch."))
+        found[str(weight.target)] = {
+            "int8": q.contiguous(),
+            "scale": scale.contiguous(),
+            "zero_point": zero_point,
+            **layout,
+        }
+    return found
+
+
+def _dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, layout: Mapping[str, Any]
+) -> torch.Tensor:
+    dtype = getattr(torch, layout["dtype"])
+    if layout["scheme"] == _PER_CHANNEL:
+        return _QDQ.dequantize_per_channel(
+            q, scale, zero_point, layout["axis"], layout["quant_min"], layout["quant_max"], dtype
+        )
+    return _QDQ.dequantize_per_tensor(q, float(scale), int(zero_point), layout["quant_min"], layout["quant_max"], dtype)
+
+
 def save_quantized(
     model: nn.Module,
     path: str | Path,
@@ -104,13 +177,15 @@ def save_quantized(
     served_length_configs: Sequence[Sequence[int]] | None = None,
     extra: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> int:
     """Write the INT8 artifact of a quantized (converted) model to `path` atomically; return its size in bytes.
 
     `approach` and `quant_config` (INC's `config.to_dict()`; for QAT None or `qat.QAT_CONFIG`) must be
     what the model was quantized with: they are checked against the units. `fp32_units` are the
     patterns given to quantize_/prepare_qat_, recorded with the unit names they resolved to. A
-    tokenizer, if given, is written into the same directory (the directory is replaced as a whole).
+    tokenizer, if given, is written into the same directory (the directory is replaced as a whole),
+    and so are `extra_files` (file name -> text, e.g. the recipe); the manifest covers them all.
     """
     units = quantized_units(model)
     if not units:
@@ -132,8 +207,20 @@ def save_quantized(
     served = [list(map(int, c)) for c in served_length_configs] if served_length_configs is not None else None
     for lengths in served or []:
         check_length_config(lengths, num_layers=model.num_layers)
+    reserved = {QUANTIZATION_NAME, OBSERVERS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME, "config.json", QALA_CONFIG_NAME}
+    clash = sorted(set(extra_files or {}) & reserved)
+    if clash:
+        raise ValueError(f"extra_files {clash} would overwrite the artifact's own files")
 
     weights = fp32_state_dict(model)
+    layouts: dict[str, dict[str, Any]] = {}
+    for name, unit in units.items():
+        for key, entry in int8_weights(unit).items():
+            full = state_prefix(model, name) + key
+            weights[full] = entry.pop("int8")
+            weights[f"{full}.scale"] = entry.pop("scale")
+            weights[f"{full}.zero_point"] = entry.pop("zero_point")
+            layouts[full] = entry
     observers = {f"{name}:{key}": t.contiguous() for name, u in units.items() for key, t in u.observer_state.items()}
     record: dict[str, Any] = {
         "format": FORMAT,
@@ -144,6 +231,8 @@ def save_quantized(
         "reduce_range": reduce_range,
         "fp32_units": list(fp32_units),
         "units": {"quantized": list(units), "fp32": fp32},
+        "int8_weights": layouts,
+        "embeddings": "int8_per_row" if has_int8_embeddings(model) else "fp32",
         "example_shape": list(next(iter(units.values())).example_shape),
         "served_length_configs": served,
         "versions": _versions(),
@@ -154,12 +243,15 @@ def save_quantized(
     with atomic_directory(path) as tmp:
         config.save_pretrained(tmp)
         atomic_write_text(tmp / QALA_CONFIG_NAME, model.qala_config.to_json())
-        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(weights, str(tmp / INT8_WEIGHTS_NAME), metadata={"format": FORMAT})
         save_file(observers, str(tmp / OBSERVERS_NAME), metadata={"format": FORMAT})
-        record["sha256"] = {name: _sha256(tmp / name) for name in (WEIGHTS_NAME, OBSERVERS_NAME)}
         atomic_write_json(tmp / QUANTIZATION_NAME, record)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        atomic_write_json(tmp / MANIFEST_NAME, {"format": FORMAT, "sha256": {f: _sha256(tmp / f) for f in files}})
     size = directory_bytes(path)
     logger.info("saved INT8 %s artifact to %s: %.1f MB", approach, path, size / 1e6)
     return size
@@ -169,7 +261,8 @@ def fp32_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in fp32-model naming (loadable by LengthAdaptiveForQuestionAnswering).
 
     Converted units give back the weights they were quantized from; fake-quant (QAT) units their
-    current, trained weights, so this also makes a plain fp32 checkpoint in the middle of QAT.
+    current, trained weights, so this also makes a plain fp32 checkpoint in the middle of QAT. An
+    int8 word-embedding table comes back as its int8 buffers (qweight, scale).
     """
     units = quantized_units(model)
     inside = tuple(state_prefix(model, name) for name in units)
@@ -184,36 +277,63 @@ def fp32_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_manifest(path: Path) -> None:
+    """Every file the manifest lists exists with its SHA-256; one line naming the first file at fault."""
+    file = path / MANIFEST_NAME
+    try:
+        manifest = json.loads(file.read_text())
+        digests = dict(manifest["sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{file}: not a valid artifact manifest ({e})") from e
+    for name in (QUANTIZATION_NAME, INT8_WEIGHTS_NAME, OBSERVERS_NAME, "config.json"):
+        if name not in digests:
+            raise ArtifactError(f"{file}: does not list {name}; the artifact is incomplete")
+    for name, digest in digests.items():
+        member = path / name
+        if not member.is_file():
+            raise ArtifactError(f"{member}: missing from the artifact")
+        if _sha256(member) != digest:
+            raise ArtifactError(
+                f"{member}: SHA-256 differs from {MANIFEST_NAME}; the file changed after saving (edited or truncated)"
+            )
+
+
 def _read_record(path: Path) -> dict[str, Any]:
     file = path / QUANTIZATION_NAME
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory")
-    if not file.is_file():
+    if (path / MANIFEST_NAME).is_file():
+        _check_manifest(path)  # before reading anything, so an edited file is named as such
+    elif not file.is_file():
         raise ArtifactError(f"{file}: missing; {path} is not a qala INT8 artifact (save it with save_quantized)")
     try:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{file}: not valid JSON ({e})") from e
-    if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
+    version = record.get("format_version")
+    if record.get("format") != FORMAT or version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{file}: format {record.get('format')!r} version {record.get('format_version')!r}; "
-            f"this qala reads {FORMAT!r} version {FORMAT_VERSION}"
+            f"{file}: format {record.get('format')!r} version {version!r}; "
+            f"this qala reads {FORMAT!r} versions {list(READABLE_VERSIONS)}"
         )
-    missing = [
-        k for k in ("approach", "quant_config", "reduce_range", "units", "example_shape", "sha256") if k not in record
-    ]
+    if version >= 2 and not (path / MANIFEST_NAME).is_file():
+        raise ArtifactError(f"{path / MANIFEST_NAME}: missing; the artifact cannot be verified")
+    required = ("approach", "quant_config", "reduce_range", "units", "example_shape")
+    required += ("sha256",) if version == 1 else ("int8_weights", "embeddings")
+    missing = [k for k in required if k not in record]
     if missing:
         raise ArtifactError(f"{file}: missing keys {missing}")
     if record["approach"] not in APPROACHES:
         raise ArtifactError(f"{file}: unknown approach {record['approach']!r}; expected one of {list(APPROACHES)}")
-    for name in (WEIGHTS_NAME, OBSERVERS_NAME, "config.json"):
-        if not (path / name).is_file():
-            raise ArtifactError(f"{path / name}: missing from the artifact")
-    for name, digest in record["sha256"].items():
-        if _sha256(path / name) != digest:
-            raise ArtifactError(
-                f"{path / name}: SHA-256 differs from {QUANTIZATION_NAME}; the file changed after saving"
-            )
+    if version == 1:  # fp32 weights, checksums inside the record
+        for name in (WEIGHTS_NAME, OBSERVERS_NAME, "config.json"):
+            if not (path / name).is_file():
+                raise ArtifactError(f"{path / name}: missing from the artifact")
+        for name, digest in record["sha256"].items():
+            if _sha256(path / name) != digest:
+                raise ArtifactError(
+                    f"{path / name}: SHA-256 differs from {QUANTIZATION_NAME}; the file changed after saving"
+                )
     saved, now = record.get("versions", {}), _versions()
     differing = {k: (saved.get(k), now[k]) for k in _VERSIONED if saved.get(k) != now[k]}
     if differing:
@@ -228,19 +348,47 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{file}: cannot be read as safetensors ({e})") from e
 
 
+def _model_state(path: Path, record: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict to load before the units are rebuilt: quantized weights dequantized from int8."""
+    if record["format_version"] == 1:
+        return _load_tensors(path / WEIGHTS_NAME)
+    file = path / INT8_WEIGHTS_NAME
+    stored = _load_tensors(file)
+    state = {}
+    for key, layout in record["int8_weights"].items():
+        try:
+            q, scale, zero_point = stored.pop(key), stored.pop(f"{key}.scale"), stored.pop(f"{key}.zero_point")
+            state[key] = _dequantize(q, scale, zero_point, layout)
+        except (KeyError, RuntimeError, AttributeError) as e:
+            raise ArtifactError(f"{file}: int8 weight {key} is missing or does not fit its layout ({e})") from e
+    if record["embeddings"] == "int8_per_row":
+        prefix = word_embeddings_key(model)
+        try:
+            table = Int8Embedding(
+                stored[f"{prefix}.qweight"], stored[f"{prefix}.scale"], word_embeddings(model).padding_idx
+            )
+        except (KeyError, ValueError) as e:
+            raise ArtifactError(f"{file}: the int8 word-embedding table is missing or malformed ({e})") from e
+        model.backbone.embeddings.word_embeddings = table
+    state.update(stored)
+    return state
+
+
 def load_quantized(path: str | Path) -> LengthAdaptiveForQuestionAnswering:
     """Rebuild the quantized model saved by `save_quantized` (eval mode); no calibration data needed."""
     path = Path(path)
     record = _read_record(path)
     approach = record["approach"]
+    weights_file = path / (WEIGHTS_NAME if record["format_version"] == 1 else INT8_WEIGHTS_NAME)
 
     qala_file = path / QALA_CONFIG_NAME
     qala_config = LengthAdaptiveConfig.from_json_file(qala_file) if qala_file.is_file() else LengthAdaptiveConfig()
     model = LengthAdaptiveForQuestionAnswering.from_config(AutoConfig.from_pretrained(str(path)), qala_config)
+    state = _model_state(path, record, model)
     try:
-        model.load_state_dict(_with_versions(_load_tensors(path / WEIGHTS_NAME), model.state_dict()), strict=True)
+        model.load_state_dict(_with_versions(state, model.state_dict()), strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{path / WEIGHTS_NAME}: does not fit the model in config.json: {e}") from e
+        raise ArtifactError(f"{weights_file}: does not fit the model in config.json: {e}") from e
     model.eval()
 
     names = unit_names(model)
@@ -275,9 +423,37 @@ def load_quantized(path: str | Path) -> LengthAdaptiveForQuestionAnswering:
         _load_observers(unit, by_unit[name], path / OBSERVERS_NAME)
         swap_unit(model, name, unit)
         (qat.convert_unit if approach == "qat" else pt2e.convert_unit)(unit)
+        if record["format_version"] >= 2:
+            _check_int8_reproduced(model, name, unit, state, record["int8_weights"], weights_file)
     model.eval()
     logger.info("loaded INT8 %s artifact %s (%d units quantized, fp32: %s)", approach, path, len(quantized), fp32)
     return model
+
+
+def _check_int8_reproduced(
+    model: nn.Module,
+    name: str,
+    unit: QuantizedUnit,
+    state: Mapping[str, torch.Tensor],
+    layouts: Mapping[str, Any],
+    file: Path,
+) -> None:
+    """The rebuilt unit must quantize its weights to exactly the stored int8 values (else logits would drift)."""
+    prefix = state_prefix(model, name)
+    rebuilt = int8_weights(unit)
+    expected = {k for k in layouts if k.startswith(prefix)}
+    if {prefix + k for k in rebuilt} != expected:
+        raise ArtifactError(
+            f"{file}: unit {name} quantizes weights {sorted(rebuilt)}, the file holds {sorted(expected)}"
+        )
+    for key, entry in rebuilt.items():
+        # Equal dequantized weights: the graph multiplies by exactly the values that were saved.
+        again = _dequantize(entry["int8"], entry["scale"], entry["zero_point"], layouts[prefix + key])
+        if not torch.equal(again, state[prefix + key]):
+            raise ArtifactError(
+                f"{file}: {prefix + key} does not come back to the stored int8 values with the recorded scales "
+                "(saved with other library versions?)"
+            )
 
 
 def _with_versions(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from qala.quantize.embedding import quantize_embeddings_, word_embeddings
 from qala.quantize.units import (
     QuantizedUnit,
     capture_unit_inputs,
@@ -111,6 +112,7 @@ def quantize_(
     *,
     fp32_units: Sequence[str] = (),
     reduce_range: bool | None = None,
+    int8_embeddings: bool = False,
 ) -> nn.Module:
     """Quantize `model`'s units to INT8 in place with an INC StaticQuantConfig or DynamicQuantConfig.
 
@@ -121,8 +123,10 @@ def quantize_(
     first batch (one forward fills the weight observers: without it the outputs are silently wrong).
     Units whose names match a pattern in `fp32_units` (e.g. "qa_outputs", "encoder.layer.0.*") stay
     fp32. `reduce_range` quantizes activations to 7 bits, which CPUs without VNNI need for correct
-    compiled int8 kernels; None decides by this CPU (record it: the artifact does). The model is left
-    in eval mode; on failure its original units are put back.
+    compiled int8 kernels; None decides by this CPU (record it: the artifact does). `int8_embeddings`
+    first stores the word-embedding table int8 per row (qala.quantize.embedding), so that calibration
+    sees the embeddings the deployed model computes. The model is left in eval mode; on failure its
+    original units (and embeddings) are put back.
     """
     approach = approach_of(quant_config)
     reduce_range = resolve_reduce_range(reduce_range)
@@ -138,7 +142,14 @@ def quantize_(
     first = next(batches, None)
     if first is None:
         raise ValueError("calibration yielded no batch; quantize_ needs at least one")
-    example_args, example_shape = capture_unit_inputs(model, list(selected), first)
+    embeddings = word_embeddings(model)
+    if int8_embeddings:
+        quantize_embeddings_(model)
+    try:
+        example_args, example_shape = capture_unit_inputs(model, list(selected), first)
+    except BaseException:
+        model.backbone.embeddings.word_embeddings = embeddings
+        raise
     logger.info(
         "INT8 %s: exporting and preparing %d units (fp32: %s), example shape %s, reduce_range=%s",
         approach,
@@ -161,6 +172,7 @@ def quantize_(
     except BaseException:
         for name, original in originals.items():
             swap_unit(model, name, original)
+        model.backbone.embeddings.word_embeddings = embeddings
         raise
     return model
 

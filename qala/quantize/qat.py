@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qala.quantize.embedding import quantize_embeddings_
 from qala.quantize.units import (
     PREPARED,
     QuantizedUnit,
@@ -88,15 +89,19 @@ def prepare_qat_(
     *,
     fp32_units: Sequence[str] = (),
     reduce_range: bool | None = None,
+    int8_embeddings: bool = False,
 ) -> nn.Module:
     """Swap fake-quant (QAT) units into `model` in place; the model stays trainable, in its current mode.
 
     `example_batch` (a dict of model inputs) only provides export examples. Train as usual (any
     length configuration per call: the units have dynamic batch/sequence dims), then `convert_qat_`.
-    `fp32_units` and `reduce_range` are as in `quantize_`.
+    `fp32_units`, `reduce_range` and `int8_embeddings` are as in `quantize_` (the int8 table is then
+    frozen: training goes on around it).
     """
     reduce_range = resolve_reduce_range(reduce_range)
     selected, keep = select_units(model, fp32_units)
+    if int8_embeddings:
+        quantize_embeddings_(model)
     example_args, example_shape = capture_unit_inputs(model, list(selected), example_batch)
     logger.info("QAT: preparing %d units (fp32: %s), example shape %s", len(selected), keep or "none", example_shape)
     originals: dict[str, nn.Module] = {}
