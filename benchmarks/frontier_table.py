@@ -11,22 +11,22 @@ dev windows padded to the frontier's max_seq_length, median of `--repeats` calls
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qala.bench.peers import call_model
 from qala.data import load_split, windows
-from qala.evaluate import MODEL_INPUTS
+from qala.model import batch_inputs
+from qala.quantize.load import load_model
 from qala.recipe import DataConfig
-from qala.utils import atomic_write_json, environment_info, median_latency_ms
+from qala.search import read_frontier
+from qala.utils import atomic_write_json, environment_info, latency_stats, time_calls
 
 
 def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[int, ...], dict[str, float]]:
     from transformers import AutoTokenizer
-
-    from qala.search import load_backend
 
     model_dir = document["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -34,17 +34,17 @@ def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[int, .
         eval=document["eval"]["data"], max_seq_length=document["max_seq_length"], doc_stride=document["doc_stride"]
     )
     features = windows(load_split(data, "eval"), tokenizer, data, train=False)
-    rows = features[:32]
-    inputs = {c: torch.tensor(rows[c]) for c in MODEL_INPUTS if c in rows}
-    model = load_backend(model_dir, document["backend"])[1]  # INT8: CompiledQA, the deployed path
+    inputs = batch_inputs(features[:32])
+    # INT8 through CompiledQA, the deployed path; fp32 eager.
+    model = load_model(model_dir, compiled=document["backend"] == "int8", expect=document["backend"])
     configs = {tuple(r["length_config"]) for r in document["frontier"] + document["keep_ratio_curve"]}
     timings = {}
-    with torch.no_grad():
-        for config in sorted(configs, reverse=True):
-            timings[config] = median_latency_ms(
-                lambda c=config: model(**inputs, length_config=list(c)), warmup=1, repeats=repeats
-            )
-            print(config, timings[config]["median_ms"], flush=True)
+    for config in sorted(configs, reverse=True):
+        seconds = time_calls(
+            lambda c=config: call_model(model, inputs, length_config=list(c)), warmup=1, repeats=repeats
+        )
+        timings[config] = latency_stats(seconds)
+        print(config, timings[config]["median_ms"], flush=True)
     return timings
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    document = json.loads(args.frontier.read_text())
+    document = read_frontier(args.frontier)
     timings = measure_batch32(document, args.repeats)
     for row in document["frontier"] + document["keep_ratio_curve"]:
         row["batch32_ms"] = timings[tuple(row["length_config"])]["median_ms"]

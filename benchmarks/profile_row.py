@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qala.bench import load_inputs, make_batch
-from qala.search import load_backend
+from qala.bench.peers import call_model
+from qala.bench.worker import load_inputs, make_batch
+from qala.quantize.load import load_model, model_kind
 from qala.utils import atomic_write_text
 
 
@@ -34,14 +35,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = [int(n) for n in args.length_config.split(",")] if args.length_config else None
-    backend = "int8" if (args.model / "quantization.json").is_file() else "fp32"
-    _, model = load_backend(args.model, backend)
+    backend = model_kind(args.model)
+    model = load_model(args.model, compiled=backend == "int8")  # INT8 as served: CompiledQA
     batch = make_batch(load_inputs(args.inputs), args.batch_size)
-    with torch.no_grad():
-        model(**batch, length_config=lengths)  # compiles an INT8 graph; warms caches either way
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.calls):
-                model(**batch, length_config=lengths)
+    call_model(model, batch, length_config=lengths)  # compiles an INT8 graph; warms caches either way
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.calls):
+            call_model(model, batch, length_config=lengths)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     header = (
         f"# {args.model} ({backend}), length_config={lengths}, batch {args.batch_size}, "

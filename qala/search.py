@@ -651,6 +651,16 @@ def _resolved_yaml(recipe: Recipe, search: SearchConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def read_frontier(path: str | Path) -> dict[str, Any]:
+    """A frontier.json that run() wrote: "frontier" (points with "length_config" (absolute) or "keep_ratios"
+    (relative), "cost", "f1", "macs"), "keep_ratio_curve", "backend", "objective", "max_seq_length" and the
+    run's settings. Readers (qala.bench, qala.answer) call this rather than opening the file themselves."""
+    document = json.loads(Path(path).read_text())
+    if not isinstance(document.get("frontier"), list):
+        raise ValueError(f"{path} is not a frontier.json of qala.search: no 'frontier' list")
+    return document
+
+
 def install_frontier(frontier_file: str | Path, model_dir: str | Path) -> Path:
     """Copy frontier.json into a model directory (qala.answer reads it there)."""
     target = Path(model_dir) / FRONTIER_NAME

@@ -292,6 +292,13 @@ class Tuner:
         }
 
 
+def read_report(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The final table of a report.json that run() wrote: configuration name ("full", "keep_0.8", ...) ->
+    {"length_config", "fp32": {"f1", "exact_match"}, "int8": {"f1", "exact_match"}, "relative_f1_loss",
+    "latency"}. Readers (qala.bench, benchmarks/) call this rather than digging through the file."""
+    return json.loads(Path(path).read_text())["final"]["rows"]
+
+
 def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
     q = recipe.quantization
     out = Path(q.output_dir)

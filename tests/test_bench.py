@@ -15,9 +15,10 @@ import pytest
 import torch
 from transformers import BertConfig
 
-import qala.bench as qb
+from qala.bench import cli, peers, plan, report
 from qala.model import LengthAdaptiveForQuestionAnswering, macs_per_sample
 from qala.recipe import RecipeError, load_recipe
+from qala.utils import latency_stats
 from tests.conftest import REPO
 
 TINY = "{hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, vocab_size: 800"
@@ -64,14 +65,15 @@ def model_dir(tmp_path, tiny_checkpoint):
 
 
 def test_percentiles_and_summary():
-    assert qb.percentile([1, 2, 3, 4], 50) == 2.5
-    assert qb.percentile([5], 99) == 5
-    assert qb.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == pytest.approx(9.1)
-    summary = qb.summarize([0.010, 0.020, 0.030], batch_size=8)
+    # Percentiles come from the one timer's statistics (qala.utils.latency_stats: seconds in, ms out).
+    assert latency_stats([0.001, 0.002, 0.003, 0.004])["p50_ms"] == 2.5
+    assert latency_stats([0.005])["p99_ms"] == 5
+    assert latency_stats([i / 1000 for i in range(1, 11)])["p90_ms"] == pytest.approx(9.1)
+    summary = report.summarize([0.010, 0.020, 0.030], batch_size=8)
     assert summary["median_ms"] == 20.0 and summary["samples_per_s"] == 400.0
     assert summary["p50_ms"] == 20.0 and summary["p99_ms"] == pytest.approx(29.8)
     with pytest.raises(ValueError):
-        qb.percentile([], 50)
+        report.summarize([], 1)
 
 
 def synthetic_row(row_id, name, dtype, thr1, thr32, macs=None, **extra):
@@ -93,7 +95,7 @@ def synthetic_row(row_id, name, dtype, thr1, thr32, macs=None, **extra):
 def synthetic_document():
     rows = [
         synthetic_row(
-            qb.REFERENCE_ID,
+            plan.REFERENCE_ID,
             "BERT-base",
             "fp32",
             2.0,
@@ -127,7 +129,7 @@ def synthetic_document():
 
 def test_speedups_and_roofline_against_bert_base_of_the_same_run():
     document = synthetic_document()
-    qb.add_derived(document["rows"], {"fp32_gmacs_per_s": 100.0, "int8_gmacs_per_s": 1000.0})
+    report.add_derived(document["rows"], {"fp32_gmacs_per_s": 100.0, "int8_gmacs_per_s": 1000.0})
     bert, int8, no_macs, broken = document["rows"]
     assert bert["speedup_vs_bert_base"] == {"1": 1.0, "32": 1.0}
     assert int8["speedup_vs_bert_base"] == {"1": 20.0, "32": 40.0}
@@ -137,14 +139,14 @@ def test_speedups_and_roofline_against_bert_base_of_the_same_run():
     assert "achieved_gmacs_per_s" not in no_macs and "speedup_vs_bert_base" not in broken
     # Without a BERT-base row there is no speedup, and it says so rather than inventing a reference.
     rows = copy.deepcopy(document["rows"][1:])
-    qb.add_derived(rows, None)
+    report.add_derived(rows, None)
     assert rows[0]["speedup_vs_bert_base"] is None and rows[0]["peak_fraction"] is None
 
 
 def test_markdown_table_shape_and_markers():
     document = synthetic_document()
-    qb.add_derived(document["rows"], {"fp32_gmacs_per_s": 100.0, "int8_gmacs_per_s": 1000.0})
-    table = qb.format_table(document)
+    report.add_derived(document["rows"], {"fp32_gmacs_per_s": 100.0, "int8_gmacs_per_s": 1000.0})
+    table = report.format_table(document)
     lines = table.splitlines()
     assert lines[0].startswith("| model | dtype | length config | size MB | F1 | b1 p50 ms | samples/s b1 |")
     assert lines[0].endswith("| GMACs/sample | % of peak b32 | speedup b1 | speedup b32 |")
@@ -163,22 +165,22 @@ def test_markdown_table_shape_and_markers():
 
 def test_pick_frontier():
     frontier = [{"length_config": [i], "cost": i, "f1": f1} for i, f1 in enumerate([40, 50, 54, 55, 56])]
-    assert [p["cost"] for p in qb.pick_frontier(frontier, 3)] == [0, 2, 4]
-    assert [p["cost"] for p in qb.pick_frontier(frontier, 1)] == [4]  # the most accurate first
+    assert [p["cost"] for p in plan.pick_frontier(frontier, 3)] == [0, 2, 4]
+    assert [p["cost"] for p in plan.pick_frontier(frontier, 1)] == [4]  # the most accurate first
     # Full fp32 F1 55.5: the cheapest point within 1% relative (>= 54.945) comes first.
-    assert [p["cost"] for p in qb.pick_frontier(frontier, 2, full_f1=55.5)] == [3, 4]
-    assert qb.pick_frontier(frontier, 0) == [] and qb.pick_frontier([], 3) == []
-    assert len(qb.pick_frontier(frontier, 10)) == 5
+    assert [p["cost"] for p in plan.pick_frontier(frontier, 2, full_f1=55.5)] == [3, 4]
+    assert plan.pick_frontier(frontier, 0) == [] and plan.pick_frontier([], 3) == []
+    assert len(plan.pick_frontier(frontier, 10)) == 5
     # The full-length point (every layer at seq_length) is already a MiniLM row: never picked again.
-    assert [p["cost"] for p in qb.pick_frontier(frontier, 1, seq_length=4)] == [3]
+    assert [p["cost"] for p in plan.pick_frontier(frontier, 1, seq_length=4)] == [3]
 
 
 def test_dynamic_tinybert_configuration_matches_the_published_speedup_in_macs():
     tinybert, bert = BertConfig(num_hidden_layers=6), BertConfig()
-    lengths, ratio = qb.dynamic_tinybert_length_config(tinybert, bert, 384)
+    lengths, ratio = plan.dynamic_tinybert_length_config(tinybert, bert, 384)
     assert len(lengths) == 6 and lengths == sorted(lengths, reverse=True)
     speedup = macs_per_sample(bert, None, 384) / macs_per_sample(tinybert, lengths, 384)
-    assert abs(speedup - qb.DYNAMIC_TINYBERT_SPEEDUP) < 0.1 and 0.8 < ratio < 0.9
+    assert abs(speedup - plan.DYNAMIC_TINYBERT_SPEEDUP) < 0.1 and 0.8 < ratio < 0.9
 
 
 def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir):
@@ -202,12 +204,12 @@ def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir):
             "benchmark.f1={'QuaLA-MiniLM/fp32/lc-60-50': 29.5}",
         ],
     )
-    rows, notes = qb.plan_rows(recipe, recipe.benchmark)
+    rows, notes = plan.plan_rows(recipe, recipe.benchmark)
     by_id = {r["id"]: r for r in rows}
     dyn = rows[1]
-    assert dyn["id"] == qb.row_id("Dynamic-TinyBERT", "fp32", dyn["length_config"])
+    assert dyn["id"] == plan.row_id("Dynamic-TinyBERT", "fp32", dyn["length_config"])
     assert list(by_id) == [
-        qb.REFERENCE_ID,
+        plan.REFERENCE_ID,
         dyn["id"],
         "MiniLM/fp32/full",
         "MiniLM/int8/full",
@@ -231,14 +233,14 @@ def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir):
 
 
 def test_run_cpu_command_switches_off_what_is_missing():
-    cmd = qb.run_cpu_command(
+    cmd = cli.run_cpu_command(
         "s.json", "out", ninstances=2, ncores_per_instance=1, numactl=False, iomp=False, allocator=False
     )
     assert cmd[:3] == [sys.executable, "-m", "torch.backends.xeon.run_cpu"]
     assert cmd[3:7] == ["--ninstances", "2", "--ncores-per-instance", "1"]
     assert {"--disable-numactl", "--disable-iomp", "--use-default-allocator"} <= set(cmd)
-    assert cmd[-8:] == ["--no-python", sys.executable, "-m", "qala.bench", "--worker", "s.json", "--out", "out"]
-    full = qb.run_cpu_command(
+    assert cmd[-6:] == ["--no-python", sys.executable, "-m", "qala.bench.worker", "s.json", "out"]
+    full = cli.run_cpu_command(
         "s.json", "out", ninstances=1, ncores_per_instance=4, numactl=True, iomp=True, allocator=True
     )
     assert not {"--disable-numactl", "--disable-iomp", "--use-default-allocator"} & set(full)
@@ -249,7 +251,7 @@ def test_run_cpu_command_switches_off_what_is_missing():
 
 def test_benchmark_recipe_errors_name_their_key_and_exit_2(tmp_path, model_dir, capsys):
     path = write_recipe(tmp_path, model_dir)
-    assert qb.main([str(path), "benchmark.batch_size=[1]", "benchmark.baselines=[bert-large]"]) == 2
+    assert cli.main([str(path), "benchmark.batch_size=[1]", "benchmark.baselines=[bert-large]"]) == 2
     err = capsys.readouterr().err
     assert "benchmark.batch_size: unknown key (did you mean 'batch_sizes'?)" in err
     assert "benchmark.baselines[0]: expected one of ['bert-base', 'tinybert-6l', 'dynamic-tinybert']" in err
@@ -306,8 +308,8 @@ def test_partial_results_resume_and_time_budget(tmp_path, model_dir, monkeypatch
     path = write_recipe(tmp_path, model_dir)
     path.write_text(path.read_text().replace("gemm_peak: false", "gemm_peak: true"))
     out = tmp_path / "out"
-    monkeypatch.setattr(qb, "run_worker", fake_worker(fail={"MiniLM/fp32/full"}))
-    assert qb.main([str(path)]) == 1  # a failed row: exit 1, the others kept
+    monkeypatch.setattr(cli, "run_worker", fake_worker(fail={"MiniLM/fp32/full"}))
+    assert cli.main([str(path)]) == 1  # a failed row: exit 1, the others kept
     document = json.loads((out / "bench.json").read_text())
     status = {r["id"]: r["status"] for r in document["rows"]}
     assert status.pop("MiniLM/fp32/full") == "failed" and set(status.values()) == {"ok"}
@@ -318,17 +320,17 @@ def test_partial_results_resume_and_time_budget(tmp_path, model_dir, monkeypatch
 
     # --resume measures only what is missing (the failed row), even with other sweep/peer settings.
     calls = []
-    monkeypatch.setattr(qb, "run_worker", fake_worker(calls=calls))
-    assert qb.main([str(path), "--resume", "benchmark.onnxruntime=false"]) == 0
+    monkeypatch.setattr(cli, "run_worker", fake_worker(calls=calls))
+    assert cli.main([str(path), "--resume", "benchmark.onnxruntime=false"]) == 0
     assert calls == ["MiniLM/fp32/full"]
     # A changed row spec (repeats) is measured again; a changed input set (windows) redoes everything.
     calls.clear()
-    assert qb.main([str(path), "--resume", "benchmark.repeats=4"]) == 0
+    assert cli.main([str(path), "--resume", "benchmark.repeats=4"]) == 0
     assert "gemm_peak" not in calls and len(calls) == 3
 
     # Over budget: nothing new starts, the rows say why.
-    monkeypatch.setattr(qb.Bench, "over_budget", lambda self: True)
-    assert qb.main([str(path), "benchmark.windows=5"]) == 0
+    monkeypatch.setattr(cli.Bench, "over_budget", lambda self: True)
+    assert cli.main([str(path), "benchmark.windows=5"]) == 0
     document = json.loads((out / "bench.json").read_text())
     assert document["budget_exhausted"] and {r["status"] for r in document["rows"]} == {"skipped"}
 
@@ -383,7 +385,7 @@ def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, monk
         .replace("  onnxruntime: false\n  gemm_peak: false\n  core_sweep: false\n", "")
         + extra
     )
-    assert qb.main([str(path)]) == 0, capsys.readouterr().err
+    assert cli.main([str(path)]) == 0, capsys.readouterr().err
     out = tmp_path / "out"
     document = json.loads((out / "bench.json").read_text())
     rows = {r["id"]: r for r in document["rows"]}
@@ -417,7 +419,7 @@ def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, monk
 def test_onnxruntime_peer_exports_a_length_configuration_exactly(tmp_path, model_dir):
     pytest.importorskip("onnxruntime")
     spec = {"path": str(model_dir), "length_config": [40, 20], "seq_length": 64, "dtype": "fp32", "threads": 1}
-    call, facts, _ = qb._onnx_row(spec, tmp_path / "onnx", {})
+    call, facts, _ = peers.onnx_row(spec, tmp_path / "onnx", {})
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(5, 600, (3, 64), generator=g),
@@ -431,13 +433,13 @@ def test_onnxruntime_peer_exports_a_length_configuration_exactly(tmp_path, model
         reference = model(**batch, length_config=[40, 20]).start_logits
     assert (torch.from_numpy(start) - reference).abs().max().item() < 1e-4
     assert facts["size_kind"] == "onnx file" and facts["size_bytes"] > 0
-    int8_call, int8_facts, _ = qb._onnx_row({**spec, "dtype": "int8"}, tmp_path / "onnx8", {})
+    int8_call, int8_facts, _ = peers.onnx_row({**spec, "dtype": "int8"}, tmp_path / "onnx8", {})
     assert int8_call(batch)[0].shape == (3, 64) and "quantize_dynamic" in int8_facts["quantization"]
 
 
 def test_peak_memory_is_the_workers_own_not_its_parents():
     # Linux keeps ru_maxrss across execve: a worker started by a large parent must not report its parent's peak.
     big = bytearray(400 * 1024 * 1024)
-    code = "from qala.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from qala.bench.worker import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert float(out.stdout) < 200 and len(big) > 0

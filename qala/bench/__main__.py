@@ -1,0 +1,5 @@
+import sys
+
+from qala.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,418 @@
+"""The real-questions table: what a user waits for, per question, end to end, on unpadded windows.
+
+    python -m qala.bench benchmarks/real_questions.yaml --table questions [--resume]
+
+Each row answers the first `data.max_eval_samples` questions of `data.eval` in requests of
+`batch_size` questions: tokenization into overlapping windows (no padding), one forward call over all
+windows of the request padded only to its longest window (dynamic padding), post-processing to answer
+text. Every request is timed (qala.utils.time_calls), and the answers of that same timed pass give
+the row's F1, so speed and accuracy always come from the same questions. Reported per row: ms per
+question p50 / p90 (request time / questions in it), questions/s (questions / summed request time),
+achieved GMAC/s on real tokens (qala.model.macs_per_sample at each window's real length, summed, over
+the summed request time; padding positions are work done but not counted) and its share of the
+measured INT8 GEMM peak (qala.bench.roofline, the machine's highest).
+
+Rows: BERT-base fp32 (random weights, transformers, speed only), the model in `benchmark.model` through
+transformers (sdpa), ONNX Runtime fp32 and dynamic INT8 (dynamic batch and sequence axes), qala fp32
+and INT8 at full length, and qala at the frontier configurations of `benchmark.frontier` (points
+with "keep_ratios" run in relative mode, points with "length_config" in absolute mode).
+
+Engines: a row names an engine of ENGINES and may name its own Python (`python`): the worker then runs
+under that interpreter (the IPEX environment, .venv-ipex), so an engine may live in another
+environment with qala installed there (`pip install --no-deps -e .`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qala.bench import plan, report
+from qala.bench.cli import Harness, environment
+
+logger = logging.getLogger(__name__)
+
+QUESTIONS_NAME = "real_questions.json"
+QUESTIONS_TABLE = "real_questions.md"
+QUESTIONS_PLOT = "real_questions.png"
+# Compiled INT8 builds one graph per (windows, positions) shape; padding each request to a multiple of
+# this many positions bounds the graphs to ~max_seq_length / 32 per window count (warmed before timing).
+COMPILED_PAD_MULTIPLE = 32
+
+# (start logits, end logits) as numpy arrays [windows, positions] for a batch of model inputs.
+Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
+
+
+# --------------------------------------------------------------------------- planning (the harness side)
+
+
+def plan_question_rows(
+    recipe: Any, bench: Any, *, pad_multiple: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every row spec of the real-questions table (one per configuration and batch size), and notes."""
+    from qala.utils import resolve_model_path
+
+    d, e = recipe.data, recipe.eval
+    model_dir = resolve_model_path(bench.model) if bench.model else None
+    int8_dir = resolve_model_path(bench.int8_model) if bench.int8_model else None
+    tokenizer = model_dir or int8_dir or resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
+    common = {
+        "kind": "real_questions",
+        "data": d.eval,
+        "data_split": d.eval_split,
+        "questions": d.max_eval_samples,
+        "max_seq_length": d.max_seq_length,
+        "doc_stride": d.doc_stride,
+        "n_best_size": e.n_best_size,
+        "max_answer_length": e.max_answer_length,
+        "tokenizer": tokenizer,
+        "threads": bench.threads or os.cpu_count() or 1,
+        "warmup": bench.warmup,
+    }
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, Any] = {}
+
+    def add(
+        name: str,
+        engine: str,
+        dtype: str,
+        *,
+        length_config: Sequence[float] | None = None,
+        length_mode: str | None = None,
+        **extra: Any,
+    ) -> None:
+        values = list(length_config) if length_config is not None else None
+        slug = plan.config_slug(values, length_mode or "absolute")
+        for batch_size in bench.batch_sizes:
+            rows.append(
+                {
+                    "id": f"{engine}/{name}/{dtype}/{slug}/b{batch_size}",
+                    "name": name,
+                    "engine": engine,
+                    "dtype": dtype,
+                    "length_config": values,
+                    "length_mode": length_mode if values is not None else None,
+                    "batch_size": batch_size,
+                    "python": None,
+                    **common,
+                    **extra,
+                }
+            )
+
+    if "bert-base" in bench.baselines:
+        arch = plan.baseline_config("bert-base", bench.baseline_configs).to_diff_dict()
+        add("BERT-base", "transformers", "fp32", arch=arch, f1_note="random weights: speed only, F1 not reported")
+    if model_dir:
+        add("MiniLM", "transformers", "fp32", path=model_dir, attn_implementation="sdpa")
+        if bench.onnxruntime and plan.onnxruntime_available():
+            add("MiniLM", "onnxruntime", "fp32", path=model_dir)
+            add("MiniLM", "onnxruntime", "int8", path=model_dir)
+        elif bench.onnxruntime:
+            notes["onnxruntime"] = {"status": "skipped", "reason": plan.ONNX_MISSING}
+        add("MiniLM", "qala", "fp32", path=model_dir)
+    int8 = {
+        "compiled": bench.compile_int8,
+        "pad_to_multiple_of": (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None,
+    }
+    if int8_dir:
+        add("MiniLM", "qala", "int8", path=int8_dir, **int8)
+
+    fp32_f1, _ = plan.measured_f1(bench)
+    frontier, points = plan.read_frontier_points(bench)
+    chosen = plan.pick_frontier(points, bench.max_frontier_rows, fp32_f1, seq_length=d.max_seq_length)
+    if frontier is not None:
+        notes["frontier"] = {
+            "file": bench.frontier,
+            "points": len(points),
+            "chosen": [plan.point_setting(p) for p in chosen],
+        }
+    for point in chosen:
+        mode, values = plan.point_setting(point)
+        for dtype in bench.frontier_dtypes:
+            directory = model_dir if dtype == "fp32" else int8_dir
+            if directory:
+                extra = int8 if dtype == "int8" else {}
+                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=directory, **extra)
+
+    if bench.ipex:
+        if plan.IPEX_PYTHON.exists() and model_dir:
+            add("MiniLM", "ipex", "int8", path=model_dir, python=str(plan.IPEX_PYTHON.absolute()))
+        else:
+            notes["ipex"] = plan.ipex_note()
+    return rows, notes
+
+
+class QuestionsBench(Harness):
+    """The real-questions run: GEMM peak, then one worker per row; real_questions.json/.md/.png."""
+
+    document_name = QUESTIONS_NAME
+
+    def __init__(self, recipe: Any, *, resume: bool = False, pad_multiple: int | None = None) -> None:
+        super().__init__(recipe, resume=resume)
+        self.pad_multiple = pad_multiple
+        env = environment()
+        # "cpu" first: machines differ between sessions, and every figure is for this one.
+        self.document = {"cpu": env["cpu"], **self.document, "versions": env["versions"], "environment": env}
+
+    def make_fingerprint(self) -> str:
+        """What every row's questions and answers depend on; rows also match on their own spec."""
+        r = self.recipe
+        data = {
+            "data": dataclasses.asdict(r.data),
+            "eval": dataclasses.asdict(r.eval),
+            "threads": self.recipe.benchmark.threads or os.cpu_count(),
+            "gemm_size": self.recipe.benchmark.gemm_size,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self) -> None:
+        from qala.utils import atomic_write_json, atomic_write_text
+
+        report.add_questions_derived(self.document["rows"], self.document.get("gemm_peak"))
+        atomic_write_json(self.out / QUESTIONS_NAME, self.document)
+        atomic_write_text(self.out / QUESTIONS_TABLE, report.format_questions_table(self.document))
+
+    def run(self) -> dict[str, Any]:
+        from qala.bench.peers import RANDOM_WEIGHTS_SEED
+
+        b = self.bench
+        self.out.mkdir(parents=True, exist_ok=True)
+        rows, notes = plan_question_rows(self.recipe, b, pad_multiple=self.pad_multiple)
+        threads = b.threads or os.cpu_count() or 1
+        questions = self.recipe.data.max_eval_samples
+        self.document["method"] = {
+            "questions": questions if questions is not None else "all",
+            "data": self.recipe.data.eval,
+            "batch_sizes": list(b.batch_sizes),
+            "threads": threads,
+            "warmup": b.warmup,
+            "summary": (
+                f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
+                f"windows unpadded and batched to the longest window of the request; {threads} threads, one "
+                f"worker process per row; ms/question = request time / its questions; questions/s = questions / "
+                f"summed request time; F1 from the answers of the timed pass; GMAC/s on real tokens against "
+                f"the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed requests, plus every request shape "
+                "once for compiled rows."
+            ),
+            "timer": "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats",
+        }
+        self.document["seeds"] = {
+            "random_weights": RANDOM_WEIGHTS_SEED,
+            "run": self.recipe.run.seed,
+            "questions": "the first N questions of the file, in order (no sampling)",
+        }
+        self.document["notes"] = notes
+        if b.gemm_peak:
+            self.measure_gemm_peak(threads)
+        self.measure_rows(rows, self.out / "work" / "questions", {})
+        self.save()
+        report.plot_questions(self.document, self.out / QUESTIONS_PLOT)
+        return self.document
+
+    def progress_line(self, row: Mapping[str, Any]) -> str:
+        if row.get("status") != "ok":
+            return super().progress_line(row)
+        f1 = report.fmt(row.get("f1"), 2)
+        return f"F1 {f1}, p50 {row['ms_p50']} ms/question, {row['questions_per_s']} questions/s"
+
+
+# --------------------------------------------------------------------------- engines (the worker side)
+
+
+def _length_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The model call's length argument: keep_ratios (relative), length_config (absolute), or none."""
+    if spec.get("length_config") is None:
+        return {}
+    key = "keep_ratios" if spec.get("length_mode") == "ratio" else "length_config"
+    return {key: list(spec["length_config"])}
+
+
+def _logits(out: Any) -> tuple[Any, Any]:
+    return out.start_logits.float().numpy(), out.end_logits.float().numpy()
+
+
+def _qala_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+    from qala.bench.peers import call_model
+    from qala.quantize.load import load_model
+
+    compiled = spec["dtype"] == "int8" and bool(spec.get("compiled"))
+    model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
+    length = _length_kwargs(spec)
+    return (lambda inputs: _logits(call_model(model, inputs, **length))), {"compiled": compiled}
+
+
+def _transformers_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+    from qala.bench.peers import call_model, random_model, transformers_model
+
+    attn = spec.get("attn_implementation") or "sdpa"
+    if spec.get("arch"):
+        model = random_model(spec["arch"], length_adaptive=False, attn_implementation=attn)
+        vocab = model.config.vocab_size
+
+        def predict(inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+            # The tokenizer's ids may exceed a shrunk random vocabulary (tests); ids do not change the cost.
+            inputs = {**inputs, "input_ids": inputs["input_ids"].clamp(max=vocab - 1)}
+            return _logits(call_model(model, inputs))
+
+        return predict, {"attn_implementation": model.config._attn_implementation}
+    model = transformers_model(spec["path"], attn_implementation=attn)
+    return (lambda inputs: _logits(call_model(model, inputs))), {"attn_implementation": attn}
+
+
+def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+    from qala.bench.peers import onnx_model
+
+    if spec.get("length_config") is not None:
+        raise ValueError("the ONNX Runtime rows run full length (dynamic sequence axis)")
+    return onnx_model(spec, work_dir, dynamic_sequence=True)
+
+
+def _ipex_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+    # The hook for the IPEX rows: they run under .venv-ipex/bin/python (torch 2.8, IPEX 2.8, qala
+    # installed with --no-deps). A builder returns (predict(inputs) -> (start, end) numpy, facts).
+    raise NotImplementedError(
+        "engine 'ipex' has no builder yet: write it in qala.bench.questions._ipex_engine "
+        f"(running under {sys.executable})"
+    )
+
+
+# Engines by name (never by import path): what a row spec's "engine" may say.
+ENGINES: dict[str, Callable[[Mapping[str, Any], Path], tuple[Predictor, dict[str, Any]]]] = {
+    "qala": _qala_engine,
+    "transformers": _transformers_engine,
+    "onnxruntime": _onnxruntime_engine,
+    "ipex": _ipex_engine,
+}
+
+
+def pad_to_multiple(inputs: dict[str, Any], multiple: int | None, pad_id: int = 0) -> dict[str, Any]:
+    """Right-pad a batch to a multiple of `multiple` positions (attention_mask 0 on the padding)."""
+    import torch.nn.functional as F
+
+    seq = inputs["input_ids"].size(1)
+    extra = -seq % multiple if multiple and multiple > 1 else 0
+    if not extra:
+        return inputs
+    return {k: F.pad(v, (0, extra), value=pad_id if k == "input_ids" else 0) for k, v in inputs.items()}
+
+
+def real_token_macs(config: Any, spec: Mapping[str, Any], lengths: Sequence[int]) -> int:
+    """MACs of windows at their real lengths under the row's configuration (qala.model.macs_per_sample)."""
+    from qala.model import kept_per_layer, macs_per_sample
+
+    values, mode = spec.get("length_config"), spec.get("length_mode")
+    total = 0
+    for n in lengths:
+        kept = None if values is None else kept_per_layer(values, n) if mode == "ratio" else list(values)
+        total += macs_per_sample(config, kept, n)
+    return total
+
+
+def _backbone_config(spec: Mapping[str, Any]) -> Any:
+    from transformers import AutoConfig, BertConfig
+
+    return BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
+
+
+def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One row: answer the questions request by request, each request timed; speed, F1 and MACs."""
+    from transformers import AutoTokenizer
+
+    from qala.data import (
+        load_squad,
+        postprocess_with_scores,
+        prepare_eval_features,
+        references_from,
+        squad_metrics,
+    )
+    from qala.model import batch_inputs
+    from qala.utils import environment_info, latency_stats, resolve_model_path, time_calls
+
+    if spec["engine"] not in ENGINES:
+        raise ValueError(f"unknown engine {spec['engine']!r}; expected one of {sorted(ENGINES)}")
+    examples = load_squad(resolve_model_path(spec["data"]), split=spec["data_split"])
+    n = min(spec["questions"] or len(examples), len(examples))
+    columns = examples.select(range(n)).with_format(None).select_columns(["id", "question", "context", "answers"])[:]
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    pad_id = tokenizer.pad_token_id or 0
+    b = spec["batch_size"]
+    requests = [{k: columns[k][i : i + b] for k in ("id", "question", "context")} for i in range(0, n, b)]
+
+    def featurize(request: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        features = prepare_eval_features(
+            request, tokenizer, max_seq_length=spec["max_seq_length"], doc_stride=spec["doc_stride"]
+        )
+        inputs = pad_to_multiple(batch_inputs(features, pad_id=pad_id), spec.get("pad_to_multiple_of"), pad_id)
+        return features, inputs
+
+    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]))
+
+    def answer(request: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+        features, inputs = featurize(request)
+        start, end = predict(inputs)
+        return postprocess_with_scores(
+            request,
+            features,
+            start,
+            end,
+            n_best_size=spec["n_best_size"],
+            max_answer_length=spec["max_answer_length"],
+        )
+
+    # An untimed pass over the tokenizer gives every request's shape (to warm compiled graphs before the
+    # clock starts: no request may wait for a compile) and every window's real length (for the MACs).
+    shapes: dict[tuple[int, ...], dict[str, Any]] = {}
+    real_lengths: list[int] = []
+    padded_positions = 0
+    for request in requests:
+        features, inputs = featurize(request)
+        shapes.setdefault(tuple(inputs["input_ids"].shape), inputs)
+        real_lengths += [len(ids) for ids in features["input_ids"]]
+        padded_positions += inputs["input_ids"].numel()
+    for request in requests[: spec.get("warmup", 1)]:
+        answer(request)
+    if facts.get("compiled"):
+        for inputs in shapes.values():
+            predict(inputs)
+
+    predictions: dict[str, str] = {}
+    queue = iter(requests)
+
+    def next_request() -> None:
+        predictions.update({qid: text for qid, (text, _) in answer(next(queue)).items()})
+
+    seconds = time_calls(next_request, warmup=0, repeats=len(requests))
+    per_question = [s / len(r["id"]) for s, r in zip(seconds, requests, strict=True)]
+    stats = latency_stats(per_question)
+    metrics = squad_metrics(predictions, references_from(columns))
+    total = sum(seconds)
+    macs = real_token_macs(_backbone_config(spec), spec, real_lengths)
+    return {
+        **facts,
+        "questions": n,
+        "requests": len(requests),
+        "windows": len(real_lengths),
+        "real_tokens": sum(real_lengths),
+        "padded_positions": padded_positions,
+        "shapes": len(shapes),
+        "untimed_warmup_requests": min(spec.get("warmup", 1), len(requests)),
+        "warmed_shapes": len(shapes) if facts.get("compiled") else 0,
+        "f1": None if spec.get("f1_note") else round(metrics["f1"], 2),
+        "exact_match": None if spec.get("f1_note") else round(metrics["exact_match"], 2),
+        "ms_p50": stats["p50_ms"],
+        "ms_p90": stats["p90_ms"],
+        "ms_p99": stats["p99_ms"],
+        "questions_per_s": round(n / total, 3),
+        "seconds": round(total, 3),
+        "gmacs_real_tokens": round(macs / 1e9, 3),
+        "achieved_gmacs_per_s": round(macs / total / 1e9, 3),
+        "python": sys.executable,
+        "worker_versions": environment_info()["versions"],
+    }
