@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
 from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.load import load_model, model_kind
@@ -110,19 +111,13 @@ class QalaModel:
         from transformers import AutoTokenizer
 
         model_dir = Path(resolve_model_path(str(model_dir)))
-        frontier_file = model_dir / FRONTIER_NAME
-        if not frontier_file.is_file():
-            raise FileNotFoundError(
-                f"{frontier_file} not found: run `python -m qala.search RECIPE.yaml` with search.model={model_dir} "
-                f"(or --install-into {model_dir}) to give the model its frontier"
-            )
-        frontier = json.loads(frontier_file.read_text())
-        if not frontier.get("frontier"):
-            raise ValueError(f"{frontier_file} lists no configurations; run the search again")
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
         if threads:
             torch.set_num_threads(threads)
         int8 = model_kind(model_dir) == "int8"
         model: Callable = load_model(model_dir)
+        frontier = _frontier_or_full_length(model_dir, model)
         if int8:
             from qala.quantize import CompiledQA
 
@@ -130,7 +125,8 @@ class QalaModel:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         seq_length = int(frontier["max_seq_length"])
         configs = [tuple(int(n) for n in row["length_config"]) for row in frontier["frontier"]]
-        f1 = {tuple(row["length_config"]): float(row["f1"]) for row in frontier["frontier"]}
+        # F1 is unknown (None) for the full-length point of a model without a frontier.
+        f1 = {tuple(row["length_config"]): float(row["f1"] or "nan") for row in frontier["frontier"]}
         latency = _host_latencies(
             model,
             tokenizer,
@@ -210,6 +206,27 @@ class QalaModel:
         return results
 
 
+def _frontier_or_full_length(model_dir: Path, model: Any) -> dict[str, Any]:
+    """frontier.json of the model directory; without one (no search run yet), full length only, said once."""
+    frontier_file = model_dir / FRONTIER_NAME
+    if frontier_file.is_file():
+        frontier = json.loads(frontier_file.read_text())
+        if not frontier.get("frontier"):
+            raise ValueError(f"{frontier_file} lists no configurations; run the search again")
+        return frontier
+    seq_length = model.qala_config.max_seq_length
+    logger.warning(
+        "%s has no %s: answering at full length (%d tokens per layer). `python -m qala.search RECIPE.yaml` "
+        "with search.model=%s gives it configurations for latency budgets",
+        model_dir,
+        FRONTIER_NAME,
+        seq_length,
+        model_dir,
+    )
+    full = [seq_length] * model.num_layers
+    return {"max_seq_length": seq_length, "frontier": [{"length_config": full, "f1": None}]}
+
+
 def _host_latencies(
     model: Callable,
     tokenizer: Any,
@@ -261,16 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: most accurate)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--remeasure", action="store_true", help="ignore the cached latencies of this host")
+    add_verbose(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits
-            result = model.answer(args.question, args.context, budget_ms=args.budget_ms)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    setup_logging(args.verbose)
+    return guarded(lambda: _answer(args))
+
+
+def _answer(args) -> int:
+    model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits
+        result = model.answer(args.question, args.context, budget_ms=args.budget_ms)
     print(json.dumps({**result, "budget_ms": args.budget_ms}))
     return 0
 

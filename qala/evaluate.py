@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
 from qala.model import batch_inputs, check_length_config, constant_ratio_length_config
 from qala.quantize.load import load_model
@@ -98,17 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N questions only")
     parser.add_argument("--out", help="write predictions (question id -> answer text) to this JSON file")
+    add_verbose(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
+    return guarded(lambda: _evaluate(args))
 
+
+def _evaluate(args) -> int:
     model_dir = resolve_model_path(args.model_dir)
-    try:
-        model = load_model(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        examples = load_squad(args.data, split=args.split)
-    except (OSError, ValueError) as e:  # SquadFormatError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = load_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_squad(args.data, split=args.split)
     if args.max_samples:
         examples = examples.select(range(min(args.max_samples, len(examples))))
     max_seq_length = args.max_seq_length or model.qala_config.max_seq_length
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if length_config is not None:
             check_length_config(length_config, num_layers=model.num_layers, max_seq_length=max_seq_length)
     except ValueError as e:
-        print(f"error: --length-config: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--length-config: {e}") from None
 
     # Padded to max_seq_length so that length configurations mean what they mean in deployment.
     features = featurize(

@@ -32,6 +32,24 @@ class RecipeError(ValueError):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
+class FieldProblems(ValueError):
+    """Raised by a section's __post_init__: one "field: message" per problem, prefixed with the section's
+    key path by the loader (so each line of the RecipeError names one key)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def fingerprint(value: Any) -> str:
+    """A short hash of plain data (canonical JSON): the one fingerprint of qala.
+
+    A stage's artifact is reused only when the inputs it depends on hash the same; each stage chooses
+    those inputs (Recipe.fingerprint picks recipe sections).
+    """
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- the schema
 
 
@@ -108,6 +126,20 @@ class CalibrationConfig:
     # at full length, 53.76 vs 52.98 at keep 0.8; the 400-question tuning subset leaned the other way,
     # 55.20 vs 55.35).
     length_configs: Literal["full", "mixed"] = "full"
+    # With `mixed`: the LengthDrop sampler's bound (a layer keeps between 1 - bound and all of the previous
+    # layer's tokens); the model's own train.lengthdrop value is the natural choice.
+    length_drop_ratio_bound: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.samples < 1:
+            problems.append(f"samples: expected >= 1, got {self.samples}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size: expected >= 1, got {self.batch_size}")
+        if not 0 < self.length_drop_ratio_bound < 1:
+            problems.append(f"length_drop_ratio_bound: expected a value in (0, 1), got {self.length_drop_ratio_bound}")
+        if problems:
+            raise FieldProblems(problems)
 
 
 @dataclass(frozen=True)
@@ -132,8 +164,9 @@ class TuningConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    model: str = "runs/squad_offline/lengthdrop/model"  # a trained fp32 qala model directory
-    output_dir: str = "runs/squad_offline/int8"
+    # A trained fp32 qala model directory; null: run.output_dir/<last train stage>/model.
+    model: str | None = None
+    output_dir: str | None = None  # null: run.output_dir/int8_<approach> (the artifact goes to OUTPUT_DIR/model)
     approach: Literal["static", "dynamic", "qat"] = "static"
     backend: Literal["pt2e", "ipex"] = "pt2e"  # ipex: retired IPEX 2.8, needs torch 2.8 (see README)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -155,9 +188,10 @@ class SearchConfig:
     """The recipe's `search` section."""
 
     # Model directory to search: a trained fp32 qala model, or an INT8 artifact (qala.tune's
-    # OUTPUT_DIR/model, recognised by its quantization.json). Must match `backend`.
-    model: str = "runs/squad_offline/int8_static/model"
-    output_dir: str = "runs/squad_offline/search"
+    # OUTPUT_DIR/model, recognised by its quantization.json). Must match `backend`. null: the recipe's
+    # quantization.output_dir/model for int8, quantization.model for fp32.
+    model: str | None = None
+    output_dir: str | None = None  # null: run.output_dir/search
     # Cost axis: "latency" = median ms measured on this machine for `backend`; "macs" = analytic
     # multiply-accumulates per window (macs_per_sample), machine-independent and free to compute.
     objective: Literal["latency", "macs"] = "latency"
@@ -208,7 +242,7 @@ class SearchConfig:
         if self.baseline_points < 2:
             problems.append(f"baseline_points: expected >= 2 (both bounds), got {self.baseline_points}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
 
 
 BASELINES = ("bert-base", "tinybert-6l", "dynamic-tinybert")
@@ -300,9 +334,9 @@ class BenchmarkConfig:
             problems.append(f"f1: expected numbers (measured F1 by row id), got non-numbers for {bad}")
         unknown = sorted(set(self.baseline_configs) - set(BASELINES))
         if unknown:
-            problems.append(f"baseline_configs: unknown baselines {unknown}; expected some of {list(BASELINES)}")
+            problems.append(f"baseline_configs: unknown baselines {unknown}, expected some of {list(BASELINES)}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
 
 
 @dataclass(frozen=True)
@@ -316,6 +350,25 @@ class Recipe:
     search: SearchConfig = field(default_factory=SearchConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
+    def __post_init__(self) -> None:
+        """Every stage's folder that the recipe leaves null is derived from run.output_dir, so the stages
+        of one recipe agree: train writes RUN/<stage>/model, tune reads the last one and writes
+        RUN/int8_<approach>, search reads RUN/int8_<approach>/model (or the fp32 model) and writes RUN/search."""
+        run, q, s = self.run.output_dir, self.quantization, self.search
+        last_stage = self.train.stages[-1] if self.train.stages else "finetune"
+        q = dataclasses.replace(
+            q,
+            model=q.model or f"{run}/{last_stage}/model",
+            output_dir=q.output_dir or f"{run}/int8_{q.approach}",
+        )
+        s = dataclasses.replace(
+            s,
+            model=s.model or (f"{q.output_dir}/model" if s.backend == "int8" else q.model),
+            output_dir=s.output_dir or f"{run}/search",
+        )
+        object.__setattr__(self, "quantization", q)  # frozen: set once, while constructing
+        object.__setattr__(self, "search", s)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -325,8 +378,7 @@ class Recipe:
     def fingerprint(self, *sections: str) -> str:
         """A short hash of some sections: a stage's artifact is reused only if its inputs hash the same."""
         data = self.to_dict()
-        chosen = {s: _lookup(data, s) for s in sections}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint({s: _lookup(data, s) for s in sections})
 
 
 def _lookup(data: dict, dotted: str) -> Any:
@@ -423,6 +475,8 @@ def from_dict(cls: type, data: Any, path: str) -> tuple[Any, list[str]]:
         return None, problems
     try:
         return cls(**values), []
+    except FieldProblems as e:
+        return None, [_join(path, p) for p in e.problems]
     except (TypeError, ValueError) as e:
         return None, [f"{where}: {e}"]
 
@@ -523,8 +577,6 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         )
     if q.tuning.max_trials < 1:
         problems.append(f"quantization.tuning.max_trials: expected >= 1, got {q.tuning.max_trials}")
-    if q.calibration.samples < 1:
-        problems.append(f"quantization.calibration.samples: expected >= 1, got {q.calibration.samples}")
     problems += check_training_args(q.qat.training_args, "quantization.qat.training_args")
     for i, entry in enumerate(q.tuning.config_set):
         units = entry.get("fp32_units", [])

@@ -25,9 +25,7 @@ The frontier is also copied into the searched model directory (search.install_fr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -42,11 +40,12 @@ from typing import Any
 
 import torch
 
-from qala.data import SquadFormatError, load_split, question_subset, windows
+from qala.cli import recipe_parser, run_main
+from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import batch_inputs, constant_ratio_length_config, macs_per_sample
 from qala.quantize.load import load_model, model_kind
-from qala.recipe import Recipe, SearchConfig, load_recipe
+from qala.recipe import Recipe, SearchConfig, fingerprint, load_recipe
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -477,7 +476,7 @@ def search_fingerprint(recipe: Recipe, search: SearchConfig) -> str:
         data.pop(key)
     data["data"] = dataclasses.asdict(recipe.data)
     data["seed"] = search.seed if search.seed is not None else recipe.run.seed
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(data)
 
 
 def load_backend(model_dir: str | Path, backend: str) -> tuple[Any, Callable]:
@@ -515,7 +514,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     out = Path(search.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", _resolved_yaml(recipe, search))
+        atomic_write_text(out / "recipe.yaml", dataclasses.replace(recipe, search=search).to_yaml())
     if search.latency_threads:
         torch.set_num_threads(search.latency_threads)
     d, e = recipe.data, recipe.eval
@@ -642,15 +641,6 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     return document
 
 
-def _resolved_yaml(recipe: Recipe, search: SearchConfig) -> str:
-    """The recipe after overrides, search section included (before and after Recipe has one)."""
-    import yaml
-
-    data = recipe.to_dict()
-    data["search"] = dataclasses.asdict(search)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def read_frontier(path: str | Path) -> dict[str, Any]:
     """A frontier.json that run() wrote: "frontier" (points with "length_config" (absolute) or "keep_ratios"
     (relative), "cost", "f1", "macs"), "keep_ratio_curve", "backend", "objective", "max_seq_length" and the
@@ -719,28 +709,25 @@ def plot_frontier(document: Mapping[str, Any], genes: Sequence[Mapping[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qala.search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="YAML recipe with a search section, e.g. recipes/squad_search.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    parser = recipe_parser(
+        "python -m qala.search", __doc__, "YAML recipe with a search section, e.g. recipes/squad_search.yaml"
+    )
     parser.add_argument(
         "--install-into", action="append", default=[], metavar="MODEL_DIR", help="also copy frontier.json here"
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from qala.recipe import RecipeError
+    return run_main(parser, argv, _main)
 
+
+def _main(args, recipe: Recipe) -> int:
+    search = recipe.search
     started_group = False
     try:
-        recipe, search = load_search_recipe(args.recipe, args.overrides)
         # torchrun sets WORLD_SIZE but leaves the process group to the script; gloo works on CPU hosts.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend="gloo")
             started_group = True
         is_main = (_distributed() or (0, 1))[0] == 0
         document = run(recipe, search, install_into=args.install_into)
-    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if started_group:
             torch.distributed.destroy_process_group()

@@ -13,7 +13,6 @@ an interrupted one continues from its last checkpoint with --resume.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -34,7 +33,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from qala.data import SquadFormatError, load_split, windows
+from qala.cli import recipe_parser, run_main
+from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
     LengthAdaptiveForQuestionAnswering,
@@ -42,7 +42,7 @@ from qala.model import (
     sample_length_config,
     smallest_length_config,
 )
-from qala.recipe import Recipe, RecipeError, StageConfig, load_recipe, make_training_arguments
+from qala.recipe import Recipe, RecipeError, StageConfig, make_training_arguments
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -347,18 +347,12 @@ def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_exam
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qala.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/squad_offline.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    parser = recipe_parser("python -m qala.train", __doc__, "YAML recipe, e.g. recipes/squad_offline.yaml")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        results = run(recipe, resume=args.resume)
-    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(parser, argv, lambda args, recipe: _report(run(recipe, resume=args.resume)))
+
+
+def _report(results: dict[str, Any]) -> int:
     for stage, info in results.items():
         for name, m in info["eval"]["results"].items():
             print(f"{stage:>10} {name:>9}: EM {m['exact_match']:6.2f}  F1 {m['f1']:6.2f}")

@@ -18,7 +18,6 @@ Exit status 0 when the goal is met, 3 when no trial met it (the best model found
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -30,7 +29,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from qala.data import SquadFormatError, load_split, question_subset, windows
+from qala.cli import recipe_parser, run_main
+from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
     LengthAdaptiveForQuestionAnswering,
@@ -40,7 +40,7 @@ from qala.model import (
 )
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
-from qala.recipe import QuantizationConfig, Recipe, RecipeError, load_recipe, make_training_arguments
+from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
     features = windows(examples.select(order[: q.calibration.samples]), tokenizer, d, train=False)
     features = features.select(range(min(q.calibration.samples, len(features))))
     rng = random.Random(recipe.run.seed)
-    bound = recipe.train.lengthdrop.length_drop_ratio_bound
+    bound = q.calibration.length_drop_ratio_bound
     batches = []
     for i in range(0, len(features), q.calibration.batch_size):
         rows = features[i : i + q.calibration.batch_size]
@@ -353,17 +353,13 @@ def _run_ipex(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qala.tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="YAML recipe with a quantization section, e.g. recipes/squad_int8.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        report, status = run(recipe)
-    except (RecipeError, SquadFormatError, FileNotFoundError, IpexUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parser = recipe_parser(
+        "python -m qala.tune", __doc__, "YAML recipe with a quantization section, e.g. recipes/squad_int8.yaml"
+    )
+    return run_main(parser, argv, lambda args, recipe: _summary(*run(recipe)), errors=(IpexUnavailableError,))
+
+
+def _summary(report: dict[str, Any], status: int) -> int:
     chosen = report.get("chosen")
     if chosen:
         print(

@@ -119,12 +119,18 @@ def test_latency_is_measured_once_per_host_and_setup(tmp_path, tiny_checkpoint, 
         QalaModel.from_pretrained(tmp_path / "other" / "model")
 
 
-def test_a_model_without_a_frontier_says_how_to_get_one(tmp_path, tiny_checkpoint, capsys):
+def test_a_model_without_a_frontier_answers_at_full_length_and_says_how_to_get_one(
+    tmp_path, tiny_checkpoint, capsys, caplog
+):
     model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "bare"))
-    with pytest.raises(FileNotFoundError, match="python -m qala.search"):
-        QalaModel.from_pretrained(model_dir)
-    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
-    assert "qala.search" in capsys.readouterr().err
+    model = QalaModel.from_pretrained(model_dir)
+    full = [model.max_seq_length] * len(model.points[0].length_config)
+    assert [list(p.length_config) for p in model.points] == [full]
+    assert "python -m qala.search" in caplog.text and "full length" in caplog.text
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 0
+    assert json.loads(capsys.readouterr().out)["length_config"] == full
+    assert qa.main(["--model", str(tmp_path / "absent"), "--question", QUESTION, "--context", CONTEXT]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
 def test_cli_prints_the_answer_as_json(tmp_path, tiny_checkpoint, capsys, caplog):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qala.recipe import Recipe, RecipeError, apply_override, load_recipe, make_training_arguments
+from qala.recipe import Recipe, RecipeError, apply_override, fingerprint, load_recipe, make_training_arguments
 from qala.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,3 +132,67 @@ def test_cli_recipe_error_is_one_line_per_problem_exit_2_no_traceback(tmp_path, 
     assert len(lines) == 2
     assert lines[0].startswith("error: ") and "data.max_seq_length" in lines[0]
     assert "model.bogus: unknown key" in lines[1]
+
+
+def test_section_checks_name_one_key_per_line(tmp_path):
+    path = write(
+        tmp_path,
+        "search: {min_keep_ratio: 0, latency_repeats: 0}\n"
+        "benchmark: {windows: 0, threads: 0}\n"
+        "quantization: {calibration: {samples: 0, length_drop_ratio_bound: 1.5}}\n",
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    problems = err.value.problems
+    for key in (
+        "search.min_keep_ratio",
+        "search.latency_repeats",
+        "benchmark.windows",
+        "benchmark.threads",
+        "quantization.calibration.samples",
+        "quantization.calibration.length_drop_ratio_bound",
+    ):
+        assert sum(p.startswith(f"{key}: expected") for p in problems) == 1, (key, problems)
+    assert not any("; " in p for p in problems)
+
+
+def test_stage_folders_are_derived_from_run_output_dir(tmp_path):
+    recipe = load_recipe(write(tmp_path, "run: {output_dir: out/r}\ndata: {train: squad, eval: squad}\n"))
+    q, s = recipe.quantization, recipe.search
+    assert q.model == "out/r/lengthdrop/model"  # the last training stage
+    assert q.output_dir == "out/r/int8_static"
+    assert s.model == "out/r/int8_static/model"  # what tune wrote
+    assert s.output_dir == "out/r/search"
+    other = load_recipe(
+        tmp_path / "r.yaml", ["quantization.approach=dynamic", "train.stages=[finetune]", "search.backend=fp32"]
+    )
+    assert other.quantization.output_dir == "out/r/int8_dynamic"
+    assert other.search.model == other.quantization.model == "out/r/finetune/model"
+    explicit = load_recipe(tmp_path / "r.yaml", ["quantization.output_dir=elsewhere"])
+    assert explicit.search.model == "elsewhere/model"
+    # The resolved recipe (written beside every artifact) carries the derived folders.
+    assert "output_dir: out/r/int8_static" in recipe.to_yaml()
+
+
+def test_one_fingerprint():
+    recipe = Recipe()
+    assert recipe.fingerprint("data") == fingerprint({"data": recipe.to_dict()["data"]})
+    assert len(fingerprint({"a": 1})) == 16 and fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+
+
+def test_cli_is_quiet_by_default_and_verbose_on_request():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logging; from qala.cli import setup_logging; import qala.quantize; "
+        "setup_logging('-v' in sys.argv); logging.getLogger('neural_compressor').info('INC chatter')"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert quiet.stderr == "" and quiet.stdout == ""
+    loud = subprocess.run([sys.executable, "-c", code, "-v"], capture_output=True, text=True, check=True, cwd=REPO)
+    assert "INC chatter" in loud.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "qala.tune", "--help"], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert helped.stderr == "" and "-v, --verbose" in helped.stdout
