@@ -43,8 +43,11 @@ def worker_command(spec_file: str | Path, out: str | Path, python: str | None = 
 
 
 def _tail(text: str, lines: int = 15) -> str:
+    """The last lines of a worker's stderr, the exception line first (tables show an error's start)."""
     kept = [line for line in text.splitlines() if line.strip() and "Failed to load" not in line]
-    return "\n".join(kept[-lines:])
+    if not kept:
+        return ""
+    return "\n".join([kept[-1], *kept[-lines:-1]])
 
 
 def run_worker(spec: Mapping[str, Any], work_dir: Path) -> dict[str, Any]:

@@ -48,6 +48,13 @@ COMPILED_PAD_MULTIPLE = 32
 
 # (start logits, end logits) as numpy arrays [windows, positions] for a batch of model inputs.
 Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
+# An engine builds (predictor, facts) from the row spec, its work folder and one request's inputs (engines
+# that trace a graph per shape build the first one from it). facts["warm_every_shape"]: the engine builds
+# something per input shape (torch.compile, IPEX's traced graphs), so every request shape is run once
+# before timing and no timed request waits for a build.
+Engine = Callable[[Mapping[str, Any], Path, Mapping[str, Any]], tuple[Predictor, dict[str, Any]]]
+# The IPEX calibration that benchmarks/ipex_quantize.py writes (run in .venv-ipex); IPEX rows need it.
+IPEX_SUMMARIES = Path("runs/ipex_reference/ipex_calibration.json")
 
 
 # --------------------------------------------------------------------------- planning (the harness side)
@@ -142,10 +149,14 @@ def plan_question_rows(
                 add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=directory, **extra)
 
     if bench.ipex:
-        if plan.IPEX_PYTHON.exists() and model_dir:
-            add("MiniLM", "ipex", "int8", path=model_dir, python=str(plan.IPEX_PYTHON.absolute()))
+        if plan.IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file() and model_dir:
+            python, summaries = str(plan.IPEX_PYTHON.absolute()), str(IPEX_SUMMARIES.absolute())
+            add("MiniLM", "ipex", "int8", path=model_dir, python=python, ipex_summaries=summaries)
         else:
-            notes["ipex"] = plan.ipex_note()
+            notes["ipex"] = {
+                **plan.ipex_note(),
+                "needs": f"{plan.IPEX_PYTHON} and {IPEX_SUMMARIES} (benchmarks/ipex_quantize.py, run in .venv-ipex)",
+            }
     return rows, notes
 
 
@@ -238,17 +249,20 @@ def _logits(out: Any) -> tuple[Any, Any]:
     return out.start_logits.float().numpy(), out.end_logits.float().numpy()
 
 
-def _qala_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     from qala.bench.peers import call_model
     from qala.quantize.load import load_model
 
     compiled = spec["dtype"] == "int8" and bool(spec.get("compiled"))
     model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
     length = _length_kwargs(spec)
-    return (lambda inputs: _logits(call_model(model, inputs, **length))), {"compiled": compiled}
+    return (lambda inputs: _logits(call_model(model, inputs, **length))), {
+        "compiled": compiled,
+        "warm_every_shape": compiled,
+    }
 
 
-def _transformers_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+def _transformers_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     from qala.bench.peers import call_model, random_model, transformers_model
 
     attn = spec.get("attn_implementation") or "sdpa"
@@ -266,7 +280,7 @@ def _transformers_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predi
     return (lambda inputs: _logits(call_model(model, inputs))), {"attn_implementation": attn}
 
 
-def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     from qala.bench.peers import onnx_model
 
     if spec.get("length_config") is not None:
@@ -274,17 +288,24 @@ def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predic
     return onnx_model(spec, work_dir, dynamic_sequence=True)
 
 
-def _ipex_engine(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
-    # The hook for the IPEX rows: they run under .venv-ipex/bin/python (torch 2.8, IPEX 2.8, qala
-    # installed with --no-deps). A builder returns (predict(inputs) -> (start, end) numpy, facts).
-    raise NotImplementedError(
-        "engine 'ipex' has no builder yet: write it in qala.bench.questions._ipex_engine "
-        f"(running under {sys.executable})"
-    )
+def _ipex_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
+    # Runs under .venv-ipex/bin/python (torch 2.8, IPEX 2.8, qala installed with --no-deps): the INT8
+    # model that benchmarks/ipex_quantize.py calibrated and scored, one traced graph per input shape.
+    from qala.quantize.ipex import timing_callable
+
+    if spec.get("length_mode") == "ratio":
+        raise ValueError("IPEX rows take absolute length configurations (traced top-k sizes), not keep ratios")
+    call, facts = timing_callable(spec["path"], spec.get("length_config"), example, summaries=spec["ipex_summaries"])
+
+    def predict(inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+        start, end = call(inputs)
+        return start.float().numpy(), end.float().numpy()
+
+    return predict, {**facts, "warm_every_shape": True}
 
 
 # Engines by name (never by import path): what a row spec's "engine" may say.
-ENGINES: dict[str, Callable[[Mapping[str, Any], Path], tuple[Predictor, dict[str, Any]]]] = {
+ENGINES: dict[str, Engine] = {
     "qala": _qala_engine,
     "transformers": _transformers_engine,
     "onnxruntime": _onnxruntime_engine,
@@ -352,8 +373,6 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
         inputs = pad_to_multiple(batch_inputs(features, pad_id=pad_id), spec.get("pad_to_multiple_of"), pad_id)
         return features, inputs
 
-    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]))
-
     def answer(request: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
         features, inputs = featurize(request)
         start, end = predict(inputs)
@@ -376,9 +395,10 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
         shapes.setdefault(tuple(inputs["input_ids"].shape), inputs)
         real_lengths += [len(ids) for ids in features["input_ids"]]
         padded_positions += inputs["input_ids"].numel()
+    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]), next(iter(shapes.values())))
     for request in requests[: spec.get("warmup", 1)]:
         answer(request)
-    if facts.get("compiled"):
+    if facts.get("warm_every_shape"):
         for inputs in shapes.values():
             predict(inputs)
 
@@ -403,7 +423,7 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
         "padded_positions": padded_positions,
         "shapes": len(shapes),
         "untimed_warmup_requests": min(spec.get("warmup", 1), len(requests)),
-        "warmed_shapes": len(shapes) if facts.get("compiled") else 0,
+        "warmed_shapes": len(shapes) if facts.get("warm_every_shape") else 0,
         "f1": None if spec.get("f1_note") else round(metrics["f1"], 2),
         "exact_match": None if spec.get("f1_note") else round(metrics["exact_match"], 2),
         "ms_p50": stats["p50_ms"],

@@ -1,0 +1,276 @@
+"""The real-questions table (qala.bench.questions): planning, the end-to-end measurement, engines, the JSON.
+
+Tiny models (2 layers, hidden 32) on the packaged SQuAD sample; nothing here asserts a timing.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForQuestionAnswering, BertConfig
+
+from qala.bench import cli, plan, questions
+from qala.bench.peers import onnx_model
+from qala.model import kept_per_layer, macs_per_sample
+from qala.recipe import load_recipe
+from tests.test_bench import model_dir, tiny_int8_artifact  # noqa: F401 - fixtures
+
+SAMPLE = "package://qala/samples/squad_sample_dev.json"
+TINY_ARCH = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 800}
+RECIPE = """\
+# python -m qala.bench {tmp}/questions.yaml --table questions
+data:
+  train: package://qala/samples/squad_sample_train.json
+  eval: {sample}
+  max_eval_samples: 4
+  max_seq_length: 64
+  doc_stride: 32
+benchmark:
+  output_dir: {tmp}/out
+  model: {model}
+  baselines: [bert-base]
+  baseline_configs:
+    bert-base: {{hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, vocab_size: 800, num_hidden_layers: 2}}
+  batch_sizes: [2]
+  threads: 1
+  warmup: 1
+  compile_int8: false
+  onnxruntime: false
+  ipex: true
+  gemm_peak: true
+  gemm_size: 64
+  core_sweep: false
+"""
+
+
+def write_recipe(tmp_path: Path, model: Path) -> Path:
+    path = tmp_path / "questions.yaml"
+    path.write_text(RECIPE.format(tmp=tmp_path, model=model, sample=SAMPLE))
+    return path
+
+
+def spec_for(model: Path, tmp_path: Path, **extra) -> dict:
+    return {
+        "id": "test",
+        "kind": "real_questions",
+        "data": SAMPLE,
+        "data_split": "validation",
+        "questions": 5,
+        "max_seq_length": 64,
+        "doc_stride": 32,
+        "n_best_size": 20,
+        "max_answer_length": 30,
+        "tokenizer": str(model),
+        "threads": 1,
+        "warmup": 1,
+        "work_dir": str(tmp_path / "work"),
+        "path": str(model),
+        "engine": "qala",
+        "dtype": "fp32",
+        "batch_size": 2,
+        "length_config": None,
+        "length_mode": None,
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------ planning
+
+
+def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    frontier = {
+        "backend": "int8",
+        "frontier": [
+            {"keep_ratios": [0.9, 0.6], "cost": 1.0, "f1": 20.0},
+            {"length_config": [60, 50], "cost": 2.0, "f1": 30.0},
+            {"keep_ratios": [1.0, 1.0], "cost": 3.0, "f1": 31.0},  # full length: already a row
+        ],
+    }
+    (tmp_path / "frontier.json").write_text(json.dumps(frontier))
+    recipe = load_recipe(
+        write_recipe(tmp_path, model_dir),
+        [
+            f"benchmark.int8_model={model_dir}",
+            f"benchmark.frontier={tmp_path}/frontier.json",
+            "benchmark.frontier_dtypes=[int8]",
+            "benchmark.batch_sizes=[1, 32]",
+            "benchmark.onnxruntime=true",
+            "benchmark.compile_int8=true",
+        ],
+    )
+    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
+    rows, notes = questions.plan_question_rows(recipe, recipe.benchmark)
+    ids = [r["id"] for r in rows]
+    assert ids[:2] == ["transformers/BERT-base/fp32/full/b1", "transformers/BERT-base/fp32/full/b32"]
+    assert {
+        "transformers/MiniLM/fp32/full/b1",
+        "onnxruntime/MiniLM/fp32/full/b32",
+        "onnxruntime/MiniLM/int8/full/b1",
+        "qala/MiniLM/fp32/full/b1",
+        "qala/MiniLM/int8/full/b32",
+        "qala/QuaLA-MiniLM/int8/kr-0.9-0.6/b1",
+        "qala/QuaLA-MiniLM/int8/lc-60-50/b32",
+    } <= set(ids)
+    assert len(ids) == len(set(ids)) == 16
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["qala/QuaLA-MiniLM/int8/kr-0.9-0.6/b1"]["length_mode"] == "ratio"
+    assert by_id["qala/QuaLA-MiniLM/int8/lc-60-50/b1"]["length_mode"] == "absolute"
+    assert by_id["qala/MiniLM/fp32/full/b1"]["length_mode"] is None
+    int8 = by_id["qala/MiniLM/int8/full/b1"]
+    assert int8["compiled"] and int8["pad_to_multiple_of"] == questions.COMPILED_PAD_MULTIPLE
+    assert by_id["transformers/BERT-base/fp32/full/b1"]["f1_note"]
+    assert all(r["questions"] == 4 and r["python"] is None for r in rows)
+    assert notes["ipex"]["status"] == "skipped" and "ipex_quantize.py" in notes["ipex"]["needs"]
+
+    # With the IPEX environment and its calibration present, IPEX rows run under that environment's python.
+    python, summaries = tmp_path / "python", tmp_path / "ipex_calibration.json"
+    python.write_text("")
+    summaries.write_text("{}")
+    monkeypatch.setattr(plan, "IPEX_PYTHON", python)
+    monkeypatch.setattr(questions, "IPEX_SUMMARIES", summaries)
+    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, pad_multiple=64)
+    ipex = [r for r in rows if r["engine"] == "ipex"]
+    assert [r["batch_size"] for r in ipex] == [1, 32] and ipex[0]["python"] == str(python.absolute())
+    assert next(r for r in rows if r["id"] == "qala/MiniLM/int8/full/b1")["pad_to_multiple_of"] == 64
+
+
+# ------------------------------------------------------------------ the measurement, in process
+
+
+def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    seen = []
+    engine = questions.ENGINES["qala"]
+
+    def spy(spec, work_dir, example):
+        predict, facts = engine(spec, work_dir, example)
+
+        def recorded(inputs):
+            seen.append(inputs["attention_mask"].clone())
+            return predict(inputs)
+
+        return recorded, facts
+
+    monkeypatch.setitem(questions.ENGINES, "qala", spy)
+    result = questions.measure_questions(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
+    assert seen and all(bool(mask[:, -1].any()) for mask in seen)  # the last position is some window's token
+    assert result["questions"] == 5 and result["requests"] == 3 and result["windows"] >= 5
+    assert result["real_tokens"] <= result["padded_positions"]
+    assert 0 <= result["f1"] <= 100 and result["ms_p50"] <= result["ms_p90"]
+    assert result["questions_per_s"] > 0 and result["achieved_gmacs_per_s"] > 0
+    assert result["python"] == sys.executable and result["worker_versions"]["torch"]
+
+
+def test_same_answers_through_qala_and_transformers_and_a_ratio_row(tmp_path, model_dir):  # noqa: F811
+    full = questions.measure_questions(spec_for(model_dir, tmp_path))
+    plain = questions.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
+    assert full["f1"] == plain["f1"] and full["exact_match"] == plain["exact_match"]
+    ratio = questions.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
+    assert ratio["gmacs_real_tokens"] < full["gmacs_real_tokens"] and ratio["f1"] is not None
+    random = questions.measure_questions(
+        spec_for(model_dir, tmp_path, engine="transformers", path=None, arch=TINY_ARCH, f1_note="speed only")
+    )
+    assert random["f1"] is None and random["ms_p50"] > 0
+
+
+def test_real_token_macs_follow_the_row_configuration():
+    config = BertConfig(**TINY_ARCH, num_hidden_layers=2)
+    full = {"length_config": None, "length_mode": None}
+    assert questions.real_token_macs(config, full, [10, 30]) == macs_per_sample(config, None, 10) + macs_per_sample(
+        config, None, 30
+    )
+    ratio = {"length_config": [0.7, 0.5], "length_mode": "ratio"}
+    assert questions.real_token_macs(config, ratio, [10]) == macs_per_sample(config, kept_per_layer([0.7, 0.5], 10), 10)
+    absolute = {"length_config": [20, 8], "length_mode": "absolute"}
+    assert questions.real_token_macs(config, absolute, [30]) == macs_per_sample(config, [20, 8], 30)
+
+
+def test_pad_to_multiple():
+    inputs = {"input_ids": torch.ones(2, 37, dtype=torch.long), "attention_mask": torch.ones(2, 37, dtype=torch.long)}
+    padded = questions.pad_to_multiple(inputs, 32, pad_id=0)
+    assert padded["input_ids"].shape == (2, 64) and int(padded["attention_mask"][:, 37:].sum()) == 0
+    assert questions.pad_to_multiple(inputs, None) is inputs and questions.pad_to_multiple(inputs, 1) is inputs
+
+
+def test_onnxruntime_runs_unpadded_windows_of_any_length(tmp_path, model_dir):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    spec = {"path": str(model_dir), "dtype": "fp32", "threads": 1, "seq_length": 64}
+    call, facts = onnx_model(spec, tmp_path / "onnx", dynamic_sequence=True)
+    reference = AutoModelForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(0)
+    for batch, seq in ((1, 20), (3, 50)):
+        inputs = {
+            "input_ids": torch.randint(5, 600, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+        }
+        inputs["attention_mask"][0, seq - 5 :] = 0
+        start, end = call(inputs)
+        with torch.no_grad():
+            expected = reference(**inputs)
+        assert start.shape == (batch, seq)
+        assert (torch.from_numpy(start) - expected.start_logits).abs().max().item() < 1e-4
+        assert (torch.from_numpy(end) - expected.end_logits).abs().max().item() < 1e-4
+    int8_call, int8_facts = onnx_model({**spec, "dtype": "int8"}, tmp_path / "onnx8", dynamic_sequence=True)
+    assert int8_call(inputs)[0].shape == (3, 50) and "quantize_dynamic" in int8_facts["quantization"]
+
+
+# ------------------------------------------------------------------ workers, the row's own python, the JSON
+
+
+def test_a_row_runs_under_its_own_python_and_a_missing_one_fails_cleanly(tmp_path, model_dir):  # noqa: F811
+    spec = spec_for(model_dir, tmp_path, questions=2, python=sys.executable)
+    result = cli.run_worker(spec, tmp_path / "work")
+    assert result["status"] == "ok", result.get("error")
+    assert result["python"] == sys.executable and result["questions"] == 2
+    missing = cli.run_worker({**spec, "python": str(tmp_path / "venv/bin/python")}, tmp_path / "work2")
+    assert missing["status"] == "failed" and "python not found" in missing["error"]
+
+
+def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_artifact, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
+    path = write_recipe(tmp_path, model_dir)
+    overrides = [f"benchmark.int8_model={tiny_int8_artifact}"]
+    assert cli.main([str(path), "--table", "questions", *overrides]) == 0, capsys.readouterr().err
+    out = tmp_path / "out"
+    document = json.loads((out / questions.QUESTIONS_NAME).read_text())
+    assert document["cpu"] and document["versions"]["torch"] and document["seeds"]["random_weights"] == 0
+    assert document["method"]["questions"] == 4 and document["gemm_peak"]["int8_gmacs_per_s"] > 0
+    rows = {r["id"]: r for r in document["rows"]}
+    assert set(rows) == {
+        "transformers/BERT-base/fp32/full/b2",
+        "transformers/MiniLM/fp32/full/b2",
+        "qala/MiniLM/fp32/full/b2",
+        "qala/MiniLM/int8/full/b2",
+    }
+    for row in rows.values():
+        assert row["status"] == "ok", (row["id"], row.get("error"))
+        for key in ("engine", "dtype", "length_config", "length_mode", "batch_size", "questions", "f1"):
+            assert key in row
+        assert row["questions"] == 4 and row["ms_p50"] > 0 and row["questions_per_s"] > 0
+        assert row["int8_peak_fraction"] > 0
+    assert rows["transformers/BERT-base/fp32/full/b2"]["f1"] is None
+    assert rows["qala/MiniLM/fp32/full/b2"]["f1"] == rows["transformers/MiniLM/fp32/full/b2"]["f1"]
+    assert rows["qala/MiniLM/int8/full/b2"]["f1"] is not None and not rows["qala/MiniLM/int8/full/b2"]["compiled"]
+    assert "| qala | MiniLM | int8 | full | 2 |" in (out / questions.QUESTIONS_TABLE).read_text()
+    assert (out / questions.QUESTIONS_PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert document["notes"]["ipex"]["status"] == "skipped"
+
+    calls = []
+    monkeypatch.setattr(cli, "run_worker", lambda spec, work_dir: calls.append(spec["id"]) or {"status": "failed"})
+    assert cli.main([str(path), "--table", "questions", "--resume", *overrides]) == 0
+    assert calls == []  # every row and the GEMM peak were kept
+
+
+def test_shipped_questions_recipe_loads(monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    path = REPO / "benchmarks" / "real_questions.yaml"
+    assert path.read_text().startswith("# python -m qala.bench benchmarks/real_questions.yaml --table questions")
+    if not (REPO.parent / "shared" / "models" / "minilm-lat-squad-offline").is_dir():
+        pytest.skip("needs ../shared/models/minilm-lat-squad-offline and ../shared/data/squad-v1.1 (not in a clone)")
+    recipe = load_recipe(path)
+    assert recipe.data.max_eval_samples >= 400 and recipe.benchmark.batch_sizes == [1, 32]
+    assert AutoConfig.from_pretrained(recipe.benchmark.model).num_hidden_layers == 6
