@@ -1,6 +1,7 @@
 """Evaluate a length-adaptive QA model on a SQuAD-format file at any length configuration.
 
-    python -m qala.evaluate MODEL_DIR DATA.json [--length-config 300,260,...] [--keep-ratio 0.6] [--out PRED.json]
+    python -m qala.evaluate MODEL_DIR DATA.json [--keep-ratios 0.9,0.8,0.7,0.6,0.5,0.4 | --keep-ratios keep=0.8]
+    python -m qala.evaluate MODEL_DIR DATA.json --length-config 300,260,220,180,140,100   # paper mode, padded
 
 prints one JSON line (exact_match, f1, n, the length configuration, wall time) and writes the
 official-format predictions file (question id -> answer text) when --out is given.
@@ -24,7 +25,7 @@ from transformers import AutoTokenizer
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
-from qala.model import batch_inputs, check_length_config, constant_ratio_length_config
+from qala.model import batch_inputs, check_length_config, constant_ratio_length_config, parse_keep_ratios
 from qala.quantize.load import load_model
 from qala.utils import atomic_write_json, resolve_model_path
 
@@ -37,26 +38,37 @@ def predict_logits(
     *,
     batch_size: int = 32,
     length_config: Sequence[int] | None = None,
+    keep_ratios: Sequence[float] | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Start/end logits [num_features, seq_len] for eval features (padded to one length).
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Start/end logits of each eval window, one array per window as long as the window.
 
+    Windows may be padded (all max_seq_length) or not: unpadded windows are batched by length (so a
+    batch pads only to its own longest window) and returned in their original order.
     `model` is a LengthAdaptiveForQuestionAnswering, fp32 or quantized, or any callable taking the
-    same keyword inputs (a compiled wrapper).
+    same keyword inputs (a compiled wrapper). At most one of length_config / keep_ratios.
     """
     device = torch.device("cpu")
     if isinstance(model, torch.nn.Module):
         model.eval()
         device = next(model.parameters(), torch.empty(0)).device
-    starts, ends = [], []
-    for i in tqdm(range(0, len(features), batch_size), desc="predict", disable=not progress, leave=False):
-        batch = features[i : i + batch_size]
-        inputs = batch_inputs(batch, device=device)
-        kwargs = {"length_config": length_config} if length_config is not None else {}
-        out = model(**inputs, **kwargs)
-        starts.append(out.start_logits.float().cpu().numpy())
-        ends.append(out.end_logits.float().cpu().numpy())
-    return np.concatenate(starts), np.concatenate(ends)
+    lengths = [len(ids) for ids in features["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if len(set(lengths)) > 1 else range(len(lengths))
+    order = list(order)
+    kwargs: dict[str, Any] = {}
+    if length_config is not None:
+        kwargs["length_config"] = length_config
+    if keep_ratios is not None:
+        kwargs["keep_ratios"] = keep_ratios
+    starts: list[np.ndarray] = [np.empty(0)] * len(order)
+    ends: list[np.ndarray] = [np.empty(0)] * len(order)
+    for i in tqdm(range(0, len(order), batch_size), desc="predict", disable=not progress, leave=False):
+        chunk = order[i : i + batch_size]
+        out = model(**batch_inputs(features.select(chunk)[:], device=device), **kwargs)
+        start_logits, end_logits = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        for row, j in enumerate(chunk):
+            starts[j], ends[j] = start_logits[row, : lengths[j]], end_logits[row, : lengths[j]]
+    return starts, ends
 
 
 def evaluate_features(
@@ -65,6 +77,7 @@ def evaluate_features(
     features,
     *,
     length_config: Sequence[int] | None = None,
+    keep_ratios: Sequence[float] | None = None,
     batch_size: int = 32,
     n_best_size: int = 20,
     max_answer_length: int = 30,
@@ -73,13 +86,15 @@ def evaluate_features(
     """SQuAD EM/F1 of `model` on already featurized examples; returns (metrics, predictions)."""
     start = time.perf_counter()
     start_logits, end_logits = predict_logits(
-        model, features, batch_size=batch_size, length_config=length_config, progress=progress
+        model, features, batch_size=batch_size, length_config=length_config, keep_ratios=keep_ratios,
+        progress=progress,
     )
     predictions = postprocess_predictions(
         examples, features, start_logits, end_logits, n_best_size=n_best_size, max_answer_length=max_answer_length
     )
     metrics = squad_metrics(predictions, references_from(examples))
     metrics["length_config"] = list(length_config) if length_config is not None else None
+    metrics["keep_ratios"] = list(keep_ratios) if keep_ratios is not None else None
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics, predictions
 
@@ -93,7 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument(
         "--length-config", help="comma-separated tokens kept after each layer, e.g. 300,260,220,180,140,100"
     )
-    group.add_argument("--keep-ratio", type=float, help="each layer keeps this share of the previous layer's tokens")
+    group.add_argument(
+        "--keep-ratios",
+        help="qala's units: per-layer shares of each window's real length, e.g. 0.9,0.8,0.7,0.6,0.5,0.4, or "
+        "keep=0.8 for a constant per-layer keep (0.8, 0.64, ...); windows are not padded",
+    )
+    group.add_argument(
+        "--keep-ratio",
+        type=float,
+        help="paper mode: each layer keeps this share of the previous layer's positions of the padded window",
+    )
+    parser.add_argument(
+        "--padded",
+        action="store_true",
+        help="pad every window to max_seq_length (implied by --length-config and --keep-ratio, the paper mode)",
+    )
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (384)")
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -124,19 +153,28 @@ def _evaluate(args) -> int:
             check_length_config(length_config, num_layers=model.num_layers, max_seq_length=max_seq_length)
     except ValueError as e:
         raise ValueError(f"--length-config: {e}") from None
+    keep_ratios = None
+    if args.keep_ratios:
+        try:
+            keep_ratios = parse_keep_ratios(args.keep_ratios, num_layers=model.num_layers)
+        except ValueError as e:
+            raise ValueError(f"--keep-ratios: {e}") from None
 
-    # Padded to max_seq_length so that length configurations mean what they mean in deployment.
+    # Absolute length configurations count positions of the padded window, so they need padding;
+    # keep ratios and full length run on the real windows, batched by length.
+    padded = args.padded or length_config is not None
     features = featurize(
         examples,
         tokenizer,
         train=False,
         max_seq_length=max_seq_length,
         doc_stride=args.doc_stride,
-        pad_to_max_length=True,
+        pad_to_max_length=padded,
     )
     metrics, predictions = evaluate_features(
-        model, examples, features, length_config=length_config, batch_size=args.batch_size
+        model, examples, features, length_config=length_config, keep_ratios=keep_ratios, batch_size=args.batch_size
     )
+    metrics["padded"] = padded
     metrics.update(model=str(args.model_dir), data=str(args.data))
     if args.out:
         atomic_write_json(Path(args.out), predictions)

@@ -93,6 +93,10 @@ class StageConfig:
     # LengthDrop (used by the `lengthdrop` stage): sandwich of full + smallest + N random sub-models.
     num_sandwich: int = 2
     length_drop_ratio_bound: float = 0.2  # a layer keeps between (1 - bound) and all of the previous layer
+    # Units of the sampled sub-models. "ratio" (default): each row draws its own keep ratios of its
+    # real token count, the units qala serves in (model.py keep_ratios). "absolute": one length
+    # configuration of padded positions per batch, as the LAT reference code (paper reproductions).
+    length_drop_units: Literal["ratio", "absolute"] = "ratio"
     # Direction of in-place distillation from the full model to each sub-model, see qala/train.py.
     inplace_distillation: Literal["forward_kl", "reverse_kl"] = "forward_kl"
 
@@ -195,6 +199,15 @@ class SearchConfig:
     # Cost axis: "latency" = median ms measured on this machine for `backend`; "macs" = analytic
     # multiply-accumulates per window (macs_per_sample), machine-independent and free to compute.
     objective: Literal["latency", "macs"] = "latency"
+    # Units of a gene. "ratio" (default): per-layer keep ratios of each window's real length, in
+    # percent (a gene (90, 80, ...) keeps ceil(0.9 n), ceil(0.8 n), ... of a window's n tokens), scored
+    # and timed on unpadded windows: what qala.answer serves. "absolute": kept positions of the window
+    # padded to data.max_seq_length (the LAT/ITREX paper mode).
+    length_mode: Literal["ratio", "absolute"] = "ratio"
+    # Ratio mode with objective=latency: the cost is the mean ms per window over this many real dev
+    # windows (a seeded sample, each at its own length, batch 1); with objective=macs, MACs are
+    # averaged over the same windows.
+    latency_windows: int = 32
     # What is deployed, scored and timed: the INT8 artifact or the fp32 model.
     backend: Literal["int8", "fp32"] = "int8"
     population_size: int = 20  # random genes in generation 0 (besides the bounds and the keep-ratio genes)
@@ -230,7 +243,7 @@ class SearchConfig:
         for name in ("population_size", "mutation_size", "crossover_size", "iterations"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: expected >= 0, got {getattr(self, name)}")
-        for name in ("latency_batch_size", "latency_repeats", "max_attempts_factor"):
+        for name in ("latency_batch_size", "latency_repeats", "max_attempts_factor", "latency_windows"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.latency_warmup < 0:

@@ -43,10 +43,18 @@ import torch
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
-from qala.model import batch_inputs, constant_ratio_length_config, macs_per_sample
+from qala.model import batch_inputs, constant_ratio_length_config, kept_per_layer, macs_per_sample
 from qala.quantize.load import load_model, model_kind
 from qala.recipe import Recipe, SearchConfig, fingerprint, load_recipe
-from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
+from qala.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    environment_info,
+    latency_stats,
+    median_latency_ms,
+    resolve_model_path,
+    time_calls,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ FRONTIER_NAME = "frontier.json"
 GENES_NAME = "genes.json"
 PLOT_NAME = "frontier.png"
 EVALUATIONS_NAME = "evaluations.jsonl"
+# Ratio-mode genes are per-layer keep ratios in percent: 1 .. 100.
+RATIO_GRID = 100
 
 
 # --------------------------------------------------------------------------- genes and operators
@@ -139,6 +149,32 @@ def keep_ratios(min_keep_ratio: float, points: int) -> list[float]:
 
 
 # --------------------------------------------------------------------------- cost
+
+
+def gene_config(gene: Sequence[int], ratio_mode: bool) -> dict[str, list]:
+    """The model keyword a gene stands for: keep_ratios (percent genes) or the absolute length_config."""
+    if ratio_mode:
+        return {"keep_ratios": [n / RATIO_GRID for n in gene]}
+    return {"length_config": [int(n) for n in gene]}
+
+
+def window_latency_cost(
+    model: Callable, windows_: Sequence[Mapping[str, torch.Tensor]], *, repeats: int = 5, warmup: int = 2
+) -> Callable[[Gene], float]:
+    """gene -> mean ms per window of running every sampled real window (batch 1, unpadded) once."""
+
+    def cost(gene: Gene) -> float:
+        kwargs = gene_config(gene, True)
+
+        def one_pass() -> None:
+            for inputs in windows_:
+                model(**inputs, **kwargs)
+
+        with torch.no_grad():
+            seconds = time_calls(one_pass, warmup=warmup, repeats=repeats)
+        return latency_stats(seconds)["median_ms"] / len(windows_)
+
+    return cost
 
 
 def latency_cost(
@@ -526,17 +562,24 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     config = backbone_config(model, model_dir)
     num_layers, seq_length = config.num_hidden_layers, d.max_seq_length
+    ratio_mode = search.length_mode == "ratio"
+    # Genes are ints either way: percent of the real length (ratio mode) or padded positions.
+    grid = RATIO_GRID if ratio_mode else seq_length
 
     examples = load_split(d, "eval")
-    features = windows(examples, tokenizer, d, train=False)
+    features = windows(examples, tokenizer, d, train=False, padded=not ratio_mode)
     sub_examples, sub_features = question_subset(examples, features, search.eval_samples, seed)
+    # The fixed sample of real windows that ratio-mode costs are measured (or counted) on.
+    sample = random.Random(seed).sample(range(len(features)), min(search.latency_windows, len(features)))
+    sample_inputs = [batch_inputs(features.select([i])[:]) for i in sample]
+    sample_lengths = [int(x["input_ids"].size(1)) for x in sample_inputs]
 
     def score(gene: Gene, examples_, features_) -> float:
         metrics, _ = evaluate_features(
             model,
             examples_,
             features_,
-            length_config=list(gene),
+            **gene_config(gene, ratio_mode),
             batch_size=e.batch_size,
             n_best_size=e.n_best_size,
             max_answer_length=e.max_answer_length,
@@ -544,11 +587,18 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
         )
         return metrics["f1"]
 
-    if search.objective == "macs":
-
-        def cost_fn(gene: Gene) -> float:
+    def macs_of(gene: Gene) -> float:
+        if not ratio_mode:
             return float(macs_per_sample(config, gene, seq_length))
+        ratios = gene_config(gene, True)["keep_ratios"]
+        return sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in sample_lengths) / len(sample)
 
+    if search.objective == "macs":
+        cost_fn = macs_of
+    elif ratio_mode:
+        cost_fn = window_latency_cost(
+            timed, sample_inputs, repeats=search.latency_repeats, warmup=search.latency_warmup
+        )
     else:
         rows = features[: search.latency_batch_size]
         inputs = batch_inputs(rows)
@@ -561,7 +611,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
         cost_fn,
         lambda g: score(g, sub_examples, sub_features),
         num_layers=num_layers,
-        seq_length=seq_length,
+        seq_length=grid,
         config=search,
         seed=seed,
         output_dir=out,
@@ -570,7 +620,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
 
     # Final frontier and the constant-keep-ratio curve, both on the whole evaluation file.
     ratio_genes = {
-        r: tuple(constant_ratio_length_config(r, num_layers, seq_length))
+        r: tuple(constant_ratio_length_config(r, num_layers, grid))
         for r in keep_ratios(search.min_keep_ratio, search.baseline_points)
     }
     subset = sub_examples is not examples
@@ -586,10 +636,10 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
 
     def entry(gene: Gene) -> dict[str, Any]:
         record = state.genes[gene]
-        row = {"length_config": list(gene), "cost": record["cost"], "f1": full_f1[gene]}
+        row = {**gene_config(gene, ratio_mode), "cost": record["cost"], "f1": full_f1[gene]}
         if subset:
             row["f1_subset"] = record["f1"]
-        row["macs"] = macs_per_sample(config, gene, seq_length)
+        row["macs"] = round(macs_of(gene))
         if search.objective == "latency":
             row["latency_ms"] = record["cost"]
         return row
@@ -599,11 +649,16 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
         "cost_unit": unit,
         "backend": search.backend,
         "model": str(search.model),
+        "length_mode": search.length_mode,
         "max_seq_length": seq_length,
         "doc_stride": d.doc_stride,
+        # Ratio mode: costs are per real window, averaged over this many sampled dev windows.
+        "cost_windows": {"count": len(sample), "mean_tokens": round(sum(sample_lengths) / len(sample), 1)}
+        if ratio_mode
+        else None,
         "num_layers": num_layers,
         "min_keep_ratio": search.min_keep_ratio,
-        "lower_bound": constant_ratio_length_config(search.min_keep_ratio, num_layers, seq_length),
+        "lower_bound": gene_config(constant_ratio_length_config(search.min_keep_ratio, num_layers, grid), ratio_mode),
         "cost_bounds": list(state.bounds),
         "eval": {
             "data": d.eval,

@@ -38,7 +38,9 @@ from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
     LengthAdaptiveForQuestionAnswering,
+    constant_keep_ratios,
     constant_ratio_length_config,
+    sample_keep_ratios,
     sample_length_config,
     smallest_length_config,
 )
@@ -48,6 +50,7 @@ from qala.utils import atomic_write_json, atomic_write_text, environment_info, r
 logger = logging.getLogger(__name__)
 
 TRAINING_INFO = "training_info.json"
+EVAL_NAME = "eval.json"
 
 
 def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -140,13 +143,25 @@ class QalaTrainer(Trainer):
             bound = self.stage.length_drop_ratio_bound
             # Seeded by (seed, step): a resumed run draws the same sub-models it would have drawn.
             rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
-            sub_configs = [smallest_length_config(seq_length, num_layers, bound)]
-            sub_configs += [
-                sample_length_config(seq_length, num_layers, bound, rng) for _ in range(self.stage.num_sandwich)
-            ]
+            if self.stage.length_drop_units == "ratio":
+                # Sandwich in the served units: the smallest sub-model for every row, then
+                # num_sandwich draws with one configuration per row (rows differ in real length).
+                batch_size = inputs["input_ids"].size(0)
+                smallest = [{"keep_ratios": constant_keep_ratios(1 - bound, num_layers)}]
+                draws = [
+                    [sample_keep_ratios(num_layers, bound, rng) for _ in range(batch_size)]
+                    for _ in range(self.stage.num_sandwich)
+                ]
+                sub_configs = smallest + [{"keep_ratios": torch.tensor(draw)} for draw in draws]
+            else:
+                sub_configs = [{"length_config": smallest_length_config(seq_length, num_layers, bound)}]
+                sub_configs += [
+                    {"length_config": sample_length_config(seq_length, num_layers, bound, rng)}
+                    for _ in range(self.stage.num_sandwich)
+                ]
             target = (full.start_logits, full.end_logits)
-            for length_config in sub_configs:
-                sub = model(**inputs, length_config=length_config)
+            for sub_config in sub_configs:
+                sub = model(**inputs, **sub_config)
                 loss = loss + distillation_loss(
                     (sub.start_logits, sub.end_logits), target, mask, direction=self.stage.inplace_distillation
                 )
@@ -312,7 +327,7 @@ def _train_stage(
 def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_examples, eval_features) -> dict[str, Any]:
     """EM/F1 at full length and at each constant keep ratio; cached in eval.json for the fingerprint."""
     e = recipe.eval
-    path = stage_dir / "eval.json"
+    path = stage_dir / EVAL_NAME
     key = {"fingerprint": fingerprint, "eval": recipe.fingerprint("eval", "data")}
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -344,6 +359,28 @@ def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_exam
     result = {"key": key, "data": recipe.data.eval, "results": rows, "environment": environment_info()}
     atomic_write_json(path, result)
     return result
+
+
+def read_eval(path: str | Path) -> dict[str, Any]:
+    """An eval.json that run() wrote (the file or its stage folder): {"data": the evaluation file,
+    "results": configuration name ("full", "keep_0.8", ...) -> {"exact_match", "f1", "n", "length_config",
+    "seconds"}}. Readers (qala.bench, benchmarks/) call this rather than opening the file themselves."""
+    path = Path(path)
+    path = path / EVAL_NAME if path.is_dir() else path
+    document = json.loads(path.read_text())
+    if not isinstance(document.get("results"), dict):
+        raise ValueError(f"{path} is not an eval.json of qala.train: no 'results' table")
+    return {"data": document.get("data"), "results": document["results"]}
+
+
+def read_training_info(path: str | Path) -> dict[str, Any]:
+    """training_info.json of a trained stage (the stage folder, its model/ folder or the file): "stage",
+    "wall_seconds", "global_step", "num_train_features", "train_metrics", "resumed_from", "environment"."""
+    path = Path(path)
+    for candidate in (path / "model" / TRAINING_INFO, path / TRAINING_INFO, path):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"{path}: no {TRAINING_INFO} (a stage folder written by python -m qala.train)")
 
 
 def main(argv: list[str] | None = None) -> int:

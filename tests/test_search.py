@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import AutoConfig, BertConfig
 
 import qala.search as qs
 from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, macs_per_sample
@@ -289,6 +289,7 @@ search:
   output_dir: {tmp}/search
   objective: macs
   backend: fp32
+  length_mode: absolute
   population_size: 3
   mutation_size: 2
   crossover_size: 2
@@ -408,3 +409,39 @@ def test_shipped_search_recipe_loads(monkeypatch, tmp_path):
     assert path.read_text().startswith("# python -m qala.search recipes/squad_search.yaml\n")
     assert search.objective == "latency" and search.backend == "int8"  # the issue's default objective
     assert recipe.data.max_seq_length == 384
+
+
+def test_search_in_ratio_units_on_real_window_lengths(tmp_path, tiny_model_dir, monkeypatch):
+    """The default units: genes are percent keep ratios of each window's real length; costs are per real
+    (unpadded) window, MACs averaged and latency measured over the same fixed sample of windows."""
+    monkeypatch.chdir(REPO)
+    path = write_recipe(tmp_path, tiny_model_dir)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    for objective in ("latency",):  # rows carry MACs too, averaged over the same windows
+        recipe, search = load_search_recipe(
+            path,
+            [
+                "search.length_mode=ratio",
+                f"search.objective={objective}",
+                f"search.output_dir={tmp_path}/search-{objective}",
+                "data.max_eval_samples=12",
+                "search.iterations=1",
+                "search.latency_windows=4",
+                "search.latency_repeats=1",
+                "search.latency_warmup=0",
+                "search.install_frontier=false",
+            ],
+        )
+        document = qs.run(recipe, search)
+        assert document["length_mode"] == "ratio" and document["cost_windows"]["count"] == 4
+        assert 0 < document["cost_windows"]["mean_tokens"] <= 64  # real window lengths (these are mostly full)
+        lower = document["lower_bound"]["keep_ratios"]
+        assert lower == pytest.approx([0.6, 0.36])
+        for row in document["frontier"] + document["keep_ratio_curve"]:
+            ratios = row["keep_ratios"]
+            assert "length_config" not in row
+            assert all(0 < r <= 1 for r in ratios) and ratios == sorted(ratios, reverse=True)
+            assert all(lo <= r + 1e-9 for r, lo in zip(ratios, lower, strict=True))
+            # MACs per real window never exceed those of a full window of max_seq_length
+            assert row["macs"] <= macs_per_sample(config, None, 64)
+        assert [p["keep_ratio"] for p in document["keep_ratio_curve"]] == [1.0, 0.8, 0.6]

@@ -174,7 +174,10 @@ def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", spy)
-    recipe = load_recipe(make_recipe(tmp_path, tiny_checkpoint), ["train.lengthdrop.num_sandwich=2"])
+    recipe = load_recipe(
+        make_recipe(tmp_path, tiny_checkpoint),
+        ["train.lengthdrop.num_sandwich=2", "train.lengthdrop.length_drop_units=absolute"],
+    )
     from qala.recipe import make_training_arguments
 
     trainer = qt.QalaTrainer(
@@ -198,3 +201,43 @@ def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path)
     assert smallest == [32, 26]  # ceil(40 * 0.8), ceil(32 * 0.8)
     for lengths in calls[2:]:
         assert 32 <= lengths[0] <= 40 and lengths[1] <= lengths[0]
+
+
+def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tmp_path):
+    """Default units: the smallest sub-model as ratios for all rows, then one ratio row per window."""
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint)
+    calls = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("keep_ratios"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_checkpoint), ["train.lengthdrop.num_sandwich=2"])
+    from qala.recipe import make_training_arguments
+
+    trainer = qt.QalaTrainer(
+        model=model,
+        args=make_training_arguments({"max_steps": 1}, output_dir=str(tmp_path / "o"), seed=1),
+        stage=recipe.train.lengthdrop,
+        lengthdrop=True,
+    )
+    model.train()
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0  # rows of different real lengths
+    inputs = {
+        "input_ids": torch.randint(5, 50, (3, 40)),
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros(3, 40, dtype=torch.long),
+        "start_positions": torch.tensor([3, 4, 5]),
+        "end_positions": torch.tensor([5, 6, 7]),
+    }
+    loss = trainer.compute_loss(model, inputs)
+    assert loss.requires_grad
+    assert calls[0] is None and len(calls) == 4
+    assert calls[1] == pytest.approx([0.8, 0.64])  # the sandwich's smallest: the bound at every layer
+    for table in calls[2:]:
+        assert table.shape == (3, 2)
+        assert ((table[:, 0] >= 0.8) & (table[:, 1] <= table[:, 0]) & (table[:, 1] >= 0.64)).all()
+    assert not torch.equal(calls[2][0], calls[2][1])  # each row draws its own sub-model
