@@ -5,18 +5,18 @@ python benchmarks/training_results.py runs/squad_offline benchmarks/results/trai
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from qala.train import EVAL_NAME, read_eval, read_training_info
 from qala.utils import atomic_write_json
 
 
 def collect(run_dir: Path) -> dict:
     stages = {}
-    for stage_dir in sorted(p for p in run_dir.iterdir() if (p / "eval.json").is_file()):
-        info = json.loads((stage_dir / "model" / "training_info.json").read_text())
-        evaluation = json.loads((stage_dir / "eval.json").read_text())
+    for stage_dir in sorted(p for p in run_dir.iterdir() if (p / EVAL_NAME).is_file()):
+        info = read_training_info(stage_dir)
+        evaluation = read_eval(stage_dir)
         stages[stage_dir.name] = {
             "train_wall_seconds": info.get("wall_seconds", info.get("wall_seconds_this_run")),
             # Runs made before stage clocks were kept in checkpoints timed only the last process.

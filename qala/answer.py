@@ -30,7 +30,7 @@ from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
 from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.load import load_model, model_kind
-from qala.search import FRONTIER_NAME
+from qala.search import FRONTIER_NAME, read_frontier
 from qala.utils import atomic_write_json, median_latency_ms, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -210,8 +210,8 @@ def _frontier_or_full_length(model_dir: Path, model: Any) -> dict[str, Any]:
     """frontier.json of the model directory; without one (no search run yet), full length only, said once."""
     frontier_file = model_dir / FRONTIER_NAME
     if frontier_file.is_file():
-        frontier = json.loads(frontier_file.read_text())
-        if not frontier.get("frontier"):
+        frontier = read_frontier(frontier_file)
+        if not frontier["frontier"]:
             raise ValueError(f"{frontier_file} lists no configurations; run the search again")
         return frontier
     seq_length = model.qala_config.max_seq_length

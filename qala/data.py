@@ -387,8 +387,14 @@ def _check_question_room(
 
 
 def _tokenize_windows(
-    examples: Mapping[str, Any], tokenizer: Any, max_seq_length: int, doc_stride: int, pad_to_max_length: bool
+    examples: Mapping[str, Any],
+    tokenizer: Any,
+    *,
+    max_seq_length: int = 384,
+    doc_stride: int = 128,
+    pad_to_max_length: bool = False,
 ) -> Any:
+    """The windows of a batch of examples (both prepare_*_features take these keyword arguments)."""
     _check_featurize_args(tokenizer, max_seq_length, doc_stride)
     # Some SQuAD questions start with lots of spaces, which waste window room and can make the
     # truncation fail; run_qa.py strips them too.
@@ -414,20 +420,15 @@ def _cls_index(input_ids: list[int], tokenizer: Any) -> int:
     return 0
 
 
-def prepare_train_features(
-    examples: Mapping[str, Any],
-    tokenizer: Any,
-    max_seq_length: int = 384,
-    doc_stride: int = 128,
-    pad_to_max_length: bool = False,
-) -> dict[str, list[Any]]:
+def prepare_train_features(examples: Mapping[str, Any], tokenizer: Any, **window: Any) -> dict[str, list[Any]]:
     """Tokenize a batch of examples into training windows with start/end token labels.
 
     A long context yields several windows overlapping by `doc_stride` tokens. The label is the first
     gold answer; a window that does not contain it whole is labelled with the CLS index (0). Rows are
     unpadded unless `pad_to_max_length` (training pads dynamically with DataCollatorWithPadding).
+    `window`: max_seq_length (384), doc_stride (128), pad_to_max_length (False), as `_tokenize_windows`.
     """
-    encoded = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
+    encoded = _tokenize_windows(examples, tokenizer, **window)
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     offset_mapping = encoded.pop("offset_mapping")
     start_positions: list[int] = []
@@ -474,20 +475,14 @@ def _token_span(
     return start - 1, end + 1
 
 
-def prepare_eval_features(
-    examples: Mapping[str, Any],
-    tokenizer: Any,
-    max_seq_length: int = 384,
-    doc_stride: int = 128,
-    pad_to_max_length: bool = False,
-) -> dict[str, list[Any]]:
+def prepare_eval_features(examples: Mapping[str, Any], tokenizer: Any, **window: Any) -> dict[str, list[Any]]:
     """Tokenize a batch of examples into evaluation windows.
 
     Each window keeps `example_id` (the question id) and an `offset_mapping` whose non-context
     positions (question, special tokens, padding) are None, so post-processing can only pick context
-    spans and map them back to characters.
+    spans and map them back to characters. `window` as `prepare_train_features`.
     """
-    encoded = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
+    encoded = _tokenize_windows(examples, tokenizer, **window)
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     offset_mapping = encoded.pop("offset_mapping")
     example_ids: list[str] = []
@@ -593,23 +588,10 @@ def postprocess_with_scores(
     return predictions
 
 
-def postprocess_predictions(
-    examples: datasets.Dataset | Mapping[str, Sequence[Any]],
-    features: datasets.Dataset | Mapping[str, Sequence[Any]],
-    start_logits: np.ndarray | Sequence[np.ndarray],
-    end_logits: np.ndarray | Sequence[np.ndarray],
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
-) -> dict[str, str]:
-    """Question id -> best answer text ("" when no valid span); see `postprocess_with_scores`."""
-    scored = postprocess_with_scores(
-        examples,
-        features,
-        start_logits,
-        end_logits,
-        n_best_size=n_best_size,
-        max_answer_length=max_answer_length,
-    )
+def postprocess_predictions(examples, features, start_logits, end_logits, **options: int) -> dict[str, str]:
+    """Question id -> best answer text ("" when no valid span); arguments and rules (n_best_size,
+    max_answer_length) as `postprocess_with_scores`."""
+    scored = postprocess_with_scores(examples, features, start_logits, end_logits, **options)
     return {qid: text for qid, (text, _score) in scored.items()}
 
 
