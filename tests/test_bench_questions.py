@@ -274,3 +274,18 @@ def test_shipped_questions_recipe_loads(monkeypatch):
     recipe = load_recipe(path)
     assert recipe.data.max_eval_samples >= 400 and recipe.benchmark.batch_sizes == [1, 32]
     assert AutoConfig.from_pretrained(recipe.benchmark.model).num_hidden_layers == 6
+
+
+def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: F811
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), [f"benchmark.int8_model={model_dir}"])
+    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, qala_backends=["eager", "compile-dynamic"])
+    qala = [r["id"] for r in rows if r["engine"] == "qala"]
+    assert qala == ["qala:eager/MiniLM/fp32/full/b2", "qala:compile-dynamic/MiniLM/fp32/full/b2"] + [
+        "qala:eager/MiniLM/int8/full/b2",
+        "qala:compile-dynamic/MiniLM/int8/full/b2",
+    ]
+    pytest.importorskip("qala.quantize.engines")
+    eager = questions.measure_questions(spec_for(model_dir, tmp_path, backend="eager"))
+    assert (
+        eager["backend"] == "eager" and eager["f1"] == questions.measure_questions(spec_for(model_dir, tmp_path))["f1"]
+    )

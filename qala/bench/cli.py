@@ -413,6 +413,15 @@ def main(argv: list[str] | None = None) -> int:
         help="questions table, compiled INT8 rows: pad each batch to a multiple of this many positions, so "
         "torch.compile builds one graph per bucket (default: qala.bench.questions.COMPILED_PAD_MULTIPLE)",
     )
+    parser.add_argument(
+        "--qala-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="questions table: run the qala rows through this serving engine of qala.quantize.engines "
+        "(e.g. compile-dynamic, onnxruntime-int8); repeat for one row per engine. Default: load_model, INT8 "
+        "compiled per shape",
+    )
     # Intermixed: `RECIPE --resume key=value` works as well as `--resume RECIPE key=value`.
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -427,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             documents.append(Bench(recipe, resume=args.resume).run())
             print(report.format_table(documents[-1]), end="")
         if args.table in ("questions", "all"):
-            documents.append(QuestionsBench(recipe, resume=args.resume, pad_multiple=args.pad_multiple).run())
+            documents.append(
+                QuestionsBench(
+                    recipe, resume=args.resume, pad_multiple=args.pad_multiple, qala_backends=args.qala_backend
+                ).run()
+            )
             print(report.format_questions_table(documents[-1]), end="")
     except (RecipeError, SquadFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -61,9 +61,14 @@ IPEX_SUMMARIES = Path("runs/ipex_reference/ipex_calibration.json")
 
 
 def plan_question_rows(
-    recipe: Any, bench: Any, *, pad_multiple: int | None = None
+    recipe: Any, bench: Any, *, pad_multiple: int | None = None, qala_backends: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every row spec of the real-questions table (one per configuration and batch size), and notes."""
+    """Every row spec of the real-questions table (one per configuration and batch size), and notes.
+
+    `qala_backends`: serving engines of qala.quantize.engines.make_engine ("eager", "compile-dynamic",
+    "onnxruntime-int8", ...) to run every qala row through, one row each. None given: load_model, INT8
+    compiled per shape (CompiledQA) when benchmark.compile_int8, padded to `pad_multiple` buckets.
+    """
     from qala.utils import resolve_model_path
 
     d, e = recipe.data, recipe.eval
@@ -97,10 +102,11 @@ def plan_question_rows(
     ) -> None:
         values = list(length_config) if length_config is not None else None
         slug = plan.config_slug(values, length_mode or "absolute")
+        label = f"{engine}:{extra['backend']}" if extra.get("backend") else engine
         for batch_size in bench.batch_sizes:
             rows.append(
                 {
-                    "id": f"{engine}/{name}/{dtype}/{slug}/b{batch_size}",
+                    "id": f"{label}/{name}/{dtype}/{slug}/b{batch_size}",
                     "name": name,
                     "engine": engine,
                     "dtype": dtype,
@@ -123,13 +129,19 @@ def plan_question_rows(
             add("MiniLM", "onnxruntime", "int8", path=model_dir)
         elif bench.onnxruntime:
             notes["onnxruntime"] = {"status": "skipped", "reason": plan.ONNX_MISSING}
-        add("MiniLM", "qala", "fp32", path=model_dir)
-    int8 = {
-        "compiled": bench.compile_int8,
-        "pad_to_multiple_of": (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None,
-    }
-    if int8_dir:
-        add("MiniLM", "qala", "int8", path=int8_dir, **int8)
+    # How qala rows run: each named serving backend (dynamic shapes: no buckets unless asked), or load_model.
+    fp32_ways: list[dict[str, Any]] = [{"backend": name, "pad_to_multiple_of": pad_multiple} for name in qala_backends]
+    int8_ways = fp32_ways or [
+        {
+            "compiled": bench.compile_int8,
+            "pad_to_multiple_of": (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None,
+        }
+    ]
+    fp32_ways = fp32_ways or [{}]
+    for way in fp32_ways if model_dir else []:
+        add("MiniLM", "qala", "fp32", path=model_dir, **way)
+    for way in int8_ways if int8_dir else []:
+        add("MiniLM", "qala", "int8", path=int8_dir, **way)
 
     fp32_f1, _ = plan.measured_f1(bench)
     frontier, points = plan.read_frontier_points(bench)
@@ -144,9 +156,8 @@ def plan_question_rows(
         mode, values = plan.point_setting(point)
         for dtype in bench.frontier_dtypes:
             directory = model_dir if dtype == "fp32" else int8_dir
-            if directory:
-                extra = int8 if dtype == "int8" else {}
-                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=directory, **extra)
+            for way in (int8_ways if dtype == "int8" else fp32_ways) if directory else []:
+                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=directory, **way)
 
     if bench.ipex:
         if plan.IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file() and model_dir:
@@ -165,9 +176,16 @@ class QuestionsBench(Harness):
 
     document_name = QUESTIONS_NAME
 
-    def __init__(self, recipe: Any, *, resume: bool = False, pad_multiple: int | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Any,
+        *,
+        resume: bool = False,
+        pad_multiple: int | None = None,
+        qala_backends: Sequence[str] = (),
+    ) -> None:
         super().__init__(recipe, resume=resume)
-        self.pad_multiple = pad_multiple
+        self.pad_multiple, self.qala_backends = pad_multiple, list(qala_backends)
         env = environment()
         # "cpu" first: machines differ between sessions, and every figure is for this one.
         self.document = {"cpu": env["cpu"], **self.document, "versions": env["versions"], "environment": env}
@@ -195,7 +213,9 @@ class QuestionsBench(Harness):
 
         b = self.bench
         self.out.mkdir(parents=True, exist_ok=True)
-        rows, notes = plan_question_rows(self.recipe, b, pad_multiple=self.pad_multiple)
+        rows, notes = plan_question_rows(
+            self.recipe, b, pad_multiple=self.pad_multiple, qala_backends=self.qala_backends
+        )
         threads = b.threads or os.cpu_count() or 1
         questions = self.recipe.data.max_eval_samples
         self.document["method"] = {
@@ -251,11 +271,23 @@ def _logits(out: Any) -> tuple[Any, Any]:
 
 def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     from qala.bench.peers import call_model
-    from qala.quantize.load import load_model
+    from qala.quantize.load import load_model, model_kind
 
+    length = _length_kwargs(spec)
+    if model_kind(spec["path"]) != spec["dtype"]:
+        raise ValueError(f"{spec['path']} is an {model_kind(spec['path'])} model directory, the row is {spec['dtype']}")
+    if spec.get("backend"):
+        from qala.quantize.engines import make_engine
+
+        engine = make_engine(
+            spec["path"], spec["backend"], **({"workdir": str(work_dir)} if "onnx" in spec["backend"] else {})
+        )
+        # Every request shape is still run once before timing (qala.bench's rule for any engine that may build
+        # per shape); an engine with dynamic shapes makes that cheap.
+        facts = {"backend": spec["backend"], "warm_every_shape": spec["backend"] != "eager"}
+        return (lambda inputs: _logits(call_model(engine, inputs, **length))), facts
     compiled = spec["dtype"] == "int8" and bool(spec.get("compiled"))
     model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
-    length = _length_kwargs(spec)
     return (lambda inputs: _logits(call_model(model, inputs, **length))), {
         "compiled": compiled,
         "warm_every_shape": compiled,
