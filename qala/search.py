@@ -791,7 +791,7 @@ def _main(args, recipe: Recipe) -> int:
         print(f"Pareto frontier ({document['objective']}, {document['backend']}):")
         for row in document["frontier"]:
             cost = f"{row['cost']:.2f} ms" if unit == "ms" else f"{row['cost'] / 1e9:.3f} GMACs"
-            print(f"  F1 {row['f1']:6.2f}  {cost:>14}  {row['length_config']}")
+            print(f"  F1 {row['f1']:6.2f}  {cost:>14}  {row.get('keep_ratios') or row.get('length_config')}")
         print(f"wrote {Path(search.output_dir) / FRONTIER_NAME}, {GENES_NAME}, {PLOT_NAME}")
     return 0
 

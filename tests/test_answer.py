@@ -50,12 +50,16 @@ def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None):
     }
     (model_dir / "frontier.json").write_text(json.dumps(frontier))
     if cached_ms:
+        # Constant cost models (ms per window whatever its length), as fitted by an earlier load.
         cache = {
+            "format": qa.CACHE_FORMAT,
             "host": host_name(),
-            "backend": "fp32",
+            "backend": "fp32:eager",
             "threads": threads or torch.get_num_threads(),
-            "batch_size": 1,
-            "configs": [{"length_config": list(c), "median_ms": ms} for c, _, ms in FRONTIER],
+            "lengths": [32, 64],
+            "configs": [
+                {"config": json.dumps({"length_config": list(c)}), "cost": [ms, 0.0, 0.0]} for c, _, ms in FRONTIER
+            ],
         }
         (model_dir / f"latency_{host_name()}.json").write_text(json.dumps(cache))
     return model_dir
@@ -97,7 +101,8 @@ def test_long_context_windows_count_against_the_budget(tmp_path, tiny_checkpoint
 
     results = model.answer_batch([QUESTION, "Where does the Elbe rise?"], [CONTEXT, CONTEXT], budget_ms=100)
     assert len(results) == 2 and all(r["answer"] in CONTEXT for r in results)
-    assert results[0]["windows"] == 2 and results[0]["length_config"] == [64, 64]
+    # The budget is per question: each of these has one window.
+    assert results[0]["windows"] == 1 and results[0]["length_config"] == [64, 64]
     assert model.answer_batch([], []) == []
     with pytest.raises(ValueError, match="2 questions and 1 contexts"):
         model.answer_batch([QUESTION, QUESTION], [CONTEXT])
@@ -107,9 +112,12 @@ def test_latency_is_measured_once_per_host_and_setup(tmp_path, tiny_checkpoint, 
     model_dir = write_model_dir(tmp_path, tiny_checkpoint, cached_ms=False)
     model = QalaModel.from_pretrained(model_dir, latency_repeats=2)
     cache = json.loads((model_dir / f"latency_{host_name()}.json").read_text())
-    assert cache["backend"] == "fp32" and cache["threads"] == torch.get_num_threads()
-    assert sorted(tuple(row["length_config"]) for row in cache["configs"]) == sorted(c for c, _, _ in FRONTIER)
-    assert all(p.latency_ms > 0 for p in model.points)
+    assert cache["backend"] == "fp32:eager" and cache["threads"] == torch.get_num_threads()
+    assert cache["lengths"] == [32, 64]  # calibration lengths clipped to max_seq_length
+    configs = sorted(tuple(json.loads(row["config"])["length_config"]) for row in cache["configs"])
+    assert configs == sorted(c for c, _, _ in FRONTIER)
+    assert all(len(row["cost"]) == 3 and set(row["ms"]) == {"32", "64"} for row in cache["configs"])
+    assert all(p.latency_ms > 0 and p.cost is not None for p in model.points)
 
     monkeypatch.setattr(qa, "median_latency_ms", no_timing)
     QalaModel.from_pretrained(model_dir)  # read back, not measured
@@ -124,11 +132,11 @@ def test_a_model_without_a_frontier_answers_at_full_length_and_says_how_to_get_o
 ):
     model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "bare"))
     model = QalaModel.from_pretrained(model_dir)
-    full = [model.max_seq_length] * len(model.points[0].length_config)
-    assert [list(p.length_config) for p in model.points] == [full]
+    full = [1.0, 1.0]  # every layer keeps all of each window's real tokens
+    assert [list(p.keep_ratios) for p in model.points] == [full]
     assert "python -m qala.search" in caplog.text and "full length" in caplog.text
     assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 0
-    assert json.loads(capsys.readouterr().out)["length_config"] == full
+    assert json.loads(capsys.readouterr().out)["keep_ratios"] == full
     assert qa.main(["--model", str(tmp_path / "absent"), "--question", QUESTION, "--context", CONTEXT]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -163,9 +171,10 @@ search: {{model: {model_dir}, output_dir: {tmp_path}/search, objective: macs, ba
     assert qs.main([str(recipe)]) == 0
     model = QalaModel.from_pretrained(model_dir, latency_repeats=1)
     frontier = json.loads((model_dir / "frontier.json").read_text())["frontier"]
-    assert {p.length_config for p in model.points} == {tuple(row["length_config"]) for row in frontier}
+    # The search's default units: keep ratios of each window's real length.
+    assert {p.keep_ratios for p in model.points} == {tuple(row["keep_ratios"]) for row in frontier}
     result = model.answer(QUESTION, CONTEXT)
-    assert result["answer"] in CONTEXT and tuple(result["length_config"]) in {p.length_config for p in model.points}
+    assert result["answer"] in CONTEXT and tuple(result["keep_ratios"]) in {p.keep_ratios for p in model.points}
 
 
 def test_int8_artifact_is_searched_and_answers(tmp_path, tiny_checkpoint, monkeypatch):
@@ -196,6 +205,61 @@ search: {{model: {artifact}, output_dir: {tmp_path}/search, objective: macs, bac
 
     served = QalaModel.from_pretrained(artifact, latency_repeats=1, compile=False)
     cache = json.loads((artifact / f"latency_{host_name()}.json").read_text())
-    assert cache["backend"] == "int8-eager"
+    assert cache["backend"] == "int8:eager"
     result = served.answer(QUESTION, CONTEXT, budget_ms=1e6)
     assert result["answer"] in CONTEXT and result["fits_budget"]
+
+
+def test_budget_depends_on_the_length_of_the_question():
+    # Cost models: the accurate point grows fast with length, the cheap one slowly.
+    accurate = FrontierPoint(None, 70.0, 0.0, (1.0, 1.0), (1.0, 0.05, 0.0))
+    cheap = FrontierPoint(None, 60.0, 0.0, (0.5, 0.3), (1.0, 0.02, 0.0))
+    assert accurate.expected_ms([100]) == pytest.approx(6.0) and accurate.expected_ms([100, 100]) == pytest.approx(12.0)
+    assert select_point([accurate, cheap], 8.0, [60]) == (accurate, True)  # 4 ms: a short question affords it
+    assert select_point([accurate, cheap], 8.0, [300]) == (cheap, True)  # 16 vs 7 ms: a long one does not
+    assert select_point([accurate, cheap], 8.0, [300, 300]) == (cheap, False)  # 14 ms: nothing fits, the fastest
+    a, b, c = qa.fit_cost_model([32, 96, 160, 256], [1 + 0.1 * t + 0.001 * t * t for t in (32, 96, 160, 256)])
+    assert (a, b, c) == pytest.approx((1, 0.1, 0.001))
+
+
+def test_served_batches_are_unpadded_and_bounded(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    model = QalaModel.from_pretrained(model_dir)
+    model.max_batch_windows = 3
+    shapes = []
+    inner = model.model
+
+    def spy(**kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        shapes.append((tuple(ids.shape), mask.sum(dim=1).tolist()))
+        return inner(**kwargs)
+
+    model.model = spy
+    questions = [QUESTION, "Where does the Elbe rise?", "Which sea?", "What flows through Dresden and Hamburg?"]
+    contexts = [" ".join([CONTEXT] * 5), CONTEXT, "The Elbe reaches the North Sea.", CONTEXT]
+    results = model.answer_batch(questions, contexts, budget_ms=100)
+    assert all(r["answer"] in c for r, c in zip(results, contexts, strict=True))
+    assert sum(r["windows"] for r in results) == sum(n for (n, _), _ in shapes)
+    for (rows, width), real in shapes:
+        assert rows <= 3  # bounded batches: memory stays flat in the context length
+        assert width == max(real)  # padded only to the longest window of the batch
+    assert all(max(r["tokens"]) <= 64 for r in results)
+
+
+def test_empty_inputs_and_context_files(tmp_path, tiny_checkpoint, capsys):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    model = QalaModel.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="question 0: empty"):
+        model.answer("  ", CONTEXT)
+    with pytest.raises(ValueError, match="context 0: empty"):
+        model.answer(QUESTION, "")
+    assert qa.main(["--model", str(model_dir), "--question", " ", "--context", CONTEXT]) == 2
+    assert "question 0: empty" in capsys.readouterr().err
+    context_file = tmp_path / "context.txt"
+    context_file.write_text(CONTEXT, encoding="utf-8")
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(context_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] in CONTEXT
+    context_file.write_bytes(b"\xff\xfe not utf-8 \x80")
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(context_file)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
