@@ -62,6 +62,11 @@ DRIVER = textwrap.dedent(
             "calibrated_with": qa.calibrated_with[None if lengths is None else tuple(lengths)],
             "int8_ops": "quantize_per_tensor" in str(graph.graph_for(*(batch[k] for k in keys))),
         }
+    try:  # keep ratios (top-k sizes per row) cannot be traced: refused, never served as full length
+        qa(keep_ratios=[0.5, 0.5], **batch)
+        facts["keep_ratios_refused"] = False
+    except ValueError:
+        facts["keep_ratios_refused"] = True
     # The worker path: calibration saved, reloaded in a fresh IpexStaticQA, no calibration data.
     qa.save_summaries(f"{work}/calibration.json")
     call, worker_facts = ipex.timing_callable(model_dir, length_config, batch, summaries=f"{work}/calibration.json")
@@ -145,6 +150,10 @@ def test_ipex_worker_reloads_the_calibration_exactly(ipex_run):
     assert facts["worker"]["engine"] == "ipex" and facts["worker"]["calibrated_with"].startswith("inc ")
     assert len(facts["worker"]["summaries_sha256"]) == 64
     assert torch.equal(out["worker.start"], out["cut.start"]) and torch.equal(out["worker.end"], out["cut.end"])
+
+
+def test_ipex_refuses_keep_ratios(ipex_run):
+    assert ipex_run[3]["keep_ratios_refused"]
 
 
 def test_without_ipex_every_entry_point_names_the_environment_script():

@@ -313,7 +313,16 @@ class IpexStaticQA:
         return self._traced[key]
 
     @torch.no_grad()
-    def __call__(self, length_config: Sequence[int] | None = None, **inputs: torch.Tensor) -> Any:
+    def __call__(
+        self, length_config: Sequence[int] | None = None, keep_ratios: Any = None, **inputs: torch.Tensor
+    ) -> Any:
+        if keep_ratios is not None:
+            # Per-row shares of each window's real length make the top-k sizes data-dependent: a traced
+            # graph cannot follow them. Refuse rather than silently serve full length.
+            raise ValueError(
+                "the IPEX backend serves absolute length configurations only (one traced graph each), not "
+                "keep_ratios; use constant_ratio_length_config(r, layers, 384) on inputs padded to 384"
+            )
         start_logits, end_logits = self.graph(length_config, **inputs)(*_args(inputs))
         return QuestionAnsweringModelOutput(start_logits=start_logits, end_logits=end_logits)
 
