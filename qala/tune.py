@@ -33,13 +33,13 @@ from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
-    LengthAdaptiveForQuestionAnswering,
     batch_inputs,
     constant_ratio_length_config,
     sample_length_config,
 )
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
+from qala.quantize.load import load_model
 from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments
 from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
 
@@ -118,7 +118,7 @@ class Tuner:
         # Beside the output (not the model: a shared reference model's folder is read-only); keyed by
         # model path, so approaches tuned into sibling folders share it.
         self.fp32_cache = self.out.parent / "fp32_eval_cache.json"
-        self.fp32 = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
+        self.fp32 = load_model(model_dir, expect="fp32")  # an INT8 artifact here is refused, with what to do
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         d = recipe.data
         examples = load_split(d, "eval")
