@@ -1,0 +1,247 @@
+"""IPEX static INT8 of a qala model, scored on a SQuAD dev file; run it in the IPEX environment.
+
+    bash benchmarks/ipex_env.sh
+    .venv-ipex/bin/python benchmarks/ipex_quantize.py [--model DIR] [--configs full,0.9,0.8] [--out FILE]
+    # or in parts (one process per configuration), then merged into OUT and one calibration file:
+    .venv-ipex/bin/python benchmarks/ipex_quantize.py --configs 0.9 --no-fp32 --out P1.json --summaries C1.json
+    .venv-ipex/bin/python benchmarks/ipex_quantize.py --merge P1.json P2.json ... [--out FILE] [--summaries FILE]
+
+Quantizes through Intel Neural Compressor's IPEX path (qala.quantize.ipex.calibrate), once per length
+configuration: full length, and each keep ratio r as the padded-384 absolute configuration
+constant_ratio_length_config(r, layers, 384) (the paper's mode; inputs padded to 384). Calibration
+takes the training file's windows chosen as qala.tune does (questions shuffled with the seed, the
+first `--calibration-samples` windows padded to 384, batches of `--calibration-batch-size`); dev is
+never seen before scoring. Scores fp32 and INT8 on the whole dev file in this process (torch 2.8).
+
+Writes OUT (default benchmarks/results/ipex_squad_reference.json: EM/F1 per configuration, engine
+"ipex", versions, CPU) and the calibrated qconf summaries (default
+runs/ipex_reference/ipex_calibration.json, about 0.7 MB per configuration, not committed), which the
+benchmark's IPEX rows load with qala.quantize.ipex.timing_callable so that they time the model scored
+here. No latency is measured: timings belong to the benchmark harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni")
+
+
+def cpu_flags() -> list[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+    return []
+
+
+def tensors(rows: dict[str, list], columns: tuple[str, ...] = MODEL_INPUTS) -> dict[str, torch.Tensor]:
+    return {c: torch.tensor(rows[c]) for c in columns if c in rows}
+
+
+def calibration_batches(train_file: str, tokenizer, samples: int, batch_size: int, seed: int) -> list[dict]:
+    """The windows qala.tune.calibration_batches picks (full-length calibration), padded to 384."""
+    from qala.data import featurize, load_squad
+
+    examples = load_squad(train_file)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    features = featurize(examples.select(order[:samples]), tokenizer, train=False, pad_to_max_length=True)
+    features = features.select(range(min(samples, len(features))))
+    return [tensors(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
+
+
+@torch.no_grad()
+def score(model, examples, features, length_config, batch_size: int) -> dict[str, Any]:
+    """EM/F1 of `model(**inputs, length_config=...)` on padded features (qala's post-processing)."""
+    from qala.data import postprocess_predictions, references_from, squad_metrics
+
+    start = time.perf_counter()
+    starts, ends = [], []
+    for i in range(0, len(features), batch_size):
+        out = model(**tensors(features[i : i + batch_size]), length_config=length_config)
+        starts.append(out.start_logits.float().numpy())
+        ends.append(out.end_logits.float().numpy())
+    start_logits, end_logits = np.concatenate(starts), np.concatenate(ends)
+    predictions = postprocess_predictions(examples, features, start_logits, end_logits)
+    metrics = squad_metrics(predictions, references_from(examples))
+    return {
+        "exact_match": round(metrics["exact_match"], 2),
+        "f1": round(metrics["f1"], 2),
+        "n": len(predictions),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(SHARED / "models" / "minilm-lat-squad-offline"))
+    parser.add_argument("--train", default=str(SHARED / "data" / "squad-v1.1" / "train.json"))
+    parser.add_argument("--dev", default=str(SHARED / "data" / "squad-v1.1" / "dev.json"))
+    parser.add_argument("--configs", default="full,0.9,0.8", help="comma-separated: 'full' and/or keep ratios")
+    parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--calibration-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=32, help="evaluation batch")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="first N dev questions (smoke runs)")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 scores")
+    parser.add_argument("--no-int8", action="store_true", help="skip calibration and the INT8 scores")
+    parser.add_argument("--merge", nargs="+", metavar="PART", help="merge part reports (and their calibrations)")
+    parser.add_argument(
+        "--fp32-reference",
+        help="with --merge: JSON {config: {exact_match, f1}, 'source': TEXT}, fp32 scores measured elsewhere",
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ipex_squad_reference.json"))
+    parser.add_argument("--summaries", default=str(REPO / "runs" / "ipex_reference" / "ipex_calibration.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        return merge(args.merge, args.out, args.summaries, args.fp32_reference)
+
+    from transformers import AutoTokenizer
+
+    from qala.data import featurize, load_squad
+    from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
+    from qala.quantize.ipex import DEFAULT_STATIC_CONFIG, IpexStaticQA, file_sha256, import_ipex, versions
+    from qala.utils import atomic_write_json, environment_info
+
+    import_ipex()  # fails first, naming the versions needed
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    seq = model.qala_config.max_seq_length
+    configs: list[tuple[str, list[int] | None]] = []
+    for item in (x.strip() for x in args.configs.split(",") if x.strip()):
+        if item == "full":
+            configs.append(("full", None))
+        else:
+            configs.append((f"keep {float(item)}", constant_ratio_length_config(float(item), model.num_layers, seq)))
+
+    examples = load_squad(args.dev)
+    if args.max_eval_samples:
+        examples = examples.select(range(min(args.max_eval_samples, len(examples))))
+    features = featurize(examples, tokenizer, train=False, max_seq_length=seq, pad_to_max_length=True)
+    calibration = calibration_batches(
+        args.train, tokenizer, args.calibration_samples, args.calibration_batch_size, args.seed
+    )
+    qa = IpexStaticQA(model, calibration, static_config=DEFAULT_STATIC_CONFIG)
+    torch_threads = torch.get_num_threads()
+
+    rows = []
+    for name, lengths in configs:
+        row: dict[str, Any] = {"config": name, "length_config": lengths, "padded_to": seq}
+        if not args.no_fp32:
+            row["fp32"] = score(model, examples, features, lengths, args.batch_size)
+            print(f"{name}: fp32 {row['fp32']}", flush=True)
+        if not args.no_int8:
+            start = time.perf_counter()
+            qa.summary(lengths)
+            row["calibration_seconds"] = round(time.perf_counter() - start, 1)
+            row["calibrated_with"] = qa.calibrated_with[None if lengths is None else tuple(lengths)]
+            row["int8"] = score(qa, examples, features, lengths, args.batch_size)
+            print(f"{name}: ipex int8 {row['int8']}", flush=True)
+        add_loss(row)
+        rows.append(row)
+
+    summaries = qa.save_summaries(args.summaries, model=str(args.model), calibration=calibration_record(args))
+    environment = environment_info()
+    environment["versions"].update(versions())
+    environment["cpu_flags"] = cpu_flags()
+    environment["torch_threads"] = torch_threads
+    report = {
+        "engine": "ipex",
+        "model": str(args.model),
+        "dev": str(args.dev),
+        "questions": len(examples),
+        "method": {
+            "quantization": "static INT8 through Intel Neural Compressor's IPEX path (INC StaticQuantConfig -> "
+            "ipex.quantization.prepare/convert), rebuilt per served shape from the calibrated qconf summary, "
+            "torch.jit.trace + freeze; non-quantized ops fp32 (bf16 excluded)",
+            "static_config": DEFAULT_STATIC_CONFIG,
+            "calibration": calibration_record(args),
+            "per_length_config": "each length configuration is calibrated on its own (one TorchScript graph each)",
+            "evaluation": f"windows padded to {seq}, doc stride 128, batch {args.batch_size}, qala post-processing",
+        },
+        "rows": rows,
+        "summaries_file": str(summaries),
+        "summaries_sha256": file_sha256(summaries),
+        "environment": environment,
+    }
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out} and {summaries}")
+    return 0
+
+
+def add_loss(row: dict[str, Any]) -> None:
+    if "fp32" in row and "int8" in row:
+        row["relative_f1_loss"] = round(1 - row["int8"]["f1"] / row["fp32"]["f1"], 4)
+
+
+def merge(parts: list[str], out: str, summaries_out: str, fp32_reference: str | None = None) -> int:
+    """One report (rows joined per configuration: full, then keep ratios descending) and one calibration
+    file. `fp32_reference` fills rows without an fp32 score of this run, marked with its source."""
+    import json
+
+    from qala.quantize.ipex import QCONF_FORMAT, file_sha256
+    from qala.utils import atomic_write_json, atomic_write_text
+
+    reports = [json.loads(Path(p).read_text()) for p in parts]
+    rows: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for row in report["rows"]:
+            merged = rows.setdefault(row["config"], {})
+            merged.update({k: v for k, v in row.items() if k not in merged or k in ("fp32", "int8")})
+    ordered = sorted(rows.values(), key=lambda r: -2.0 if r["config"] == "full" else -float(r["config"].split()[-1]))
+    reference = json.loads(fp32_reference) if fp32_reference else {}
+    for row in ordered:
+        if "fp32" not in row and row["config"] in reference:
+            row["fp32"] = {**reference[row["config"]], "source": reference["source"]}
+        add_loss(row)
+    calibrations = [json.loads(Path(r["summaries_file"]).read_text()) for r in reports]
+    configs, seen = [], set()
+    for config in (c for cal in calibrations for c in cal["configs"]):
+        key = json.dumps(config["length_config"])
+        if key not in seen:  # one calibration per length configuration: the first part's
+            seen.add(key)
+            configs.append(config)
+    combined = {k: v for k, v in calibrations[0].items() if k != "configs"}
+    if combined.get("format") != QCONF_FORMAT:
+        raise ValueError(f"{reports[0]['summaries_file']}: not a qala IPEX calibration file")
+    combined["configs"] = configs
+    atomic_write_text(summaries_out, json.dumps(combined) + "\n")
+    report = {k: v for k, v in reports[0].items() if k not in ("rows", "summaries_file", "summaries_sha256")}
+    report["rows"] = ordered
+    report["summaries_file"] = str(summaries_out)
+    report["summaries_sha256"] = file_sha256(summaries_out)
+    report["parts"] = [
+        {"config": [r["config"] for r in rep["rows"]], "torch_threads": rep["environment"].get("torch_threads")}
+        for rep in reports
+    ]
+    atomic_write_json(out, report)
+    print(f"wrote {out} and {summaries_out}")
+    return 0
+
+
+def calibration_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "file": str(args.train),
+        "windows": args.calibration_samples,
+        "batch_size": args.calibration_batch_size,
+        "seed": args.seed,
+        "selection": "qala.tune's: questions shuffled with the seed, first windows padded to 384, full length",
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
