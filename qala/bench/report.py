@@ -136,7 +136,7 @@ def format_questions_table(document: Mapping[str, Any]) -> str:
         fraction = row.get("int8_peak_fraction")
         lines.append(
             [
-                row["engine"],
+                row["engine"] + (f" ({row['backend']})" if row.get("backend") else ""),
                 row["name"],
                 row["dtype"],
                 config_slug(row.get("length_config"), row.get("length_mode") or "absolute"),
