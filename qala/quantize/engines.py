@@ -1,0 +1,288 @@
+"""Serving engines: one callable per backend that runs windows of ANY length without a compile per request.
+
+`make_engine(model_or_dir, backend)` returns an object called like the model,
+`engine(input_ids=..., attention_mask=..., token_type_ids=..., keep_ratios=[...] | length_config=[...])`,
+returning .start_logits / .end_logits (torch tensors), plus `warmup(lengths=..., batch_sizes=...)`,
+which a server calls once at load so that no request waits for a compile. Backends, by name:
+
+- "eager": the PyTorch model as is (fp32 or the INC PT2E INT8 units, reference kernels).
+- "compile-dynamic": torch.compile(dynamic=True) over the whole forward, Inductor freezing for INT8
+  units (oneDNN qlinear kernels survive symbolic shapes). Keep ratios are passed as a [batch, layers]
+  float64 tensor, so Dynamo guards neither on their values nor on the window length: after warm-up, a
+  stream of lengths and configurations reuses the same graphs.
+- "onnxruntime" / "onnxruntime-int8": the length-adaptive model exported as one ONNX graph with dynamic
+  axes and the token selection in the graph (qala.quantize.onnx); INT8 = ORT dynamic quantization,
+  per channel, of that graph.
+
+Measured side by side in benchmarks/results/engines.json (benchmarks/engines_bench.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+from qala.model import (
+    LengthAdaptiveForQuestionAnswering,
+    check_keep_ratios,
+    check_length_config,
+    constant_keep_ratios,
+)
+from qala.quantize.units import quantized_units
+
+logger = logging.getLogger(__name__)
+
+# Lengths a warm-up visits by default: short, typical (SQuAD dev median 159, p90 250) and the longest window.
+WARMUP_LENGTHS = (24, 64, 160, 250, 384)
+# Dynamo specialises sizes 0 and 1, so batch 1 and batch >= 2 are different graphs: warm both when serving batches.
+WARMUP_BATCH_SIZES = (1,)
+# The keep ratio of the warm-up's token-dropping configurations; any ratio below 1 does.
+WARMUP_KEEP = 0.8
+DEFAULT_MAX_GRAPHS = 1024
+
+
+def ratio_table(
+    attention_mask: torch.Tensor,
+    num_layers: int,
+    keep_ratios: Sequence[float] | torch.Tensor | None = None,
+    length_config: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Per-row keep ratios, float64 [batch, layers], for a call given keep_ratios, length_config or neither.
+
+    An absolute length_config becomes (min(k, n_b) - 0.5) / n_b for a row of n_b real tokens:
+    ceil of that times n_b is exactly min(k, n_b), the real tokens the absolute mode keeps.
+    Neither: all 1.0 (full length).
+    """
+    if keep_ratios is not None and length_config is not None:
+        raise ValueError("pass length_config or keep_ratios, not both")
+    batch = attention_mask.size(0)
+    if length_config is not None:
+        check_length_config([int(k) for k in length_config], num_layers=num_layers)
+        n = attention_mask.sum(dim=1).to(torch.float64).clamp(min=1)[:, None]
+        k = torch.tensor([float(k) for k in length_config], dtype=torch.float64)[None, :]
+        return ((torch.minimum(k, n) - 0.5) / n).contiguous()
+    if keep_ratios is None:
+        return torch.ones(batch, num_layers, dtype=torch.float64)
+    if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
+        if tuple(keep_ratios.shape) != (batch, num_layers):
+            raise ValueError(f"keep_ratios tensor must be [{batch}, {num_layers}], got {list(keep_ratios.shape)}")
+        return keep_ratios.to(torch.float64).contiguous()
+    ratios = [float(r) for r in keep_ratios]
+    check_keep_ratios(ratios, num_layers=num_layers)
+    return torch.tensor(ratios, dtype=torch.float64).expand(batch, -1).contiguous()
+
+
+def _inputs(n: int, batch: int = 1) -> dict[str, torch.Tensor]:
+    """A warm-up window: only shapes matter (ids 1..7, in every vocabulary)."""
+    ids = (torch.arange(int(n)) % 7 + 1).expand(batch, -1).contiguous()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+class EagerEngine:
+    """The PyTorch model, uncompiled, behind the engine interface (the reference every backend is checked against)."""
+
+    name = "eager"
+
+    def __init__(self, model: LengthAdaptiveForQuestionAnswering) -> None:
+        self.model = model.eval()
+        self.num_layers = model.num_layers
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        keep_ratios: Sequence[float] | torch.Tensor | None = None,
+        length_config: Sequence[int] | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        with torch.no_grad():
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                keep_ratios=keep_ratios,
+                length_config=length_config,
+            )
+
+    def warmup(self, lengths: Sequence[int] = WARMUP_LENGTHS, **_: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        for n in lengths:
+            self(**_inputs(n))
+        return {"warmup_seconds": round(time.perf_counter() - start, 3), "graphs": 0}
+
+
+def dynamo_graphs() -> int:
+    """Graphs Dynamo has captured in this process (torch._dynamo counters)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class DynamicCompiledEngine(EagerEngine):
+    """torch.compile(dynamic=True) over the whole length-adaptive forward.
+
+    Every call goes through keep_ratios as a float64 [batch, layers] tensor (full length: None), so
+    the graphs depend on neither the window length nor the configuration. The model's token
+    selection reads data-dependent counts (how many tokens a row keeps), where Dynamo breaks the graph:
+    the forward runs as a fixed handful of graphs per path (full length, token selection) and batch
+    kind (1, >= 2). `compiles_after_warmup` counts calls that still captured a new graph (should stay 0).
+    """
+
+    name = "compile-dynamic"
+
+    def __init__(
+        self,
+        model: LengthAdaptiveForQuestionAnswering,
+        *,
+        backend: str | Callable = "inductor",
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+    ) -> None:
+        super().__init__(model)
+        self.int8 = bool(quantized_units(model))
+        # Freezing (weights as constants, prepacked) is what lets Inductor fuse the INT8 units'
+        # quantize/dequantize pairs into oneDNN qlinear kernels; fp32 gains prepacked GEMMs from it too.
+        self._freezing = backend == "inductor"
+        self.max_graphs = max_graphs
+        self._forward = torch.compile(model, dynamic=True, backend=backend)
+        self.warmed = False
+        self.compiles_after_warmup = 0
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        keep_ratios: Sequence[float] | torch.Tensor | None = None,
+        length_config: Sequence[int] | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ratios = None
+        if keep_ratios is not None or length_config is not None:
+            ratios = ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
+        before = dynamo_graphs()
+        with (
+            torch.no_grad(),
+            torch._dynamo.config.patch(
+                recompile_limit=self.max_graphs, accumulated_recompile_limit=max(self.max_graphs, 256)
+            ),
+            torch._inductor.config.patch(freezing=self._freezing),
+        ):
+            output = self._forward(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, keep_ratios=ratios
+            )
+        if self.warmed and dynamo_graphs() != before:
+            self.compiles_after_warmup += 1
+            logger.warning("a request of shape %s compiled a new graph after warm-up", tuple(input_ids.shape))
+        return output
+
+    def warmup(
+        self,
+        lengths: Sequence[int] = WARMUP_LENGTHS,
+        batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
+        keep_ratios: Sequence[Sequence[float]] | None = None,
+    ) -> dict[str, Any]:
+        """Compile every graph serving needs, so that no request waits for a compile.
+
+        The forward breaks its graph where it reads how many tokens to keep, and resumes in a graph that
+        depends on whether layer i dropped tokens and whether an earlier layer already had (the
+        Drop-and-Restore buffer exists or not), not on lengths or ratios. The default configurations
+        visit each layer in both states: full length (None), every layer keeping all (all 1.0), every
+        layer dropping (constant keep 0.8), only the first dropping ([0.8] * L), only the later half
+        dropping. Lengths: symbolic shapes generalise on the second size seen, and Inductor's CPU code
+        generation guards on size thresholds (seen: 12 * seq <= 4096), so short and 384-token windows are
+        both visited. `compiles_after_warmup` then counts requests that still compiled.
+        """
+        layers = self.num_layers
+        configs = (
+            [list(c) for c in keep_ratios]
+            if keep_ratios is not None
+            else [
+                [1.0] * layers,
+                constant_keep_ratios(WARMUP_KEEP, layers),
+                [WARMUP_KEEP] * layers,
+                [1.0] * (layers // 2) + [WARMUP_KEEP] * (layers - layers // 2),
+            ]
+        )
+        for config in configs:
+            check_keep_ratios(config, num_layers=layers)
+        start, graphs = time.perf_counter(), dynamo_graphs()
+        for batch in batch_sizes:
+            for n in lengths:
+                for ratios in (None, *configs):
+                    self(**_inputs(n, batch), keep_ratios=ratios)
+        self.warmed = True
+        seconds = time.perf_counter() - start
+        logger.info("compile-dynamic warm-up: %d new graphs in %.1f s", dynamo_graphs() - graphs, seconds)
+        return {"warmup_seconds": round(seconds, 3), "graphs": dynamo_graphs() - graphs}
+
+
+def _onnx_engine(
+    model: LengthAdaptiveForQuestionAnswering,
+    *,
+    int8: bool,
+    workdir: str | Path | None = None,
+    threads: int | None = None,
+):
+    from qala.quantize import onnx as qonnx
+
+    qonnx.require_onnxruntime()
+    folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-onnx-"))
+    fp32_path = folder / "model.onnx"
+    start = time.perf_counter()
+    if not fp32_path.is_file():
+        qonnx.export_onnx(_fp32_model(model), fp32_path)
+    path = fp32_path
+    if int8:
+        path = folder / "model_int8.onnx"
+        if not path.is_file():
+            qonnx.quantize_onnx(fp32_path, path)
+    engine = qonnx.OnnxEngine(path, num_layers=model.num_layers, threads=threads)
+    engine.build_seconds = time.perf_counter() - start
+    engine.name = "onnxruntime-int8" if int8 else "onnxruntime"
+    return engine
+
+
+def _fp32_model(model: LengthAdaptiveForQuestionAnswering) -> LengthAdaptiveForQuestionAnswering:
+    """The fp32 model to export to ONNX: the model itself, or the fp32 source weights of an INT8 artifact."""
+    if not quantized_units(model):
+        return model
+    from qala.quantize.artifact import fp32_state_dict
+
+    fp32 = LengthAdaptiveForQuestionAnswering.from_config(model.config, model.qala_config)
+    fp32.load_state_dict(fp32_state_dict(model))
+    return fp32.eval()
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {
+    "eager": lambda model, **kw: EagerEngine(model, **kw),
+    "compile-dynamic": lambda model, **kw: DynamicCompiledEngine(model, **kw),
+    "onnxruntime": lambda model, **kw: _onnx_engine(model, int8=False, **kw),
+    "onnxruntime-int8": lambda model, **kw: _onnx_engine(model, int8=True, **kw),
+}
+
+
+def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dynamic", **options: Any) -> Any:
+    """An engine over a model (or a qala model directory, fp32 or INT8 artifact), by backend name.
+
+    Options go to the backend: compile-dynamic takes `backend` (torch.compile's) and `max_graphs`;
+    onnxruntime* take `workdir` (where the .onnx files go; default a temporary folder) and `threads`.
+    The ONNX backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize with ORT.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if isinstance(model_or_dir, str | Path):
+        from qala.quantize.load import load_model
+
+        model = load_model(model_or_dir)
+    else:
+        model = model_or_dir
+    return BACKENDS[backend](model.eval(), **options)
