@@ -1,6 +1,6 @@
 """The benchmark run: plan, measure row by row in worker processes (saving after each), report.
 
-    python -m qala.bench RECIPE.yaml [key.sub=value ...] [--resume] [--table padded|questions|all]
+    python -m qala.bench RECIPE.yaml [key.sub=value ...] [--resume] [--table padded|questions|all] [-v]
 
 `padded` (default): every row on windows padded to data.max_seq_length, the paper's view, with the
 roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, throughput_vs_cores.png).
@@ -136,11 +136,6 @@ def environment() -> dict[str, Any]:
 
         env["versions"]["onnxruntime"] = onnxruntime.__version__
     return {**env, "cpu_flags": cpu_flags()}
-
-
-def _public(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A row spec without this run's file paths."""
-    return {k: v for k, v in spec.items() if k not in ("inputs", "work_dir")}
 
 
 def _slug(text: str) -> str:
@@ -395,9 +390,11 @@ class Bench(Harness):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qala.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="YAML recipe with a benchmark section, e.g. benchmarks/squad_bench.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value to set, ~key.sub to reset to the default")
+    from qala.cli import recipe_parser, run_main
+
+    parser = recipe_parser(
+        "python -m qala.bench", __doc__, "YAML recipe with a benchmark section, e.g. benchmarks/squad_bench.yaml"
+    )
     parser.add_argument("--resume", action="store_true", help="keep rows already measured for the same recipe")
     parser.add_argument(
         "--table",
@@ -423,32 +420,26 @@ def main(argv: list[str] | None = None) -> int:
         "compiled per shape",
     )
     # Intermixed: `RECIPE --resume key=value` works as well as `--resume RECIPE key=value`.
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from qala.bench.questions import QUESTIONS_NAME, QUESTIONS_TABLE, QuestionsBench
-    from qala.data import SquadFormatError
-    from qala.recipe import RecipeError, load_recipe
+    return run_main(parser, argv, _main, intermixed=True)
 
-    documents = []
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.table in ("padded", "all"):
-            documents.append(Bench(recipe, resume=args.resume).run())
-            print(report.format_table(documents[-1]), end="")
-        if args.table in ("questions", "all"):
-            documents.append(
-                QuestionsBench(
-                    recipe, resume=args.resume, pad_multiple=args.pad_multiple, qala_backends=args.qala_backend
-                ).run()
-            )
-            print(report.format_questions_table(documents[-1]), end="")
-    except (RecipeError, SquadFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(args: argparse.Namespace, recipe: Any) -> int:
+    from qala.bench.questions import QUESTIONS_NAME, QUESTIONS_TABLE, QuestionsBench
+
+    documents, written = [], []
+    if args.table in ("padded", "all"):
+        documents.append(Bench(recipe, resume=args.resume).run())
+        print(report.format_table(documents[-1]), end="")
+        written += [BENCH_NAME, TABLE_NAME]
+    if args.table in ("questions", "all"):
+        bench = QuestionsBench(
+            recipe, resume=args.resume, pad_multiple=args.pad_multiple, qala_backends=args.qala_backend
+        )
+        documents.append(bench.run())
+        print(report.format_questions_table(documents[-1]), end="")
+        written += [QUESTIONS_NAME, QUESTIONS_TABLE]
     out = Path(recipe.benchmark.output_dir)
-    written = {"padded": [BENCH_NAME, TABLE_NAME], "questions": [QUESTIONS_NAME, QUESTIONS_TABLE]}
-    names = [n for table in ("padded", "questions") if args.table in (table, "all") for n in written[table]]
-    print(f"wrote {', '.join(str(out / n) for n in names)} and the plots")
+    print(f"wrote {', '.join(str(out / n) for n in written)} and the plots")
     failed = [r["id"] for d in documents for r in d["rows"] if r.get("status") == "failed"]
     if failed:
         print(f"rows that failed: {failed} (reasons in the JSON)", file=sys.stderr)

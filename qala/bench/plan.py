@@ -146,16 +146,13 @@ def bench_fingerprint(recipe: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_json(path: str | Path | None) -> Any:
-    return json.loads(Path(path).read_text()) if path else None
-
-
 def measured_f1(bench: Any) -> tuple[float | None, float | None]:
-    """(fp32 F1, INT8 F1) at full length from the stages' own files: train's eval.json and tune's report."""
+    """(fp32 F1, INT8 F1) at full length from the stages' own files, through their writers' readers:
+    train's eval.json and tune's report.json."""
+    from qala.train import read_eval
     from qala.tune import read_report
 
-    evaluation = _read_json(bench.fp32_eval) or {}
-    fp32 = ((evaluation.get("results") or {}).get("full") or {}).get("f1")
+    fp32 = read_eval(bench.fp32_eval)["results"].get("full", {}).get("f1") if bench.fp32_eval else None
     int8 = read_report(bench.int8_report)["full"]["int8"]["f1"] if bench.int8_report else None
     return fp32, int8
 
