@@ -113,6 +113,10 @@ class EvalConfig:
     # Constant per-layer keep ratios evaluated after each stage (each layer keeps this share of the
     # tokens the previous layer kept), besides full length.
     keep_ratios: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
+    # "ratio": keep r means each layer keeps r of the previous layer's share of each window's REAL
+    # tokens (keep_ratios r, r^2, ...), on unpadded windows: qala's serving units. "absolute": of the
+    # positions of the window padded to max_seq_length (the LAT paper's numbers, mostly dropping padding).
+    length_mode: Literal["ratio", "absolute"] = "ratio"
     batch_size: int = 32
     n_best_size: int = 20
     max_answer_length: int = 30

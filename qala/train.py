@@ -201,7 +201,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
     train_examples, eval_examples = load_split(d, "train"), load_split(d, "eval")
     train_features = windows(train_examples, tokenizer, d, train=True)
-    eval_features = windows(eval_examples, tokenizer, d, train=False)
+    eval_features = windows(eval_examples, tokenizer, d, train=False, padded=recipe.eval.length_mode == "absolute")
     teacher = load_teacher(recipe, tokenizer)
     logger.info(
         "train: %d questions -> %d features; eval: %d questions",
@@ -338,22 +338,26 @@ def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_exam
     stage = getattr(recipe.train, stage_dir.name)
     device = make_training_arguments(stage.training_args, output_dir=str(stage_dir / "checkpoints"), seed=0).device
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(stage_dir / "model").to(device)
-    configs: dict[str, list[int] | None] = {"full": None}
+    configs: dict[str, dict[str, list]] = {"full": {}}
     for ratio in e.keep_ratios:
-        configs[f"keep_{ratio:g}"] = constant_ratio_length_config(ratio, model.num_layers, recipe.data.max_seq_length)
+        if e.length_mode == "ratio":
+            configs[f"keep_{ratio:g}"] = {"keep_ratios": constant_keep_ratios(ratio, model.num_layers)}
+        else:
+            lengths = constant_ratio_length_config(ratio, model.num_layers, recipe.data.max_seq_length)
+            configs[f"keep_{ratio:g}"] = {"length_config": lengths}
     rows = {}
-    for name, length_config in configs.items():
+    for name, config in configs.items():
         metrics, _ = evaluate_features(
             model,
             eval_examples,
             eval_features,
-            length_config=length_config,
+            **config,
             batch_size=e.batch_size,
             n_best_size=e.n_best_size,
             max_answer_length=e.max_answer_length,
         )
         logger.info(
-            "%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], length_config
+            "%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], config
         )
         rows[name] = metrics
     result = {"key": key, "data": recipe.data.eval, "results": rows, "environment": environment_info()}

@@ -61,7 +61,7 @@ def test_two_stages_end_to_end_then_skipped_on_rerun(tmp_path, tiny_checkpoint, 
             assert (model_dir / name).is_file(), f"{stage}: {name} missing"
         evaluation = json.loads((out / stage / "eval.json").read_text())
         assert set(evaluation["results"]) == {"full", "keep_0.5"}
-        assert evaluation["results"]["keep_0.5"]["length_config"] == [64, 32]
+        assert evaluation["results"]["keep_0.5"]["keep_ratios"] == [0.5, 0.25]  # ratio units by default
         assert evaluation["results"]["full"]["n"] == 8
         assert "versions" in evaluation["environment"]
         info = json.loads((model_dir / "training_info.json").read_text())
