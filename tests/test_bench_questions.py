@@ -237,6 +237,12 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     document = json.loads((out / questions.QUESTIONS_NAME).read_text())
     assert document["cpu"] and document["versions"]["torch"] and document["seeds"]["random_weights"] == 0
     assert document["method"]["questions"] == 4 and document["gemm_peak"]["int8_gmacs_per_s"] > 0
+    # The peak of a dtype is the best of the engines the rows use, each engine's figure kept beside it.
+    engines = document["gemm_peak"]["engines"]
+    assert {"torch.mm", "onnxruntime.MatMul", "pt2e.qlinear", "onnxruntime.MatMulInteger"} <= set(engines)
+    for dtype in ("fp32", "int8"):
+        ran = [e["gmacs_per_s"] for e in engines.values() if e["dtype"] == dtype and "gmacs_per_s" in e]
+        assert document["gemm_peak"][f"{dtype}_gmacs_per_s"] == max(ran)
     rows = {r["id"]: r for r in document["rows"]}
     assert set(rows) == {
         "transformers/BERT-base/fp32/full/b2",
