@@ -5,7 +5,9 @@ python benchmarks/frontier_table.py runs/squad_offline/search/frontier.json benc
 The search times batch 1 only (its objective); this measures batch 32 for every frontier configuration
 and the constant-keep-ratio curve through the same backend (INT8: qala.quantize.CompiledQA), on real
 dev windows padded to the frontier's max_seq_length, median of `--repeats` calls after one warm-up call
-(which compiles the graph).
+(which compiles the graph). Frontier points may be absolute (length_config) or relative (keep_ratios, the
+search's ratio mode); for ratio frontiers the headline timing is the real-questions table
+(python -m qala.bench benchmarks/real_questions.yaml --table questions), on unpadded windows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from qala.bench.peers import call_model
+from qala.bench.plan import point_setting
 from qala.data import load_split, windows
 from qala.model import batch_inputs
 from qala.quantize.load import load_model
@@ -25,7 +28,13 @@ from qala.search import read_frontier
 from qala.utils import atomic_write_json, environment_info, latency_stats, time_calls
 
 
-def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[int, ...], dict[str, float]]:
+def setting(point: dict[str, Any]) -> tuple[str, tuple[float, ...]]:
+    """A frontier point's configuration as a key: ("ratio", keep_ratios) or ("absolute", length_config)."""
+    mode, values = point_setting(point)
+    return mode, tuple(values)
+
+
+def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[str, tuple[float, ...]], dict[str, float]]:
     from transformers import AutoTokenizer
 
     model_dir = document["model"]
@@ -37,14 +46,14 @@ def measure_batch32(document: dict[str, Any], repeats: int) -> dict[tuple[int, .
     inputs = batch_inputs(features[:32])
     # INT8 through CompiledQA, the deployed path; fp32 eager.
     model = load_model(model_dir, compiled=document["backend"] == "int8", expect=document["backend"])
-    configs = {tuple(r["length_config"]) for r in document["frontier"] + document["keep_ratio_curve"]}
+    configs = {setting(r) for r in document["frontier"] + document["keep_ratio_curve"]}
     timings = {}
-    for config in sorted(configs, reverse=True):
-        seconds = time_calls(
-            lambda c=config: call_model(model, inputs, length_config=list(c)), warmup=1, repeats=repeats
-        )
-        timings[config] = latency_stats(seconds)
-        print(config, timings[config]["median_ms"], flush=True)
+    for mode, values in sorted(configs, reverse=True):
+        # Ratio genes keep shares of each window's real tokens; absolute ones count padded positions.
+        length = {"keep_ratios" if mode == "ratio" else "length_config": list(values)}
+        seconds = time_calls(lambda kw=length: call_model(model, inputs, **kw), warmup=1, repeats=repeats)
+        timings[mode, values] = latency_stats(seconds)
+        print(mode, values, timings[mode, values]["median_ms"], flush=True)
     return timings
 
 
@@ -58,7 +67,7 @@ def markdown(document: dict[str, Any]) -> str:
     def line(r: dict[str, Any], prefix: str = "") -> str:
         loss = (full["f1"] - r["f1"]) / full["f1"]
         return (
-            f"| {prefix}`{r['length_config']}` | {r['f1']:.2f} | {-100 * loss:+.1f}% | {r['latency_ms']:.1f} | "
+            f"| {prefix}`{list(setting(r)[1])}` | {r['f1']:.2f} | {-100 * loss:+.1f}% | {r['latency_ms']:.1f} | "
             f"{r['latency_ms'] / full['latency_ms']:.2f} | {r['batch32_ms']:.0f} | {r['macs'] / 1e9:.2f} |"
         )
 
@@ -79,7 +88,7 @@ def main() -> None:
     document = read_frontier(args.frontier)
     timings = measure_batch32(document, args.repeats)
     for row in document["frontier"] + document["keep_ratio_curve"]:
-        row["batch32_ms"] = timings[tuple(row["length_config"])]["median_ms"]
+        row["batch32_ms"] = timings[setting(row)]["median_ms"]
     document["batch32"] = {
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
