@@ -66,7 +66,6 @@ def main() -> None:
     engines, build = {}, {}
     plan = [
         ("torch-eager fp32", fp32, "eager", {}),
-        ("torch-eager int8 (PT2E reference ops)", int8, "eager", {}),
         ("compile-dynamic fp32", fp32, "compile-dynamic", {}),
         ("compile-dynamic int8 (INC PT2E static)", int8, "compile-dynamic", {}),
         ("onnxruntime fp32", fp32, "onnxruntime", {"workdir": f"{args.workdir}/fp32", "threads": args.threads}),
@@ -113,8 +112,6 @@ def main() -> None:
         for n, inputs in windows.items():
             for cname, config in configs.items():
                 for name, engine in engines.items():
-                    if name.startswith("torch-eager int8") and r % 2:
-                        continue  # the reference-op INT8 is slow and only a reference: half the rounds
                     s = time_calls(lambda e=engine, c=config, i=inputs: e(**i, **c), warmup=1, repeats=3)
                     seconds.setdefault((name, n, cname), []).extend(s)
         print("round", r + 1, "done", flush=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
@@ -82,7 +83,9 @@ def ratio_table(
 
 def _inputs(n: int, batch: int = 1) -> dict[str, torch.Tensor]:
     """A warm-up window: only shapes matter (ids 1..7, in every vocabulary)."""
-    ids = (torch.arange(int(n)) % 7 + 1).expand(batch, -1).contiguous()
+    # repeat, not expand: an expanded [1, n] tensor keeps stride 0 on the batch dimension, and Dynamo
+    # guards on strides, so real windows (stride n) would miss every graph the warm-up built.
+    ids = (torch.arange(int(n)) % 7 + 1).repeat(batch, 1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
@@ -175,6 +178,9 @@ class DynamicCompiledEngine(EagerEngine):
                 recompile_limit=self.max_graphs, accumulated_recompile_limit=max(self.max_graphs, 256)
             ),
             torch._inductor.config.patch(freezing=self._freezing),
+            # Without duck shaping, a window whose length happens to equal another size (hidden 384,
+            # a head dimension, a kept count) does not get a graph of its own.
+            torch.fx.experimental._config.patch(use_duck_shape=False),
         ):
             output = self._forward(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, keep_ratios=ratios
