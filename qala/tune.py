@@ -34,6 +34,7 @@ from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import (
     batch_inputs,
+    constant_keep_ratios,
     constant_ratio_length_config,
     sample_length_config,
 )
@@ -72,12 +73,23 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
     return batches
 
 
+# The INC local-config name that stands for the word-embedding table: a local config with int8 weights
+# and fp32 activations is INC's own way of saying "weight-only int8 for this op".
+EMBEDDINGS_LOCAL_NAME = "word_embeddings"
+_QALA_KEYS = ("fp32_units", "int8_embeddings")
+
+
 def inc_config(approach: str, entry: dict[str, Any]):
-    """One recipe config_set entry -> an INC config; fp32_units become INC local (per-name) fp32 configs."""
+    """One recipe config_set entry -> an INC config.
+
+    `fp32_units` become INC local (per-name) fp32 configs; `int8_embeddings: true` a weight-only int8
+    local config for the word-embedding table (qala.quantize.embedding), so both survive INC's
+    expansion of list values into trials.
+    """
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
 
     cls = {"static": StaticQuantConfig, "dynamic": DynamicQuantConfig}[approach]
-    params = {k: v for k, v in entry.items() if k != "fp32_units"}
+    params = {k: v for k, v in entry.items() if k not in _QALA_KEYS}
     # INC's configs accept unknown keyword arguments silently; a typo must not become a default trial.
     known = set(cls().params_list) - {"white_list", "model_info"}
     unknown = sorted(set(params) - known)
@@ -86,14 +98,25 @@ def inc_config(approach: str, entry: dict[str, Any]):
             "quantization.tuning.config_set",
             [f"{entry}: {unknown} are not fields of INC {cls.__name__}; expected some of {sorted(known)}"],
         )
+    if not isinstance(entry.get("int8_embeddings", False), bool):
+        raise RecipeError(
+            "quantization.tuning.config_set", [f"{entry}: int8_embeddings must be true or false (not a list)"]
+        )
     config = cls(**params)
     for pattern in entry.get("fp32_units", []):
         config.set_local(pattern, cls(w_dtype="fp32", act_dtype="fp32"))
+    if entry.get("int8_embeddings", False):
+        config.set_local(EMBEDDINGS_LOCAL_NAME, cls(w_dtype="int8", act_dtype="fp32"))
     return config
 
 
 def fp32_units_of(config) -> list[str]:
     return [name for name, local in (getattr(config, "local_config", None) or {}).items() if local.w_dtype == "fp32"]
+
+
+def int8_embeddings_of(config) -> bool:
+    local = (getattr(config, "local_config", None) or {}).get(EMBEDDINGS_LOCAL_NAME)
+    return local is not None and local.w_dtype == "int8"
 
 
 def describe(config) -> dict[str, Any]:
@@ -103,6 +126,7 @@ def describe(config) -> dict[str, Any]:
         "type": type(config).__name__,
         **{k: getattr(config, k) for k in keys if hasattr(config, k)},
         "fp32_units": fp32_units_of(config),
+        "int8_embeddings": int8_embeddings_of(config),
     }
 
 
@@ -131,12 +155,14 @@ class Tuner:
 
     # -- scoring
 
-    def f1(self, model, length_config=None, *, full: bool = False) -> dict[str, Any]:
+    def f1(self, model, length_config=None, *, full: bool = False, keep_ratios=None) -> dict[str, Any]:
         examples, features = (self.examples, self.features) if full else (self.tune_examples, self.tune_features)
         # The fp32 model's scores are the same for every approach tuned from it: cached beside it.
         cache_key = None
         if model is self.fp32:
-            cache_key = json.dumps([self.q.model, length_config, len(examples), self.recipe.fingerprint("data")])
+            key = [self.q.model, length_config, len(examples), self.recipe.fingerprint("data")]
+            key += [{"keep_ratios": keep_ratios}] if keep_ratios is not None else []  # older keys stay valid
+            cache_key = json.dumps(key)
             cache = json.loads(self.fp32_cache.read_text()) if self.fp32_cache.is_file() else {}
             if cache_key in cache:
                 return cache[cache_key]
@@ -145,6 +171,7 @@ class Tuner:
             examples,
             features,
             length_config=length_config,
+            keep_ratios=keep_ratios,
             batch_size=self.recipe.eval.batch_size,
             progress=False,
         )
@@ -165,7 +192,16 @@ class Tuner:
 
     def quantize(self, config):
         model = copy.deepcopy(self.fp32)
-        quantize_(model, config, self.calibration, fp32_units=fp32_units_of(config))
+        # The embeddings entry is qala's (INC's PT2E prepare knows no weight-only local config): off INC's copy.
+        inc = copy.deepcopy(config)
+        inc.local_config.pop(EMBEDDINGS_LOCAL_NAME, None)
+        quantize_(
+            model,
+            inc,
+            self.calibration,
+            fp32_units=fp32_units_of(config),
+            int8_embeddings=int8_embeddings_of(config),
+        )
         return model
 
     def tune(self) -> tuple[Any, Any, dict[str, Any]]:
@@ -202,8 +238,9 @@ class Tuner:
                     "f1": metrics["f1"],
                     "exact_match": metrics["exact_match"],
                     "relative_loss": (baseline["f1"] - metrics["f1"]) / max(baseline["f1"], 1e-9),
-                    "latency_batch1_eager_qdq": self.latency(model, length_config, 1),
                 }
+                if self.q.latency_batch_sizes:  # no latency_batch_sizes: nothing is timed (shared CPUs)
+                    record["latency_batch1_eager_qdq"] = self.latency(model, length_config, 1)
                 atomic_write_json(path, record)
             else:
                 logger.info("trial %d already scored (%s), reusing", index, path)
@@ -262,6 +299,11 @@ class Tuner:
             configs[f"keep_{ratio:g}"] = constant_ratio_length_config(
                 ratio, self.fp32.num_layers, self.recipe.data.max_seq_length
             )
+        # The same ratios in units of each window's real length (model.py keep_ratios): scored, not timed
+        # (their cost depends on each input's length, so one padded batch does not stand for them).
+        # Not for other backends' callables (IPEX traces one graph per padded length configuration).
+        ratios = {f"ratio_{r:g}": constant_keep_ratios(r, self.fp32.num_layers) for r in self.q.eval_keep_ratios}
+        ratios = ratios if compiled is None else {}
         timed = CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
         rows = {}
         for name, length_config in configs.items():
@@ -281,6 +323,20 @@ class Tuner:
                 }
             rows[name] = row
             logger.info("%s: fp32 F1 %.2f int8 F1 %.2f", name, row["fp32"]["f1"], row["int8"]["f1"])
+            atomic_write_json(self.out / "final_rows.json", rows)  # progress, for an interrupted run
+        for name, keep_ratios in ratios.items():
+            fp32_metrics = self.f1(self.fp32, full=True, keep_ratios=keep_ratios)
+            int8_metrics = self.f1(int8, full=True, keep_ratios=keep_ratios)
+            rows[name] = {
+                "keep_ratios": keep_ratios,
+                "length_config": None,
+                "fp32": {"f1": fp32_metrics["f1"], "exact_match": fp32_metrics["exact_match"]},
+                "int8": {"f1": int8_metrics["f1"], "exact_match": int8_metrics["exact_match"]},
+                "relative_f1_loss": (fp32_metrics["f1"] - int8_metrics["f1"]) / max(fp32_metrics["f1"], 1e-9),
+                "latency": {},
+            }
+            logger.info("%s: fp32 F1 %.2f int8 F1 %.2f", name, fp32_metrics["f1"], int8_metrics["f1"])
+            atomic_write_json(self.out / "final_rows.json", rows)
         return {
             "rows": rows,
             "int8_compiled": self.q.compile if compiled is None else compiled,
@@ -318,8 +374,11 @@ def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
         int8, config, report = tuner.tune()
         config_record = describe(config)
         goal_met = report["goal_met"]
-    report["final"] = tuner.final_report(int8)
-    served = [r["length_config"] for r in report["final"]["rows"].values() if r["length_config"]]
+    # The artifact is written before the long whole-file evaluation, so an interrupted report still
+    # leaves the model (and the rows scored so far, final_rows.json).
+    served = [
+        constant_ratio_length_config(r, tuner.fp32.num_layers, recipe.data.max_seq_length) for r in q.eval_keep_ratios
+    ]
     size = save_quantized(
         int8,
         out / "model",
@@ -328,8 +387,9 @@ def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
         served_length_configs=served,
         tokenizer=tuner.tokenizer,
         extra={"tuning": config_record},
+        extra_files={"recipe.yaml": recipe.to_yaml()},  # inside the artifact's manifest
     )
-    atomic_write_text(out / "model" / "recipe.yaml", recipe.to_yaml())
+    report["final"] = tuner.final_report(int8)
     report.update(approach=q.approach, artifact=str(out / "model"), artifact_bytes=size, environment=environment_info())
     atomic_write_json(out / "report.json", report)
     return report, 0 if goal_met else EXIT_GOAL_NOT_MET

@@ -55,7 +55,8 @@ def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys
     assert report["goal_met"] and report["trials"]
     first = report["trials"][0]
     assert first["config"]["type"] == "INT8StaticQuantConfig" and "f1" in first and "latency_batch1_eager_qdq" in first
-    assert set(report["final"]["rows"]) == {"full", "keep_0.5"}
+    assert set(report["final"]["rows"]) == {"full", "keep_0.5", "ratio_0.5"}
+    assert report["final"]["rows"]["ratio_0.5"]["keep_ratios"] == [0.5, 0.25]
     row = report["final"]["rows"]["keep_0.5"]
     assert row["length_config"] == [64, 32] and "fp32_eager" in row["latency"]["batch1"]
     assert report["artifact_bytes"] > 0 and "versions" in report["environment"]
@@ -84,8 +85,8 @@ def test_goal_not_met_keeps_best_and_exits_nonzero(tmp_path, tiny_checkpoint, mo
     scores = iter([50.0, 40.0, 45.0, 42.0, 44.0, 41.0])
     original = qtune.Tuner.f1
 
-    def fake_f1(self, model, length_config=None, *, full=False):
-        metrics = original(self, model, length_config, full=full)
+    def fake_f1(self, model, length_config=None, *, full=False, **kw):
+        metrics = original(self, model, length_config, full=full, **kw)
         if not full:  # trials: fp32 baseline first, then each quantized model
             metrics["f1"] = next(scores)
         return metrics
@@ -98,6 +99,42 @@ def test_goal_not_met_keeps_best_and_exits_nonzero(tmp_path, tiny_checkpoint, mo
     assert report["chosen"]["f1"] == 45.0 and report["chosen"]["trial"] == 2
     assert "goal NOT met" in capsys.readouterr().err
     assert (tmp_path / "static" / "int8" / "model" / "quantization.json").is_file()
+
+
+def test_tuning_stops_at_the_first_config_within_tolerance(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    # fp32 baseline 50; trial 1 loses 20%, trial 2 loses 0.8% (within 1%): trial 3 must never run.
+    scores = iter([50.0, 40.0, 49.6, 50.0])
+    original = qtune.Tuner.f1
+
+    def fake_f1(self, model, length_config=None, *, full=False, **kw):
+        metrics = original(self, model, length_config, full=full, **kw)
+        if not full:
+            metrics["f1"] = next(scores)
+        return metrics
+
+    monkeypatch.setattr(qtune.Tuner, "f1", fake_f1)
+    assert qtune.main([str(write_recipe(tmp_path, tiny_checkpoint))]) == 0
+    report = json.loads((tmp_path / "static" / "int8" / "report.json").read_text())
+    assert [t["f1"] for t in report["trials"]] == [40.0, 49.6]
+    assert report["goal_met"] and report["chosen"]["trial"] == 2
+    assert report["chosen"]["relative_loss"] == pytest.approx(0.008)
+    assert not (tmp_path / "static" / "int8" / "trials" / "trial-3.json").exists()
+
+
+def test_int8_embeddings_entry_gives_an_int8_table_in_the_artifact(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = write_recipe(tmp_path, tiny_checkpoint)
+    entry = "quantization.tuning.config_set=[{w_granularity: per_channel, int8_embeddings: true}]"
+    assert qtune.main([str(path), entry, "quantization.tuning.max_trials=1"]) in (0, qtune.EXIT_GOAL_NOT_MET)
+    out = tmp_path / "static" / "int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"]["config"]["int8_embeddings"] is True
+    record = json.loads((out / "model" / "quantization.json").read_text())
+    assert record["embeddings"] == "int8_per_row"
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert "recipe.yaml" in manifest["sha256"] and "quantization.json" in manifest["sha256"]
+    assert qtune.main([str(path), "quantization.tuning.config_set=[{int8_embeddings: [true, false]}]"]) == 2
 
 
 def test_rerun_reuses_scored_trials(tmp_path, tiny_checkpoint, monkeypatch):
