@@ -121,6 +121,11 @@ class EvalConfig:
     n_best_size: int = 20
     max_answer_length: int = 30
 
+    def evaluate_kwargs(self) -> dict[str, int]:
+        """This section's settings as qala.evaluate.evaluate_features takes them."""
+        names = ("batch_size", "n_best_size", "max_answer_length")
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:

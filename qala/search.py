@@ -580,9 +580,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
             examples_,
             features_,
             **gene_config(gene, ratio_mode),
-            batch_size=e.batch_size,
-            n_best_size=e.n_best_size,
-            max_answer_length=e.max_answer_length,
+            **e.evaluate_kwargs(),
             progress=False,
         )
         return metrics["f1"]

@@ -352,9 +352,7 @@ def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_exam
             eval_examples,
             eval_features,
             **config,
-            batch_size=e.batch_size,
-            n_best_size=e.n_best_size,
-            max_answer_length=e.max_answer_length,
+            **e.evaluate_kwargs(),
         )
         logger.info(
             "%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], config
