@@ -47,8 +47,10 @@ CALIBRATION_LENGTHS = (32, 96, 160, 256, 384)
 # Windows per forward pass: bounds memory whatever the context length (a 100k-character context is
 # ~100 windows; one batch of them took 2 GB).
 MAX_BATCH_WINDOWS = 8
-# Engine per model kind when none is asked for (benchmarks/results/engines.json has the comparison).
-DEFAULT_BACKEND = {"fp32": "eager", "int8": "compile-dynamic"}
+# Engine per model kind when none is asked for: "eager" starts answering at once. "compile-dynamic"
+# runs INT8 faster but warms ~15 graphs at load (minutes on 2 cores): the choice of a long-lived
+# server (QalaModel.from_pretrained(..., backend="compile-dynamic")), not of a one-shot CLI call.
+DEFAULT_BACKEND = {"fp32": "eager", "int8": "eager"}
 CACHE_FORMAT = 2
 
 
