@@ -36,6 +36,9 @@ IMPORT_NOISE = ("torchao", "torch.utils._pytree", "neural_compressor")
 # accelerator it detected. INC's own logger resets its level when it is first used, so these are logger
 # filters, not setLevel.
 CHATTY = IMPORT_NOISE
+# torch.compile's warnings (graph breaks in the length-adaptive forward, recompilations) come from many
+# child loggers: their parent's level quiets them all; -v leaves torch's own level (WARNING).
+COMPILE_LOGGERS = ("torch._dynamo", "torch._inductor")
 THIRD_PARTY_WARNINGS = r"(torch|torchao|neural_compressor|transformers|accelerate|datasets|onnx|onnxruntime)(\.|$)"
 
 # Every error that means "fix your input", not "qala has a bug": RecipeError and SquadFormatError are
@@ -80,6 +83,8 @@ def setup_logging(verbose: bool = False) -> None:
             logger.removeFilter(f)
         if not verbose:
             logger.addFilter(_Held(logging.ERROR, keep=False))
+    for name in COMPILE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
     if verbose:
         for record in held:  # what the libraries said while being imported, before -v was known
             logging.getLogger(record.name).handle(record)
