@@ -43,7 +43,7 @@ from qala.utils import atomic_write_json, median_latency_ms, resolve_model_path
 logger = logging.getLogger(__name__)
 
 # Window lengths the cost models are fitted on (clipped to the model's max_seq_length).
-CALIBRATION_LENGTHS = (32, 96, 160, 256, 384)
+CALIBRATION_LENGTHS = (32, 128, 256, 384)
 # Windows per forward pass: bounds memory whatever the context length (a 100k-character context is
 # ~100 windows; one batch of them took 2 GB).
 MAX_BATCH_WINDOWS = 8
@@ -154,7 +154,7 @@ class QalaModel:
         model_dir: str | Path,
         *,
         threads: int | None = None,
-        latency_repeats: int = 5,
+        latency_repeats: int = 3,
         remeasure: bool = False,
         backend: str | None = None,
         compile: bool = True,

@@ -666,16 +666,19 @@ def load_split(data: DataConfig, which: Literal["train", "eval"]) -> datasets.Da
     return examples.select(range(min(limit, len(examples)))) if limit else examples
 
 
-def windows(examples: datasets.Dataset, tokenizer: Any, data: DataConfig, *, train: bool) -> datasets.Dataset:
-    """Training windows unpadded (batches pad dynamically); all others padded to max_seq_length, so that
-    a length configuration means the same thing in evaluation, calibration, search and deployment."""
+def windows(
+    examples: datasets.Dataset, tokenizer: Any, data: DataConfig, *, train: bool, padded: bool | None = None
+) -> datasets.Dataset:
+    """Featurized windows. Training windows are unpadded (batches pad dynamically). Evaluation windows
+    are padded to max_seq_length by default, which absolute length configurations (the paper mode)
+    need; keep-ratio configurations and serving use `padded=False`: each window at its real length."""
     return featurize(
         examples,
         tokenizer,
         train=train,
         max_seq_length=data.max_seq_length,
         doc_stride=data.doc_stride,
-        pad_to_max_length=not train,
+        pad_to_max_length=(not train) if padded is None else padded,
     )
 
 
