@@ -76,7 +76,7 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
 # The INC local-config name that stands for the word-embedding table: a local config with int8 weights
 # and fp32 activations is INC's own way of saying "weight-only int8 for this op".
 EMBEDDINGS_LOCAL_NAME = "word_embeddings"
-_QALA_KEYS = ("fp32_units", "int8_embeddings")
+_QALA_KEYS = ("fp32_units", "int8_embeddings", "fp32_unit_weights")
 
 
 def inc_config(approach: str, entry: dict[str, Any]):
@@ -84,7 +84,8 @@ def inc_config(approach: str, entry: dict[str, Any]):
 
     `fp32_units` become INC local (per-name) fp32 configs; `int8_embeddings: true` a weight-only int8
     local config for the word-embedding table (qala.quantize.embedding), so both survive INC's
-    expansion of list values into trials.
+    expansion of list values into trials. `fp32_unit_weights: int8` stores the fp32 units' weights
+    int8 (weight-only: their local configs get int8 weights and fp32 activations).
     """
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
 
@@ -98,20 +99,33 @@ def inc_config(approach: str, entry: dict[str, Any]):
             "quantization.tuning.config_set",
             [f"{entry}: {unknown} are not fields of INC {cls.__name__}; expected some of {sorted(known)}"],
         )
+    if entry.get("fp32_unit_weights", "fp32") not in ("fp32", "int8"):
+        raise RecipeError(
+            "quantization.tuning.config_set", [f"{entry}: fp32_unit_weights must be fp32 or int8 (not a list)"]
+        )
     if not isinstance(entry.get("int8_embeddings", False), bool):
         raise RecipeError(
             "quantization.tuning.config_set", [f"{entry}: int8_embeddings must be true or false (not a list)"]
         )
     config = cls(**params)
+    unit_weights = entry.get("fp32_unit_weights", "fp32")
     for pattern in entry.get("fp32_units", []):
-        config.set_local(pattern, cls(w_dtype="fp32", act_dtype="fp32"))
+        config.set_local(pattern, cls(w_dtype=unit_weights, act_dtype="fp32"))
     if entry.get("int8_embeddings", False):
         config.set_local(EMBEDDINGS_LOCAL_NAME, cls(w_dtype="int8", act_dtype="fp32"))
     return config
 
 
 def fp32_units_of(config) -> list[str]:
-    return [name for name, local in (getattr(config, "local_config", None) or {}).items() if local.w_dtype == "fp32"]
+    """Unit patterns whose activations stay fp32 (weights fp32, or int8 weight-only)."""
+    locals_ = getattr(config, "local_config", None) or {}
+    return [name for name, local in locals_.items() if local.act_dtype == "fp32" and name != EMBEDDINGS_LOCAL_NAME]
+
+
+def fp32_unit_weights_of(config) -> str:
+    locals_ = getattr(config, "local_config", None) or {}
+    int8 = [n for n in fp32_units_of(config) if locals_[n].w_dtype == "int8"]
+    return "int8" if int8 else "fp32"
 
 
 def int8_embeddings_of(config) -> bool:
@@ -127,6 +141,7 @@ def describe(config) -> dict[str, Any]:
         **{k: getattr(config, k) for k in keys if hasattr(config, k)},
         "fp32_units": fp32_units_of(config),
         "int8_embeddings": int8_embeddings_of(config),
+        "fp32_unit_weights": fp32_unit_weights_of(config),
     }
 
 
@@ -193,14 +208,18 @@ class Tuner:
     def quantize(self, config):
         model = copy.deepcopy(self.fp32)
         # The embeddings entry is qala's (INC's PT2E prepare knows no weight-only local config): off INC's copy.
+        # Nor one with int8 weights and fp32 activations: weight-only units are plain fp32 units to INC.
         inc = copy.deepcopy(config)
         inc.local_config.pop(EMBEDDINGS_LOCAL_NAME, None)
+        for name in fp32_units_of(config):
+            inc.local_config[name] = type(config)(w_dtype="fp32", act_dtype="fp32")
         quantize_(
             model,
             inc,
             self.calibration,
             fp32_units=fp32_units_of(config),
             int8_embeddings=int8_embeddings_of(config),
+            fp32_unit_weights=fp32_unit_weights_of(config),
         )
         return model
 

@@ -332,14 +332,28 @@ def static_int8_embeddings():
     return quantize_(tiny_model(), StaticQuantConfig(), calibration_batches(), int8_embeddings=True)
 
 
+@pytest.fixture(scope="module")
+def static_weight_only():
+    """Static INT8 with one unit kept fp32 but its weights int8 (weight-only), embeddings int8."""
+    return quantize_(
+        tiny_model(),
+        StaticQuantConfig(),
+        calibration_batches(),
+        fp32_units=["encoder.layer.0.output"],
+        int8_embeddings=True,
+        fp32_unit_weights="int8",
+    )
+
+
 def test_artifacts_reload_identically_in_a_fresh_process(
-    tmp_path, static_pair, dynamic_pair, qat_run, static_int8_embeddings
+    tmp_path, static_pair, dynamic_pair, qat_run, static_int8_embeddings, static_weight_only
 ):
     models = {
         "static": static_pair[1],
         "dynamic": dynamic_pair[1],
         "qat": qat_run[0],
         "static_emb": static_int8_embeddings,
+        "static_wo": static_weight_only,
     }
     configs = {"static": StaticQuantConfig().to_dict(), "dynamic": DYNAMIC_CONFIG.to_dict(), "qat": QAT_CONFIG}
     for name, model in models.items():
@@ -348,6 +362,7 @@ def test_artifacts_reload_identically_in_a_fresh_process(
             model,
             tmp_path / name,
             approach=approach,
+            fp32_units=["encoder.layer.0.output"] if name == "static_wo" else (),
             quant_config=configs[approach],
             served_length_configs=[SHORT, [24, 24]],
             extra={"note": "test"},
@@ -369,13 +384,17 @@ def test_artifacts_reload_identically_in_a_fresh_process(
         stored = load_file(str(tmp_path / name / "int8_weights.safetensors"))
         record = json.loads((tmp_path / name / "quantization.json").read_text())
         linear = [f"bert.encoder.layer.{i}.{m}.weight" for i in range(2) for m in LINEARS] + ["qa_outputs.weight"]
+        if name == "static_wo":  # the fp32 unit's weight is int8 weight-only: qweight + scale
+            linear.remove("bert.encoder.layer.0.output.dense.weight")
+            assert record["weight_only_int8"] == ["bert.encoder.layer.0.output.dense"]
+            assert stored["bert.encoder.layer.0.output.dense.qweight"].dtype == torch.int8
         assert sorted(record["int8_weights"]) == sorted(linear), name
         for key in linear:
             assert stored[key].dtype == torch.int8, (name, key)
             assert stored[f"{key}.scale"].dtype == torch.float32, (name, key)
         # The only floating-point tensors left: biases, LayerNorms, scales and the small embedding tables.
         allowed = (".bias", "LayerNorm.weight", ".scale", "position_embeddings.weight", "token_type_embeddings.weight")
-        allowed += ("word_embeddings.weight",) if name != "static_emb" else ()
+        allowed += ("word_embeddings.weight",) if name not in ("static_emb", "static_wo") else ()
         floats = [k for k, t in stored.items() if t.is_floating_point()]
         assert all(k.endswith(allowed) for k in floats), (name, [k for k in floats if not k.endswith(allowed)])
     emb = load_file(str(tmp_path / "static_emb" / "int8_weights.safetensors"))

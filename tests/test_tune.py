@@ -122,16 +122,21 @@ def test_tuning_stops_at_the_first_config_within_tolerance(tmp_path, tiny_checkp
     assert not (tmp_path / "static" / "int8" / "trials" / "trial-3.json").exists()
 
 
-def test_int8_embeddings_entry_gives_an_int8_table_in_the_artifact(tmp_path, tiny_checkpoint, monkeypatch):
+def test_int8_embeddings_and_weight_only_entries_reach_the_artifact(tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.chdir(REPO)
     path = write_recipe(tmp_path, tiny_checkpoint)
-    entry = "quantization.tuning.config_set=[{w_granularity: per_channel, int8_embeddings: true}]"
+    entry = (
+        "quantization.tuning.config_set=[{w_granularity: per_channel, int8_embeddings: true,"
+        " fp32_units: [qa_outputs], fp32_unit_weights: int8}]"
+    )
     assert qtune.main([str(path), entry, "quantization.tuning.max_trials=1"]) in (0, qtune.EXIT_GOAL_NOT_MET)
     out = tmp_path / "static" / "int8"
     report = json.loads((out / "report.json").read_text())
     assert report["chosen"]["config"]["int8_embeddings"] is True
     record = json.loads((out / "model" / "quantization.json").read_text())
     assert record["embeddings"] == "int8_per_row"
+    assert record["weight_only_int8"] == ["qa_outputs"] and record["units"]["fp32"] == ["qa_outputs"]
+    assert report["chosen"]["config"]["fp32_unit_weights"] == "int8"
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert "recipe.yaml" in manifest["sha256"] and "quantization.json" in manifest["sha256"]
     assert qtune.main([str(path), "quantization.tuning.config_set=[{int8_embeddings: [true, false]}]"]) == 2

@@ -64,6 +64,7 @@ from qala.quantize.units import (
     synthetic_batch,
     unit_names,
 )
+from qala.quantize.weight_only import empty_weight_only_, weight_only_modules
 from qala.utils import atomic_directory, atomic_write_json, atomic_write_text, directory_bytes
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,8 @@ def save_quantized(
         "units": {"quantized": list(units), "fp32": fp32},
         "int8_weights": layouts,
         "embeddings": "int8_per_row" if has_int8_embeddings(model) else "fp32",
+        # Linears of fp32 units stored int8 weight-only (qweight, scale), rebuilt as such at load.
+        "weight_only_int8": weight_only_modules(model),
         "example_shape": list(next(iter(units.values())).example_shape),
         "served_length_configs": served,
         "versions": _versions(),
@@ -361,6 +364,10 @@ def _model_state(path: Path, record: dict[str, Any], model: nn.Module) -> dict[s
             state[key] = _dequantize(q, scale, zero_point, layout)
         except (KeyError, RuntimeError, AttributeError) as e:
             raise ArtifactError(f"{file}: int8 weight {key} is missing or does not fit its layout ({e})") from e
+    try:
+        empty_weight_only_(model, record.get("weight_only_int8", []))
+    except (AttributeError, ValueError) as e:
+        raise ArtifactError(f"{path / QUANTIZATION_NAME}: weight_only_int8 names no Linear of the model ({e})") from e
     if record["embeddings"] == "int8_per_row":
         prefix = word_embeddings_key(model)
         try:

@@ -26,6 +26,7 @@ from qala.quantize.units import (
     select_units,
     swap_unit,
 )
+from qala.quantize.weight_only import restore_modules, weight_only_int8_
 
 if TYPE_CHECKING:
     from neural_compressor.torch.quantization import DynamicQuantConfig
@@ -113,6 +114,7 @@ def quantize_(
     fp32_units: Sequence[str] = (),
     reduce_range: bool | None = None,
     int8_embeddings: bool = False,
+    fp32_unit_weights: str = "fp32",
 ) -> nn.Module:
     """Quantize `model`'s units to INT8 in place with an INC StaticQuantConfig or DynamicQuantConfig.
 
@@ -125,8 +127,10 @@ def quantize_(
     fp32. `reduce_range` quantizes activations to 7 bits, which CPUs without VNNI need for correct
     compiled int8 kernels; None decides by this CPU (record it: the artifact does). `int8_embeddings`
     first stores the word-embedding table int8 per row (qala.quantize.embedding), so that calibration
-    sees the embeddings the deployed model computes. The model is left in eval mode; on failure its
-    original units (and embeddings) are put back.
+    sees the embeddings the deployed model computes. `fp32_unit_weights="int8"` stores the Linear
+    weights of the fp32 units int8 per channel while their activations stay fp32 (weight-only,
+    qala.quantize.weight_only), before calibration for the same reason. The model is left in eval
+    mode; on failure its original units (and embeddings) are put back.
     """
     approach = approach_of(quant_config)
     reduce_range = resolve_reduce_range(reduce_range)
@@ -137,6 +141,8 @@ def quantize_(
             "per-tensor weights; use w_granularity='per_channel' for a compiled int8 model",
             quant_config.w_granularity,
         )
+    if fp32_unit_weights not in ("fp32", "int8"):
+        raise ValueError(f"fp32_unit_weights must be 'fp32' or 'int8', got {fp32_unit_weights!r}")
     selected, keep = select_units(model, fp32_units)
     batches = iter(calibration)
     first = next(batches, None)
@@ -145,10 +151,12 @@ def quantize_(
     embeddings = word_embeddings(model)
     if int8_embeddings:
         quantize_embeddings_(model)
+    weight_only = weight_only_int8_(model, keep) if fp32_unit_weights == "int8" else {}
     try:
         example_args, example_shape = capture_unit_inputs(model, list(selected), first)
     except BaseException:
         model.backbone.embeddings.word_embeddings = embeddings
+        restore_modules(model, weight_only)
         raise
     logger.info(
         "INT8 %s: exporting and preparing %d units (fp32: %s), example shape %s, reduce_range=%s",
@@ -173,6 +181,7 @@ def quantize_(
         for name, original in originals.items():
             swap_unit(model, name, original)
         model.backbone.embeddings.word_embeddings = embeddings
+        restore_modules(model, weight_only)
         raise
     return model
 
