@@ -369,7 +369,10 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
                 restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
                 restored = _restore(restored, positions, hidden, carried)
                 significance = attention_significance(attention_probs, mask)
-                top = significance.topk(int(kept.max()), dim=1).indices
+                # Absolute mode knows the width as a Python int: no data-dependent int() there, so
+                # torch.compile traces it as one graph (CompiledQA); ratio mode reads it from the data.
+                width = int(length_config[i]) if length_config is not None else int(kept.max())
+                top = significance.topk(width, dim=1).indices
                 # Rank r of a row survives if r < kept[b]: shorter rows mask their surplus slots.
                 survives = torch.arange(top.size(1), device=top.device)[None, :] < kept[:, None]
                 # Sorted so survivors keep their input order and [CLS] stays first.
