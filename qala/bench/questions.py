@@ -137,11 +137,12 @@ def plan_question_rows(
             "pad_to_multiple_of": (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None,
         }
     ]
-    fp32_ways = fp32_ways or [{}]
+    # An engine that quantizes (onnxruntime-int8) cannot run an fp32 row: those rows skip it.
+    fp32_ways = [way for way in fp32_ways if not str(way.get("backend", "")).endswith("-int8")] or [{}]
     for way in fp32_ways if model_dir else []:
         add("MiniLM", "qala", "fp32", path=model_dir, **way)
     for way in int8_ways if int8_dir else []:
-        add("MiniLM", "qala", "int8", path=int8_dir, **way)
+        add("MiniLM", "qala", "int8", path=_int8_source(way, int8_dir, model_dir), **way)
 
     fp32_f1, _ = plan.measured_f1(bench)
     frontier, points = plan.read_frontier_points(bench)
@@ -157,7 +158,8 @@ def plan_question_rows(
         for dtype in bench.frontier_dtypes:
             directory = model_dir if dtype == "fp32" else int8_dir
             for way in (int8_ways if dtype == "int8" else fp32_ways) if directory else []:
-                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=directory, **way)
+                source = _int8_source(way, directory, model_dir) if dtype == "int8" else directory
+                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=source, **way)
 
     if bench.ipex:
         if plan.IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file() and model_dir:
@@ -169,6 +171,14 @@ def plan_question_rows(
                 "needs": f"{plan.IPEX_PYTHON} and {IPEX_SUMMARIES} (benchmarks/ipex_quantize.py, run in .venv-ipex)",
             }
     return rows, notes
+
+
+def _int8_source(way: dict[str, Any], int8_dir: str | None, model_dir: str | None) -> str | None:
+    """An engine that quantizes by itself (onnxruntime-int8: ORT dynamic INT8 of the exported model)
+    starts from the fp32 model; every other INT8 row runs qala's INT8 artifact."""
+    if str(way.get("backend", "")).endswith("-int8") and model_dir:
+        return model_dir
+    return int8_dir
 
 
 class QuestionsBench(Harness):
@@ -274,7 +284,9 @@ def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, 
     from qala.quantize.load import load_model, model_kind
 
     length = _length_kwargs(spec)
-    if model_kind(spec["path"]) != spec["dtype"]:
+    # An engine that quantizes by itself (onnxruntime-int8) reads the fp32 model for an int8 row.
+    expected = "fp32" if str(spec.get("backend", "")).endswith("-int8") else spec["dtype"]
+    if model_kind(spec["path"]) != expected:
         raise ValueError(f"{spec['path']} is an {model_kind(spec['path'])} model directory, the row is {spec['dtype']}")
     if spec.get("backend"):
         from qala.quantize.engines import make_engine
