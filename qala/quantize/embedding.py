@@ -20,15 +20,29 @@ logger = logging.getLogger(__name__)
 QMIN, QMAX = -127, 127  # symmetric: no zero point, -128 unused so that +-amax map to +-127
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per row): symmetric per-row int8, shared by the embedding table and
+    the weight-only Linear. Rows of zeros (padding) keep a scale of 1 rather than 0, which would make 0/0."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).div(QMAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(weight / scale[:, None]).clamp(QMIN, QMAX).to(torch.int8), scale
+
+
+def check_rows(qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """Raise ValueError unless qweight is 2-D int8 with one scale per row."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    if scale.shape != (qweight.size(0),):
+        raise ValueError(f"scale must have one entry per row ({qweight.size(0)}), got {tuple(scale.shape)}")
+
+
 class Int8Embedding(nn.Module):
     """An nn.Embedding whose table is int8 with a per-row fp32 scale (buffers, so they are saved/moved)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2:
-            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-        if scale.shape != (qweight.size(0),):
-            raise ValueError(f"scale must have one entry per row ({qweight.size(0)}), got {tuple(scale.shape)}")
+        check_rows(qweight, scale)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(torch.float32))
         self.padding_idx = padding_idx
@@ -36,11 +50,7 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
-        weight = embedding.weight.detach().float()
-        # Rows of zeros (padding) keep a scale of 1 rather than 0, which would make 0/0.
-        scale = weight.abs().amax(dim=1).div(QMAX)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        qweight = torch.round(weight / scale[:, None]).clamp(QMIN, QMAX).to(torch.int8)
+        qweight, scale = quantize_rows(embedding.weight)
         return cls(qweight, scale, embedding.padding_idx)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

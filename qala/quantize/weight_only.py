@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qala.quantize.embedding import QMAX, QMIN
+from qala.quantize.embedding import check_rows, quantize_rows
 from qala.quantize.units import get_unit, state_prefix
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,7 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2:
-            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-        if scale.shape != (qweight.size(0),):
-            raise ValueError(f"scale must have one entry per output row ({qweight.size(0)}), got {tuple(scale.shape)}")
+        check_rows(qweight, scale)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
@@ -40,10 +37,7 @@ class WeightOnlyInt8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> WeightOnlyInt8Linear:
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).div(QMAX)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        qweight = torch.round(weight / scale[:, None]).clamp(QMIN, QMAX).to(torch.int8)
+        qweight, scale = quantize_rows(linear.weight)
         return cls(qweight, scale, linear.bias)
 
     @classmethod
