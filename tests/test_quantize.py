@@ -462,6 +462,11 @@ def test_bad_artifacts_name_the_file_at_fault(tmp_path, static_pair):
     (no_record / "quantization.json").unlink()
     with pytest.raises(ArtifactError, match="quantization.json: missing"):
         load_quantized(no_record)
+    # The one loader every stage uses does not take it for an fp32 directory either.
+    from qala.quantize.load import load_model
+
+    with pytest.raises(ArtifactError, match="quantization.json: missing, but int8_weights.safetensors is there"):
+        load_model(no_record)
 
     # The manifest covers the configs, not only the weights: an edited quantization.json is named.
     edited = variant("edited")

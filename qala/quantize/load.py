@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 from qala.model import LengthAdaptiveForQuestionAnswering
-from qala.quantize.artifact import QUANTIZATION_NAME, load_quantized
+from qala.quantize.artifact import (
+    INT8_WEIGHTS_NAME,
+    OBSERVERS_NAME,
+    QUANTIZATION_NAME,
+    ArtifactError,
+    load_quantized,
+)
 from qala.quantize.compile import CompiledQA
 from qala.utils import resolve_model_path
 
@@ -21,8 +27,21 @@ Kind = Literal["fp32", "int8"]
 
 
 def model_kind(path: str | Path) -> Kind:
-    """"int8" for an artifact written by save_quantized, "fp32" for any other directory."""
-    return "int8" if (Path(resolve_model_path(str(path))) / QUANTIZATION_NAME).is_file() else "fp32"
+    """"int8" for an artifact written by save_quantized, "fp32" for any other directory.
+
+    A directory holding INT8 artifact files but no quantization.json is neither: ArtifactError naming
+    the missing file, rather than a silent attempt to read it as an fp32 model.
+    """
+    directory = Path(resolve_model_path(str(path)))
+    if (directory / QUANTIZATION_NAME).is_file():
+        return "int8"
+    leftovers = [name for name in (INT8_WEIGHTS_NAME, OBSERVERS_NAME) if (directory / name).is_file()]
+    if leftovers:
+        raise ArtifactError(
+            f"{directory / QUANTIZATION_NAME}: missing, but {leftovers[0]} is there: an incomplete INT8 artifact "
+            "(quantize again with qala.tune, or restore the file)"
+        )
+    return "fp32"
 
 
 def load_model(
