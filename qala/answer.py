@@ -34,7 +34,8 @@ import torch
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
-from qala.model import batch_inputs
+from qala.evaluate import predict_logits
+from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.engines import make_engine
 from qala.quantize.load import load_model, model_kind
 from qala.search import FRONTIER_NAME, read_frontier
@@ -255,22 +256,12 @@ class QalaModel:
         for qid, rows in by_question.items():
             groups.setdefault(chosen[qid][0], []).extend(rows)
         for point, rows in groups.items():
-            rows = sorted(rows, key=lambda j: len(features["input_ids"][j]))
-            for i in range(0, len(rows), self.max_batch_windows):
-                chunk = rows[i : i + self.max_batch_windows]
-                inputs = batch_inputs(
-                    {
-                        k: [features[k][j] for j in chunk]
-                        for k in ("input_ids", "attention_mask", "token_type_ids")
-                        if k in features
-                    }
-                )
-                with torch.no_grad():
-                    out = self.model(**inputs, **point.model_kwargs())
-                start_logits, end_logits = out.start_logits.float().numpy(), out.end_logits.float().numpy()
-                for row, j in enumerate(chunk):
-                    n = len(features["input_ids"][j])
-                    starts[j], ends[j] = start_logits[row, :n], end_logits[row, :n]
+            group = {k: [features[k][j] for j in rows] for k in MODEL_INPUTS if k in features}
+            group_starts, group_ends = predict_logits(
+                self.model, group, batch_size=self.max_batch_windows, progress=False, **point.model_kwargs()
+            )
+            for j, start_logits, end_logits in zip(rows, group_starts, group_ends, strict=True):
+                starts[j], ends[j] = start_logits, end_logits
         scored = postprocess_with_scores(
             examples, features, starts, ends, n_best_size=self.n_best_size, max_answer_length=self.max_answer_length
         )

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
-from qala.model import batch_inputs, check_length_config, constant_ratio_length_config, parse_keep_ratios
+from qala.model import MODEL_INPUTS, batch_inputs, check_length_config, constant_ratio_length_config, parse_keep_ratios
 from qala.quantize.load import load_model
 from qala.utils import atomic_write_json, resolve_model_path
 
@@ -43,6 +43,7 @@ def predict_logits(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start/end logits of each eval window, one array per window as long as the window.
 
+    `features`: a featurized datasets.Dataset, or a mapping column -> one list per window.
     Windows may be padded (all max_seq_length) or not: unpadded windows are batched by length (so a
     batch pads only to its own longest window) and returned in their original order.
     `model` is a LengthAdaptiveForQuestionAnswering, fp32 or quantized, or any callable taking the
@@ -53,8 +54,8 @@ def predict_logits(
         model.eval()
         device = next(model.parameters(), torch.empty(0)).device
     lengths = [len(ids) for ids in features["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if len(set(lengths)) > 1 else range(len(lengths))
-    order = list(order)
+    # A stable sort: padded windows (all one length) keep their order.
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     kwargs: dict[str, Any] = {}
     if length_config is not None:
         kwargs["length_config"] = length_config
@@ -64,7 +65,12 @@ def predict_logits(
     ends: list[np.ndarray] = [np.empty(0)] * len(order)
     for i in tqdm(range(0, len(order), batch_size), desc="predict", disable=not progress, leave=False):
         chunk = order[i : i + batch_size]
-        out = model(**batch_inputs(features.select(chunk)[:], device=device), **kwargs)
+        rows = (
+            features.select(chunk)[:]
+            if hasattr(features, "select")
+            else {k: [features[k][j] for j in chunk] for k in MODEL_INPUTS if k in features}
+        )
+        out = model(**batch_inputs(rows, device=device), **kwargs)
         start_logits, end_logits = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
         for row, j in enumerate(chunk):
             starts[j], ends[j] = start_logits[row, : lengths[j]], end_logits[row, : lengths[j]]
