@@ -34,10 +34,10 @@ import torch
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
-from qala.evaluate import predict_logits
+from qala.evaluate import check_positive, predict_logits
 from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.engines import make_engine
-from qala.quantize.load import load_model, model_kind
+from qala.quantize.load import load_model, load_tokenizer, model_kind
 from qala.search import FRONTIER_NAME, read_frontier
 from qala.utils import atomic_write_json, median_latency_ms, resolve_model_path
 
@@ -165,8 +165,6 @@ class QalaModel:
         engine needs so no request waits for a compile, and fit each configuration's cost model from
         latencies on this host (cached in latency_<host>.json; re-measured when the cache is for other
         threads, engine, lengths or configurations, or with `remeasure`)."""
-        from transformers import AutoTokenizer
-
         model_dir = Path(resolve_model_path(str(model_dir)))
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -181,7 +179,7 @@ class QalaModel:
         lengths = sorted({min(n, seq_length) for n in CALIBRATION_LENGTHS})
         if hasattr(engine, "warmup"):
             engine.warmup(lengths=lengths)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
         points = [_point(row) for row in frontier["frontier"]]
         costs = _host_costs(
             engine,
@@ -216,10 +214,8 @@ class QalaModel:
         if len(questions) != len(contexts):
             raise ValueError(f"got {len(questions)} questions and {len(contexts)} contexts")
         for i, (question, context) in enumerate(zip(questions, contexts, strict=True)):
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"question {i}: empty; expected a non-blank string")
-            if not isinstance(context, str) or not context.strip():
-                raise ValueError(f"context {i}: empty; expected a non-blank string")
+            _check_text(question, f"question {i}")
+            _check_text(context, f"context {i}")
         if not questions:
             return []
         examples = {
@@ -282,6 +278,14 @@ class QalaModel:
                 }
             )
         return results
+
+
+def _check_text(text: Any, what: str) -> None:
+    """A question or context must be a string with something besides whitespace: a blank one has no answer."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: expected a non-blank string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{what}: {'empty' if not text else 'only whitespace'}; expected a non-blank string")
 
 
 def _point(row: dict[str, Any]) -> FrontierPoint:
@@ -406,12 +410,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _answer(args) -> int:
+    # Every input is checked before the model loads (and may measure latencies): a bad one fails at once.
+    check_positive(threads=args.threads, budget_ms=args.budget_ms)
     context = args.context
     if args.context_file:
         try:
             context = Path(args.context_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"--context-file {args.context_file}: not UTF-8 text ({e.reason})") from None
+        except OSError as e:
+            raise OSError(f"--context-file {args.context_file}: cannot read it ({e.strerror or e})") from None
+    _check_text(args.question, "--question")
+    _check_text(context, "--context-file" if args.context_file else "--context")
     model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure, backend=args.backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits

@@ -43,6 +43,10 @@ SQUAD_FEATURES = datasets.Features(
 
 # How many problems a skip_invalid warning spells out; the rest are only counted.
 _SHOWN_PROBLEMS = 5
+# Questions tokenized per batch, and windows whose offsets post-processing holds as Python lists at once:
+# both bound memory whatever the number of questions and the length of their contexts.
+FEATURIZE_BATCH = 64
+POSTPROCESS_WINDOWS = 2048
 
 _MISSING = object()
 
@@ -57,22 +61,30 @@ class SquadFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_squad(source: str | os.PathLike[str], split: str = "train", *, skip_invalid: bool = False) -> datasets.Dataset:
+def load_squad(
+    source: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    skip_invalid: bool = False,
+    skip_option: str = "skip_invalid=True",
+) -> datasets.Dataset:
     """Load SQuAD v1.1 questions as a flat `datasets.Dataset` with the columns of the hub `squad`
     dataset: id, title, context, question, answers = {"text": [...], "answer_start": [...]}.
 
     `source` is a SQuAD-format JSON file (any existing file, or any path ending in .json) or else a
     name (or local directory) for `datasets.load_dataset(source, split=split)`; `split` only applies
-    to the latter. Every question is validated; a problem raises `SquadFormatError`, or with
-    `skip_invalid=True` the bad questions are dropped and counted in one logged warning. A malformed
-    top-level structure is always an error.
+    to the latter. Every question is validated; a problem raises `SquadFormatError` (its message
+    names `skip_option`, the way the caller's user turns skipping on), or with `skip_invalid=True`
+    the bad questions are dropped and counted in one logged warning. A malformed top-level structure,
+    and a source with no (valid) question at all, are always errors. As in real SQuAD-like files
+    (COVID-QA), integer question ids are read as strings and a missing or null title as "".
     """
     path = Path(source)
     if path.is_file() or str(source).endswith(".json"):
-        dataset, label = _load_json_file(path, str(source), skip_invalid), str(source)
+        dataset, label = _load_json_file(path, str(source), skip_invalid, skip_option), str(source)
     else:
         label = f"{source}[{split}]"
-        dataset = _load_hub_dataset(str(source), split, label, skip_invalid)
+        dataset = _load_hub_dataset(str(source), split, label, skip_invalid, skip_option)
     logger.info("Loaded %d questions from %s", len(dataset), label)
     return dataset
 
@@ -87,13 +99,13 @@ class _Problem:
     qid: str | None = None
 
 
-def _load_json_file(path: Path, label: str, skip_invalid: bool) -> datasets.Dataset:
+def _load_json_file(path: Path, label: str, skip_invalid: bool, skip_option: str) -> datasets.Dataset:
     if not path.is_file():
         raise SquadFormatError(f"{label}: SQuAD JSON file not found")
     rows, problems = _flatten_squad_json(_read_json(path, label), label)
     columns = {name: [row[name] for row in rows] for name in SQUAD_FEATURES}
     invalid = _validate_rows(columns, [row["where"] for row in rows], label, problems)
-    _report_problems(problems, label, skip_invalid, n_kept=len(rows) - len(invalid))
+    _report_problems(problems, label, skip_invalid, skip_option, n_kept=len(rows) - len(invalid))
     keep = [i for i in range(len(rows)) if i not in invalid]
     kept = {name: [values[i] for i in keep] for name, values in columns.items()}
     # JSON answers are a list of {"text", "answer_start"}; the hub schema has parallel lists.
@@ -104,8 +116,13 @@ def _load_json_file(path: Path, label: str, skip_invalid: bool) -> datasets.Data
     return datasets.Dataset.from_dict(kept, features=SQUAD_FEATURES)
 
 
-def _load_hub_dataset(name: str, split: str, label: str, skip_invalid: bool) -> datasets.Dataset:
+def _load_hub_dataset(name: str, split: str, label: str, skip_invalid: bool, skip_option: str) -> datasets.Dataset:
     dataset = datasets.load_dataset(name, split=split)
+    # The same leniency as for JSON files: no titles, or integer ids.
+    if "title" not in dataset.column_names:
+        dataset = dataset.add_column("title", [""] * len(dataset))
+    if "id" in dataset.column_names and getattr(dataset.features["id"], "dtype", "").startswith(("int", "uint")):
+        dataset = dataset.cast_column("id", datasets.Value("string"))
     absent = [column for column in SQUAD_FEATURES if column not in dataset.column_names]
     if absent:
         raise SquadFormatError(
@@ -118,7 +135,7 @@ def _load_hub_dataset(name: str, split: str, label: str, skip_invalid: bool) -> 
     problems: list[_Problem] = []
     wheres = [f"{label}: article {title!r}" for title in columns["title"]]
     invalid = _validate_rows(columns, wheres, label, problems)
-    _report_problems(problems, label, skip_invalid, n_kept=len(dataset) - len(invalid))
+    _report_problems(problems, label, skip_invalid, skip_option, n_kept=len(dataset) - len(invalid))
     if invalid:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in invalid])
     return dataset
@@ -162,8 +179,10 @@ def _flatten_squad_json(data: Any, label: str) -> tuple[list[dict[str, Any]], li
             what = f"must be an object, got {_type_name(article)}"
             problems.append(_Problem(f"{label}: article #{a_index} {what}"))
             continue
-        title = article.get("title", _MISSING)
-        where = f"{label}: article {title!r}" if isinstance(title, str) else f"{label}: article #{a_index}"
+        # Real SQuAD-like files (COVID-QA) have no titles: "" like the hub's, located by position.
+        title = article.get("title")
+        title = "" if title is None else title
+        where = f"{label}: article {title!r}" if isinstance(title, str) and title else f"{label}: article #{a_index}"
         paragraphs = article.get("paragraphs", _MISSING)
         if paragraphs is _MISSING or not isinstance(paragraphs, list):
             what = (
@@ -187,12 +206,12 @@ def _flatten_squad_json(data: Any, label: str) -> tuple[list[dict[str, Any]], li
                 continue
             context = paragraph.get("context", _MISSING)
             for q_index, qa in enumerate(qas):
+                qid = qa.get("id", _MISSING) if isinstance(qa, dict) else _MISSING
+                # Integer ids (COVID-QA) are ids too; duplicates after conversion are still caught.
+                if isinstance(qid, int) and not isinstance(qid, bool):
+                    qid = str(qid)
                 # A question without a usable id is located by its position instead.
-                q_where = (
-                    where
-                    if isinstance(qa, dict) and isinstance(qa.get("id"), str)
-                    else f"{p_where}, question #{q_index}"
-                )
+                q_where = where if isinstance(qid, str) else f"{p_where}, question #{q_index}"
                 if not isinstance(qa, dict):
                     problems.append(
                         _Problem(
@@ -203,7 +222,7 @@ def _flatten_squad_json(data: Any, label: str) -> tuple[list[dict[str, Any]], li
                     continue
                 rows.append(
                     {
-                        "id": qa.get("id", _MISSING),
+                        "id": qid,
                         "title": title,
                         "context": context,
                         "question": qa.get("question", _MISSING),
@@ -307,14 +326,21 @@ def _validate_rows(
     return invalid
 
 
-def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, n_kept: int) -> None:
+def _report_problems(problems: list[_Problem], label: str, skip_invalid: bool, skip_option: str, n_kept: int) -> None:
+    # Nothing to train on or evaluate is an error, never an empty run (a sampler crash, or F1 over 0 questions).
+    if not problems and not n_kept:
+        raise SquadFormatError(f"{label}: no questions (expected articles with paragraphs and qas in 'data')")
     if not problems:
         return
     if not skip_invalid:
         more = len(problems) - 1
-        suffix = f" [and {more} more problem(s) in {label}; skip_invalid=True skips bad questions]"
-        suffix = suffix if more else ""
-        raise SquadFormatError(problems[0].message + suffix)
+        counted = f"and {more} more problem(s) in {label}; " if more else ""
+        raise SquadFormatError(f"{problems[0].message} [{counted}{skip_option} skips invalid questions]")
+    if not n_kept:
+        raise SquadFormatError(
+            f"{label}: no valid question to use, all skipped ({len(problems)} problem(s)); "
+            f"the first: {problems[0].message.removeprefix(f'{label}: ')}"
+        )
     skipped = sum(1 for problem in problems if problem.is_question)
     ids = [problem.qid for problem in problems if problem.qid is not None]
     structural = len(problems) - skipped
@@ -379,6 +405,13 @@ def _check_question_room(
         # Only a context that needs truncation trips the tokenizer; this is rare, so tokenize it alone.
         c_len = len(tokenizer(examples["context"][i], add_special_tokens=False)["input_ids"])
         if q_len + c_len + n_special > max_seq_length:
+            if room <= 0:
+                raise ValueError(
+                    f"question {examples['id'][i]} is {q_len} tokens long, longer than the window: "
+                    f"max_seq_length={max_seq_length} with {n_special} special tokens leaves at most "
+                    f"{max_seq_length - n_special} tokens for question and context; shorten the question "
+                    f"or raise max_seq_length"
+                )
             raise ValueError(
                 f"question {examples['id'][i]} is {q_len} tokens long: with max_seq_length={max_seq_length} "
                 f"and {n_special} special tokens only {room} tokens are left per context window, but they "
@@ -505,23 +538,33 @@ def featurize(
     max_seq_length: int = 384,
     doc_stride: int = 128,
     pad_to_max_length: bool = False,
+    source: str | None = None,
 ) -> datasets.Dataset:
-    """Map a `load_squad` dataset to train or eval features (one row per context window)."""
+    """Map a `load_squad` dataset to train or eval features (one row per context window). `source`, the
+    file the questions come from, starts the message of a question the window cannot hold."""
     # Fail before datasets starts a progress bar and fingerprints the tokenizer.
     _check_featurize_args(tokenizer, max_seq_length, doc_stride)
     prepare: Callable[..., dict[str, list[Any]]] = prepare_train_features if train else prepare_eval_features
-    features = dataset.map(
-        prepare,
-        batched=True,
-        remove_columns=dataset.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_seq_length": max_seq_length,
-            "doc_stride": doc_stride,
-            "pad_to_max_length": pad_to_max_length,
-        },
-        desc=f"Featurizing {'train' if train else 'eval'} windows",
-    )
+    try:
+        features = dataset.map(
+            prepare,
+            batched=True,
+            # A batch's windows are Python lists until written: datasets' 1000 questions of 20k characters
+            # (COVID-QA) are ~28k windows and took 6 GB; FEATURIZE_BATCH questions keep memory flat.
+            batch_size=FEATURIZE_BATCH,
+            remove_columns=dataset.column_names,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "max_seq_length": max_seq_length,
+                "doc_stride": doc_stride,
+                "pad_to_max_length": pad_to_max_length,
+            },
+            desc=f"Featurizing {'train' if train else 'eval'} windows",
+        )
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from None
     logger.info("Featurized %d questions into %d windows", len(dataset), len(features))
     return features
 
@@ -547,23 +590,27 @@ def postprocess_with_scores(
     offset_mapping (or be ragged); only the first len(offset_mapping) positions count.
     """
     ex = _columns(examples, ["id", "context"])
-    ft = _columns(features, ["example_id", "offset_mapping"])
-    if len(start_logits) != len(ft["example_id"]) or len(end_logits) != len(ft["example_id"]):
+    example_ids = _columns(features, ["example_id"])["example_id"]
+    if len(start_logits) != len(example_ids) or len(end_logits) != len(example_ids):
         raise ValueError(
-            f"got {len(start_logits)} start and {len(end_logits)} end logit rows for {len(ft['example_id'])} features"
+            f"got {len(start_logits)} start and {len(end_logits)} end logit rows for {len(example_ids)} features"
         )
     features_per_example: dict[str, list[int]] = defaultdict(list)
-    for feature_index, example_id in enumerate(ft["example_id"]):
+    for feature_index, example_id in enumerate(example_ids):
         features_per_example[example_id].append(feature_index)
 
     predictions: dict[str, tuple[str, float]] = {}
     without_features = 0
-    for qid, context in zip(ex["id"], ex["context"], strict=True):
+    offsets_of: dict[int, Any] = {}
+    questions = list(zip(ex["id"], ex["context"], strict=True))
+    for q, (qid, context) in enumerate(questions):
         if qid not in features_per_example:
             without_features += 1
+        if not all(i in offsets_of for i in features_per_example.get(qid, ())):
+            offsets_of = _offsets_from(features, questions[q:], features_per_example)
         best: tuple[float, int, int] | None = None  # (score, start char, end char)
         for feature_index in features_per_example.get(qid, ()):
-            offsets = ft["offset_mapping"][feature_index]
+            offsets = offsets_of[feature_index]
             feature_start = np.asarray(start_logits[feature_index])
             feature_end = np.asarray(end_logits[feature_index])
             length = min(len(offsets), len(feature_start), len(feature_end))
@@ -586,6 +633,25 @@ def postprocess_with_scores(
     if without_features:
         logger.warning("%d question(s) have no features; their answer is ''", without_features)
     return predictions
+
+
+def _offsets_from(
+    features: datasets.Dataset | Mapping[str, Sequence[Any]],
+    questions: Sequence[tuple[str, str]],
+    features_per_example: Mapping[str, list[int]],
+) -> dict[int, Any]:
+    """Window index -> offset_mapping for the windows of the first of `questions` and the next ones, up to
+    about POSTPROCESS_WINDOWS windows: the whole column as Python lists took 1.7 GB on COVID-QA."""
+    wanted: list[int] = []
+    for qid, _context in questions:
+        if wanted and len(wanted) + len(features_per_example.get(qid, ())) > POSTPROCESS_WINDOWS:
+            break
+        wanted += features_per_example.get(qid, ())
+    if isinstance(features, datasets.Dataset):
+        rows = features.with_format(None).select_columns(["offset_mapping"])[wanted]["offset_mapping"]
+    else:
+        rows = [features["offset_mapping"][i] for i in wanted]
+    return dict(zip(wanted, rows, strict=True))
 
 
 def postprocess_predictions(examples, features, start_logits, end_logits, **options: int) -> dict[str, str]:
@@ -656,13 +722,16 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
 
 
 def load_split(data: DataConfig, which: Literal["train", "eval"]) -> datasets.Dataset:
-    """The recipe's training or evaluation questions, with max_train_samples / max_eval_samples applied."""
-    if which == "train":
-        examples = load_squad(resolve_model_path(data.train), split=data.train_split, skip_invalid=data.skip_invalid)
-        limit = data.max_train_samples
-    else:
-        examples = load_squad(resolve_model_path(data.eval), split=data.eval_split)
-        limit = data.max_eval_samples
+    """The recipe's training or evaluation questions, with max_train_samples / max_eval_samples applied.
+    data.skip_invalid applies to both: train, tune and search all say `data.skip_invalid=true` to a bad file."""
+    source, split, limit = (
+        (data.train, data.train_split, data.max_train_samples)
+        if which == "train"
+        else (data.eval, data.eval_split, data.max_eval_samples)
+    )
+    examples = load_squad(
+        resolve_model_path(source), split=split, skip_invalid=data.skip_invalid, skip_option="data.skip_invalid=true"
+    )
     return examples.select(range(min(limit, len(examples)))) if limit else examples
 
 
@@ -679,6 +748,7 @@ def windows(
         max_seq_length=data.max_seq_length,
         doc_stride=data.doc_stride,
         pad_to_max_length=(not train) if padded is None else padded,
+        source=data.train if train else data.eval,
     )
 
 

@@ -50,6 +50,28 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def changed_keys(old: Any, new: Any, path: str = "") -> list[str]:
+    """`key.sub: old -> new` for each value that differs between two trees of plain data (recipes as
+    to_dict() gives them, a stage's recorded inputs): why a stage's saved state does not fit this run."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            lines += changed_keys(old.get(key, _UNSET), new.get(key, _UNSET), _join(path, key))
+        return lines
+    if old == new:
+        return []
+    return [f"{path or 'value'}: {_show(old)} -> {_show(new)}"]
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 # --------------------------------------------------------------------------- the schema
 
 

@@ -13,7 +13,8 @@ between the costs of the lowest and the full configuration. The cost is analytic
 (`macs_per_sample`) or latency measured here on the deployed backend (fp32, or the INT8 artifact).
 
 OUTPUT_DIR/generation-N.json   checkpoint after each generation (every evaluated gene, population,
-                               RNG state); a rerun resumes from the latest one
+                               RNG state); a rerun resumes from the latest one, if it was written for
+                               the same inputs (settings, and by content the model and the questions)
 OUTPUT_DIR/evaluations.jsonl   every evaluation as it finishes, so a killed generation is not redone
 OUTPUT_DIR/genes.json          every evaluated gene with its cost and F1
 OUTPUT_DIR/frontier.json       the Pareto frontier (re-scored on the whole evaluation file when the
@@ -25,6 +26,7 @@ The frontier is also copied into the searched model directory (search.install_fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,14 +46,17 @@ from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import batch_inputs, constant_ratio_length_config, kept_per_layer, macs_per_sample
-from qala.quantize.load import load_model, model_kind
-from qala.recipe import Recipe, SearchConfig, fingerprint, load_recipe
+from qala.quantize.load import load_model, load_tokenizer, model_kind
+from qala.recipe import Recipe, SearchConfig, changed_keys, fingerprint, load_recipe
 from qala.utils import (
     atomic_write_json,
     atomic_write_text,
+    content_hash,
     environment_info,
+    examples_hash,
     latency_stats,
     median_latency_ms,
+    output_lock,
     resolve_model_path,
     time_calls,
 )
@@ -338,12 +343,14 @@ def evolve(
     seed: int,
     output_dir: str | Path | None = None,
     fingerprint: str = "",
+    inputs: Mapping[str, Any] | None = None,
 ) -> tuple[SearchState, GeneEvaluator]:
     """Run (or resume) the evolutionary search; returns the final state and the evaluator (its cache).
 
     `cost_fn(gene)` and `f1_fn(gene)` are called at most once per gene over the whole search, resumes
     included. With `output_dir`, generation-N.json is written after every generation and the search
-    resumes from the latest one (a checkpoint of another fingerprint is used with a warning).
+    resumes from the latest one when it was written under the same `fingerprint` (of `inputs`, recorded
+    in it to say what changed); otherwise the search starts again from generation 0.
     """
     lower = tuple(constant_ratio_length_config(config.min_keep_ratio, num_layers, seq_length))
     full = (seq_length,) * num_layers
@@ -353,10 +360,17 @@ def evolve(
     rng = random.Random(seed)
 
     last = latest_checkpoint(out) if out is not None else None
-    if last is not None:
-        data = json.loads(last.read_text())
-        if data.get("fingerprint") != fingerprint:
-            logger.warning("resuming from %s, which was written by a different search setup", last)
+    data = json.loads(last.read_text()) if last is not None else None
+    if data is not None and data.get("fingerprint") != fingerprint:
+        # Its genes were scored on another model, data or setup: resuming would mix them into this frontier.
+        recorded = data.get("inputs")
+        why = "; ".join(changed_keys(recorded, dict(inputs))) if recorded and inputs else "another setup"
+        logger.info("%s was written for other inputs (%s): starting the search again", last, why)
+        if is_writer:
+            for stale in out.glob("generation-*.json"):
+                stale.unlink()
+        data = None
+    if data is not None:
         state = SearchState.from_json(data)
         if any(len(g) != num_layers or max(g) > seq_length for g in state.genes):
             raise ValueError(
@@ -367,16 +381,23 @@ def evolve(
         logger.info("resuming after generation %d (%s)", state.generation, last)
     else:
         state = _generation_zero(evaluator, lower, full, seq_length, config, rng)
-        _checkpoint(state, rng, out, fingerprint, is_writer)
+        _checkpoint(state, rng, out, fingerprint, is_writer, inputs)
 
     while state.generation < config.iterations:
         state.generation += 1
         _breed(state, evaluator, lower, seq_length, config, rng)
-        _checkpoint(state, rng, out, fingerprint, is_writer)
+        _checkpoint(state, rng, out, fingerprint, is_writer, inputs)
     return state, evaluator
 
 
-def _checkpoint(state: SearchState, rng: random.Random, out: Path | None, fingerprint: str, is_writer: bool) -> None:
+def _checkpoint(
+    state: SearchState,
+    rng: random.Random,
+    out: Path | None,
+    fingerprint: str,
+    is_writer: bool,
+    inputs: Mapping[str, Any] | None = None,
+) -> None:
     state.population = pareto_front(state.points())
     state.rng_state = rng.getstate()
     best = max((state.genes[g]["f1"] for g in state.population), default=float("nan"))
@@ -388,7 +409,8 @@ def _checkpoint(state: SearchState, rng: random.Random, out: Path | None, finger
         best,
     )
     if out is not None and is_writer:
-        atomic_write_json(out / f"generation-{state.generation}.json", state.to_json(fingerprint))
+        document = {**state.to_json(fingerprint), **({"inputs": inputs} if inputs else {})}
+        atomic_write_json(out / f"generation-{state.generation}.json", document)
 
 
 def _add(state: SearchState, records: Iterable[dict[str, Any]], origins: Iterable[dict[str, Any]]) -> int:
@@ -505,14 +527,24 @@ def load_search_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple
     return recipe, recipe.search
 
 
-def search_fingerprint(recipe: Recipe, search: SearchConfig) -> str:
-    """What a checkpoint's genes depend on (not `iterations`: a finished search may be extended)."""
-    data = dataclasses.asdict(search)
-    for key in ("iterations", "output_dir", "install_frontier", "latency_repeats", "latency_warmup"):
-        data.pop(key)
-    data["data"] = dataclasses.asdict(recipe.data)
-    data["seed"] = search.seed if search.seed is not None else recipe.run.seed
-    return fingerprint(data)
+def search_inputs(recipe: Recipe, search: SearchConfig, *, model: str, eval_data: str) -> dict[str, Any]:
+    """What a checkpoint's genes depend on: the search and scoring settings (not `iterations`: a finished
+    search may be extended), and by content the searched model (`model`) and questions (`eval_data`)."""
+    settings = dataclasses.asdict(search)
+    for key in ("iterations", "output_dir", "install_frontier", "latency_repeats", "latency_warmup", "seed"):
+        settings.pop(key)
+    return json.loads(
+        json.dumps(  # as it reads back from a checkpoint
+            {
+                "search": settings,
+                "seed": search.seed if search.seed is not None else recipe.run.seed,
+                "data": dataclasses.asdict(recipe.data),
+                "eval": recipe.eval.evaluate_kwargs(),
+                "model": model,
+                "eval_data": eval_data,
+            }
+        )
+    )
 
 
 def load_backend(model_dir: str | Path, backend: str) -> tuple[Any, Callable]:
@@ -543,14 +575,15 @@ def backbone_config(model: Any, model_dir: str | Path) -> Any:
 
 def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The recipe's search end to end; returns the frontier document (also written as frontier.json)."""
-    from transformers import AutoTokenizer
+    # Rank 0 holds the output folder's lock for the whole run; it alone writes there.
+    with output_lock(search.output_dir) if (_distributed() or (0, 1))[0] == 0 else contextlib.nullcontext():
+        return _run(recipe, search, install_into=install_into)
 
+
+def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path]) -> dict[str, Any]:
     started = time.perf_counter()
     rank = (_distributed() or (0, 1))[0]
     out = Path(search.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", dataclasses.replace(recipe, search=search).to_yaml())
     if search.latency_threads:
         torch.set_num_threads(search.latency_threads)
     d, e = recipe.data, recipe.eval
@@ -559,7 +592,7 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     if not model_dir.is_dir():
         raise FileNotFoundError(f"search.model: directory not found: {search.model}")
     model, timed = load_backend(model_dir, search.backend)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     config = backbone_config(model, model_dir)
     num_layers, seq_length = config.num_hidden_layers, d.max_seq_length
     ratio_mode = search.length_mode == "ratio"
@@ -573,6 +606,8 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
     sample = random.Random(seed).sample(range(len(features)), min(search.latency_windows, len(features)))
     sample_inputs = [batch_inputs(features.select([i])[:]) for i in sample]
     sample_lengths = [int(x["input_ids"].size(1)) for x in sample_inputs]
+    if rank == 0:  # once model and data have loaded: a start that fails at once leaves the last run's record
+        atomic_write_text(out / "recipe.yaml", dataclasses.replace(recipe, search=search).to_yaml())
 
     def score(gene: Gene, examples_, features_) -> float:
         metrics, _ = evaluate_features(
@@ -604,7 +639,8 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
         inputs = {k: v.repeat(repeat, 1)[: search.latency_batch_size] for k, v in inputs.items()}
         cost_fn = latency_cost(timed, inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)
 
-    fingerprint = search_fingerprint(recipe, search)
+    inputs = search_inputs(recipe, search, model=content_hash(model_dir), eval_data=examples_hash(examples))
+    search_key = fingerprint(inputs)
     state, evaluator = evolve(
         cost_fn,
         lambda g: score(g, sub_examples, sub_features),
@@ -613,7 +649,8 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
         config=search,
         seed=seed,
         output_dir=out,
-        fingerprint=fingerprint,
+        fingerprint=search_key,
+        inputs=inputs,
     )
 
     # Final frontier and the constant-keep-ratio curve, both on the whole evaluation file.
@@ -679,7 +716,8 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
             "subset_frontier": len(state.population),
             "history": state.history,
             "seed": seed,
-            "fingerprint": fingerprint,
+            "fingerprint": search_key,
+            "inputs": inputs,
             "wall_seconds_this_run": round(time.perf_counter() - started, 1),
         },
         "environment": environment_info(),
@@ -697,10 +735,63 @@ def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Pa
 def read_frontier(path: str | Path) -> dict[str, Any]:
     """A frontier.json that run() wrote: "frontier" (points with "length_config" (absolute) or "keep_ratios"
     (relative), "cost", "f1", "macs"), "keep_ratio_curve", "backend", "objective", "max_seq_length" and the
-    run's settings. Readers (qala.bench, qala.answer) call this rather than opening the file themselves."""
-    document = json.loads(Path(path).read_text())
-    if not isinstance(document.get("frontier"), list):
+    run's settings. Readers (qala.bench, qala.answer) call this rather than opening the file themselves.
+
+    Validated, since a served configuration that is wrong would give silently wrong answers: max_seq_length
+    (positive int), doc_stride if present, and each point's one configuration (keep_ratios in (0, 1] or
+    length_config in [1, max_seq_length], non-increasing layer to layer, the same number of layers in all), f1 and
+    cost numbers. A problem raises ValueError naming the file and the point index and field."""
+    from qala.model import check_keep_ratios, check_length_config
+
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("frontier"), list):
         raise ValueError(f"{path} is not a frontier.json of qala.search: no 'frontier' list")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    seq_length = document.get("max_seq_length")
+    if not integer(seq_length, 1):
+        raise ValueError(f"{path}: 'max_seq_length' must be a positive integer (the window length), got {seq_length!r}")
+    stride = document.get("doc_stride", 0)
+    if not (integer(stride, 0) and stride < seq_length):
+        raise ValueError(f"{path}: 'doc_stride' must be an integer in [0, max_seq_length={seq_length}), got {stride!r}")
+    num_layers = document.get("num_layers")
+    if num_layers is not None and not integer(num_layers, 1):
+        raise ValueError(f"{path}: 'num_layers' must be a positive integer, got {num_layers!r}")
+    for i, point in enumerate(document["frontier"]):
+        where = f"{path}: frontier[{i}]"
+        if not isinstance(point, dict):
+            raise ValueError(f"{where} must be an object, got {type(point).__name__}")
+        given = [key for key in ("keep_ratios", "length_config") if point.get(key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{where} must have one of 'keep_ratios' and 'length_config', got {given or 'neither'}")
+        key, values = given[0], point[given[0]]
+        if not isinstance(values, list) or not values or not all(number(v) for v in values):
+            raise ValueError(f"{where}.{key} must be a non-empty list of numbers, got {values!r}")
+        if key == "length_config" and not all(isinstance(v, int) for v in values):
+            raise ValueError(f"{where}.length_config must be integers, got {values!r}")
+        if num_layers is not None and len(values) != num_layers:
+            raise ValueError(f"{where}.{key} has {len(values)} entries, expected {num_layers} (one per layer)")
+        num_layers = len(values)
+        try:
+            if key == "keep_ratios":
+                check_keep_ratios(values)
+            else:
+                check_length_config(values, max_seq_length=seq_length)
+        except ValueError as e:
+            raise ValueError(f"{where}.{key}: {e}") from None
+        for field_name in ("f1", "cost"):
+            if not number(point.get(field_name)):
+                raise ValueError(f"{where}.{field_name} must be a number, got {point.get(field_name)!r}")
     return document
 
 

@@ -1,21 +1,27 @@
 """Train a length-adaptive QA model from a recipe.
 
-    python -m qala.train RECIPE.yaml [key.sub=value ...] [~key.sub ...] [--resume]
+    python -m qala.train RECIPE.yaml [key.sub=value ...] [~key.sub ...] [--resume | --force-resume]
 
 Runs the stages the recipe lists, in order, each in its own folder under run.output_dir:
   finetune    cross-entropy on start/end (+ distillation from model.teacher if given);
   lengthdrop  LengthDrop with the sandwich rule: per step the full model (task loss, + teacher KD),
               the smallest sub-model and N random sub-models, the sub-models taught in place by the
               full model's logits (Kim & Cho 2021, as used by QuaLA-MiniLM).
-A finished stage (its model/ folder written for the same recipe fingerprint) is skipped on rerun;
-an interrupted one continues from its last checkpoint with --resume.
+A finished stage (its model/ folder written for the same fingerprint: the stage's recipe sections and
+the CONTENT of its inputs, i.e. the weights it starts from, the training questions, tokenizer and
+teacher) is skipped on rerun; an interrupted one continues from its last checkpoint with --resume,
+which refuses checkpoints started with another recipe or other inputs (exit 2, naming what changed)
+unless --force-resume (both recipes are then recorded). One run per run.output_dir at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import (
     AutoModelForQuestionAnswering,
-    AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     TrainerCallback,
@@ -44,13 +50,25 @@ from qala.model import (
     sample_length_config,
     smallest_length_config,
 )
-from qala.recipe import Recipe, RecipeError, StageConfig, make_training_arguments
-from qala.utils import atomic_write_json, atomic_write_text, environment_info, resolve_model_path
+from qala.quantize.load import load_tokenizer
+from qala.recipe import Recipe, RecipeError, StageConfig, changed_keys, fingerprint, make_training_arguments
+from qala.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    content_hash,
+    environment_info,
+    examples_hash,
+    output_lock,
+    resolve_model_path,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 TRAINING_INFO = "training_info.json"
 EVAL_NAME = "eval.json"
+# In a stage's checkpoints folder: the fingerprint, recipe and input hashes its first checkpoint was made with.
+STARTED_WITH = "started_with.json"
 
 
 def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -173,7 +191,7 @@ def load_teacher(recipe: Recipe, tokenizer) -> torch.nn.Module | None:
     if not recipe.model.teacher:
         return None
     path = resolve_model_path(recipe.model.teacher)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher_tokenizer = load_tokenizer(path)
     if teacher_tokenizer.get_vocab() != tokenizer.get_vocab() or type(teacher_tokenizer) is not type(tokenizer):
         raise RecipeError(
             "model.teacher",
@@ -186,19 +204,50 @@ def load_teacher(recipe: Recipe, tokenizer) -> torch.nn.Module | None:
     return AutoModelForQuestionAnswering.from_pretrained(path)
 
 
-def stage_fingerprint(recipe: Recipe, stage_name: str, previous: str) -> str:
-    return recipe.fingerprint("run.seed", "data", "model", f"train.{stage_name}") + previous
+def stage_fingerprint(recipe: Recipe, stage_name: str, inputs: dict[str, str]) -> str:
+    """What a trained stage depends on: its recipe sections and the content hashes of its inputs."""
+    return fingerprint(
+        {"recipe": recipe.fingerprint("run.seed", "data", "model", f"train.{stage_name}"), "inputs": inputs}
+    )
 
 
-def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
-    """Run every stage of the recipe; returns {stage: {training info and evaluation}}."""
+def stage_changes(recorded: dict[str, Any], recipe: Recipe, stage_name: str, inputs: dict[str, str]) -> list[str]:
+    """`key: old -> new` for each recipe key and input of a stage that differs from a record of an earlier
+    start ({"recipe": to_dict(), "inputs": {...}})."""
+    if not isinstance(recorded.get("recipe"), dict):
+        return ["(no record of the recipe it was started with)"]
+
+    def sections(data: dict[str, Any]) -> dict[str, Any]:
+        train = data.get("train") or {}
+        return {
+            "run": {"seed": (data.get("run") or {}).get("seed")},
+            "data": data.get("data"),
+            "model": data.get("model"),
+            "train": {stage_name: train.get(stage_name)},
+        }
+
+    return changed_keys(sections(recorded["recipe"]), sections(recipe.to_dict())) + changed_keys(
+        recorded.get("inputs") or {}, inputs, "inputs"
+    )
+
+
+def run(recipe: Recipe, *, resume: bool = False, force_resume: bool = False) -> dict[str, Any]:
+    """Run every stage of the recipe; returns {stage: {training info and evaluation}}.
+
+    Holds run.output_dir's lock throughout (on the main process of a distributed run).
+    `force_resume` continues checkpoints started with another recipe or other inputs.
+    """
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(recipe.run.output_dir) if main_process else contextlib.nullcontext():
+        return _run_stages(recipe, resume=resume or force_resume, force=force_resume)
+
+
+def _run_stages(recipe: Recipe, *, resume: bool, force: bool) -> dict[str, Any]:
     out = Path(recipe.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     set_seed(recipe.run.seed)
 
     d = recipe.data
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
     train_examples, eval_examples = load_split(d, "train"), load_split(d, "eval")
     train_features = windows(train_examples, tokenizer, d, train=True)
     eval_features = windows(eval_examples, tokenizer, d, train=False, padded=recipe.eval.length_mode == "absolute")
@@ -209,14 +258,23 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         len(train_features),
         len(eval_examples),
     )
+    # Stages are keyed by content, not paths: weights or data replaced at the same path are new inputs.
+    # (A tokenizer from the model's own folder is part of the first stage's source, and saved into each stage's.)
+    shared = {"train_data": examples_hash(train_examples)}
+    for key in ("tokenizer", "teacher"):
+        if getattr(recipe.model, key):
+            shared[key] = content_hash(getattr(recipe.model, key))
+    eval_data = examples_hash(eval_examples)
 
     results: dict[str, Any] = {}
-    source, previous = resolve_model_path(recipe.model.name_or_path), ""
+    source = resolve_model_path(recipe.model.name_or_path)
+    source_hash = content_hash(source)
     for stage_name in recipe.train.stages:
         stage: StageConfig = getattr(recipe.train, stage_name)
         stage_dir = out / stage_name
-        fingerprint = stage_fingerprint(recipe, stage_name, previous)
-        info = _finished(stage_dir, fingerprint)
+        inputs = {"source": source_hash, **shared}
+        fingerprint = stage_fingerprint(recipe, stage_name, inputs)
+        info = _finished(stage_dir, fingerprint, recipe, inputs)
         if info is not None:
             logger.info("%s: already trained for this recipe (%s), skipping", stage_name, stage_dir / "model")
         else:
@@ -227,24 +285,33 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                 source,
                 stage_dir,
                 fingerprint,
+                inputs,
                 tokenizer=tokenizer,
                 train_features=train_features,
                 teacher=teacher,
                 resume=resume,
+                force=force,
             )
-        info["eval"] = _evaluate_stage(recipe, stage_dir, fingerprint, eval_examples, eval_features)
+        source, source_hash = str(stage_dir / "model"), content_hash(stage_dir / "model")
+        info["eval"] = _evaluate_stage(recipe, stage_dir, source_hash, eval_data, eval_examples, eval_features)
         results[stage_name] = info
-        source, previous = str(stage_dir / "model"), fingerprint
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())  # also written when a stage starts training
     return results
 
 
-def _finished(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+def _finished(stage_dir: Path, fingerprint: str, recipe: Recipe, inputs: dict[str, str]) -> dict[str, Any] | None:
     path = stage_dir / "model" / TRAINING_INFO
     if path.is_file():
         info = json.loads(path.read_text())
         if info.get("fingerprint") == fingerprint:
             return info
-        logger.warning("%s was trained from another recipe (fingerprint differs): training it again", stage_dir)
+        recorded = {"inputs": info.get("inputs")}
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            recorded["recipe"] = yaml.safe_load((stage_dir / "model" / "recipe.yaml").read_text())
+        changes = stage_changes(recorded, recipe, stage_dir.name, inputs)
+        logger.warning(
+            "%s was trained from another recipe or inputs (%s): training it again", stage_dir, "; ".join(changes)
+        )
     return None
 
 
@@ -255,14 +322,24 @@ def _train_stage(
     source: str,
     stage_dir: Path,
     fingerprint: str,
+    inputs: dict[str, str],
     *,
     tokenizer,
     train_features,
     teacher,
     resume: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
     checkpoints = stage_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    path = checkpoints / STARTED_WITH
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    done = stage_dir / "model" / TRAINING_INFO
+    if last and done.is_file() and json.loads(done.read_text()).get("fingerprint") == recorded.get("fingerprint"):
+        # The checkpoints of the finished model that this run replaces (_finished said why), not an unfinished run.
+        logger.info("%s: removing the checkpoints of the model trained for other inputs", checkpoints)
+        shutil.rmtree(checkpoints)
+        last, recorded = None, {}
     if last and not resume:
         raise RecipeError(
             str(stage_dir),
@@ -271,17 +348,32 @@ def _train_stage(
                 f"{Path(last).name}, or delete that folder to start again"
             ],
         )
-    if resume and last:
-        started_from = (
-            (checkpoints / "fingerprint.txt").read_text().strip()
-            if (checkpoints / "fingerprint.txt").exists()
-            else None
-        )
-        if started_from != fingerprint:
-            logger.warning("resuming %s from %s, which was started with a different recipe", stage_name, last)
+    forced = None
+    if last:
+        if recorded.get("fingerprint") != fingerprint:
+            # Continuing would train a mix of two recipes and label it with the new one: only on request.
+            changes = stage_changes(recorded, recipe, stage_name, inputs)
+            if not force:
+                raise RecipeError(
+                    str(checkpoints),
+                    [
+                        f"{Path(last).name} was started with another recipe or other inputs: pass --force-resume "
+                        "to continue it anyway (both recipes are recorded), or delete this folder to start again",
+                        *(f"changed {change}" for change in changes),
+                    ],
+                )
+            logger.warning("--force-resume: %s continues %s despite: %s", stage_name, last, "; ".join(changes))
+            forced = {"changes": changes, "started_with": recorded.get("recipe")}
+            if recorded.get("recipe"):
+                previous = yaml.safe_dump(recorded["recipe"], sort_keys=False)
+                atomic_write_text(stage_dir / "recipe.previous.yaml", previous)
         logger.info("resuming %s from %s", stage_name, last)
-    atomic_write_text(checkpoints / "fingerprint.txt", fingerprint + "\n")
+    else:
+        atomic_write_json(path, {"fingerprint": fingerprint, "recipe": recipe.to_dict(), "inputs": inputs})
+    # The stage starts for real (inputs loaded, resume checked): only now are the run's and stage's records
+    # replaced, so a start that fails at once (a bad path, a refused resume) leaves the last run's.
     atomic_write_text(stage_dir / "recipe.yaml", recipe.to_yaml())
+    atomic_write_text(stage_dir.parent / "recipe.yaml", recipe.to_yaml())
 
     set_seed(recipe.run.seed)  # the new QA head (if any) is initialised reproducibly
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(source, max_seq_length=recipe.data.max_seq_length)
@@ -307,6 +399,7 @@ def _train_stage(
     info = {
         "stage": stage_name,
         "fingerprint": fingerprint,
+        "inputs": inputs,  # content hashes of the weights it started from, the questions, tokenizer, teacher
         "source": source,
         "wall_seconds": round(clock.seconds, 1),  # summed over interrupted runs
         "resumed_from": Path(last).name if resume and last else None,
@@ -315,24 +408,33 @@ def _train_stage(
         "num_train_features": len(train_features),
         "environment": environment_info(),
     }
+    if forced is not None:  # what changed between the checkpoints' recipe and this one, and that recipe
+        info["forced_resume"] = forced
     if trainer.is_world_process_zero():
         model.qala_config.layer_dropout_prob = 0.0  # LayerDrop is a training-time regulariser only
         model.save_pretrained(stage_dir / "model")
         tokenizer.save_pretrained(stage_dir / "model")
         atomic_write_text(stage_dir / "model" / "recipe.yaml", recipe.to_yaml())
         atomic_write_json(stage_dir / "model" / TRAINING_INFO, info)
+        # Last: SHA-256 of every file above, checked by qala.quantize.load.load_model on every load.
+        write_manifest(stage_dir / "model", format="qala-fp32")
     return info
 
 
-def _evaluate_stage(recipe: Recipe, stage_dir: Path, fingerprint: str, eval_examples, eval_features) -> dict[str, Any]:
-    """EM/F1 at full length and at each constant keep ratio; cached in eval.json for the fingerprint."""
+def _evaluate_stage(
+    recipe: Recipe, stage_dir: Path, model_hash: str, eval_data: str, eval_examples, eval_features
+) -> dict[str, Any]:
+    """EM/F1 at full length and at each constant keep ratio; cached in eval.json, keyed by the content of the
+    stage's model and of the evaluation questions (`model_hash`, `eval_data`) and the eval settings."""
     e = recipe.eval
     path = stage_dir / EVAL_NAME
-    key = {"fingerprint": fingerprint, "eval": recipe.fingerprint("eval", "data")}
+    key = {"model": model_hash, "eval_data": eval_data, "eval": recipe.fingerprint("eval", "data")}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
+        changes = changed_keys(cached.get("key") or {}, key, "key")
+        logger.info("%s: scored for other inputs (%s), scoring again", path, "; ".join(changes))
     # On the device the stage trained on (the Trainer's choice: a GPU when there is one), not always
     # the CPU: a whole-dev pass per length configuration took 46 s on 16 CPU cores, ~1 s on an H100.
     stage = getattr(recipe.train, stage_dir.name)
@@ -388,7 +490,18 @@ def read_training_info(path: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser("python -m qala.train", __doc__, "YAML recipe, e.g. recipes/squad_offline.yaml")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
-    return run_main(parser, argv, lambda args, recipe: _report(run(recipe, resume=args.resume)))
+    parser.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="--resume even when the recipe or inputs changed since the checkpoints were started; the old recipe "
+        "is kept as STAGE/recipe.previous.yaml and in training_info.json",
+    )
+
+    def body(args, recipe: Recipe) -> int:
+        return _report(run(recipe, resume=args.resume, force_resume=args.force_resume))
+
+    # Intermixed: `RECIPE --resume key=value` works as well as `--resume RECIPE key=value`.
+    return run_main(parser, argv, body, intermixed=True)
 
 
 def _report(results: dict[str, Any]) -> int:

@@ -11,14 +11,20 @@ approach qat      quantization-aware training (torchao prepare_qat_pt2e, the sam
                   trained with the LengthDrop sandwich so the INT8 model stays length-adaptive.
 
 Writes OUTPUT_DIR/model (the INT8 artifact), OUTPUT_DIR/trials/trial-N.json (one per trial; a rerun
-skips trials already scored) and OUTPUT_DIR/report.json (every trial's config, F1 and latency, the
-chosen one, and F1/EM + latency of fp32 and INT8 at full length and each eval_keep_ratio).
+skips trials already scored for the same inputs), OUTPUT_DIR/fp32_eval_cache.json (the fp32 model's
+scores) and OUTPUT_DIR/report.json (every trial's config, F1 and latency, the chosen one, and F1/EM +
+latency of fp32 and INT8 at full length and each eval_keep_ratio). Trials and fp32 scores are reused
+only for the same inputs BY CONTENT (model files, evaluation questions, calibration batches, the
+settings that shape them): a model retrained or a data file replaced at the same path is scored again.
+One run per OUTPUT_DIR at a time.
 Exit status 0 when the goal is met, 3 when no trial met it (the best model found is still saved).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import DataCollatorWithPadding
 
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
@@ -40,13 +46,23 @@ from qala.model import (
 )
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
-from qala.quantize.load import load_model
-from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments
-from qala.utils import atomic_write_json, atomic_write_text, environment_info, median_latency_ms, resolve_model_path
+from qala.quantize.load import load_model, load_tokenizer
+from qala.recipe import QuantizationConfig, Recipe, RecipeError, changed_keys, make_training_arguments
+from qala.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    content_hash,
+    environment_info,
+    examples_hash,
+    median_latency_ms,
+    output_lock,
+    resolve_model_path,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_GOAL_NOT_MET = 3
+FP32_CACHE_NAME = "fp32_eval_cache.json"
 
 
 def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict[str, Any]]:
@@ -71,6 +87,28 @@ def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict
         batch["length_config"] = sample_length_config(d.max_seq_length, num_layers, bound, rng) if mixed else None
         batches.append(batch)
     return batches
+
+
+def batches_hash(batches: list[dict[str, Any]]) -> str:
+    """SHA-256 (16 hex digits) of calibration batches: token ids, masks and length configurations."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name, value in sorted(batch.items()):
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode() + value.cpu().numpy().tobytes())
+            else:
+                digest.update(f"{name}{json.dumps(value)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _changes(recorded: dict[str, Any] | None, inputs: dict[str, Any]) -> str:
+    """Why a stored result does not fit this run, for the one log line that says it is recomputed."""
+    return "; ".join(changed_keys(recorded, inputs)) if recorded else "no record of its inputs"
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples as lists), so that a stored record compares equal."""
+    return json.loads(json.dumps(value))
 
 
 # The INC local-config name that stands for the word-embedding table: a local config with int8 weights
@@ -154,11 +192,10 @@ class Tuner:
         self.q = q
         self.out = Path(q.output_dir)
         model_dir = resolve_model_path(q.model)
-        # Beside the output (not the model: a shared reference model's folder is read-only); keyed by
-        # model path, so approaches tuned into sibling folders share it.
-        self.fp32_cache = self.out.parent / "fp32_eval_cache.json"
+        # In the output folder (never the model's: a shared reference model's folder is read-only).
+        self.fp32_cache = self.out / FP32_CACHE_NAME
         self.fp32 = load_model(model_dir, expect="fp32")  # an INT8 artifact here is refused, with what to do
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         d = recipe.data
         examples = load_split(d, "eval")
         self.examples = examples
@@ -167,20 +204,64 @@ class Tuner:
             examples, self.features, q.tuning.eval_samples, recipe.run.seed
         )
         self.calibration = calibration_batches(recipe, self.tokenizer, self.fp32.num_layers)
+        # What the fp32 scores and the trials depend on, by content (hashed once per run); stored with each.
+        self.fp32_inputs = _plain(
+            {
+                "model": content_hash(model_dir),
+                "eval_data": examples_hash(examples),
+                "data": {"max_seq_length": d.max_seq_length, "doc_stride": d.doc_stride},
+                "run": {"seed": recipe.run.seed},  # picks the tuning subset
+                "eval": {"batch_size": recipe.eval.batch_size},
+                "quantization": {"tuning": {"eval_samples": q.tuning.eval_samples}},
+            }
+        )
+        self.inputs = _plain(
+            {
+                **self.fp32_inputs,
+                "calibration_batches": batches_hash(self.calibration),
+                "quantization": {
+                    "approach": q.approach,
+                    "calibration": dataclasses.asdict(q.calibration),
+                    "eval_length_config": q.eval_length_config,
+                    "tuning": {"eval_samples": q.tuning.eval_samples},
+                },
+            }
+        )
+        self.fp32_scores = self._cached_fp32_scores()
+
+    def _cached_fp32_scores(self) -> dict[str, Any]:
+        if not self.fp32_cache.is_file():
+            return {}
+        cached = json.loads(self.fp32_cache.read_text())
+        if cached.get("inputs") == self.fp32_inputs:
+            return cached["scores"]
+        why = _changes(cached.get("inputs"), self.fp32_inputs)
+        logger.info("%s: fp32 scores of other inputs (%s): scoring again", self.fp32_cache, why)
+        return {}
+
+    def _drop_stale_trials(self, trials_dir: Path) -> None:
+        """Delete trial records scored for other inputs (another model, data or calibration), saying why once."""
+        stale = {}
+        for path in sorted(trials_dir.glob("trial-*.json")):
+            record = json.loads(path.read_text())
+            if record.get("inputs") != self.inputs:
+                stale[path] = record.get("inputs")
+        if stale:
+            why = _changes(next(iter(stale.values())), self.inputs)
+            logger.info("%s: %d trials scored for other inputs (%s): scoring again", trials_dir, len(stale), why)
+            for path in stale:
+                path.unlink()
 
     # -- scoring
 
     def f1(self, model, length_config=None, *, full: bool = False, keep_ratios=None) -> dict[str, Any]:
         examples, features = (self.examples, self.features) if full else (self.tune_examples, self.tune_features)
-        # The fp32 model's scores are the same for every approach tuned from it: cached beside it.
+        # The fp32 model's scores do not change between runs on the same inputs (self.fp32_inputs): cached.
         cache_key = None
         if model is self.fp32:
-            key = [self.q.model, length_config, len(examples), self.recipe.fingerprint("data")]
-            key += [{"keep_ratios": keep_ratios}] if keep_ratios is not None else []  # older keys stay valid
-            cache_key = json.dumps(key)
-            cache = json.loads(self.fp32_cache.read_text()) if self.fp32_cache.is_file() else {}
-            if cache_key in cache:
-                return cache[cache_key]
+            cache_key = json.dumps({"full": full, "length_config": length_config, "keep_ratios": keep_ratios})
+            if cache_key in self.fp32_scores:
+                return self.fp32_scores[cache_key]
         metrics, _ = evaluate_features(
             model,
             examples,
@@ -191,8 +272,8 @@ class Tuner:
             progress=False,
         )
         if cache_key is not None:
-            cache = json.loads(self.fp32_cache.read_text()) if self.fp32_cache.is_file() else {}
-            atomic_write_json(self.fp32_cache, {**cache, cache_key: metrics})
+            self.fp32_scores[cache_key] = metrics
+            atomic_write_json(self.fp32_cache, {"inputs": self.fp32_inputs, "scores": self.fp32_scores})
         return metrics
 
     def latency(self, model, length_config, batch_size: int) -> dict[str, Any]:
@@ -244,6 +325,7 @@ class Tuner:
         baseline = self.f1(self.fp32, length_config)
         monitor.set_baseline(baseline["f1"])
         trials_dir = self.out / "trials"
+        self._drop_stale_trials(trials_dir)
         trials, best = [], None
         for index, config in enumerate(loader, 1):
             path = trials_dir / f"trial-{index}.json"
@@ -253,6 +335,7 @@ class Tuner:
                 metrics = self.f1(model, length_config)
                 record = {
                     "trial": index,
+                    "inputs": self.inputs,
                     "config": describe(config),
                     "f1": metrics["f1"],
                     "exact_match": metrics["exact_match"],
@@ -264,9 +347,13 @@ class Tuner:
             else:
                 logger.info("trial %d already scored (%s), reusing", index, path)
             trials.append(record)
-            monitor.add_trial_result(index, record["f1"], config)
             if best is None or record["f1"] > best[1]["f1"]:
                 best = (config, record)
+            if baseline["f1"] <= 0:
+                # INC's trial table divides by the baseline; by INC's own rule (F1 >= baseline * (1 - loss))
+                # any trial meets the goal against an fp32 F1 of 0 (an untrained model), so this one stops.
+                break
+            monitor.add_trial_result(index, record["f1"], config)
             if monitor.need_stop():
                 break
         config, record = best
@@ -375,16 +462,21 @@ def read_report(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
+    """Tune (or train, for QAT) and score; returns (report, exit status). Holds OUTPUT_DIR's lock throughout."""
+    with output_lock(recipe.quantization.output_dir):
+        return _run(recipe, Path(recipe.quantization.output_dir))
+
+
+def _run(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
     q = recipe.quantization
-    out = Path(q.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     if q.backend == "ipex":
         return _run_ipex(recipe, out)
     if q.approach != "qat":
         for entry in q.tuning.config_set:  # fail on a bad entry before loading model and data
             inc_config(q.approach, entry)
     tuner = Tuner(recipe)
+    # Written once model and data have loaded: a start that fails at once leaves the last run's record.
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     if q.approach == "qat":
         int8, report = tuner.qat()
         config_record: dict[str, Any] = {"approach": "qat"}
@@ -410,6 +502,7 @@ def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
     )
     report["final"] = tuner.final_report(int8)
     report.update(approach=q.approach, artifact=str(out / "model"), artifact_bytes=size, environment=environment_info())
+    report["inputs"] = tuner.inputs  # content hashes and settings the trials and fp32 scores were keyed by
     atomic_write_json(out / "report.json", report)
     return report, 0 if goal_met else EXIT_GOAL_NOT_MET
 
@@ -417,7 +510,9 @@ def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
 def _run_ipex(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
     """IPEX static INT8 (torch 2.8 environments only): scored and timed, one traced graph per shape.
 
-    No artifact is written: IPEX's are TorchScript archives, which qala does not load from files.
+    What is kept is the calibration (OUTPUT_DIR/ipex_calibration.json: IPEX's qconf summary per length
+    configuration, JSON), from which qala.quantize.ipex.IpexStaticQA.from_summaries rebuilds the graphs;
+    IPEX's own artifacts are TorchScript archives, which qala does not load (they execute code).
     """
     from qala.quantize.ipex import IpexStaticQA, import_ipex
 
@@ -425,8 +520,17 @@ def _run_ipex(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
     if recipe.quantization.approach != "static":
         raise RecipeError("quantization.backend", ["backend ipex supports approach static only"])
     tuner = Tuner(recipe)
-    report = {"final": tuner.final_report(IpexStaticQA(tuner.fp32, tuner.calibration), compiled=False)}
-    report.update(approach="static", backend="ipex", artifact=None, artifact_bytes=0, environment=environment_info())
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    qa = IpexStaticQA(tuner.fp32, tuner.calibration)
+    report = {"final": tuner.final_report(qa, compiled=False)}
+    calibration = qa.save_summaries(out / "ipex_calibration.json", model=str(recipe.quantization.model))
+    report.update(
+        approach="static",
+        backend="ipex",
+        artifact=str(calibration),
+        artifact_bytes=calibration.stat().st_size,
+        environment=environment_info(),
+    )
     atomic_write_json(out / "report.json", report)
     return report, 0
 
@@ -452,7 +556,8 @@ def _summary(report: dict[str, Any], status: int) -> int:
             f"batch-1 ms fp32 {lat.get('fp32_eager', {}).get('median_ms', float('nan')):.1f} "
             f"int8 {lat.get('int8', {}).get('median_ms', float('nan')):.1f}"
         )
-    print(f"INT8 artifact: {report['artifact']} ({report['artifact_bytes'] / 1e6:.1f} MB on disk)")
+    what = "IPEX calibration" if report.get("backend") == "ipex" else "INT8 artifact"
+    print(f"{what}: {report['artifact']} ({report['artifact_bytes'] / 1e6:.1f} MB on disk)")
     if status == EXIT_GOAL_NOT_MET:
         print(
             f"goal NOT met: no trial within {report['tolerable_loss']:.2%} relative F1; kept the best one",

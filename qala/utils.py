@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,6 +20,18 @@ from typing import Any
 import numpy as np
 
 PACKAGE_SCHEME = "package://"
+MANIFEST_NAME = "manifest.json"
+# Files a later stage writes into a finished model directory on purpose: the frontier qala.search
+# installs (replaced by every search, and checked by its reader) and qala.answer's per-host latency
+# cache. A manifest never lists them, so installing or caching does not break its verification, and
+# a directory re-manifested after a search still accepts the next one. frontier.json does change what
+# qala.answer serves (which configurations, at what predicted cost), but it is a product of the search,
+# not of the saved model: the manifest vouches for the model only.
+WRITTEN_LATER = ("frontier.json", "latency_*.json")
+
+
+class IntegrityError(ValueError):
+    """A model directory whose files are not what was saved, or do not fit each other; the message names the file."""
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -69,6 +83,69 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 def directory_bytes(path: str | Path) -> int:
     """Size on disk of every file under a directory (an artifact, a model)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, *, format: str) -> None:
+    """manifest.json: the SHA-256 of every file under `directory` (not WRITTEN_LATER, not hidden temporaries).
+
+    Call it last, once everything the directory holds has been written: a file added afterwards is
+    not covered, one changed afterwards is refused by check_manifest.
+    """
+    directory = Path(directory)
+    files = sorted(
+        str(f.relative_to(directory))
+        for f in directory.rglob("*")
+        if f.is_file()
+        and f.name != MANIFEST_NAME
+        and not f.name.startswith(".")
+        and not any(fnmatch.fnmatchcase(f.name, pattern) for pattern in WRITTEN_LATER)
+    )
+    digests = {name: sha256_file(directory / name) for name in files}
+    atomic_write_json(directory / MANIFEST_NAME, {"format": format, "sha256": digests})
+
+
+def check_manifest(
+    directory: str | Path,
+    *,
+    required: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    error: type[ValueError] = IntegrityError,
+) -> bool:
+    """Check the files manifest.json lists (with `only`, those of them named there) against their SHA-256.
+
+    False when the directory has no manifest. Raises `error` naming the first file at fault: missing,
+    changed after saving, or one of `required` that the manifest does not list.
+    """
+    directory = Path(directory)
+    file = directory / MANIFEST_NAME
+    if not file.is_file():
+        return False
+    try:
+        digests = dict(json.loads(file.read_text())["sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise error(f"{file}: not a valid manifest ({e})") from e
+    for name in required:
+        if name not in digests:
+            raise error(f"{file}: does not list {name}; the directory is incomplete")
+    for name, digest in digests.items():
+        if only is not None and name not in only:
+            continue
+        member = directory / name
+        if not member.is_file():
+            raise error(f"{member}: missing (listed in {MANIFEST_NAME})")
+        if sha256_file(member) != digest:
+            raise error(
+                f"{member}: SHA-256 differs from {MANIFEST_NAME}; the file changed after saving (edited or truncated)"
+            )
+    return True
 
 
 def _umask() -> int:
@@ -172,3 +249,77 @@ def latency_stats(seconds: Sequence[float], batch_size: int = 1) -> dict[str, fl
 def median_latency_ms(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
     """`latency_stats(time_calls(fn))`: median (and spread) wall time of `fn()` in milliseconds."""
     return latency_stats(time_calls(fn, warmup=warmup, repeats=repeats))
+
+
+# --------------------------------------------------------------------------- run state: content hashes, output locks
+
+# Files written into a model directory that do not change what the model computes: the installed frontier
+# (qala.search), qala.answer's per-host latency cache, training records, a manifest of the other files.
+# Hidden files (atomic writes in flight) are skipped too.
+NOT_MODEL_CONTENT = (*WRITTEN_LATER, MANIFEST_NAME, "training_info.json", "recipe*.yaml")
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes, or of a model directory's files (weights, configs, tokenizer;
+    not NOT_MODEL_CONTENT) with their names: caches and resumable state are keyed by it, so a model retrained
+    or replaced at the same path is never taken for the old one. A name that is no local path (a hub id)
+    hashes as its name."""
+    path = Path(resolve_model_path(str(path)))
+    digest = hashlib.sha256()
+    if not path.exists():
+        digest.update(f"not a local path: {path}".encode())
+    if path.is_file():
+        files = {"": path}  # a file's own name is not its content
+    else:
+        files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
+        files = {
+            name: p
+            for name, p in files.items()
+            if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_MODEL_CONTENT)
+            and not any(part.startswith(".") for part in name.split("/"))
+        }
+    for relative, file in files.items():
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def examples_hash(examples: Any) -> str:
+    """SHA-256 (16 hex digits) of loaded examples (a datasets.Dataset or a mapping of columns): what scores were
+    computed on, whichever file or hub split they came from."""
+    columns = examples.to_dict() if hasattr(examples, "to_dict") else dict(examples)
+    return hashlib.sha256(json.dumps(columns, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class OutputInUseError(OSError):
+    """Another qala run holds the output folder's lock."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold OUTPUT_DIR/.lock for the block; a second qala run on the same folder fails at once, naming the holder.
+
+    flock is released by the kernel however the holder ends (return, exception, kill -9), so a lock never
+    goes stale; the file stays, and its text (pid, start time) only feeds the error message.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+            raise OutputInUseError(f"{folder} is in use by another qala run ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield folder / LOCK_NAME
+    finally:
+        os.close(fd)

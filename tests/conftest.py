@@ -35,7 +35,10 @@ def build_tiny_qa_checkpoint(path: Path, seed: int = 0, layers: int = 2) -> Path
     vocab += [w for w in _sample_words() if w not in vocab]
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    # `vocab=`, not `vocab_file=`: transformers 5 ignores vocab_file here and builds a 5-token vocabulary
+    # (every word [UNK]); qala.quantize.load.load_tokenizer now refuses such a tokenizer.
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    assert len(tokenizer) == len(vocab), "the tiny tokenizer lost its vocabulary"
     tokenizer.save_pretrained(path)
     config = BertConfig(
         vocab_size=len(vocab),

@@ -14,10 +14,8 @@ from qala.answer import FrontierPoint, QalaModel, host_name, select_point
 from qala.model import LengthAdaptiveForQuestionAnswering
 from tests.conftest import REPO
 
-CONTEXT = (
-    "The river Elbe rises in the Krkonose mountains and flows through Dresden and Hamburg "
-    "before it reaches the North Sea near Cuxhaven."
-)
+# One window of max_seq_length=64 with the question, whatever the tiny tokenizer splits its words into.
+CONTEXT = "The Elbe rises in the mountains and flows through Dresden and Hamburg to the North Sea."
 QUESTION = "Through which cities does the Elbe flow?"
 
 # (length_config, F1 from the search, ms per window on "this host")
@@ -250,16 +248,154 @@ def test_served_batches_are_unpadded_and_bounded(tmp_path, tiny_checkpoint, monk
 def test_empty_inputs_and_context_files(tmp_path, tiny_checkpoint, capsys):
     model_dir = write_model_dir(tmp_path, tiny_checkpoint)
     model = QalaModel.from_pretrained(model_dir)
-    with pytest.raises(ValueError, match="question 0: empty"):
+    with pytest.raises(ValueError, match="question 0: only whitespace; expected a non-blank string"):
         model.answer("  ", CONTEXT)
-    with pytest.raises(ValueError, match="context 0: empty"):
+    with pytest.raises(ValueError, match="context 0: empty; expected a non-blank string"):
         model.answer(QUESTION, "")
-    assert qa.main(["--model", str(model_dir), "--question", " ", "--context", CONTEXT]) == 2
-    assert "question 0: empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="context 1: only whitespace"):
+        model.answer_batch([QUESTION, QUESTION], [CONTEXT, "\n\t \u00a0"])
+    with pytest.raises(ValueError, match="question 0: expected a non-blank string, got NoneType"):
+        model.answer(None, CONTEXT)
+    capsys.readouterr()  # what loading the model printed
+    for blank, option in (
+        (["--question", " \t", "--context", CONTEXT], "--question"),
+        (["--question", QUESTION, "--context", "\n \n"], "--context"),
+    ):
+        assert qa.main(["--model", str(model_dir), *blank]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {option}: only whitespace; expected a non-blank string"
     context_file = tmp_path / "context.txt"
     context_file.write_text(CONTEXT, encoding="utf-8")
     assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(context_file)]) == 0
     assert json.loads(capsys.readouterr().out)["answer"] in CONTEXT
+    context_file.write_text(" \n\n ", encoding="utf-8")
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(context_file)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --context-file: only whitespace; expected a non-blank string"
     context_file.write_bytes(b"\xff\xfe not utf-8 \x80")
     assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(context_file)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "context.txt"
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --context-file {missing}: cannot read it (No such file or directory)"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown"),
+    [
+        ("--threads", "0", "0"),
+        ("--threads", "-1", "-1"),
+        ("--budget-ms", "0", "0.0"),
+        ("--budget-ms", "-5", "-5.0"),
+        ("--budget-ms", "nan", "nan"),
+    ],
+)
+def test_meaningless_numbers_are_refused_before_the_model_loads(tmp_path, capsys, option, value, shown):
+    """--threads -1 was a RuntimeError traceback from torch; 0 was quietly ignored; a budget of 0, below 0 or
+    NaN fits nothing, so every question silently got the fastest configuration."""
+    argv = ["--model", str(tmp_path / "absent"), "--question", QUESTION, "--context", CONTEXT, option, value]
+    assert qa.main(argv) == 2  # the absent model is never reached
+    assert capsys.readouterr().err.strip() == f"error: {option} must be positive, got {shown}"
+
+
+def test_a_long_context_runs_in_several_bounded_batches(tmp_path, tiny_checkpoint, monkeypatch):
+    """One question over a long context: its windows go through the model MAX_BATCH_WINDOWS at a time, so
+    memory does not grow with the context (one batch of ~100 windows took 2 GB)."""
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    model = QalaModel.from_pretrained(model_dir)
+    assert model.max_batch_windows == qa.MAX_BATCH_WINDOWS == 8
+    rows = []
+    inner = model.model
+
+    def spy(**kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return inner(**kwargs)
+
+    model.model = spy
+    long_context = " ".join([CONTEXT] * 40)
+    result = model.answer(QUESTION, long_context)
+    assert result["windows"] > 3 * qa.MAX_BATCH_WINDOWS and result["answer"] in long_context
+    assert sum(rows) == result["windows"] and max(rows) <= qa.MAX_BATCH_WINDOWS and len(rows) >= 4
+
+
+def test_a_question_longer_than_the_window_is_one_line(tmp_path, tiny_checkpoint, capsys):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    question = " ".join(["through which cities does the river flow"] * 12) + "?"
+    assert qa.main(["--model", str(model_dir), "--question", question, "--context", CONTEXT]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after what loading the model printed
+    assert "Traceback" not in err and line.startswith("error: question 0 is ")
+    assert "longer than the window: max_seq_length=64" in line
+
+
+def _frontier(**changes):
+    document = {
+        "max_seq_length": 64,
+        "doc_stride": 32,
+        "num_layers": 2,
+        "frontier": [
+            {"keep_ratios": [0.9, 0.5], "f1": 40.0, "cost": 1.0},
+            {"length_config": [64, 48], "f1": 50.0, "cost": 2.0},
+        ],
+    }
+    for key, value in changes.items():
+        if key.startswith("p1_"):
+            document["frontier"][1][key[3:]] = value
+        elif value is None:
+            del document[key]
+        else:
+            document[key] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"max_seq_length": None}, "'max_seq_length' must be a positive integer (the window length), got None"),
+        ({"max_seq_length": 0}, "'max_seq_length' must be a positive integer (the window length), got 0"),
+        ({"doc_stride": 64}, "'doc_stride' must be an integer in [0, max_seq_length=64), got 64"),
+        ({"num_layers": "2"}, "'num_layers' must be a positive integer, got '2'"),
+        ({"p1_length_config": [48, 64]}, "frontier[1].length_config: length_config must be non-increasing"),
+        ({"p1_length_config": [80, 48]}, "frontier[1].length_config: length_config [80, 48] keeps more than max_"),
+        ({"p1_length_config": [64, 0]}, "frontier[1].length_config: length_config entries must be >= 1"),
+        ({"p1_length_config": [64.0, 48]}, "frontier[1].length_config must be integers, got [64.0, 48]"),
+        ({"p1_length_config": [64, 48, 32]}, "frontier[1].length_config has 3 entries, expected 2 (one per layer)"),
+        ({"p1_length_config": None, "p1_keep_ratios": [0.5, 0.9]}, "frontier[1].keep_ratios: keep_ratios must be non"),
+        ({"p1_length_config": None, "p1_keep_ratios": [1.2, 0.9]}, "frontier[1].keep_ratios: keep_ratios entries mus"),
+        ({"p1_length_config": None, "p1_keep_ratios": [0.5, 0.0]}, "frontier[1].keep_ratios: keep_ratios entries mus"),
+        ({"p1_length_config": None}, "frontier[1] must have one of 'keep_ratios' and 'length_config', got neither"),
+        ({"p1_keep_ratios": [0.9, 0.5]}, "frontier[1] must have one of 'keep_ratios' and 'length_config', got ['k"),
+        ({"p1_keep_ratios": "0.9,0.5", "p1_length_config": None}, "frontier[1].keep_ratios must be a non-empty list"),
+        ({"p1_f1": None}, "frontier[1].f1 must be a number, got None"),
+        ({"p1_cost": "fast"}, "frontier[1].cost must be a number, got 'fast'"),
+    ],
+)
+def test_read_frontier_validates_every_point(tmp_path, changes, expected):
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(_frontier()))
+    assert qs.read_frontier(path)["max_seq_length"] == 64  # the valid document reads back
+    path.write_text(json.dumps(_frontier(**changes)))
+    with pytest.raises(ValueError) as info:
+        qs.read_frontier(path)
+    assert str(info.value).startswith(f"{path}: ") and expected in str(info.value)
+    path.write_text('{"frontier": [')
+    with pytest.raises(ValueError, match=r"frontier\.json: invalid JSON at line 1 column 15"):
+        qs.read_frontier(path)
+
+
+def test_answer_refuses_an_invalid_frontier_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    """An increasing configuration was served as is (a later layer cannot keep more than an earlier one)."""
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    frontier = json.loads((model_dir / "frontier.json").read_text())
+    frontier["frontier"][0]["length_config"] = [40, 60]
+    (model_dir / "frontier.json").write_text(json.dumps(frontier))
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: {model_dir / 'frontier.json'}: frontier[0].length_config: "
+        "length_config must be non-increasing from layer to layer: [40, 60]"
+    )
+    del frontier["max_seq_length"]  # was a KeyError traceback in qala.answer
+    (model_dir / "frontier.json").write_text(json.dumps(frontier))
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
+    assert "frontier.json: 'max_seq_length' must be a positive integer" in capsys.readouterr().err

@@ -82,6 +82,7 @@ def spec_for(model: Path, tmp_path: Path, **extra) -> dict:
 def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypatch):  # noqa: F811
     frontier = {
         "backend": "int8",
+        "max_seq_length": 64,
         "frontier": [
             {"keep_ratios": [0.9, 0.6], "cost": 1.0, "f1": 20.0},
             {"length_config": [60, 50], "cost": 2.0, "f1": 30.0},
@@ -122,18 +123,31 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     assert int8["compiled"] and int8["pad_to_multiple_of"] == questions.COMPILED_PAD_MULTIPLE
     assert by_id["transformers/BERT-base/fp32/full/b1"]["f1_note"]
     assert all(r["questions"] == 4 and r["python"] is None for r in rows)
-    assert notes["ipex"]["status"] == "skipped" and "ipex_quantize.py" in notes["ipex"]["needs"]
+    assert notes["ipex"]["status"] == "skipped" and "ipex_quantize.py" in notes["ipex"]["build_command"]
 
-    # With the IPEX environment and its calibration present, IPEX rows run under that environment's python.
+    # With the IPEX environment and its calibration present, IPEX rows run under that environment's python:
+    # full length unpadded, each calibrated absolute configuration padded to max_seq_length, with qala's INT8
+    # rows at that configuration on the same padded windows.
     python, summaries = tmp_path / "python", tmp_path / "ipex_calibration.json"
     python.write_text("")
-    summaries.write_text("{}")
+    configs = [{"length_config": None}, {"length_config": [40, 20]}]
+    summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": configs}))
     monkeypatch.setattr(plan, "IPEX_PYTHON", python)
-    monkeypatch.setattr(questions, "IPEX_SUMMARIES", summaries)
+    monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
     rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, pad_multiple=64)
+    by_id = {r["id"]: r for r in rows}
     ipex = [r for r in rows if r["engine"] == "ipex"]
-    assert [r["batch_size"] for r in ipex] == [1, 32] and ipex[0]["python"] == str(python.absolute())
-    assert next(r for r in rows if r["id"] == "qala/MiniLM/int8/full/b1")["pad_to_multiple_of"] == 64
+    assert [r["id"] for r in ipex] == [
+        "ipex/MiniLM/int8/full/b1",
+        "ipex/MiniLM/int8/full/b32",
+        "ipex/QuaLA-MiniLM/int8/lc-40-20/b1",
+        "ipex/QuaLA-MiniLM/int8/lc-40-20/b32",
+    ]
+    assert all(r["python"] == str(python.absolute()) for r in ipex)
+    assert by_id["ipex/MiniLM/int8/full/b1"].get("pad_to_multiple_of") is None
+    assert by_id["ipex/QuaLA-MiniLM/int8/lc-40-20/b1"]["pad_to_multiple_of"] == recipe.data.max_seq_length
+    assert by_id["qala/QuaLA-MiniLM/int8/lc-40-20/b32"]["pad_to_multiple_of"] == recipe.data.max_seq_length
+    assert by_id["qala/MiniLM/int8/full/b1"]["pad_to_multiple_of"] == 64
 
 
 # ------------------------------------------------------------------ the measurement, in process
@@ -283,7 +297,10 @@ def test_shipped_questions_recipe_loads(monkeypatch):
 
 
 def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: F811
-    recipe = load_recipe(write_recipe(tmp_path, model_dir), [f"benchmark.int8_model={model_dir}"])
+    # benchmark.ipex=false: the IPEX rows (planned when this checkout has .venv-ipex and a calibration) are not
+    # what this test is about.
+    overrides = [f"benchmark.int8_model={model_dir}", "benchmark.ipex=false"]
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, qala_backends=["eager", "compile-dynamic"])
     qala = [r["id"] for r in rows if r["engine"] == "qala"]
     assert qala == ["qala:eager/MiniLM/fp32/full/b2", "qala:compile-dynamic/MiniLM/fp32/full/b2"] + [

@@ -217,6 +217,7 @@ def _del(key: str, where: str) -> Any:
             "question": _q(doc),
             "answer": _q(doc)["answers"][0],
             "paragraph": doc["data"][0]["paragraphs"][0],
+            "article": doc["data"][0],
         }[where]
         del target[key]
 
@@ -291,10 +292,31 @@ def test_bad_answer_start_message_shows_found_and_expected(tmp_path: Path) -> No
     assert "(context[4:22] is 'Varnel rises in th', expected 'the Ashgrove Hills'" in str(info.value)
 
 
-def test_article_without_title_is_located_by_position(tmp_path: Path) -> None:
+@pytest.mark.parametrize("untitled", [_del("title", "article"), _set(("data", 0, "title"), None)])
+def test_article_without_title_reads_as_empty_and_is_located_by_position(tmp_path: Path, untitled: Any) -> None:
+    """Real SQuAD-like files (COVID-QA) have no titles: accepted as "", as the hub's empty titles."""
     doc = _doc()
-    del doc["data"][0]["title"]
-    with pytest.raises(SquadFormatError, match=r"tiny\.json: article #0, question q1: missing field 'title'"):
+    untitled(doc)
+    assert load_squad(_write(tmp_path, doc))["title"] == ["", ""]
+    _q(doc)["question"] = ""
+    with pytest.raises(SquadFormatError, match=r"tiny\.json: article #0, question q1: field 'question' is empty"):
+        load_squad(_write(tmp_path, doc))
+    doc["data"][0]["title"] = 7  # a title of the wrong type is still an error
+    with pytest.raises(SquadFormatError, match="field 'title' must be a string, got int"):
+        load_squad(_write(tmp_path, doc))
+
+
+def test_integer_ids_read_as_strings_and_duplicates_after_conversion_are_errors(tmp_path: Path) -> None:
+    doc = _doc()
+    _q(doc, 0)["id"], _q(doc, 1)["id"] = 262, 7
+    ds = load_squad(_write(tmp_path, doc))
+    assert ds["id"] == ["262", "7"]
+    assert references_from(ds) == {"262": ["the Ashgrove Hills", "Ashgrove Hills"], "7": ["keels"]}
+    _q(doc, 1)["id"] = "262"  # the same id once converted: two questions scored as one would be wrong
+    with pytest.raises(SquadFormatError, match="question 262: duplicate question id"):
+        load_squad(_write(tmp_path, doc))
+    _q(doc, 1)["id"] = True  # a bool is no id
+    with pytest.raises(SquadFormatError, match="question #1: field 'id' must be a string, got bool"):
         load_squad(_write(tmp_path, doc))
 
 
@@ -355,7 +377,7 @@ def test_skip_invalid_skips_counts_and_warns_once(tmp_path: Path, caplog: pytest
     qas.append({"id": "q4", "question": "Bad?", "answers": [{"text": "keels", "answer_start": 3}]})
     qas.append({"id": "q5", "question": "   ", "answers": [{"text": "keels", "answer_start": 76}]})
     path = _write(tmp_path, doc)
-    with pytest.raises(SquadFormatError, match=r"and 2 more problem\(s\)"):
+    with pytest.raises(SquadFormatError, match=r"and 2 more problem\(s\) in .*tiny\.json; skip_invalid=True skips"):
         load_squad(path)
     with caplog.at_level(logging.WARNING, logger="qala.data"):
         ds = load_squad(path, skip_invalid=True)
@@ -365,6 +387,56 @@ def test_skip_invalid_skips_counts_and_warns_once(tmp_path: Path, caplog: pytest
     text = warnings[0].getMessage()
     assert "skipped 3 invalid question(s) (2 kept)" in text
     assert "q2, q4, q5" in text
+
+
+def test_the_error_names_the_callers_skip_option(tmp_path: Path) -> None:
+    """The message tells how to skip in the caller's terms: evaluate's flag, a recipe key, the API keyword."""
+    doc = _doc()
+    _q(doc)["answers"][0]["answer_start"] = 3
+    path = _write(tmp_path, doc)  # one problem: no "more problems" count, still the option
+    expected = r"question q1: answers\[0\].* \[--skip-invalid skips invalid questions\]$"
+    with pytest.raises(SquadFormatError, match=expected):
+        load_squad(path, skip_option="--skip-invalid")
+    with pytest.raises(SquadFormatError, match=r"\[skip_invalid=True skips invalid questions\]$"):
+        load_squad(path)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"data": []}, r"empty\.json: no questions \(expected articles with paragraphs and qas in 'data'\)"),
+        ({"data": [{"title": "T", "paragraphs": []}]}, r"empty\.json: no questions"),
+    ],
+)
+def test_a_file_without_questions_is_an_error(tmp_path: Path, doc: Any, expected: str) -> None:
+    """Never an empty run: training crashed in the sampler (num_samples=0), evaluate on a missing column."""
+    path = _write(tmp_path, doc, name="empty.json")
+    for skip_invalid in (False, True):
+        with pytest.raises(SquadFormatError, match=expected):
+            load_squad(path, skip_invalid=skip_invalid)
+
+
+def test_skip_invalid_with_every_question_invalid_is_an_error(tmp_path: Path) -> None:
+    doc = _doc()
+    for qa in doc["data"][0]["paragraphs"][0]["qas"]:
+        qa["answers"][0]["answer_start"] += 1
+    path = _write(tmp_path, doc)
+    expected = r"tiny\.json: no valid question to use, all skipped \(2 problem\(s\)\); the first: article 'Varnel_Ri"
+    with pytest.raises(SquadFormatError, match=expected):
+        load_squad(path, skip_invalid=True)
+
+
+def test_load_split_skips_in_both_splits_and_names_the_recipe_key(tmp_path: Path) -> None:
+    from qala.data import load_split
+    from qala.recipe import DataConfig
+
+    doc = _doc()
+    _q(doc, 1)["answers"][0]["answer_start"] = 0
+    path = _write(tmp_path, doc)
+    for which in ("train", "eval"):
+        with pytest.raises(SquadFormatError, match=r"\[data\.skip_invalid=true skips invalid questions\]"):
+            load_split(DataConfig(train=path, eval=path), which)
+        assert load_split(DataConfig(train=path, eval=path, skip_invalid=True), which)["id"] == ["q1"]
 
 
 def test_hub_name_uses_load_dataset_and_validates_rows(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
@@ -392,6 +464,12 @@ def test_hub_name_uses_load_dataset_and_validates_rows(monkeypatch: pytest.Monke
     assert calls == [("squad", "validation"), ("squad", "validation")]
     assert ds["id"] == ["a"]
     assert "skipped 1 invalid question(s)" in caplog.text
+
+    # Integer ids and no title column, as in JSON files.
+    untitled = {"id": [5, 6], **{k: v[:1] * 2 for k, v in rows.items() if k in ("context", "question", "answers")}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_dict(untitled))
+    ds = load_squad("covid", split="train")
+    assert ds["id"] == ["5", "6"] and ds["title"] == ["", ""] and ds.features["id"] == datasets.Value("string")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,6 +648,26 @@ def test_data_collator_with_padding_batches_train_features(tokenizer) -> None:
     assert int(batch["attention_mask"].sum()) == sum(len(row) for row in train["input_ids"])
 
 
+def test_featurize_tokenizes_few_questions_at_a_time(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    """A batch's windows are Python lists until datasets writes them: 1000 COVID-QA questions took 6 GB."""
+    import qala.data as qd
+
+    sizes = []
+    original = qd._tokenize_windows
+
+    def spy(examples, *args, **kwargs):
+        sizes.append(len(examples["question"]))
+        return original(examples, *args, **kwargs)
+
+    examples = datasets.concatenate_datasets([_examples()] * 3)  # 6 questions
+    expected = featurize(examples, tokenizer, train=False, max_seq_length=MAX_LEN, doc_stride=STRIDE)
+    monkeypatch.setattr(qd, "_tokenize_windows", spy)
+    monkeypatch.setattr(qd, "FEATURIZE_BATCH", 4)
+    features = featurize(examples, tokenizer, train=False, max_seq_length=MAX_LEN, doc_stride=STRIDE)
+    assert sizes == [4, 2]
+    assert features[:] == expected[:]
+
+
 def test_featurize_argument_errors(bert_tokenizer) -> None:
     examples = _examples()
     with pytest.raises(ValueError, match="doc_stride=64 must be >= 0 and smaller than max_seq_length=64"):
@@ -586,8 +684,13 @@ def test_featurize_argument_errors(bert_tokenizer) -> None:
     # A question that leaves no more than doc_stride tokens per window is refused up front, instead of a
     # panic inside the Rust tokenizer.
     long_question = examples.map(lambda row: {"question": "where " * 50 + "?"})
-    with pytest.raises(ValueError, match=r"question long is \d+ tokens long"):
+    with pytest.raises(ValueError, match=r"question long is 51 tokens long: with max_seq_length=64 .* only 10 tokens"):
         featurize(long_question, bert_tokenizer, train=True, max_seq_length=MAX_LEN, doc_stride=STRIDE)
+    # Longer than the whole window: said so, not "-20 tokens are left".
+    longer = examples.map(lambda row: {"question": "where " * 80 + "?"})
+    for train in (True, False):
+        with pytest.raises(ValueError, match=r"question long is 81 tokens long, longer than the window: max_seq_len"):
+            featurize(longer, bert_tokenizer, train=train, max_seq_length=MAX_LEN, doc_stride=STRIDE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,6 +768,35 @@ def test_postprocess_returns_empty_string_without_valid_span(caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="qala.data"):
         assert postprocess_predictions(examples, no_features, start[:0], end[:0]) == {"q": ""}
     assert "1 question(s) have no features" in caplog.text
+
+
+def test_postprocess_reads_offsets_in_bounded_blocks(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    """Offsets are read a few windows at a time (the whole column was 1.7 GB on COVID-QA): the same answers
+    for any block size, from a Dataset or from plain lists, with questions whose windows are not contiguous."""
+    import qala.data as qd
+
+    examples = _examples()
+    features = featurize(examples, tokenizer, train=False, max_seq_length=MAX_LEN, doc_stride=STRIDE)
+    features = features.select(list(reversed(range(len(features)))))  # windows out of question order
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(len(ids)) for ids in features["input_ids"]]
+    end = [rng.standard_normal(len(ids)) for ids in features["input_ids"]]
+    expected = postprocess_with_scores(examples, features, start, end)
+    reads = []
+    original = qd._offsets_from
+
+    def spy(*args, **kwargs):
+        reads.append(len(result := original(*args, **kwargs)))
+        return result
+
+    monkeypatch.setattr(qd, "_offsets_from", spy)
+    monkeypatch.setattr(qd, "POSTPROCESS_WINDOWS", 2)
+    as_lists = {k: list(features[k]) for k in ("example_id", "offset_mapping")}
+    assert postprocess_with_scores(examples, features, start, end) == expected
+    assert postprocess_with_scores(examples, as_lists, start, end) == expected
+    # The long question alone has more windows than a block: read whole, then the short one on its own.
+    n_long = list(features["example_id"]).count("long")
+    assert n_long > 2 and reads == [n_long, 1] * 2
 
 
 def test_postprocess_ignores_logits_beyond_the_offsets() -> None:

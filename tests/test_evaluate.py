@@ -1,6 +1,9 @@
 import json
 
-from qala.evaluate import main
+import numpy as np
+import pytest
+
+from qala.evaluate import main, predict_logits
 from tests.conftest import SAMPLES
 
 
@@ -60,3 +63,53 @@ def test_evaluate_cli_keep_ratio_and_bad_inputs(tiny_checkpoint, tmp_path, capsy
     assert "non-increasing" in capsys.readouterr().err
     assert main([str(tiny_checkpoint), str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--batch-size", "0"), ("--batch-size", "-1"), ("--max-samples", "0"), ("--max-seq-length", "0")],
+)
+def test_non_positive_numbers_are_refused_before_the_model_loads(tmp_path, capsys, option, value):
+    """--batch-size 0 was `range() arg 3 must not be zero`; -1 printed F1 0 over no predictions at all;
+    --max-samples 0 and --max-seq-length 0 quietly meant "all" and "the model's"."""
+    absent_model = tmp_path / "no-model"  # checked first: the model is never loaded
+    assert main([str(absent_model), str(SAMPLES / "squad_sample_dev.json"), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {option} must be positive, got {value}"
+
+
+def test_predict_logits_refuses_a_batch_size_below_one():
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        predict_logits(lambda **kwargs: None, {"input_ids": [[1, 2]]}, batch_size=0)
+
+
+def test_windows_and_logits_are_kept_per_window(tiny_checkpoint):
+    """Memory stays flat in the context length: each window keeps only its own start/end logits (its length,
+    never max_seq_length x anything), and the model sees batches of at most batch_size windows."""
+    from transformers import AutoTokenizer
+
+    from qala.data import featurize, load_squad
+    from qala.quantize.load import load_model
+
+    model = load_model(tiny_checkpoint)
+    examples = load_squad(SAMPLES / "squad_sample_dev.json").select(range(6))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    features = featurize(examples, tokenizer, train=False, max_seq_length=96, doc_stride=32)
+    batches = []
+
+    def spy(**inputs):
+        batches.append(tuple(inputs["input_ids"].shape))
+        return model(**inputs)
+
+    starts, ends = predict_logits(spy, features, batch_size=4, progress=False)
+    lengths = [len(ids) for ids in features["input_ids"]]
+    assert [s.shape for s in starts] == [e.shape for e in ends] == [(n,) for n in lengths]
+    assert sum(rows for rows, _ in batches) == len(lengths) > 4 and max(rows for rows, _ in batches) <= 4
+    # Longest windows first (a heap that grows with the batches fragments), each batch padded to its longest.
+    widths = [width for _, width in batches]
+    assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths) > widths[-1] >= min(lengths)
+    # Every window gets its own logits back, as when it runs alone.
+    for j in (0, len(lengths) - 1, lengths.index(min(lengths))):
+        alone_starts, alone_ends = predict_logits(model, features.select([j]), progress=False)
+        np.testing.assert_allclose(starts[j], alone_starts[0], atol=1e-5)
+        np.testing.assert_allclose(ends[j], alone_ends[0], atol=1e-5)

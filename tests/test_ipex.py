@@ -62,6 +62,11 @@ DRIVER = textwrap.dedent(
             "calibrated_with": qa.calibrated_with[None if lengths is None else tuple(lengths)],
             "int8_ops": "quantize_per_tensor" in str(graph.graph_for(*(batch[k] for k in keys))),
         }
+    # Full length: the one trace serves an unpadded window of another length, exactly as its own trace would.
+    short = {k: v[1:2, :30].contiguous() for k, v in batch.items()}
+    out["short.reused"] = qa(**short).start_logits
+    out["short.own"] = ipex.build(model, None, qa.summary(None), short)(*(short[k] for k in keys))[0]
+    facts["full_graphs"] = sum(1 for key in qa._traced if key[0] is None)
     try:  # keep ratios (top-k sizes per row) cannot be traced: refused, never served as full length
         qa(keep_ratios=[0.5, 0.5], **batch)
         facts["keep_ratios_refused"] = False
@@ -122,6 +127,7 @@ def ipex_run(tiny_checkpoint, tmp_path_factory):
         pytest.skip(f"IPEX environment present but unusable: {proc.stderr.strip()[-500:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    facts["work"] = str(work)
     return batch, fp32, load_file(str(work / "outputs.safetensors")), facts
 
 
@@ -144,12 +150,43 @@ def test_ipex_graphs_of_other_batch_sizes_agree(ipex_run, name):
     torch.testing.assert_close(out[f"{name}.start_b1"][0], out[f"{name}.start"][0], atol=1e-4, rtol=0)
 
 
+def test_ipex_full_length_serves_every_shape_from_one_trace(ipex_run):
+    """Unpadded windows of any length run through the one full-length graph, which gives what a graph
+    traced at their own shape gives (so the real-questions rows need no per-shape builds)."""
+    _, _, out, facts = ipex_run
+    assert facts["full_graphs"] == 1
+    torch.testing.assert_close(out["short.reused"], out["short.own"], atol=1e-5, rtol=0)
+
+
 def test_ipex_worker_reloads_the_calibration_exactly(ipex_run):
     """timing_callable on a saved calibration serves the same INT8 model (what the benchmark times)."""
     _, _, out, facts = ipex_run
     assert facts["worker"]["engine"] == "ipex" and facts["worker"]["calibrated_with"].startswith("inc ")
     assert len(facts["worker"]["summaries_sha256"]) == 64
     assert torch.equal(out["worker.start"], out["cut.start"]) and torch.equal(out["worker.end"], out["cut.end"])
+
+
+def test_padded_table_worker_times_an_ipex_row_in_the_ipex_environment(ipex_run, tmp_path):
+    """`python -m qala.bench.worker` under the IPEX python measures a padded-table row of kind "ipex"."""
+    batch, _, _, facts = ipex_run
+    work = Path(facts["work"])
+    save_file(batch, str(tmp_path / "inputs.safetensors"))
+    spec = {
+        "id": "MiniLM-IPEX/int8/lc-40-24", "kind": "ipex", "dtype": "int8", "length_config": LENGTH_CONFIG,
+        "path": str(work / "model"), "ipex_summaries": str(work / "calibration.json"),
+        "inputs": str(tmp_path / "inputs.safetensors"), "work_dir": str(tmp_path), "batch_sizes": [1, 4],
+        "threads": 1, "warmup": 1, "repeats": 2, "latency_repeats": 2, "min_repeats": 1,
+        "max_seconds_per_measurement": 5,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [str(IPEX_PYTHON), "-m", "qala.bench.worker", str(tmp_path / "spec.json"), str(tmp_path / "row.json")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["engine"] == "ipex" and row["calibrated_with"].startswith("inc ")
+    assert set(row["batches"]) == {"1", "4"} and all(v["p50_ms"] > 0 for v in row["batches"].values())
 
 
 def test_ipex_refuses_keep_ratios(ipex_run):
@@ -166,3 +203,84 @@ def test_without_ipex_every_entry_point_names_the_environment_script():
         ipex.import_ipex()
     with pytest.raises(ipex.IpexUnavailableError, match=r"torch 2\.8\.x and intel-extension-for-pytorch 2\.8\.x"):
         ipex.calibrate(torch.nn.Linear(2, 2), None, [])
+
+
+# ------------------------------------------------------------------ the padded table's IPEX rows (no IPEX needed)
+
+
+def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, monkeypatch, tiny_checkpoint):
+    """With a ratio-unit frontier, the padded table takes the absolute configurations qala.tune scored (both F1s
+    from its report); IPEX rows run at full length and at each of those it was calibrated for, under the IPEX
+    environment's python, with the whole-dev F1 benchmarks/ipex_quantize.py measured."""
+    from qala.bench import plan
+    from qala.recipe import load_recipe
+    from tests.test_bench import write_recipe
+
+    report = {"final": {"rows": {
+        "full": {"length_config": None, "fp32": {"f1": 31.0}, "int8": {"f1": 30.5}},
+        "keep_0.9": {"length_config": [40, 20], "fp32": {"f1": 29.0}, "int8": {"f1": 28.5}},
+        "ratio_0.9": {"length_config": None, "keep_ratios": [0.9, 0.81], "fp32": {"f1": 20.0}, "int8": {"f1": 19.0}},
+    }}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    point = {"keep_ratios": [0.9, 0.5], "cost": 1.0, "f1": 25.0}
+    frontier = {"backend": "fp32", "max_seq_length": 64, "frontier": [point]}
+    (tmp_path / "frontier.json").write_text(json.dumps(frontier))
+    python, summaries, scores = tmp_path / "python", tmp_path / "calibration.json", tmp_path / "scores.json"
+    python.write_text("")
+    summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": [
+        {"length_config": None}, {"length_config": [40, 20]}]}))
+    scores.write_text(json.dumps({"rows": [
+        {"config": "full", "length_config": None, "int8": {"f1": 30.1}},
+        {"config": "keep 0.9", "length_config": [40, 20], "int8": {"f1": 28.0}},
+    ]}))
+    monkeypatch.setattr(plan, "IPEX_PYTHON", python)
+    monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
+    monkeypatch.setattr(plan, "IPEX_SCORES", scores)
+    model = tmp_path / "model"
+    LengthAdaptiveForQuestionAnswering.from_pretrained(str(tiny_checkpoint)).save_pretrained(model)
+    overrides = [
+        f"benchmark.int8_model={model}",
+        f"benchmark.int8_report={tmp_path / 'report.json'}",
+        f"benchmark.frontier={tmp_path / 'frontier.json'}",
+        "benchmark.baselines=[]",
+    ]
+    recipe = load_recipe(write_recipe(tmp_path, model), overrides)
+    rows, notes = plan.plan_rows(recipe, recipe.benchmark)
+    by_id = {r["id"]: r for r in rows}
+    assert list(by_id) == [
+        "MiniLM/fp32/full",
+        "MiniLM/int8/full",
+        "QuaLA-MiniLM/fp32/lc-40-20",
+        "QuaLA-MiniLM/int8/lc-40-20",
+        "MiniLM-IPEX/int8/full",
+        "MiniLM-IPEX/int8/lc-40-20",
+    ]
+    assert notes["length_configs"]["source"] == str(tmp_path / "report.json")
+    assert by_id["QuaLA-MiniLM/fp32/lc-40-20"]["f1"] == 29.0 and by_id["QuaLA-MiniLM/int8/lc-40-20"]["f1"] == 28.5
+    ipex = by_id["MiniLM-IPEX/int8/lc-40-20"]
+    assert ipex["kind"] == "ipex" and ipex["python"] == str(python.absolute()) and ipex["f1"] == 28.0
+    assert ipex["ipex_summaries"] == str(summaries.absolute()) and by_id["MiniLM-IPEX/int8/full"]["f1"] == 30.1
+
+
+def test_tune_with_backend_ipex_runs_end_to_end_in_the_ipex_environment(tmp_path, tiny_checkpoint):
+    """`python -m qala.tune` with quantization.backend=ipex, under the IPEX python: fp32 and IPEX INT8 scored at
+    full length and the absolute keep configuration (ratio rows are not traceable: left out), calibration kept."""
+    if not IPEX_PYTHON.is_file():
+        pytest.skip(f"IPEX environment not built ({IPEX_PYTHON} missing): bash benchmarks/ipex_env.sh builds it")
+    from qala.quantize.ipex import calibrated_length_configs
+    from tests.test_tune import write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_checkpoint)
+    proc = subprocess.run(
+        [str(IPEX_PYTHON), "-m", "qala.tune", str(recipe), "quantization.backend=ipex"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    if proc.returncode == 2 and "importing it failed" in proc.stderr:
+        pytest.skip(f"IPEX environment present but unusable: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "static" / "int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "ipex" and set(report["final"]["rows"]) == {"full", "keep_0.5"}
+    assert all(0 <= row["int8"]["f1"] <= 100 for row in report["final"]["rows"].values())
+    assert calibrated_length_configs(report["artifact"]) == [None, [64, 32]]
+    assert "IPEX calibration" in proc.stdout

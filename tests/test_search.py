@@ -1,6 +1,7 @@
 """The evolutionary length search: genetic operators, Pareto extraction, MACs, accepted counts, resume,
 distributed sharding, and the recipe-driven search on a tiny model."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -25,7 +26,8 @@ from qala.search import (
     random_gene,
     select_parents,
 )
-from tests.conftest import REPO
+from qala.utils import content_hash
+from tests.conftest import REPO, build_tiny_qa_checkpoint
 
 # ----------------------------------------------------------------------------- genetic operators
 
@@ -242,6 +244,34 @@ def test_a_checkpoint_for_another_model_shape_is_refused(tmp_path):
         run_fake(FakeEvaluator(), tmp_path, layers=3)
 
 
+def test_a_checkpoint_written_for_other_inputs_is_not_resumed(tmp_path, caplog):
+    def search(evaluator, output_dir, model, iterations=4):
+        config = SearchConfig(**{**dataclasses.asdict(SMALL), "iterations": iterations})
+        return evolve(
+            evaluator.cost,
+            evaluator.f1,
+            num_layers=4,
+            seq_length=32,
+            config=config,
+            seed=3,
+            output_dir=output_dir,
+            fingerprint=f"fp-{model}",
+            inputs={"model": model},
+        )
+
+    search(FakeEvaluator(), tmp_path / "out", "a")
+    reference, _ = search(FakeEvaluator(), tmp_path / "straight", "b", iterations=2)
+    again = FakeEvaluator()
+    with caplog.at_level("INFO", logger="qala.search"):
+        state, _ = search(again, tmp_path / "out", "b", iterations=2)
+    assert "generation-4.json was written for other inputs (model: a -> b): starting the search again" in caplog.text
+    assert state.genes == reference.genes and state.population == reference.population
+    assert sum(again.f1s.values()) == len(reference.genes)  # nothing of the other model's search reused
+    written = sorted((tmp_path / "out").glob("generation-*.json"))
+    assert [p.name for p in written] == ["generation-0.json", "generation-1.json", "generation-2.json"]
+    assert all(json.loads(p.read_text())["inputs"] == {"model": "b"} for p in written)
+
+
 def _distributed_worker(rank, world, init_file, out_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -281,7 +311,7 @@ data:
   train: package://qala/samples/squad_sample_train.json
   eval: package://qala/samples/squad_sample_dev.json
   max_seq_length: 64
-  doc_stride: 32
+  doc_stride: 16  # the longest sample question is 30 tokens: room for > 16 context tokens
 model: {{name_or_path: {model}}}
 eval: {{batch_size: 32}}
 search:
@@ -352,6 +382,37 @@ def test_search_on_the_tiny_model_end_to_end(tmp_path, tiny_model_dir, monkeypat
     assert qs.main([str(path)]) == 0
     assert (out / "evaluations.jsonl").read_text().count("\n") == lines
     assert json.loads((out / "frontier.json").read_text())["frontier"] == frontier["frontier"]
+
+
+def test_a_search_of_weights_replaced_at_the_same_path_starts_again(
+    tmp_path, tiny_model_dir, monkeypatch, caplog, capsys
+):
+    monkeypatch.chdir(REPO)
+    path = write_recipe(tmp_path, tiny_model_dir)
+    assert qs.main([str(path)]) == 0
+    out = tmp_path / "search"
+    before = json.loads((out / "frontier.json").read_text())["search"]["inputs"]["model"]
+    recorded = (out / "recipe.yaml").read_text()
+
+    build_tiny_qa_checkpoint(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", tiny_model_dir / "model.safetensors")
+    with caplog.at_level("INFO", logger="qala.search"):
+        assert qs.main([str(path)]) == 0
+    after = content_hash(tiny_model_dir)
+    assert f"generation-2.json was written for other inputs (model: {before} -> {after})" in caplog.text
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["search"]["inputs"]["model"] == after
+    for checkpoint in out.glob("generation-*.json"):
+        assert json.loads(checkpoint.read_text())["fingerprint"] == frontier["search"]["fingerprint"]
+
+    # A start that fails (no model there) leaves the search's recipe.yaml as the last run wrote it.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert qs.main([str(path), f"search.model={empty}"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == recorded
+    assert load_search_recipe(out / "recipe.yaml")[1].model == str(tiny_model_dir)
 
 
 def test_search_latency_objective_on_the_tiny_model(tmp_path, tiny_model_dir, monkeypatch):

@@ -1,6 +1,8 @@
 """End-to-end training on a tiny random model: both stages, stage skipping, resume after a kill, KD."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import qala.train as qt
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.recipe import RecipeError, load_recipe
 from qala.train import distillation_loss
+from qala.utils import content_hash
 from tests.conftest import REPO, build_tiny_qa_checkpoint
 
 RECIPE = """
@@ -241,3 +244,69 @@ def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tm
         assert table.shape == (3, 2)
         assert ((table[:, 0] >= 0.8) & (table[:, 1] <= table[:, 0]) & (table[:, 1] >= 0.64)).all()
     assert not torch.equal(calls[2][0], calls[2][1])  # each row draws its own sub-model
+
+
+def _interrupt_after_checkpoint_2(monkeypatch, run):
+    """`run()` until checkpoint-2 is written, then stop it there as a kill would."""
+    original_init = qt.QalaTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(_KillAtStep(2))
+
+    monkeypatch.setattr(qt.QalaTrainer, "__init__", init_with_kill)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(qt.QalaTrainer, "__init__", original_init)
+
+
+def test_resume_with_a_changed_recipe_is_refused_naming_the_keys_and_forced_on_request(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
+    monkeypatch.chdir(REPO)
+    path, one = make_recipe(tmp_path, tiny_checkpoint, steps=4), ["train.stages=[finetune]"]
+    _interrupt_after_checkpoint_2(monkeypatch, lambda: qt.run(load_recipe(path, one)))
+    out = tmp_path / "run"
+    recorded = (out / "recipe.yaml").read_text()
+    changed = "train.finetune.training_args.learning_rate=1e-4"
+
+    assert qt.main([str(path), "--resume", *one, changed]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2 was started with another recipe or other inputs: pass --force-resume" in err
+    assert "changed train.finetune.training_args.learning_rate: 0.001 -> 1e-4" in err
+    assert (out / "recipe.yaml").read_text() == recorded  # the refused start relabels nothing
+    assert not (out / "finetune" / "model").exists()
+
+    assert qt.main([str(path), "--force-resume", *one, changed]) == 0
+    info = qt.read_training_info(out / "finetune")
+    assert info["resumed_from"] == "checkpoint-2" and info["global_step"] == 4
+    assert info["forced_resume"]["changes"] == ["train.finetune.training_args.learning_rate: 0.001 -> 1e-4"]
+    assert info["forced_resume"]["started_with"]["train"]["finetune"]["training_args"]["learning_rate"] == 0.001
+    previous = load_recipe(out / "finetune" / "recipe.previous.yaml")
+    assert previous.train.finetune.training_args["learning_rate"] == 0.001
+    resumed = load_recipe(out / "finetune" / "model" / "recipe.yaml")
+    assert resumed.train.finetune.training_args["learning_rate"] == "1e-4"
+
+
+def test_a_stage_is_trained_again_when_its_source_weights_change_at_the_same_path(
+    tmp_path, tiny_checkpoint, monkeypatch, caplog
+):
+    monkeypatch.chdir(REPO)
+    source = Path(shutil.copytree(tiny_checkpoint, tmp_path / "base"))
+    path, one = make_recipe(tmp_path, source), ["train.stages=[finetune]"]
+    qt.run(load_recipe(path, one))
+    stage = tmp_path / "run" / "finetune"
+    first = qt.read_training_info(stage)
+    assert first["inputs"]["source"] == content_hash(source)
+    trained_at = (stage / "model" / "model.safetensors").stat().st_mtime_ns
+
+    build_tiny_qa_checkpoint(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", source / "model.safetensors")  # retrained in place
+    with caplog.at_level("INFO", logger="qala.train"):
+        qt.run(load_recipe(path, one))
+    assert f"inputs.source: {content_hash(tiny_checkpoint)} -> {content_hash(source)}" in caplog.text
+    again = qt.read_training_info(stage)
+    assert again["inputs"]["source"] == content_hash(source) != first["inputs"]["source"]
+    assert (stage / "model" / "model.safetensors").stat().st_mtime_ns != trained_at
+    # eval.json is keyed by the stage model's content, so it was scored again too.
+    assert json.loads((stage / "eval.json").read_text())["key"]["model"] == content_hash(stage / "model")

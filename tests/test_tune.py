@@ -1,12 +1,19 @@
 """qala.tune end to end on a tiny model: INC-driven trials, report, artifact, exit codes."""
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import qala.tune as qtune
 from qala.quantize import load_quantized
-from tests.conftest import REPO
+from qala.utils import content_hash
+from tests.conftest import REPO, build_tiny_qa_checkpoint
 
 RECIPE = """
 run: {{output_dir: {out}, seed: 3}}
@@ -142,7 +149,7 @@ def test_int8_embeddings_and_weight_only_entries_reach_the_artifact(tmp_path, ti
     assert qtune.main([str(path), "quantization.tuning.config_set=[{int8_embeddings: [true, false]}]"]) == 2
 
 
-def test_rerun_reuses_scored_trials(tmp_path, tiny_checkpoint, monkeypatch):
+def test_rerun_reuses_scored_trials(tmp_path, tiny_checkpoint, monkeypatch, caplog):
     monkeypatch.chdir(REPO)
     path = write_recipe(tmp_path, tiny_checkpoint)
     assert qtune.main([str(path)]) == 0
@@ -150,6 +157,13 @@ def test_rerun_reuses_scored_trials(tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(qtune.Tuner, "quantize", lambda self, config: calls.append(config) or _quantize(self, config))
     assert qtune.main([str(path)]) == 0
     assert len(calls) == 1  # only the final re-quantization of the chosen config, no trial re-scored
+
+    # Other calibration settings: the trials are scored again (saying why), the fp32 scores still fit.
+    calls.clear()
+    with caplog.at_level("INFO", logger="qala.tune"):
+        assert qtune.main([str(path), "quantization.calibration.samples=4"]) == 0
+    assert len(calls) == 2
+    assert "quantization.calibration.samples: 8 -> 4" in caplog.text and "fp32 scores of other" not in caplog.text
 
 
 _quantize = qtune.Tuner.quantize
@@ -172,3 +186,135 @@ def test_bad_config_set_entry_is_a_recipe_error(tmp_path, tiny_checkpoint, monke
     path = write_recipe(tmp_path, tiny_checkpoint)
     assert qtune.main([str(path), "quantization.tuning.config_set=[{act_sim: true}]"]) == 2
     assert "config_set" in capsys.readouterr().err
+
+
+def _scores(metrics):
+    return {k: v for k, v in metrics.items() if k != "seconds"}  # not the wall time it took
+
+
+def _artifact_digests(model_dir):
+    """SHA-256 of every artifact file but recipe.yaml (it names the run's own output folder)."""
+    digests = json.loads((model_dir / "manifest.json").read_text())["sha256"]
+    return {name: digest for name, digest in digests.items() if name != "recipe.yaml"}
+
+
+def test_trials_and_fp32_scores_are_keyed_by_content_not_path(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    monkeypatch.chdir(REPO)
+    model = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+    dev = Path(shutil.copy(REPO / "qala" / "samples" / "squad_sample_dev.json", tmp_path / "dev.json"))
+    path = write_recipe(tmp_path, model)
+    out = tmp_path / "static" / "int8"
+    assert qtune.main([str(path), f"data.eval={dev}"]) in (0, qtune.EXIT_GOAL_NOT_MET)
+    first = json.loads((out / "report.json").read_text())
+    assert (out / qtune.FP32_CACHE_NAME).is_file() and not (out.parent / qtune.FP32_CACHE_NAME).exists()
+    assert first["inputs"]["model"] == content_hash(model)
+
+    # The model retrained at the same path: neither a trial nor the fp32 baseline of the old one is reused.
+    build_tiny_qa_checkpoint(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
+    calls = []
+    monkeypatch.setattr(qtune.Tuner, "quantize", lambda self, config: calls.append(config) or _quantize(self, config))
+    with caplog.at_level("INFO", logger="qala.tune"):
+        qtune.main([str(path), f"data.eval={dev}"])
+    second = json.loads((out / "report.json").read_text())
+    change = f"model: {first['inputs']['model']} -> {content_hash(model)}"
+    assert f"fp32 scores of other inputs ({change}): scoring again" in caplog.text
+    assert f"trials scored for other inputs ({change}): scoring again" in caplog.text
+    assert len(calls) == len(second["trials"]) + 1  # every trial quantized again, then the chosen one
+    assert all(trial["inputs"]["model"] == content_hash(model) for trial in second["trials"])
+    # ... and the result is the one a fresh run on the new weights gives.
+    (tmp_path / "fresh").mkdir()
+    qtune.main([str(write_recipe(tmp_path / "fresh", tmp_path / "other")), f"data.eval={dev}"])
+    reference = json.loads((tmp_path / "fresh" / "static" / "int8" / "report.json").read_text())
+    assert _scores(second["baseline"]) == _scores(reference["baseline"])
+    assert [t["f1"] for t in second["trials"]] == [t["f1"] for t in reference["trials"]]
+    assert _artifact_digests(out / "model") == _artifact_digests(tmp_path / "fresh" / "static" / "int8" / "model")
+
+    # The evaluation file edited in place: the fp32 scores are computed again.
+    caplog.clear()
+    data = json.loads(dev.read_text())
+    data["data"][0]["paragraphs"][0]["qas"][0]["question"] += " (edited)"
+    dev.write_text(json.dumps(data))
+    with caplog.at_level("INFO", logger="qala.tune"):
+        assert qtune.main([str(path), f"data.eval={dev}"]) in (0, qtune.EXIT_GOAL_NOT_MET)
+    assert "fp32 scores of other inputs (eval_data: " in caplog.text
+
+
+def test_a_start_that_fails_leaves_the_tune_recipe_alone(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "static" / "int8"
+    out.mkdir(parents=True)
+    (out / "recipe.yaml").write_text("# the last run's recipe\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert qtune.main([str(write_recipe(tmp_path, tiny_checkpoint)), f"quantization.model={empty}"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == "# the last run's recipe\n"
+
+
+_real_f1 = qtune.Tuner.f1
+
+
+def f1_below_goal(self, model, length_config=None, *, full=False, **kw):
+    """Tuner.f1 with every trial's tuning F1 far below a fixed fp32 baseline (the tiny model's F1 is ~0): every
+    one of max_trials runs. Deterministic, so that killed, resumed and uninterrupted runs agree."""
+    metrics = dict(_real_f1(self, model, length_config, full=full, **kw))
+    if not full:
+        metrics["f1"] = 50.0 if model is self.fp32 else 10.0 + metrics["f1"] / 10
+    return metrics
+
+
+# Tunes like `python -m qala.tune RECIPE`, but hangs in trial 2 (trial-1.json written) after touching MARKER.
+KILLED_RUN = """
+import sys, time
+import qala.tune as qtune
+from tests.test_tune import f1_below_goal
+qtune.Tuner.f1 = f1_below_goal
+quantize, calls = qtune.Tuner.quantize, []
+def quantize_then_hang(self, config):
+    calls.append(config)
+    if len(calls) == 2:
+        open(sys.argv[2], "w").close()
+        time.sleep(600)
+    return quantize(self, config)
+qtune.Tuner.quantize = quantize_then_hang
+sys.exit(qtune.main([sys.argv[1]]))
+"""
+
+
+def test_kill_9_during_trials_then_rerun_gives_the_uninterrupted_result(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+    killed = write_recipe(tmp_path / "killed", tiny_checkpoint)
+    out = tmp_path / "killed" / "static" / "int8"
+    marker = tmp_path / "in-trial-2"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(killed), str(marker)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, "the run ended before trial 2"
+            assert time.monotonic() < deadline, "trial 2 never started"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-1.json"]
+    assert not (out / "report.json").exists() and not (out / "model").exists()
+
+    monkeypatch.setattr(qtune.Tuner, "f1", f1_below_goal)
+    calls = []
+    monkeypatch.setattr(qtune.Tuner, "quantize", lambda self, config: calls.append(config) or _quantize(self, config))
+    assert qtune.main([str(killed)]) == qtune.EXIT_GOAL_NOT_MET
+    assert len(calls) == 3  # trials 2 and 3, then the chosen one: trial 1 was kept
+    assert qtune.main([str(write_recipe(tmp_path / "straight", tiny_checkpoint))]) == qtune.EXIT_GOAL_NOT_MET
+
+    def results(root):
+        report = json.loads((root / "static" / "int8" / "report.json").read_text())
+        trials = [{k: v for k, v in t.items() if not k.startswith("latency")} for t in report["trials"]]
+        rows = {name: (row["fp32"], row["int8"]) for name, row in report["final"]["rows"].items()}
+        return trials, _scores(report["baseline"]), report["chosen"]["trial"], rows
+
+    assert results(tmp_path / "killed") == results(tmp_path / "straight")
+    assert len(results(tmp_path / "killed")[0]) == 3
+    assert _artifact_digests(out / "model") == _artifact_digests(tmp_path / "straight" / "static" / "int8" / "model")

@@ -6,7 +6,8 @@
 roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, throughput_vs_cores.png).
 `questions`: real questions end to end on unpadded windows (OUTPUT_DIR/real_questions.json, .md, .png;
 see qala.bench.questions). A killed run keeps every row it finished; `--resume` skips rows already
-measured for the same recipe.
+measured for the same inputs (settings, row spec, and by content the models measured). One run per
+OUTPUT_DIR at a time.
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ def run_cpu_command(
     numactl: bool | None = None,
     iomp: bool | None = None,
     allocator: bool | None = None,
+    python: str | None = None,
 ) -> list[str]:
-    """`python -m torch.backends.xeon.run_cpu ... --no-python python -m qala.bench.worker SPEC DIR`.
+    """`python -m torch.backends.xeon.run_cpu ... --no-python python -m qala.bench.worker SPEC DIR`; the
+    worker runs under `python` when given (a row's own environment, e.g. .venv-ipex), the launcher here.
 
     Features whose tools are missing here (numactl, Intel OpenMP, tcmalloc/jemalloc) are switched off
     explicitly, so that the launcher neither fails nor silently changes what is measured."""
@@ -115,7 +118,7 @@ def run_cpu_command(
     if not allocator:
         cmd.append("--use-default-allocator")
     # run_cpu's own -m refuses any program not ending in .py, so the interpreter is the program instead.
-    return cmd + ["--no-python", *worker_command(spec_file, out_dir)]
+    return cmd + ["--no-python", *worker_command(spec_file, out_dir, python)]
 
 
 def cpu_flags() -> list[str]:
@@ -155,10 +158,16 @@ class Harness:
     document_name = BENCH_NAME
 
     def __init__(self, recipe: Any, *, resume: bool = False) -> None:
+        from qala.recipe import changed_keys, fingerprint
+        from qala.utils import content_hash
+
         self.recipe, self.bench = recipe, recipe.benchmark
         self.out = Path(self.bench.output_dir)
         self.started = time.monotonic()
-        self.fingerprint = self.make_fingerprint()
+        # Rows depend on the settings and, by content, on the models: one retrained at the same path is new.
+        models = {key: getattr(self.bench, key) for key in ("model", "int8_model") if getattr(self.bench, key)}
+        self.inputs = {"settings": self.make_fingerprint(), **{k: content_hash(v) for k, v in models.items()}}
+        self.fingerprint = fingerprint(self.inputs)
         path = self.out / self.document_name
         previous = json.loads(path.read_text()) if resume and path.is_file() else None
         self.previous: dict[str, Any] = {}
@@ -167,8 +176,15 @@ class Harness:
             if (previous.get("gemm_peak") or {}).get("status") == "ok":
                 self.previous[GEMM_PEAK_ID] = previous["gemm_peak"]
         elif previous:
-            logger.warning("--resume: %s is for another recipe; measuring everything again", path)
-        self.document: dict[str, Any] = {"fingerprint": self.fingerprint, "rows": [], "gemm_peak": None}
+            why = "; ".join(changed_keys(previous["inputs"], self.inputs)) if previous.get("inputs") else "no record"
+            logger.warning("--resume: %s was measured for other inputs (%s); measuring everything again", path, why)
+        self.document: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "rows": [],
+            "gemm_peak": None,
+        }
+        self.recipe_written = False
 
     def make_fingerprint(self) -> str:
         return plan.bench_fingerprint(self.recipe)
@@ -180,7 +196,17 @@ class Harness:
     def save(self) -> None:
         raise NotImplementedError
 
+    def write_recipe(self) -> None:
+        """OUTPUT_DIR/recipe.yaml, when the first measurement starts (the inputs have loaded and the rows are
+        planned): a start that fails at once leaves the last run's record."""
+        from qala.utils import atomic_write_text
+
+        if not self.recipe_written:
+            atomic_write_text(self.out / "recipe.yaml", self.recipe.to_yaml())
+            self.recipe_written = True
+
     def measure_gemm_peak(self, threads: int) -> None:
+        self.write_recipe()
         spec = {"id": "gemm_peak", "kind": "gemm_peak", "threads": threads, "gemm_size": self.bench.gemm_size}
         if GEMM_PEAK_ID in self.previous:
             self.document["gemm_peak"] = self.previous[GEMM_PEAK_ID]
@@ -191,6 +217,7 @@ class Harness:
 
     def measure_rows(self, specs: Sequence[dict[str, Any]], work: Path, extra: Mapping[str, Any]) -> None:
         """Measure each spec (with `extra` fields added for the worker only) unless --resume has it."""
+        self.write_recipe()
         for i, spec in enumerate(specs, 1):
             digest = plan.spec_hash(spec)
             done = self.previous.get(spec["id"])
@@ -223,14 +250,13 @@ def write_inputs(recipe: Any, bench: Any, path: Path) -> int:
 
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     from qala.data import load_split, windows
     from qala.model import batch_inputs
-    from qala.utils import resolve_model_path
+    from qala.quantize.load import load_tokenizer
 
     source = bench.model or bench.int8_model or recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source))
+    tokenizer = load_tokenizer(source)
     data = dataclasses.replace(recipe.data, max_eval_samples=recipe.data.max_eval_samples or bench.windows)
     features = windows(load_split(data, "eval"), tokenizer, data, train=False)
     tensors = batch_inputs(features[: bench.windows])
@@ -355,7 +381,9 @@ class Bench(Harness):
             "throughput_only": True,
         }
         atomic_write_json(work / "spec.json", point)
-        cmd = run_cpu_command(work / "spec.json", results, ninstances=ninstances, ncores_per_instance=cores)
+        cmd = run_cpu_command(
+            work / "spec.json", results, ninstances=ninstances, ncores_per_instance=cores, python=spec.get("python")
+        )
         logger.info("sweep %s: %d instance(s) x %d core(s) ...", spec["id"], ninstances, cores)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         record: dict[str, Any] = {
@@ -424,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, recipe: Any) -> int:
+    from qala.utils import output_lock
+
+    with output_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
+        return _run_tables(args, recipe)
+
+
+def _run_tables(args: argparse.Namespace, recipe: Any) -> int:
     from qala.bench.questions import QUESTIONS_NAME, QUESTIONS_TABLE, QuestionsBench
 
     documents, written = [], []

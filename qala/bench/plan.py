@@ -50,11 +50,12 @@ PUBLISHED_F1: dict[str, dict[str, Any]] = {
 # 3.3x fewer than BERT-base's (see dynamic_tinybert_length_config).
 DYNAMIC_TINYBERT_SPEEDUP = 3.3
 
-IPEX_BUILD = (
-    "python3 -m venv .venv-ipex && .venv-ipex/bin/pip install torch==2.8.* intel-extension-for-pytorch==2.8.* -e ."
-)
 # Where the IPEX environment lives (README); rows that need it run under its python.
 IPEX_PYTHON = Path(".venv-ipex/bin/python")
+# The IPEX calibration (qconf summaries per length configuration) and the whole-dev F1 of those models,
+# both written by benchmarks/ipex_quantize.py (run in .venv-ipex); IPEX rows time exactly those models.
+IPEX_SUMMARIES = Path("runs/ipex_reference/ipex_calibration.json")
+IPEX_SCORES = Path("benchmarks/results/ipex_squad_reference.json")
 
 
 def baseline_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -152,8 +153,12 @@ def measured_f1(bench: Any) -> tuple[float | None, float | None]:
     from qala.train import read_eval
     from qala.tune import read_report
 
-    fp32 = read_eval(bench.fp32_eval)["results"].get("full", {}).get("f1") if bench.fp32_eval else None
-    int8 = read_report(bench.int8_report)["full"]["int8"]["f1"] if bench.int8_report else None
+    report = read_report(bench.int8_report) if bench.int8_report else None
+    int8 = report["full"]["int8"]["f1"] if report else None
+    if bench.fp32_eval:
+        fp32 = read_eval(bench.fp32_eval)["results"].get("full", {}).get("f1")
+    else:  # a model trained elsewhere has no eval.json: tune's report scored its fp32 model too
+        fp32 = report["full"]["fp32"]["f1"] if report else None
     return fp32, int8
 
 
@@ -165,6 +170,40 @@ def read_frontier_points(bench: Any) -> tuple[dict[str, Any] | None, list[dict[s
 
     document = read_frontier(bench.frontier)
     return document, list(document.get("frontier", []))
+
+
+def report_points(bench: Any) -> list[dict[str, Any]]:
+    """The absolute length configurations qala.tune scored (its report rows "keep_0.9", ...), as frontier-like
+    points with both measured F1s ("f1_fp32", "f1_int8"): the padded table's QuaLA rows when the frontier
+    holds none (a search in ratio units)."""
+    if not bench.int8_report:
+        return []
+    from qala.tune import read_report
+
+    points = []
+    for name, row in read_report(bench.int8_report).items():
+        if row.get("length_config") is not None:
+            f1_fp32, f1_int8 = row["fp32"]["f1"], row["int8"]["f1"]
+            points.append(
+                {"length_config": row["length_config"], "f1": f1_int8, "f1_fp32": f1_fp32, "f1_int8": f1_int8,
+                 "cost": sum(row["length_config"]), "source": f"{bench.int8_report} row {name}"}
+            )
+    return points
+
+
+def ipex_rows_available(model_dir: str | None) -> bool:
+    return bool(model_dir) and IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file()
+
+
+def ipex_f1(length_config: Sequence[int] | None) -> tuple[float | None, str | None]:
+    """Whole-dev F1 of the IPEX INT8 model at `length_config` (padded to 384) from IPEX_SCORES, if measured."""
+    if not IPEX_SCORES.is_file():
+        return None, None
+    wanted = None if length_config is None else [int(n) for n in length_config]
+    for row in json.loads(IPEX_SCORES.read_text())["rows"]:
+        if row.get("length_config") == wanted and row.get("int8"):
+            return float(row["int8"]["f1"]), f"{IPEX_SCORES} ({row['config']}, whole dev, padded to 384)"
+    return None, None
 
 
 def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -250,6 +289,10 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
     # The padded table runs absolute configurations (the paper's units); ratio points belong to the
     # real-questions table (qala.bench.questions).
     absolute = [p for p in points if point_setting(p)[0] == "absolute"]
+    if not absolute and report_points(bench):
+        # A ratio-unit frontier has nothing for this table: the absolute configurations qala.tune scored are.
+        absolute = report_points(bench)
+        notes["length_configs"] = {"source": bench.int8_report, "why": "the frontier has no absolute configuration"}
     chosen = pick_frontier(absolute, bench.max_frontier_rows, fp32_f1, seq_length=seq)
     if frontier is not None:
         notes["frontier"] = {
@@ -264,8 +307,11 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
             directory = model_dir if dtype == "fp32" else int8_dir
             if not directory:
                 continue
-            source = f"{bench.frontier} (qala.search, {frontier.get('backend')})"
-            f1 = point["f1"] if frontier.get("backend") == dtype else None
+            if "source" in point:  # a qala.tune report row: both F1s measured on the whole dev file
+                source, f1 = point["source"], point[f"f1_{dtype}"]
+            else:
+                source = f"{bench.frontier} (qala.search, {frontier.get('backend')})"
+                f1 = point["f1"] if frontier.get("backend") == dtype else None
             extra = {"compile": bench.compile_int8} if dtype == "int8" else {}
             kind = "fp32_dir" if dtype == "fp32" else "int8_dir"
             add(
@@ -283,7 +329,7 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
         if not onnxruntime_available():
             notes["onnxruntime"] = {"status": "skipped", "reason": ONNX_MISSING}
         else:
-            for lengths in [None] + ([list(chosen[0]["length_config"])] if chosen else []):
+            for lengths in [None] + [list(p["length_config"]) for p in chosen]:
                 for dtype in ("fp32", "int8"):
                     add(
                         "MiniLM-ONNXRuntime",
@@ -294,7 +340,30 @@ def plan_rows(recipe: Any, bench: Any) -> tuple[list[dict[str, Any]], dict[str, 
                         path=model_dir,
                         **measured(None, None),
                     )
-    if bench.ipex:
+    if bench.ipex and ipex_rows_available(model_dir):
+        # IPEX INT8 (torch 2.8, its own environment) at full length and at the chosen configurations it was
+        # calibrated for: the same padded windows as the PT2E and ONNX Runtime rows.
+        from qala.quantize.ipex import calibrated_length_configs
+
+        calibrated = calibrated_length_configs(IPEX_SUMMARIES)
+        wanted = [None] + [list(p["length_config"]) for p in chosen]
+        for lengths in [c for c in wanted if c in calibrated]:
+            f1, source = ipex_f1(lengths)
+            add(
+                "MiniLM-IPEX",
+                "ipex",
+                "int8",
+                config,
+                lengths,
+                path=model_dir,
+                python=str(IPEX_PYTHON.absolute()),
+                ipex_summaries=str(IPEX_SUMMARIES.absolute()),
+                **measured(f1, source),
+            )
+        missing = [c for c in wanted if c not in calibrated]
+        if missing:
+            notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "benchmarks/ipex_quantize.py --configs ..."}
+    elif bench.ipex:
         notes["ipex"] = ipex_note()
     for row in rows:
         if row["id"] in bench.f1 and row.get("f1") is None:
@@ -312,15 +381,13 @@ def onnxruntime_available() -> bool:
 
 
 def ipex_note() -> dict[str, Any]:
-    """Why the padded table has no IPEX row: its traced graphs need torch 2.8 in their own environment."""
-    here = IPEX_PYTHON.exists()
+    """Why a table has no IPEX row: its traced graphs need torch 2.8 in their own environment, and the rows
+    time the calibration benchmarks/ipex_quantize.py wrote."""
     return {
         "status": "skipped",
         "reason": "IPEX is retired at 2.8 and needs torch 2.8 in its own environment; "
-        + (
-            f"{IPEX_PYTHON} exists: the real-questions table runs its rows there (engine 'ipex')"
-            if here
-            else "no such environment here"
-        ),
-        "build_command": IPEX_BUILD,
+        + (f"{IPEX_PYTHON} exists" if IPEX_PYTHON.exists() else f"{IPEX_PYTHON}: no such environment here")
+        + "; "
+        + (f"{IPEX_SUMMARIES} exists" if IPEX_SUMMARIES.is_file() else f"{IPEX_SUMMARIES}: not calibrated yet"),
+        "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python benchmarks/ipex_quantize.py",
     }

@@ -53,8 +53,6 @@ Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
 # something per input shape (torch.compile, IPEX's traced graphs), so every request shape is run once
 # before timing and no timed request waits for a build.
 Engine = Callable[[Mapping[str, Any], Path, Mapping[str, Any]], tuple[Predictor, dict[str, Any]]]
-# The IPEX calibration that benchmarks/ipex_quantize.py writes (run in .venv-ipex); IPEX rows need it.
-IPEX_SUMMARIES = Path("runs/ipex_reference/ipex_calibration.json")
 
 
 # --------------------------------------------------------------------------- planning (the harness side)
@@ -161,15 +159,25 @@ def plan_question_rows(
                 source = _int8_source(way, directory, model_dir) if dtype == "int8" else directory
                 add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=source, **way)
 
-    if bench.ipex:
-        if plan.IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file() and model_dir:
-            python, summaries = str(plan.IPEX_PYTHON.absolute()), str(IPEX_SUMMARIES.absolute())
-            add("MiniLM", "ipex", "int8", path=model_dir, python=python, ipex_summaries=summaries)
-        else:
-            notes["ipex"] = {
-                **plan.ipex_note(),
-                "needs": f"{plan.IPEX_PYTHON} and {IPEX_SUMMARIES} (benchmarks/ipex_quantize.py, run in .venv-ipex)",
-            }
+    if bench.ipex and plan.ipex_rows_available(model_dir):
+        from qala.quantize.ipex import calibrated_length_configs
+
+        python, summaries = str(plan.IPEX_PYTHON.absolute()), str(plan.IPEX_SUMMARIES.absolute())
+        ipex = {"path": model_dir, "python": python, "ipex_summaries": summaries}
+        add("MiniLM", "ipex", "int8", **ipex)  # full length: one trace serves every unpadded shape
+        # A dropping configuration's IPEX trace bakes in its top-k widths, calibrated on windows padded to
+        # max_seq_length: those rows pad every window to it (the paper's mode), and qala's INT8 rows at the same
+        # absolute configurations run beside them on the same padded windows.
+        for values in [c for c in calibrated_length_configs(plan.IPEX_SUMMARIES) if c is not None]:
+            padded = {"length_config": values, "length_mode": "absolute", "pad_to_multiple_of": d.max_seq_length}
+            add("QuaLA-MiniLM", "ipex", "int8", **padded, **ipex)
+            for way in int8_ways if int8_dir else []:
+                before, n = {r["id"] for r in rows}, len(rows)
+                add("QuaLA-MiniLM", "qala", "int8", path=_int8_source(way, int8_dir, model_dir), **{**way, **padded})
+                # A frontier point of the same configuration already has these rows: keep those, no duplicate ids.
+                rows[n:] = [r for r in rows[n:] if r["id"] not in before]
+    elif bench.ipex:
+        notes["ipex"] = plan.ipex_note()
     return rows, notes
 
 

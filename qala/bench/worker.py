@@ -9,7 +9,7 @@ the IPEX environment's): the worker then runs under that interpreter, so this mo
 what the row's kind needs.
 
 Spec kinds: "gemm_peak" (qala.bench.roofline), "real_questions" (qala.bench.questions), and the
-padded table's rows ("transformers", "length_adaptive_random", "fp32_dir", "int8_dir", "onnxruntime").
+padded table's rows ("transformers", "length_adaptive_random", "fp32_dir", "int8_dir", "onnxruntime", "ipex").
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def build_row(spec: Mapping[str, Any], work_dir: Path) -> tuple[Callable, dict[s
         return (lambda batch: call_model(model, batch, **kwargs)), facts, model.config.vocab_size
     if kind == "onnxruntime":
         return onnx_row(spec, work_dir, {})
+    if kind == "ipex":
+        # Runs under .venv-ipex's python (torch 2.8): the INT8 model benchmarks/ipex_quantize.py calibrated and
+        # scored, one frozen trace per (configuration, shape); a batch size's first call builds its trace
+        # (reported as first_call_seconds, never timed).
+        from qala.quantize.ipex import timing_callable
+
+        example = make_batch(load_inputs(spec["inputs"]), spec["batch_sizes"][0])
+        ipex_call, facts = timing_callable(spec["path"], lengths, example, summaries=spec["ipex_summaries"])
+        facts.update(size_bytes=directory_bytes(spec["path"]), size_kind="directory (fp32 model + calibration)")
+        return ipex_call, facts, None
     if kind in ("fp32_dir", "int8_dir"):
         from qala.quantize.load import load_model
 

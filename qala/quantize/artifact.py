@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -65,7 +64,17 @@ from qala.quantize.units import (
     unit_names,
 )
 from qala.quantize.weight_only import empty_weight_only_, weight_only_modules
-from qala.utils import atomic_directory, atomic_write_json, atomic_write_text, directory_bytes
+from qala.utils import (
+    MANIFEST_NAME,
+    IntegrityError,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_manifest,
+    directory_bytes,
+    write_manifest,
+)
+from qala.utils import sha256_file as _sha256
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +84,12 @@ READABLE_VERSIONS = (1, 2)
 QUANTIZATION_NAME = "quantization.json"
 OBSERVERS_NAME = "observers.safetensors"
 INT8_WEIGHTS_NAME = "int8_weights.safetensors"
-MANIFEST_NAME = "manifest.json"
 _VERSIONED = ("torch", "torchao", "neural-compressor-pt", "transformers")
 _QDQ = torch.ops.quantized_decomposed
 _PER_CHANNEL, _PER_TENSOR = "per_channel", "per_tensor"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(IntegrityError):
     """A quantized artifact that is missing, incomplete or inconsistent; the message names the file."""
 
 
@@ -93,14 +101,6 @@ def _versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unit_approach(units: Mapping[str, QuantizedUnit]) -> tuple[str, dict, bool]:
@@ -253,8 +253,7 @@ def save_quantized(
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
-        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-        atomic_write_json(tmp / MANIFEST_NAME, {"format": FORMAT, "sha256": {f: _sha256(tmp / f) for f in files}})
+        write_manifest(tmp, format=FORMAT)
     size = directory_bytes(path)
     logger.info("saved INT8 %s artifact to %s: %.1f MB", approach, path, size / 1e6)
     return size
@@ -280,24 +279,14 @@ def fp32_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_manifest(path: Path) -> None:
-    """Every file the manifest lists exists with its SHA-256; one line naming the first file at fault."""
-    file = path / MANIFEST_NAME
-    try:
-        manifest = json.loads(file.read_text())
-        digests = dict(manifest["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{file}: not a valid artifact manifest ({e})") from e
-    for name in (QUANTIZATION_NAME, INT8_WEIGHTS_NAME, OBSERVERS_NAME, "config.json"):
-        if name not in digests:
-            raise ArtifactError(f"{file}: does not list {name}; the artifact is incomplete")
-    for name, digest in digests.items():
-        member = path / name
-        if not member.is_file():
-            raise ArtifactError(f"{member}: missing from the artifact")
-        if _sha256(member) != digest:
-            raise ArtifactError(
-                f"{member}: SHA-256 differs from {MANIFEST_NAME}; the file changed after saving (edited or truncated)"
+def check_finite(state: Mapping[str, torch.Tensor], file: str | Path) -> None:
+    """Refuse NaN or inf in any floating-point weight, naming the tensor: such a model runs and answers garbage."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise IntegrityError(
+                f"{file}: {name} holds {bad} NaN/inf values of {tensor.numel()}; the weights are unusable "
+                "(a diverged training run, or a damaged file)"
             )
 
 
@@ -305,9 +294,11 @@ def _read_record(path: Path) -> dict[str, Any]:
     file = path / QUANTIZATION_NAME
     if not path.is_dir():
         raise ArtifactError(f"{path}: no such artifact directory")
-    if (path / MANIFEST_NAME).is_file():
-        _check_manifest(path)  # before reading anything, so an edited file is named as such
-    elif not file.is_file():
+    # Before reading anything, so an edited file is named as such.
+    verified = check_manifest(
+        path, required=(QUANTIZATION_NAME, INT8_WEIGHTS_NAME, OBSERVERS_NAME, "config.json"), error=ArtifactError
+    )
+    if not verified and not file.is_file():
         raise ArtifactError(f"{file}: missing; {path} is not a qala INT8 artifact (save it with save_quantized)")
     try:
         record = json.loads(file.read_text())
@@ -392,6 +383,7 @@ def load_quantized(path: str | Path) -> LengthAdaptiveForQuestionAnswering:
     qala_config = LengthAdaptiveConfig.from_json_file(qala_file) if qala_file.is_file() else LengthAdaptiveConfig()
     model = LengthAdaptiveForQuestionAnswering.from_config(AutoConfig.from_pretrained(str(path)), qala_config)
     state = _model_state(path, record, model)
+    check_finite(state, weights_file)
     try:
         model.load_state_dict(_with_versions(state, model.state_dict()), strict=True)
     except RuntimeError as e:

@@ -20,7 +20,9 @@ How a model is quantized (the path ITREX took, through Intel Neural Compressor's
 
 IPEX quantizes eagerly (observers per op) and then needs a traced graph; tracing bakes in the Python
 token selection, so each length configuration is calibrated on its own (its op sequence differs) and
-each (length configuration, batch, sequence length) gets its own frozen trace, built on first use.
+each (length configuration, batch, sequence length) gets its own frozen trace, built on first use; at
+full length one trace serves every shape (nothing in it depends on the shape), so unpadded windows of
+any length need no bucketing.
 A qconf summary fits every batch size but only sequence lengths at which the same layers drop tokens
 (padded inputs: always); a shape where it does not fit is reported, not guessed.
 
@@ -305,7 +307,11 @@ class IpexStaticQA:
         """The frozen graph serving `inputs`' shape at `length_config` (built and warmed on first use)."""
         lengths = self._lengths(length_config)
         ids = inputs["input_ids"]
-        key = (lengths, *ids.shape)
+        # At full length the graph has no top-k: nothing in it depends on the input's shape, so one trace
+        # serves every batch size and sequence length (checked against per-shape traces in tests/test_ipex.py;
+        # TorchScript's profiling executor re-specializes each new shape on its first calls, tens of ms).
+        # A dropping configuration bakes its top-k widths in: one trace per shape.
+        key = (lengths,) if lengths is None else (lengths, *ids.shape)
         if key not in self._traced:
             start = time.perf_counter()
             self._traced[key] = build(self.model, lengths, self.summary(lengths), inputs)
@@ -358,6 +364,14 @@ class IpexStaticQA:
         qa = cls(model, summaries=summaries)
         qa.calibrated_with = {length_key(c["length_config"]): c.get("calibrated_with") for c in data["configs"]}
         return qa
+
+
+def calibrated_length_configs(path: str | Path) -> list[list[int] | None]:
+    """The length configurations a `save_summaries` file holds (None: full length); readable without IPEX."""
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != QCONF_FORMAT:
+        raise ValueError(f"{path}: not a qala IPEX calibration file (format {data.get('format')!r})")
+    return [None if c["length_config"] is None else [int(n) for n in c["length_config"]] for c in data["configs"]]
 
 
 def file_sha256(path: str | Path) -> str:

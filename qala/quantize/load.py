@@ -4,13 +4,28 @@ Every stage that reads a model (evaluate, tune, search, answer, bench) calls `lo
 else decides whether a directory is an INT8 artifact. It lives in qala.quantize because that is the
 lowest step that knows both formats: an fp32 directory is LengthAdaptiveForQuestionAnswering's
 save_pretrained output (or any BERT/RoBERTa QA checkpoint), an INT8 one is recognised by the
-quantization.json that `save_quantized` writes.
+quantization.json that `save_quantized` writes. `load_tokenizer` is the matching seam for the
+tokenizer stored beside the model.
+
+What is refused, each with one line naming the file: a path that names no directory ("model directory
+not found"); a file that differs from the directory's manifest.json (written by qala.train and
+save_quantized; a directory without one, e.g. a plain transformers checkpoint, loads with a note);
+weights that are truncated, do not fit config.json, lack the span head, or hold NaN/inf; tokenizer
+files that are missing or whose vocabulary does not fit config.json's vocab_size (transformers would
+quietly build a 5-token vocabulary and answer from [UNK]s).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerBase
 
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import (
@@ -18,12 +33,58 @@ from qala.quantize.artifact import (
     OBSERVERS_NAME,
     QUANTIZATION_NAME,
     ArtifactError,
+    check_finite,
     load_quantized,
 )
 from qala.quantize.compile import CompiledQA
-from qala.utils import resolve_model_path
+from qala.utils import MANIFEST_NAME, PACKAGE_SCHEME, IntegrityError, check_manifest, resolve_model_path
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["fp32", "int8"]
+T = TypeVar("T")
+
+# Any one of these holds a vocabulary AutoTokenizer can build from (vocab.json needs merges.txt beside it).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Everything a tokenizer reads: these entries of a manifest are checked when only the tokenizer is loaded.
+TOKENIZER_FILES = (
+    *VOCABULARY_FILES,
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def local_directory(path: str | Path) -> Path | None:
+    """The local directory `path` names, or None for a Hugging Face Hub id ("org/name").
+
+    Anything that looks like a path (exists, starts with . / ~, package://, or has more than two
+    parts) but is no directory: FileNotFoundError "model directory not found: PATH".
+    """
+    text = str(path)
+    local = Path(resolve_model_path(text)).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or text.startswith((".", "/", "~", PACKAGE_SCHEME)) or len(Path(text).parts) > 2:
+        raise FileNotFoundError(f"model directory not found: {path}")
+    return None
+
+
+def _from_hub(load: Callable[[str], T], name: str) -> T:
+    """`load(name)` for a name that is no local directory; its failure said as the missing directory it may be."""
+    try:
+        return load(name)
+    except (OSError, ValueError) as e:  # no such repo, offline, or not a valid repo id (HFValidationError)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"model directory not found: {name} (nor a Hugging Face Hub model: {reason})") from e
 
 
 def model_kind(path: str | Path) -> Kind:
@@ -32,7 +93,7 @@ def model_kind(path: str | Path) -> Kind:
     A directory holding INT8 artifact files but no quantization.json is neither: ArtifactError naming
     the missing file, rather than a silent attempt to read it as an fp32 model.
     """
-    directory = Path(resolve_model_path(str(path)))
+    directory = Path(resolve_model_path(str(path))).expanduser()
     if (directory / QUANTIZATION_NAME).is_file():
         return "int8"
     leftovers = [name for name in (INT8_WEIGHTS_NAME, OBSERVERS_NAME) if (directory / name).is_file()]
@@ -53,11 +114,8 @@ def load_model(
     artifact's model.safetensors must never be read as an fp32 model (it may hold only int8 data),
     which is why the kind is decided here and only here. CompiledQA keeps the eager model as `.model`.
     """
-    local = Path(resolve_model_path(str(path)))
-    looks_local = local.exists() or str(path).startswith((".", "/", "~")) or len(Path(str(path)).parts) > 2
-    if looks_local and not local.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    kind = model_kind(local) if local.is_dir() else "fp32"
+    local = local_directory(path)
+    kind = model_kind(local) if local is not None else "fp32"
     if expect is not None and kind != expect:
         hint = (
             "point it at qala.tune's OUTPUT_DIR/model for INT8"
@@ -66,8 +124,98 @@ def load_model(
         )
         raise FileNotFoundError(f"{path} is an {kind} model directory, expected {expect}: {hint}")
     if kind == "int8":
-        model = load_quantized(local)
+        model = load_quantized(local)  # checks its manifest, shapes and weights itself
+    elif local is None:
+        model = _from_hub(LengthAdaptiveForQuestionAnswering.from_pretrained, str(path))
+        check_finite(model.state_dict(), path)
     else:
-        model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(local) if local.is_dir() else str(path))
+        model = _load_fp32(local)
     model.eval()
     return CompiledQA(model) if compiled else model
+
+
+def _load_fp32(directory: Path) -> LengthAdaptiveForQuestionAnswering:
+    if not check_manifest(directory):
+        logger.info("%s: no %s, its files are not verified (not saved by qala.train)", directory, MANIFEST_NAME)
+    files = _check_weights_fit_config(directory)
+    try:
+        model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(directory))
+    except SafetensorError as e:  # damage the header check could not see
+        raise IntegrityError(f"{directory}: weights cannot be read ({e})") from e
+    check_finite(model.state_dict(), files[0] if len(files) == 1 else directory)
+    return model
+
+
+def _check_weights_fit_config(directory: Path) -> list[Path]:
+    """Read the safetensors headers (no data) and compare every tensor's shape with what config.json builds.
+
+    Names a truncated or damaged weights file, a config.json edited after training (hidden_size,
+    vocab_size, ...) and a checkpoint without the span head, which transformers would fill with
+    random weights: a model that runs and answers nothing. Returns the weights files.
+    """
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise IntegrityError(f"{config_file}: missing; {directory} is not a model directory")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{config_file}: cannot be read ({str(e).strip().splitlines()[0]})") from e
+    files = sorted(directory.glob("model*.safetensors"))  # model.safetensors, or its shards
+    if not files:
+        return files  # a PyTorch .bin checkpoint: no header to read cheaply; transformers checks it
+    with torch.device("meta"):  # shapes only, no memory
+        expected = {k: list(v.shape) for k, v in AutoModelForQuestionAnswering.from_config(config).state_dict().items()}
+    stored: dict[str, list[int]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise IntegrityError(f"{file}: cannot be read as safetensors ({e}); truncated or damaged?") from e
+        for key, shape in shapes.items():
+            if key in expected and expected[key] != shape:
+                raise IntegrityError(
+                    f"{config_file}: does not fit {file.name}: {key} has shape {shape}, config.json makes it "
+                    f"{expected[key]} (config edited, or weights of another model?)"
+                )
+        stored.update(shapes)
+    head = [key for key in expected if key.startswith("qa_outputs.")]
+    if head and not any(key in stored for key in head):
+        raise IntegrityError(
+            f"{files[0]}: no span head ({head[0]}): a backbone checkpoint, not a question-answering model "
+            "(fine-tune it with qala.train first)"
+        )
+    return files
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with a model (a local directory, or a Hugging Face Hub id), checked.
+
+    A local directory must hold a vocabulary (VOCABULARY_FILES): without one, transformers builds a
+    5-token vocabulary and every word becomes [UNK], a model that quietly answers nothing. The
+    tokenizer's size must fit config.json's vocab_size where the directory has one: at least half of
+    it (models pad their embedding table a little, never by half) and no more (ids past the table).
+    """
+    local = local_directory(path)
+    if local is None:
+        return _from_hub(AutoTokenizer.from_pretrained, str(path))
+    has_vocabulary = [
+        name
+        for name in VOCABULARY_FILES
+        if (local / name).is_file() and (name != "vocab.json" or (local / "merges.txt").is_file())
+    ]
+    if not has_vocabulary:
+        raise IntegrityError(
+            f"{local}: no tokenizer files; expected tokenizer.json, vocab.txt, vocab.json + merges.txt or a "
+            "SentencePiece .model (save the tokenizer the model was trained with there)"
+        )
+    check_manifest(local, only=TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    config_file = local / "config.json"
+    vocab_size = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
+    if isinstance(vocab_size, int) and not vocab_size / 2 <= len(tokenizer) <= vocab_size:
+        raise IntegrityError(
+            f"{local}: the tokenizer ({', '.join(has_vocabulary)}) has {len(tokenizer)} tokens, config.json's "
+            f"vocab_size is {vocab_size}: tokenizer files that do not belong to this model, or are damaged"
+        )
+    return tokenizer
