@@ -90,7 +90,7 @@ class DataConfig:
     eval_split: str = "validation"
     max_seq_length: int = 384
     doc_stride: int = 128
-    skip_invalid: bool = False  # skip (count and log) malformed training questions instead of failing
+    skip_invalid: bool = False  # skip (count and log) malformed questions (train and eval files) instead of failing
     max_train_samples: int | None = None  # first N questions only (quick runs)
     max_eval_samples: int | None = None
 
