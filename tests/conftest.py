@@ -5,6 +5,10 @@ Built in the tests (no download, no installed weights), so every test runs on a 
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,18 @@ def build_tiny_qa_checkpoint(path: Path, seed: int = 0, layers: int = 2) -> Path
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny") / "bert-tiny-qa")
+
+
+def kill_9_when(marker: Path, args: list[str], what: str, timeout: float = 300) -> None:
+    """Run `python args...` from the repository and SIGKILL it once it creates `marker` (a kill -9 at a known
+    moment of a run); fails if the run ends first or `what` never happens within `timeout` seconds."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"{what} never started"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -7,10 +7,8 @@ on tiny models (2 layers, hidden 32) and a tiny uncompiled INT8 artifact.
 import copy
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from qala.bench import cli, peers, plan, report
 from qala.model import LengthAdaptiveForQuestionAnswering, macs_per_sample
 from qala.recipe import RecipeError, load_recipe
 from qala.utils import latency_stats
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_9_when
 
 TINY = "{hidden_size: 32, num_attention_heads: 4, intermediate_size: 64, vocab_size: 800"
 RECIPE = """\
@@ -372,18 +370,8 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, mod
     assert cli.main([str(recipes["straight"])]) == 0
 
     marker = tmp_path / "in-row-2"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_BENCH, str(recipes["killed"]), str(marker), str(no_ipex)], cwd=REPO
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, "the run ended before its third worker call"
-            assert time.monotonic() < deadline, "the third worker call never started"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    args = ["-c", KILLED_BENCH, str(recipes["killed"]), str(marker), str(no_ipex)]
+    kill_9_when(marker, args, "its third worker call")
     out = tmp_path / "killed" / "out"
     saved = json.loads((out / "bench.json").read_text())
     assert saved["gemm_peak"]["status"] == "ok" and len(saved["rows"]) == 1

@@ -2,10 +2,6 @@
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import pytest
 import qala.tune as qtune
 from qala.quantize import load_quantized
 from qala.utils import content_hash
-from tests.conftest import REPO, build_tiny_qa_checkpoint
+from tests.conftest import REPO, build_tiny_qa_checkpoint, kill_9_when
 
 RECIPE = """
 run: {{output_dir: {out}, seed: 3}}
@@ -289,16 +285,7 @@ def test_kill_9_during_trials_then_rerun_gives_the_uninterrupted_result(tmp_path
     killed = write_recipe(tmp_path / "killed", tiny_checkpoint)
     out = tmp_path / "killed" / "static" / "int8"
     marker = tmp_path / "in-trial-2"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(killed), str(marker)], cwd=REPO)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, "the run ended before trial 2"
-            assert time.monotonic() < deadline, "trial 2 never started"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_9_when(marker, ["-c", KILLED_RUN, str(killed), str(marker)], "trial 2")
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-1.json"]
     assert not (out / "report.json").exists() and not (out / "model").exists()
 
