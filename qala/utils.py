@@ -93,6 +93,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def directory_files(directory: Path, excluded: Sequence[str]) -> list[str]:
+    """Relative names (posix, sorted) of the files under `directory`, but those whose name matches an
+    `excluded` fnmatch pattern and those in or under a hidden name (atomic writes in flight)."""
+    names = sorted(f.relative_to(directory).as_posix() for f in directory.rglob("*") if f.is_file())
+    return [
+        name
+        for name in names
+        if not any(fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern) for pattern in excluded)
+        and not any(part.startswith(".") for part in name.split("/"))
+    ]
+
+
 def write_manifest(directory: str | Path, *, format: str) -> None:
     """manifest.json: the SHA-256 of every file under `directory` (not WRITTEN_LATER, not hidden temporaries).
 
@@ -100,15 +112,8 @@ def write_manifest(directory: str | Path, *, format: str) -> None:
     not covered, one changed afterwards is refused by check_manifest.
     """
     directory = Path(directory)
-    files = sorted(
-        str(f.relative_to(directory))
-        for f in directory.rglob("*")
-        if f.is_file()
-        and f.name != MANIFEST_NAME
-        and not f.name.startswith(".")
-        and not any(fnmatch.fnmatchcase(f.name, pattern) for pattern in WRITTEN_LATER)
-    )
-    digests = {name: sha256_file(directory / name) for name in files}
+    names = directory_files(directory, (*WRITTEN_LATER, MANIFEST_NAME))
+    digests = {name: sha256_file(directory / name) for name in names}
     atomic_write_json(directory / MANIFEST_NAME, {"format": format, "sha256": digests})
 
 
@@ -271,13 +276,7 @@ def content_hash(path: str | Path) -> str:
     if path.is_file():
         files = {"": path}  # a file's own name is not its content
     else:
-        files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
-        files = {
-            name: p
-            for name, p in files.items()
-            if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in NOT_MODEL_CONTENT)
-            and not any(part.startswith(".") for part in name.split("/"))
-        }
+        files = {name: path / name for name in directory_files(path, NOT_MODEL_CONTENT)}
     for relative, file in files.items():
         digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
         with file.open("rb") as f:
