@@ -75,13 +75,21 @@ def main() -> None:
             "onnxruntime-int8",
             {"workdir": f"{args.workdir}/int8", "threads": args.threads},
         ),
+        ("openvino fp32 (static buckets)", fp32, "openvino", {"workdir": args.workdir, "threads": args.threads}),
+        (
+            "openvino int8 (NNCF on the timed windows: a quick look, not a calibration)",
+            fp32,
+            "openvino-int8",
+            {"workdir": args.workdir, "threads": args.threads, "calibration": list(windows.values())},
+        ),
     ]
     for name, model, backend, options in plan:
         start = time.perf_counter()
         engine = make_engine(model, backend, **options)
         made = time.perf_counter() - start
         graphs = dynamo_graphs()
-        warm = engine.warmup()
+        # OpenVINO compiles per (configuration, bucket): warm the configurations timed below.
+        warm = engine.warmup(**({"keep_ratios": [None, RATIOS]} if backend.startswith("openvino") else {}))
         build[name] = {
             "backend": backend,
             "make_seconds": round(made, 2),

@@ -20,47 +20,28 @@ from typing import Any
 
 import yaml
 
-from qala.utils import atomic_write_json, environment_info
+from qala.tune import read_report
+from qala.utils import atomic_write_json
 
 GOAL = 0.01  # relative F1 loss allowed against fp32 (issue 11)
-
-
-def load_report(path: Path) -> dict[str, Any]:
-    """A tune report.json; for a run still scoring (or stopped) its final_rows.json and trials/ instead."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    rows = path.parent / "final_rows.json"
-    if not rows.is_file():
-        raise FileNotFoundError(f"{path}: no report.json and no final_rows.json beside it")
-    trials = sorted((path.parent / "trials").glob("trial-*.json"), key=lambda f: int(f.stem.split("-")[1]))
-    artifact = path.parent / "model"
-    return {
-        "partial": "the tune run had not finished its final report: rows scored so far (final_rows.json)",
-        "final": {"rows": json.loads(rows.read_text())},
-        "trials": [json.loads(f.read_text()) for f in trials],
-        "artifact_bytes": sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
-        if artifact.is_dir()
-        else None,
-    }
 
 
 def collect(
     reports: dict[str, Path], notes: dict[str, str] | None = None, sensitivity: Path | None = None
 ) -> dict[str, Any]:
-    loaded = {name: load_report(path) for name, path in reports.items()}
+    loaded = {name: json.loads(path.read_text()) for name, path in reports.items()}
+    tables = {name: read_report(path) for name, path in reports.items()}
     first = next(iter(loaded.values()))
-    configs = list(first["final"]["rows"])
     rows = {}
-    for config in configs:
-        fp32 = first["final"]["rows"][config]
+    for config, fp32 in next(iter(tables.values())).items():
         row: dict[str, Any] = {
             "length_config": fp32["length_config"],
             "keep_ratios": fp32.get("keep_ratios"),
             "fp32": fp32["fp32"],
             "int8": {},
         }
-        for name, report in loaded.items():
-            r = report["final"]["rows"].get(config)
+        for name, table in tables.items():
+            r = table.get(config)
             if r is None:
                 continue
             if r["fp32"] != fp32["fp32"]:
@@ -84,15 +65,13 @@ def collect(
         "chosen": {name: r.get("chosen") for name, r in loaded.items()},
         "trials": {name: r.get("trials") for name, r in loaded.items()},
         "tuning_goal_met": {name: r.get("goal_met") for name, r in loaded.items()},
-        "partial": {name: r["partial"] for name, r in loaded.items() if r.get("partial")},
         "threads": {name: r["final"].get("threads") for name, r in loaded.items()},
         "artifact_bytes": {name: r.get("artifact_bytes") for name, r in loaded.items()},
         "notes": notes or {},
         "rows": rows,
         "sensitivity": json.loads(sensitivity.read_text()) if sensitivity else None,
         "recipes": recipes,
-        # A partial report has none: then this process's (run it on the machine that scored the rows).
-        "environment": first.get("environment") or environment_info(),
+        "environment": first["environment"],
     }
 
 

@@ -24,64 +24,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni")
 
 
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
-    return []
-
-
-def tensors(rows: dict[str, list], columns: tuple[str, ...] = MODEL_INPUTS) -> dict[str, torch.Tensor]:
-    return {c: torch.tensor(rows[c]) for c in columns if c in rows}
-
-
-def calibration_batches(train_file: str, tokenizer, samples: int, batch_size: int, seed: int) -> list[dict]:
-    """The windows qala.tune.calibration_batches picks (full-length calibration), padded to 384."""
-    from qala.data import featurize, load_squad
-
-    examples = load_squad(train_file)
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    features = featurize(examples.select(order[:samples]), tokenizer, train=False, pad_to_max_length=True)
-    features = features.select(range(min(samples, len(features))))
-    return [tensors(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
-
-
-@torch.no_grad()
 def score(model, examples, features, length_config, batch_size: int) -> dict[str, Any]:
-    """EM/F1 of `model(**inputs, length_config=...)` on padded features (qala's post-processing)."""
-    from qala.data import postprocess_predictions, references_from, squad_metrics
+    """EM/F1 of `model(**inputs, length_config=...)` on padded features (qala.evaluate's scoring)."""
+    from qala.evaluate import evaluate_features
 
-    start = time.perf_counter()
-    starts, ends = [], []
-    for i in range(0, len(features), batch_size):
-        out = model(**tensors(features[i : i + batch_size]), length_config=length_config)
-        starts.append(out.start_logits.float().numpy())
-        ends.append(out.end_logits.float().numpy())
-    start_logits, end_logits = np.concatenate(starts), np.concatenate(ends)
-    predictions = postprocess_predictions(examples, features, start_logits, end_logits)
-    metrics = squad_metrics(predictions, references_from(examples))
+    metrics, _ = evaluate_features(
+        model, examples, features, length_config=length_config, batch_size=batch_size, progress=False
+    )
     return {
         "exact_match": round(metrics["exact_match"], 2),
         "f1": round(metrics["f1"], 2),
-        "n": len(predictions),
-        "seconds": round(time.perf_counter() - start, 1),
+        "n": metrics["n"],
+        "seconds": round(metrics["seconds"], 1),
     }
 
 
@@ -112,15 +75,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from qala.data import featurize, load_squad
+    from qala.bench.cli import environment
+    from qala.data import load_split, windows
     from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config
     from qala.quantize.ipex import DEFAULT_STATIC_CONFIG, IpexStaticQA, file_sha256, import_ipex, versions
-    from qala.utils import atomic_write_json, environment_info
+    from qala.recipe import CalibrationConfig, DataConfig, QuantizationConfig, Recipe, RunConfig
+    from qala.tune import calibration_batches
+    from qala.utils import atomic_write_json
 
     import_ipex()  # fails first, naming the versions needed
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     seq = model.qala_config.max_seq_length
+    # The settings qala.tune calibrates with (full length, padded windows of the training file) and scores on.
+    data = DataConfig(train=args.train, eval=args.dev, max_seq_length=seq, max_eval_samples=args.max_eval_samples)
+    calibration = CalibrationConfig(samples=args.calibration_samples, batch_size=args.calibration_batch_size)
+    recipe = Recipe(run=RunConfig(seed=args.seed), data=data, quantization=QuantizationConfig(calibration=calibration))
     configs: list[tuple[str, list[int] | None]] = []
     for item in (x.strip() for x in args.configs.split(",") if x.strip()):
         if item == "full":
@@ -128,15 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             configs.append((f"keep {float(item)}", constant_ratio_length_config(float(item), model.num_layers, seq)))
 
-    examples = load_squad(args.dev)
-    if args.max_eval_samples:
-        examples = examples.select(range(min(args.max_eval_samples, len(examples))))
-    features = featurize(examples, tokenizer, train=False, max_seq_length=seq, pad_to_max_length=True)
-    calibration = calibration_batches(
-        args.train, tokenizer, args.calibration_samples, args.calibration_batch_size, args.seed
-    )
-    qa = IpexStaticQA(model, calibration, static_config=DEFAULT_STATIC_CONFIG)
-    torch_threads = torch.get_num_threads()
+    examples = load_split(data, "eval")
+    features = windows(examples, tokenizer, data, train=False)  # padded to max_seq_length
+    batches = calibration_batches(recipe, tokenizer, model.num_layers)
+    qa = IpexStaticQA(model, batches, static_config=DEFAULT_STATIC_CONFIG)
 
     rows = []
     for name, lengths in configs:
@@ -155,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     summaries = qa.save_summaries(args.summaries, model=str(args.model), calibration=calibration_record(args))
-    environment = environment_info()
-    environment["versions"].update(versions())
-    environment["cpu_flags"] = cpu_flags()
-    environment["torch_threads"] = torch_threads
+    env = environment()  # with the CPU flags and torch's thread count
+    env["versions"].update(versions())
     report = {
         "engine": "ipex",
         "model": str(args.model),
@@ -178,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summaries_file": str(summaries),
         "summaries_sha256": file_sha256(summaries),
-        "environment": environment,
+        "environment": env,
     }
     atomic_write_json(args.out, report)
     print(f"wrote {args.out} and {summaries}")

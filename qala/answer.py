@@ -12,6 +12,15 @@ tokens, fitted at load from latencies measured on this host (cached beside the m
 latency_<host>.json and read back on the next load). A question's predicted time is the sum over
 its windows; the most accurate configuration whose prediction fits the budget is used. A budget
 that nothing fits gets the fastest configuration and a warning.
+
+The serving engine (qala.quantize.engines) is the fastest one measured on this host:
+
+    python -m qala.answer --model DIR --calibrate
+
+times every engine of CALIBRATION_ENGINES on the model's configurations and records each, and which was
+fastest, in latency_<host>.json; later loads serve that engine (`--engine NAME` or
+QalaModel.from_pretrained(dir, engine=NAME) serves another). Before any calibration: DEFAULT_ENGINE.
+Compiled or exported artifacts go to DIR/.engines/<content hash>/ (a hidden folder: not model content).
 """
 
 from __future__ import annotations
@@ -34,12 +43,13 @@ import torch
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
-from qala.evaluate import check_positive, predict_logits
+from qala.evaluate import check_engine, check_positive, predict_logits
 from qala.model import MODEL_INPUTS, batch_inputs
-from qala.quantize.engines import make_engine
+from qala.quantize.engines import BACKENDS, length_batches, make_engine, warm_for_serving
 from qala.quantize.load import load_model, load_tokenizer, model_kind
+from qala.recipe import changed_keys
 from qala.search import FRONTIER_NAME, read_frontier
-from qala.utils import atomic_write_json, median_latency_ms, resolve_model_path
+from qala.utils import IntegrityError, atomic_write_json, content_hash, median_latency_ms, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +58,25 @@ CALIBRATION_LENGTHS = (32, 128, 256, 384)
 # Windows per forward pass: bounds memory whatever the context length (a 100k-character context is
 # ~100 windows; one batch of them took 2 GB).
 MAX_BATCH_WINDOWS = 8
-# Engine per model kind when none is asked for: "eager" starts answering at once. "compile-dynamic"
-# runs INT8 faster but warms ~15 graphs at load (minutes on 2 cores): the choice of a long-lived
-# server (QalaModel.from_pretrained(..., backend="compile-dynamic")), not of a one-shot CLI call.
-DEFAULT_BACKEND = {"fp32": "eager", "int8": "eager"}
-CACHE_FORMAT = 2
+# The engine served before a calibration has recorded a faster one: it starts answering at once.
+DEFAULT_ENGINE = "eager"
+# Engines a calibration compares, by model kind: those that compute what the frontier was searched on (an
+# fp32 model's fp32 arithmetic; an INT8 artifact's INC units). Engines that re-quantize on their own
+# (onnxruntime-int8, openvino-int8) give other answers: served only when named. "compile-dynamic" warms
+# ~15 graphs at every load (minutes on 2 cores; Inductor's on-disk cache shortens later loads).
+CALIBRATION_ENGINES = {
+    "fp32": ("eager", "compile-dynamic", "onnxruntime", "openvino"),
+    "int8": ("eager", "compile-dynamic"),
+}
+# Exported and compiled engine artifacts, inside the model directory; hidden, so not part of its content hash.
+ENGINE_DIR = ".engines"
+CACHE_FORMAT = 3
+# English function words. A question whose other words are all [UNK] (the words that say what is asked)
+# gives the model nothing to match in the context: it would still return a confident span.
+FUNCTION_WORDS = frozenset(
+    "a an the is are was were be been being do does did has have had what who whom whose which when where why "
+    "how of in on at to for from by with about as and or not it its this that these those there".split()
+)
 
 
 @dataclass(frozen=True)
@@ -139,8 +163,13 @@ class QalaModel:
         n_best_size: int = 20,
         max_answer_length: int = 30,
         max_batch_windows: int = MAX_BATCH_WINDOWS,
+        engine: str | None = None,
+        grid_ms: float | None = None,
     ) -> None:
         self.model = model
+        self.engine = engine or getattr(model, "name", None)
+        # Summed median ms of every configuration at every calibration length on this host (None: not timed).
+        self.grid_ms = grid_ms
         self.tokenizer = tokenizer
         self.points = sorted(points, key=lambda p: p.latency_ms)
         self.max_seq_length = max_seq_length
@@ -154,17 +183,25 @@ class QalaModel:
         cls,
         model_dir: str | Path,
         *,
+        engine: str | None = None,
         threads: int | None = None,
         latency_repeats: int = 3,
         remeasure: bool = False,
         backend: str | None = None,
         compile: bool = True,
     ) -> QalaModel:
-        """Load the model (fp32 or INT8), its tokenizer and frontier.json, the serving engine (`backend`,
-        default DEFAULT_BACKEND by model kind; `compile=False` forces "eager"), warm every shape the
-        engine needs so no request waits for a compile, and fit each configuration's cost model from
-        latencies on this host (cached in latency_<host>.json; re-measured when the cache is for other
-        threads, engine, lengths or configurations, or with `remeasure`)."""
+        """Load the model (fp32 or INT8), its tokenizer and frontier.json, and the serving engine: `engine`
+        by name (`backend` is its older alias; `compile=False` forces "eager"), or None: the engine recorded
+        as fastest on this host by a calibration (QalaModel.calibrate), else DEFAULT_ENGINE. The engine is
+        warmed for every shape and configuration it serves, so no request waits for a compile. Each
+        configuration's cost model comes from latencies on this host, per engine (cached in
+        latency_<host>.json; measured when the cache is for other weights, threads or lengths, lacks this
+        engine or a configuration, or with `remeasure`)."""
+        if engine is not None and backend is not None and engine != backend:
+            raise ValueError(f"engine={engine!r} and backend={backend!r}: backend is engine's alias, pass one")
+        engine = engine if engine is not None else backend
+        if engine is not None and engine not in BACKENDS:
+            raise ValueError(f"unknown serving engine {engine!r}; choose one of {sorted(BACKENDS)}")
         model_dir = Path(resolve_model_path(str(model_dir)))
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -172,32 +209,69 @@ class QalaModel:
             torch.set_num_threads(threads)
         kind = model_kind(model_dir)
         model = load_model(model_dir)
-        frontier = _frontier_or_full_length(model_dir, model)
-        backend = "eager" if not compile else (backend or DEFAULT_BACKEND[kind])
-        engine = make_engine(model, backend)
+        model_hash = content_hash(model_dir)  # frontier.json and the latency cache must be of these weights
+        frontier = _frontier_or_full_length(model_dir, model, model_hash)
         seq_length = int(frontier["max_seq_length"])
         lengths = sorted({min(n, seq_length) for n in CALIBRATION_LENGTHS})
-        if hasattr(engine, "warmup"):
-            engine.warmup(lengths=lengths)
         tokenizer = load_tokenizer(model_dir)
         points = [_point(row) for row in frontier["frontier"]]
-        costs = _host_costs(
-            engine,
-            tokenizer,
-            points,
-            lengths,
-            cache=model_dir / f"latency_{host_name()}.json",
-            backend=f"{kind}:{backend}",
-            repeats=latency_repeats,
-            remeasure=remeasure,
+        wanted = [_key(p) for p in points]
+        cache = LatencyCache(model_dir / f"latency_{host_name()}.json", model_hash, lengths)
+        if not compile:
+            engine = "eager"
+        elif engine is None:
+            installed = [e for e in CALIBRATION_ENGINES[kind] if _installed(e)]
+            fastest = cache.fastest(installed, wanted)
+            engine = fastest or DEFAULT_ENGINE
+            logger.info("serving engine %s (%s)", engine, "the fastest measured on this host" if fastest else "default")
+        served = make_engine(model, engine, **_engine_options(engine, model_dir, seq_length))
+        warm_for_serving(
+            served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]
         )
+        costs = None if remeasure else cache.costs(engine, wanted)
+        if costs is None:
+            costs = cache.measure(engine, served, tokenizer, points, kind=kind, repeats=latency_repeats)
         points = [
             FrontierPoint(p.length_config, p.f1, _at(costs[_key(p)], seq_length), p.keep_ratios, costs[_key(p)])
             for p in points
         ]
         return cls(
-            engine, tokenizer, points, max_seq_length=seq_length, doc_stride=int(frontier.get("doc_stride", 128))
+            served,
+            tokenizer,
+            points,
+            max_seq_length=seq_length,
+            doc_stride=int(frontier.get("doc_stride", 128)),
+            engine=engine,
+            grid_ms=cache.grid_ms(engine, wanted),
         )
+
+    @classmethod
+    def calibrate(
+        cls,
+        model_dir: str | Path,
+        *,
+        engines: Sequence[str] | None = None,
+        threads: int | None = None,
+        latency_repeats: int = 3,
+    ) -> dict[str, Any]:
+        """Time every engine of `engines` (default: CALIBRATION_ENGINES of the model's kind that are installed)
+        on this host, each recorded in latency_<host>.json: later loads without an engine serve the fastest.
+        Returns {"fastest": name, "engines": {name: ms of the timing grid, or why it did not run}}."""
+        kind = model_kind(resolve_model_path(str(model_dir)))
+        names = list(engines) if engines is not None else [e for e in CALIBRATION_ENGINES[kind] if _installed(e)]
+        report: dict[str, Any] = {}
+        for name in names:
+            try:
+                served = cls.from_pretrained(
+                    model_dir, engine=name, threads=threads, latency_repeats=latency_repeats, remeasure=True
+                )
+            except (ImportError, ValueError) as e:  # an engine missing here, or refusing this model
+                logger.warning("engine %s not calibrated: %s", name, e)
+                report[name] = f"not run: {e}"
+                continue
+            report[name] = served.grid_ms
+        timed = {n: ms for n, ms in report.items() if isinstance(ms, float) and n in CALIBRATION_ENGINES[kind]}
+        return {"fastest": min(timed, key=timed.get) if timed else None, "engines": report}
 
     # ------------------------------------------------------------------ answering
 
@@ -209,8 +283,9 @@ class QalaModel:
         self, questions: Sequence[str], contexts: Sequence[str], budget_ms: float | None = None
     ) -> list[dict[str, Any]]:
         """Answers for question/context pairs. `budget_ms` is per question: each gets the most accurate
-        configuration whose predicted time for its own windows fits. Windows are unpadded and run in
-        batches of at most max_batch_windows, each padded only to its longest window."""
+        configuration whose predicted time for its own windows fits. Windows are unpadded; a configuration's
+        windows are sorted by length and grouped per 32 tokens (qala.quantize.engines.length_batches), so a
+        call of at most max_batch_windows windows pads each by fewer than 32 positions."""
         if len(questions) != len(contexts):
             raise ValueError(f"got {len(questions)} questions and {len(contexts)} contexts")
         for i, (question, context) in enumerate(zip(questions, contexts, strict=True)):
@@ -252,23 +327,30 @@ class QalaModel:
         for qid, rows in by_question.items():
             groups.setdefault(chosen[qid][0], []).extend(rows)
         for point, rows in groups.items():
-            group = {k: [features[k][j] for j in rows] for k in MODEL_INPUTS if k in features}
-            group_starts, group_ends = predict_logits(
-                self.model, group, batch_size=self.max_batch_windows, progress=False, **point.model_kwargs()
-            )
-            for j, start_logits, end_logits in zip(rows, group_starts, group_ends, strict=True):
-                starts[j], ends[j] = start_logits, end_logits
+            lengths = [len(features["input_ids"][j]) for j in rows]
+            for batch in length_batches(lengths, self.max_batch_windows):
+                chosen_rows = [rows[b] for b in batch]
+                group = {k: [features[k][j] for j in chosen_rows] for k in MODEL_INPUTS if k in features}
+                group_starts, group_ends = predict_logits(
+                    self.model, group, batch_size=len(batch), progress=False, **point.model_kwargs()
+                )
+                for j, start_logits, end_logits in zip(chosen_rows, group_starts, group_ends, strict=True):
+                    starts[j], ends[j] = start_logits, end_logits
         scored = postprocess_with_scores(
             examples, features, starts, ends, n_best_size=self.n_best_size, max_answer_length=self.max_answer_length
         )
         results = []
-        for qid in examples["id"]:
+        for qid, question in zip(examples["id"], questions, strict=True):
             text, score = scored[qid]
             point, fits, expected = chosen[qid]
+            flag = unreadable(self.tokenizer, question)
+            if flag is not None:  # no span is an answer to a question the model cannot read
+                text, score = "", math.nan
             results.append(
                 {
                     "answer": text,
                     "score": score if math.isfinite(score) else None,
+                    "flag": flag,
                     "keep_ratios": list(point.keep_ratios) if point.keep_ratios is not None else None,
                     "length_config": list(point.length_config) if point.length_config is not None else None,
                     "expected_ms": expected,
@@ -278,6 +360,32 @@ class QalaModel:
                 }
             )
         return results
+
+
+def unreadable(tokenizer: Any, question: str) -> str | None:
+    """Why the model cannot read `question`, or None: all its words are [UNK], or all but function words
+    (FUNCTION_WORDS) are. A word is [UNK] when every token it splits into is the tokenizer's unknown token
+    (a script or language the vocabulary does not cover); punctuation does not count as a word."""
+    unk = tokenizer.unk_token_id
+    if unk is None:  # byte-level vocabularies (RoBERTa's) read any text
+        return None
+    encoded = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = encoded["input_ids"]
+    word_ids = encoded.word_ids() if tokenizer.is_fast else list(range(len(ids)))
+    words: dict[int, tuple[list[int], str]] = {}
+    for token, word, (start, end) in zip(ids, word_ids, encoded["offset_mapping"], strict=True):
+        tokens, text = words.get(word, ([], ""))
+        words[word] = ([*tokens, token], text + question[start:end])
+    real = {w: (tokens, text) for w, (tokens, text) in words.items() if any(c.isalnum() for c in text)}
+    unknown = {w for w, (tokens, _) in real.items() if all(t == unk for t in tokens)}
+    content = {w for w, (_, text) in real.items() if text.lower() not in FUNCTION_WORDS}
+    if not unknown or (unknown != set(real) and not content <= unknown):
+        return None
+    return (
+        f"the model cannot read the question: {len(unknown)} of its {len(real)} words are unknown to its vocabulary "
+        f"([UNK]){'' if unknown == set(real) else ', and the others are function words'} (a language or script it "
+        "was not trained on?); no answer given"
+    )
 
 
 def _check_text(text: Any, what: str) -> None:
@@ -309,13 +417,26 @@ def _at(cost: tuple[float, float, float], t: int) -> float:
     return round(a + b * t + c * t * t, 3)
 
 
-def _frontier_or_full_length(model_dir: Path, model: Any) -> dict[str, Any]:
-    """frontier.json of the model directory; without one (no search run yet), full length only, said once."""
+def _frontier_or_full_length(model_dir: Path, model: Any, model_hash: str) -> dict[str, Any]:
+    """frontier.json of the model directory; without one (no search run yet), full length only, said once.
+
+    A frontier searched on other weights (a model retrained or replaced in place) is refused: its
+    configurations and F1 figures are another model's. One that does not record its model is used with a
+    warning."""
     frontier_file = model_dir / FRONTIER_NAME
     if frontier_file.is_file():
         frontier = read_frontier(frontier_file)
         if not frontier["frontier"]:
             raise ValueError(f"{frontier_file} lists no configurations; run the search again")
+        searched = ((frontier.get("search") or {}).get("inputs") or {}).get("model")
+        if searched is None:
+            logger.warning("%s does not record the model it was searched on: not checked against it", frontier_file)
+        elif searched != model_hash:
+            raise IntegrityError(
+                f"{frontier_file}: searched on another model (content {searched}, this model's is {model_hash}: "
+                "retrained or replaced since); run qala.search on this model again, or delete the file to answer "
+                "at full length"
+            )
         return frontier
     seq_length = model.qala_config.max_seq_length
     logger.warning(
@@ -328,52 +449,142 @@ def _frontier_or_full_length(model_dir: Path, model: Any) -> dict[str, Any]:
     return {"max_seq_length": seq_length, "frontier": [{"keep_ratios": [1.0] * model.num_layers, "f1": None}]}
 
 
-def _host_costs(
-    model: Callable,
-    tokenizer: Any,
-    points: Sequence[FrontierPoint],
-    lengths: Sequence[int],
-    *,
-    cache: Path,
-    backend: str,
-    repeats: int,
-    remeasure: bool,
-) -> dict[str, tuple[float, float, float]]:
-    """Each point's cost model (a, b, c), from the cache when it matches this setup, else measured:
-    median ms of one unpadded window of each calibration length, batch 1, fitted by fit_cost_model."""
-    key = {
-        "format": CACHE_FORMAT,
-        "host": host_name(),
-        "backend": backend,
-        "threads": torch.get_num_threads(),
-        "lengths": list(lengths),
-    }
-    wanted = [_key(p) for p in points]
-    if cache.is_file() and not remeasure:
+class LatencyCache:
+    """latency_<host>.json beside the model: per engine, each configuration's cost model on this host.
+
+    {format, host, model, threads, lengths, engines: {name: {configs: [{config, cost, ms}]}}, fastest}. All of it
+    is for one setup (these weights, this thread count, these calibration lengths): a file for another setup
+    is ignored and rewritten by the next measurement. Engines are compared by their grid: the summed median
+    ms of the served configurations at every calibration length (batch 1, unpadded windows). A file that
+    lists one engine at the top level (`backend` "kind:name", `configs`) is read as that engine's entry.
+    """
+
+    def __init__(self, path: Path, model_hash: str, lengths: Sequence[int]) -> None:
+        self.path = path
+        self.setup = {
+            "format": CACHE_FORMAT,
+            "host": host_name(),
+            "model": model_hash,
+            "threads": torch.get_num_threads(),
+            "lengths": list(lengths),
+        }
+        self.engines: dict[str, list[dict[str, Any]]] = self._read()
+
+    def _read(self) -> dict[str, list[dict[str, Any]]]:
+        if not self.path.is_file():
+            return {}
         try:
-            data = json.loads(cache.read_text())
-            measured = {row["config"]: tuple(row["cost"]) for row in data.get("configs", [])}
-            if {k: data.get(k) for k in key} == key and all(k in measured for k in wanted):
-                return {k: measured[k] for k in wanted}
-        except (ValueError, KeyError, TypeError) as e:
-            logger.warning("ignoring unreadable latency cache %s (%s)", cache, e)
-    logger.info("measuring %d configurations at %s tokens on %s (%s)", len(points), list(lengths), key["host"], backend)
-    windows = {t: _window(tokenizer, t) for t in lengths}
-    rows, costs = [], {}
-    with torch.no_grad():
-        for point, k in zip(points, wanted, strict=True):
-            kwargs = point.model_kwargs()
-            ms = [
-                median_latency_ms(lambda w=windows[t], kw=kwargs: model(**w, **kw), repeats=repeats)["median_ms"]
-                for t in lengths
-            ]
-            costs[k] = fit_cost_model(lengths, ms)
-            rows.append({"config": k, "cost": list(costs[k]), "ms": dict(zip(map(str, lengths), ms, strict=True))})
+            data = json.loads(self.path.read_text())
+            stale = changed_keys({k: data.get(k) for k in self.setup}, self.setup)
+            if stale:
+                logger.info("%s is for another setup (%s): measuring again", self.path, "; ".join(stale))
+                return {}
+            engines = {str(name): list(entry["configs"]) for name, entry in (data.get("engines") or {}).items()}
+            if data.get("backend") and "configs" in data:
+                engines.setdefault(str(data["backend"]).split(":")[-1], list(data["configs"]))
+            for rows in engines.values():
+                for row in rows:
+                    row["cost"] = tuple(float(v) for v in row["cost"])
+            return engines
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.warning("ignoring unreadable latency cache %s (%s)", self.path, e)
+            return {}
+
+    def costs(self, engine: str, wanted: Sequence[str]) -> dict[str, tuple[float, float, float]] | None:
+        """The cost model of each wanted configuration under `engine`, or None when one is not recorded."""
+        measured = {row["config"]: row["cost"] for row in self.engines.get(engine, [])}
+        if all(k in measured for k in wanted):
+            return {k: measured[k] for k in wanted}
+        if self.engines:
+            logger.info("%s has no costs of engine %s for these configurations: measuring", self.path, engine)
+        return None
+
+    def grid_ms(self, engine: str, wanted: Sequence[str]) -> float | None:
+        """The engine's summed ms over the wanted configurations and the calibration lengths (None: not timed)."""
+        rows = {row["config"]: row.get("ms") for row in self.engines.get(engine, [])}
+        if not all(rows.get(k) for k in wanted):
+            return None
+        return round(sum(float(ms) for k in wanted for ms in rows[k].values()), 3)
+
+    def fastest(self, among: Sequence[str], wanted: Sequence[str]) -> str | None:
+        """The engine of `among` with the smallest grid over `wanted` (None: none of them timed)."""
+        timed = {name: self.grid_ms(name, wanted) for name in among if name in self.engines}
+        timed = {name: ms for name, ms in timed.items() if ms is not None}
+        return min(timed, key=timed.get) if timed else None
+
+    def measure(
+        self,
+        engine: str,
+        model: Callable,
+        tokenizer: Any,
+        points: Sequence[FrontierPoint],
+        *,
+        kind: str,
+        repeats: int,
+    ) -> dict[str, tuple[float, float, float]]:
+        """Each point's cost model (a, b, c) under `engine`: median ms of one unpadded window of each calibration
+        length, batch 1, fitted by fit_cost_model; recorded in the file (the fastest engine of `kind` with it)."""
+        lengths = self.setup["lengths"]
+        logger.info(
+            "measuring %d configurations at %s tokens on %s (%s)", len(points), lengths, self.setup["host"], engine
+        )
+        windows = {t: _window(tokenizer, t) for t in lengths}
+        rows, costs = [], {}
+        with torch.no_grad():
+            for point in points:
+                k, kwargs = _key(point), point.model_kwargs()
+                ms = [
+                    median_latency_ms(lambda w=windows[t], kw=kwargs: model(**w, **kw), repeats=repeats)["median_ms"]
+                    for t in lengths
+                ]
+                costs[k] = fit_cost_model(lengths, ms)
+                rows.append({"config": k, "cost": costs[k], "ms": dict(zip(map(str, lengths), ms, strict=True))})
+        self.engines[engine] = rows
+        wanted = [_key(p) for p in points]
+        document = {
+            **self.setup,
+            "engines": {
+                name: {"configs": [{**r, "cost": list(r["cost"])} for r in rs]} for name, rs in self.engines.items()
+            },
+            "fastest": self.fastest(CALIBRATION_ENGINES[kind], wanted),
+        }
+        try:
+            atomic_write_json(self.path, document)
+        except OSError as e:  # a read-only model directory: measure again next time
+            logger.warning("could not cache latencies in %s (%s)", self.path, e)
+        return costs
+
+
+def _installed(engine: str) -> bool:
+    """Whether the libraries of `engine` are importable here (onnxruntime*, openvino*; torch engines always)."""
+    import importlib.util
+
+    needed = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
+    for prefix, modules in needed.items():
+        if engine.startswith(prefix):
+            return all(importlib.util.find_spec(m) is not None for m in modules)
+    return True
+
+
+def _engine_options(engine: str, model_dir: Path, seq_length: int) -> dict[str, Any]:
+    """make_engine's options when serving from `model_dir`: exported/compiled artifacts in its ENGINE_DIR (a
+    temporary folder when the directory is read-only), windows up to seq_length."""
+    if not engine.startswith(("onnxruntime", "openvino")):
+        return {}
+    if engine == "openvino-int8":
+        raise ValueError(
+            "engine 'openvino-int8' quantizes with NNCF on calibration windows, which serving does not have: "
+            "serve 'openvino' (fp32), 'onnxruntime-int8', or an INC INT8 artifact with 'eager' / 'compile-dynamic'"
+        )
+    workdir: Path | None = model_dir / ENGINE_DIR
     try:
-        atomic_write_json(cache, {**key, "configs": rows})
-    except OSError as e:  # a read-only model directory: measure again next time
-        logger.warning("could not cache latencies in %s (%s)", cache, e)
-    return costs
+        workdir.mkdir(exist_ok=True)
+    except OSError:
+        workdir = None  # the engine makes a temporary folder
+    options: dict[str, Any] = {"workdir": workdir, "threads": torch.get_num_threads()}
+    if engine.startswith("openvino"):
+        options["max_seq_length"] = seq_length
+    return options
 
 
 def _window(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
@@ -391,17 +602,25 @@ def _window(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qala.answer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model directory with frontier.json (fp32 or INT8)")
-    parser.add_argument("--question", required=True)
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--question", help="the question (required unless --calibrate)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--context", help="the passage to answer from")
     source.add_argument("--context-file", help="read the passage from this UTF-8 text file (any length)")
     parser.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: most accurate)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--remeasure", action="store_true", help="ignore the cached latencies of this host")
     parser.add_argument(
-        "--backend",
+        "--engine",
         default=None,
-        help=f"serving engine (qala.quantize.engines); default by model kind: {DEFAULT_BACKEND}",
+        help="serving engine (qala.quantize.engines); default: the fastest recorded by --calibrate on this host, "
+        f"else {DEFAULT_ENGINE!r}",
+    )
+    parser.add_argument("--backend", default=None, help="older name of --engine")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help=f"time the engines of this model's kind ({CALIBRATION_ENGINES}) on this host, record the fastest "
+        "(served from then on) and print the timings; no question needed",
     )
     add_verbose(parser)
     args = parser.parse_args(argv)
@@ -412,6 +631,19 @@ def main(argv: list[str] | None = None) -> int:
 def _answer(args) -> int:
     # Every input is checked before the model loads (and may measure latencies): a bad one fails at once.
     check_positive(threads=args.threads, budget_ms=args.budget_ms)
+    check_engine(args.engine, "--engine")
+    check_engine(args.backend, "--backend")
+    if args.engine and args.backend and args.engine != args.backend:
+        raise ValueError(f"--engine {args.engine} and --backend {args.backend}: --backend is --engine's old name")
+    engine = args.engine or args.backend
+    if args.calibrate:
+        if not Path(resolve_model_path(args.model)).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: model directory not found")
+        report = QalaModel.calibrate(args.model, engines=[engine] if engine else None, threads=args.threads)
+        print(json.dumps(report))
+        return 0
+    if args.question is None or (args.context is None and args.context_file is None):
+        raise ValueError("--question and --context (or --context-file) are required unless --calibrate")
     context = args.context
     if args.context_file:
         try:
@@ -422,7 +654,10 @@ def _answer(args) -> int:
             raise OSError(f"--context-file {args.context_file}: cannot read it ({e.strerror or e})") from None
     _check_text(args.question, "--question")
     _check_text(context, "--context-file" if args.context_file else "--context")
-    model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure, backend=args.backend)
+    flag = unreadable(load_tokenizer(resolve_model_path(args.model)), args.question)
+    if flag is not None:  # before the model loads (and may measure latencies)
+        raise ValueError(f"--question: {flag}")
+    model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure, engine=engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits
         result = model.answer(args.question, context, budget_ms=args.budget_ms)

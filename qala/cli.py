@@ -39,6 +39,10 @@ CHATTY = IMPORT_NOISE
 # torch.compile's warnings (graph breaks in the length-adaptive forward, recompilations) come from many
 # child loggers: their parent's level quiets them all; -v leaves torch's own level (WARNING).
 COMPILE_LOGGERS = ("torch._dynamo", "torch._inductor")
+# Library lines that only -v shows because qala says the same better: transformers' "Token indices sequence
+# length is longer than ... will result in indexing errors" for a long question (qala.answer refuses it in
+# one line naming the window; qala's featurization never runs an over-long sequence through a model).
+QUIETED = {"transformers.tokenization_utils_base": "will result in indexing errors"}
 THIRD_PARTY_WARNINGS = r"(torch|torchao|neural_compressor|transformers|accelerate|datasets|onnx|onnxruntime)(\.|$)"
 
 # Every error that means "fix your input", not "qala has a bug": RecipeError and SquadFormatError are
@@ -46,6 +50,17 @@ THIRD_PARTY_WARNINGS = r"(torch|torchao|neural_compressor|transformers|accelerat
 USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Dropped(logging.Filter):
+    """Drops a logger's records whose message contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 class _Held(logging.Filter):
@@ -85,6 +100,12 @@ def setup_logging(verbose: bool = False) -> None:
             logger.addFilter(_Held(logging.ERROR, keep=False))
     for name in COMPILE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+    for name, text in QUIETED.items():
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _Dropped)]:
+            logger.removeFilter(f)
+        if not verbose:
+            logger.addFilter(_Dropped(text))
     if verbose:
         for record in held:  # what the libraries said while being imported, before -v was known
             logging.getLogger(record.name).handle(record)

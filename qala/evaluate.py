@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,11 +27,41 @@ from tqdm.auto import tqdm
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
-from qala.model import MODEL_INPUTS, batch_inputs, check_length_config, constant_ratio_length_config, parse_keep_ratios
+from qala.model import (
+    MODEL_INPUTS,
+    SELECTION_RULES,
+    batch_inputs,
+    check_length_config,
+    constant_ratio_length_config,
+    parse_keep_ratios,
+)
 from qala.quantize.load import load_model, load_tokenizer
 from qala.utils import atomic_write_json, resolve_model_path
 
 logger = logging.getLogger(__name__)
+
+
+def check_output_file(path: str | Path | None, option: str) -> None:
+    """Raise ValueError unless `path` (a CLI option's file to write, None: not given) can be written as a file:
+    checked before the work, so that a bad path does not lose a whole evaluation's results at the end."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a file name (e.g. {path / 'predictions.json'})")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {parent} is not writable")
+
+
+def check_engine(name: str | None, option: str) -> None:
+    """Raise ValueError unless `name` (None: not given) is a serving engine of qala.quantize.engines."""
+    from qala.quantize.engines import BACKENDS
+
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{option} {name!r}: unknown serving engine; choose one of {sorted(BACKENDS)}")
 
 
 def check_positive(**options: int | float | None) -> None:
@@ -38,6 +70,8 @@ def check_positive(**options: int | float | None) -> None:
     for name, value in options.items():
         if value is not None and not value > 0:  # `not >` also refuses NaN
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and math.isinf(value):  # no limit is the option left out; inf is not JSON
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite positive number, got {value}")
 
 
 @torch.no_grad()
@@ -145,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pad every window to max_seq_length (implied by --length-config and --keep-ratio, the paper mode)",
     )
+    parser.add_argument(
+        "--selection",
+        choices=SELECTION_RULES,
+        help="how each layer ranks the tokens it keeps (default: the model's qala_config.json, else attention); "
+        "span: the span head's max(start, end) logit on the layer's output",
+    )
     parser.add_argument("--max-seq-length", type=int, default=None, help="default: the model's (384)")
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -165,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args) -> int:
     # Before the model loads: a bad number fails at once.
     check_positive(batch_size=args.batch_size, max_samples=args.max_samples, max_seq_length=args.max_seq_length)
+    check_output_file(args.out, "--out")
+    if args.keep_ratio is not None and not 0 < args.keep_ratio <= 1:
+        raise ValueError(f"--keep-ratio: expected a share in (0, 1], got {args.keep_ratio}")
     model_dir = resolve_model_path(args.model_dir)
     model = load_model(model_dir)
+    if args.selection:
+        model.qala_config.selection = args.selection
     tokenizer = load_tokenizer(model_dir)
     examples = load_squad(args.data, split=args.split, skip_invalid=args.skip_invalid, skip_option="--skip-invalid")
     if args.max_samples:
@@ -182,7 +227,7 @@ def _evaluate(args) -> int:
         if length_config is not None:
             check_length_config(length_config, num_layers=model.num_layers, max_seq_length=max_seq_length)
     except ValueError as e:
-        raise ValueError(f"--length-config: {e}") from None
+        raise ValueError(f"{'--length-config' if args.length_config else '--keep-ratio'}: {e}") from None
     keep_ratios = None
     if args.keep_ratios:
         try:
@@ -206,6 +251,7 @@ def _evaluate(args) -> int:
         model, examples, features, length_config=length_config, keep_ratios=keep_ratios, batch_size=args.batch_size
     )
     metrics["padded"] = padded
+    metrics["selection"] = model.qala_config.selection
     metrics["windows"] = len(features)
     metrics.update(model=str(args.model_dir), data=str(args.data))
     if args.out:

@@ -8,10 +8,13 @@ Files are read with yaml.safe_load: a recipe can never run code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,10 +78,35 @@ def _show(value: Any) -> str:
 # --------------------------------------------------------------------------- the schema
 
 
+def _at_least(section: Any, low: int, *names: str, optional: bool = False) -> list[str]:
+    """`name: expected >= low, got v` for each named integer field below `low` (None allowed when `optional`)."""
+    problems = []
+    for name in names:
+        value = getattr(section, name)
+        if value is None and optional:
+            continue
+        if value is None or value < low:
+            problems.append(f"{name}: expected >= {low}{' or null' if optional else ''}, got {value}")
+    return problems
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise FieldProblems(problems)
+
+
+# numpy and torch seed generators take [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = "runs/qala"  # one folder per run: resolved recipe + one sub-folder per stage
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise FieldProblems([f"seed: expected an integer in [0, {MAX_SEED}], got {self.seed}"])
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,16 @@ class DataConfig:
     skip_invalid: bool = False  # skip (count and log) malformed questions (train and eval files) instead of failing
     max_train_samples: int | None = None  # first N questions only (quick runs)
     max_eval_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "max_seq_length") + _at_least(self, 0, "doc_stride")
+        # 0 would be read as "no limit" (all questions): a quick run that silently trains on everything.
+        problems += _at_least(self, 1, "max_train_samples", "max_eval_samples", optional=True)
+        if self.doc_stride >= self.max_seq_length >= 1:
+            problems.append(
+                f"doc_stride: must be smaller than data.max_seq_length ({self.max_seq_length}), got {self.doc_stride}"
+            )
+        _raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,13 @@ class StageConfig:
     kd_temperature: float = 2.0  # softmax temperature of teacher distillation (only with model.teacher)
     kd_alpha: float = 0.5  # loss = alpha * KD + (1 - alpha) * cross-entropy (only with model.teacher)
     layer_dropout_prob: float = 0.0  # LayerDrop probability while training this stage
+    # Dropout on the attention probabilities while training this stage; null keeps the model's own
+    # (BERT's 0.1). 0 lets training run fused attention (SDPA): dropout on the [batch, heads, seq, seq]
+    # probabilities was most of a LengthDrop step's time on CPU (see qala/model.py recompute_attention_probs).
+    attention_dropout_prob: float | None = None
+    # How each layer ranks the tokens it keeps, for this stage and in the model it saves (qala.model
+    # LengthAdaptiveConfig.selection: "attention" or "span"); null keeps the starting model's.
+    selection: Literal["attention", "span"] | None = None
     # LengthDrop (used by the `lengthdrop` stage): sandwich of full + smallest + N random sub-models.
     num_sandwich: int = 2
     length_drop_ratio_bound: float = 0.2  # a layer keeps between (1 - bound) and all of the previous layer
@@ -122,12 +167,33 @@ class StageConfig:
     # Direction of in-place distillation from the full model to each sub-model, see qala/train.py.
     inplace_distillation: Literal["forward_kl", "reverse_kl"] = "forward_kl"
 
+    def __post_init__(self) -> None:
+        problems = []
+        # The distillation loss divides logits by it: 0 gives inf/NaN losses and a diverged model.
+        if not 0 < self.kd_temperature < math.inf:
+            problems.append(f"kd_temperature: expected a number > 0, got {self.kd_temperature}")
+        if not 0 < self.length_drop_ratio_bound < 1:
+            problems.append(f"length_drop_ratio_bound: expected a value in (0, 1), got {self.length_drop_ratio_bound}")
+        problems += _at_least(self, 0, "num_sandwich")
+        if not 0 <= self.layer_dropout_prob < 1:
+            problems.append(f"layer_dropout_prob: expected a value in [0, 1), got {self.layer_dropout_prob}")
+        if not 0 <= self.kd_alpha <= 1:
+            problems.append(f"kd_alpha: expected a value in [0, 1], got {self.kd_alpha}")
+        _raise_problems(problems)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     stages: list[Literal["finetune", "lengthdrop"]] = field(default_factory=lambda: ["finetune", "lengthdrop"])
     finetune: StageConfig = field(default_factory=StageConfig)
     lengthdrop: StageConfig = field(default_factory=StageConfig)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise FieldProblems(["stages: expected at least one of ['finetune', 'lengthdrop'], got []"])
+        twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
+        if twice:
+            raise FieldProblems([f"stages: {twice} listed more than once; each stage runs once"])
 
 
 @dataclass(frozen=True)
@@ -142,6 +208,14 @@ class EvalConfig:
     batch_size: int = 32
     n_best_size: int = 20
     max_answer_length: int = 30
+
+    def __post_init__(self) -> None:
+        # n_best_size or max_answer_length 0 makes every answer empty: F1 0 recorded as a result.
+        problems = _at_least(self, 1, "batch_size", "n_best_size", "max_answer_length")
+        for i, ratio in enumerate(self.keep_ratios):
+            if not 0 < ratio <= 1:
+                problems.append(f"keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")
+        _raise_problems(problems)
 
     def evaluate_kwargs(self) -> dict[str, int]:
         """This section's settings as qala.evaluate.evaluate_features takes them."""
@@ -196,6 +270,16 @@ class TuningConfig:
     )
     eval_samples: int | None = None  # questions of the eval file scored per trial (None: all)
 
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "eval_samples", optional=True) + _at_least(self, 1, "max_trials")
+        if not 0 <= self.tolerable_loss < 1:
+            problems.append(f"tolerable_loss: expected a relative loss in [0, 1), got {self.tolerable_loss}")
+        for i, entry in enumerate(self.config_set):
+            units = entry.get("fp32_units", []) if isinstance(entry, dict) else None
+            if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+                problems.append(f"config_set[{i}].fp32_units: expected a list of unit name patterns")
+        _raise_problems(problems)
+
 
 @dataclass(frozen=True)
 class QuantizationConfig:
@@ -216,6 +300,21 @@ class QuantizationConfig:
     compile: bool = True
     # QAT only: the training stage run with fake-quantized units (LengthDrop sandwich included).
     qat: StageConfig = field(default_factory=StageConfig)
+
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "latency_repeats")
+        if any(b < 1 for b in self.latency_batch_sizes):  # [] is valid: nothing is timed
+            problems.append(f"latency_batch_sizes: expected sizes >= 1 ([]: no timing), got {self.latency_batch_sizes}")
+        for i, ratio in enumerate(self.eval_keep_ratios):
+            if not 0 < ratio <= 1:
+                problems.append(f"eval_keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")
+        if self.eval_length_config is not None and (
+            not self.eval_length_config or any(n < 1 for n in self.eval_length_config)
+        ):
+            problems.append(
+                f"eval_length_config: expected null or a list of token counts >= 1, got {self.eval_length_config}"
+            )
+        _raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -285,6 +384,8 @@ class SearchConfig:
                 problems.append(f"{name}: expected >= 1 or null, got {value}")
         if self.baseline_points < 2:
             problems.append(f"baseline_points: expected >= 2 (both bounds), got {self.baseline_points}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed: expected null or an integer in [0, {MAX_SEED}], got {self.seed}")
         if problems:
             raise FieldProblems(problems)
 
@@ -332,7 +433,9 @@ class BenchmarkConfig:
     # 32 costs ~14 s per call on 2 cores.
     max_seconds_per_measurement: float = 30.0
     compile_int8: bool = True  # false: INT8 rows run uncompiled (tests, quick looks; slow, not deployable timings)
-    onnxruntime: bool = True  # ONNX Runtime fp32 + dynamic INT8 peers of `model` (extra `onnx`)
+    onnxruntime: bool = True  # ONNX Runtime fp32 + dynamic INT8 peers of `model`, plain and fused (extra `onnx`)
+    # OpenVINO fp32 + NNCF INT8 peers of `model` on its plain ONNX export, dynamic shapes (extra `onnx`).
+    openvino: bool = True
     # IPEX 2.8 INT8 peer: needs its own torch 2.8 environment (README); recorded as skipped with the reason.
     ipex: bool = True
     gemm_peak: bool = True  # measure this CPU's fp32 and INT8 GEMM peak (the roofline)
@@ -457,21 +560,69 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     problems += more
     if recipe is not None:
         problems += _check_semantics(recipe)
-    else:  # still report TrainingArguments problems alongside the structural ones
-        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-        for name in ("finetune", "lengthdrop"):
-            stage = train.get(name) if isinstance(train.get(name), dict) else {}
-            if isinstance(stage.get("training_args"), dict):
-                problems += check_training_args(stage["training_args"], f"train.{name}.training_args")
+    else:  # every section's problems at once: what did build is checked further, defaults for the rest
+        salvaged, more, omitted = _salvage(Recipe, raw, "")
+        problems += more + [p for p in _check_semantics(salvaged) if not _under(_key_of(p), omitted)]
     if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, list(dict.fromkeys(problems)))
     return recipe
 
 
+def _salvage(cls: type, data: Any, path: str) -> tuple[Any, list[str], set[str]]:
+    """(an instance of `cls` built from the parts of `data` that are valid, defaults standing in for the rest;
+    the range problems of those parts; the key paths left at their default). Used once from_dict has failed,
+    so that one bad value does not hide the checks of the fields and sections around it."""
+    if not isinstance(data, dict):  # from_dict said so; nothing of it is checked further
+        return cls(), [], {path}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    omitted: set[str] = set()
+    for name in names:
+        if name not in data:
+            continue
+        key = _join(path, name)
+        if dataclasses.is_dataclass(hints[name]):
+            values[name], more, gone = _salvage(hints[name], data[name], key)
+            problems, omitted = problems + more, omitted | gone
+            continue
+        value, more = _convert(hints[name], data[name], key)
+        if more:
+            omitted.add(key)
+        else:
+            values[name] = value
+    while True:
+        try:
+            return cls(**values), problems, omitted
+        except FieldProblems as e:  # drop the fields it names, keep what they hid
+            problems += [_join(path, p) for p in e.problems]
+            named = {re.split(r"[:\[.]", p, maxsplit=1)[0] for p in e.problems} & set(values)
+            if not named:
+                return cls(), problems, omitted | {path}
+            for name in named:
+                values.pop(name)
+                omitted.add(_join(path, name))
+        except (TypeError, ValueError):
+            return cls(), problems, omitted | {path}
+
+
+def _key_of(problem: str) -> str:
+    return problem.split(":", 1)[0].split(" ", 1)[0]
+
+
+def _under(key: str, paths: set[str]) -> bool:
+    return any(key == p or key.startswith((f"{p}.", f"{p}[")) for p in paths if p) or "" in paths
+
+
 def apply_override(raw: dict, item: str) -> None:
-    """`a.b=value` sets raw['a']['b'] (value parsed as YAML); `~a.b` removes it (the default applies)."""
+    """`a.b=value` sets raw['a']['b'] (value parsed as YAML); `~a.b` removes it (the default applies).
+
+    `~a.b` must name a key of the schema (or an entry set in a mapping such as training_args): a misspelt
+    reset would otherwise leave the value it meant to remove in place."""
     if item.startswith("~"):
         *parents, last = item[1:].split(".")
+        _check_reset_path(raw, item[1:])
         node = raw
         for part in parents:
             node = node.get(part, {}) if isinstance(node, dict) else {}
@@ -494,6 +645,33 @@ def apply_override(raw: dict, item: str) -> None:
         node[last] = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
+
+
+def _check_reset_path(raw: dict, dotted: str) -> None:
+    """ValueError unless `dotted` names a field of the recipe schema, or an entry present in a free-form mapping."""
+    tp: Any = Recipe
+    node: Any = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(tp):
+            names = [f.name for f in dataclasses.fields(tp)]
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                hint = f" (did you mean {'.'.join([*parts[:i], close[0]])!r}?)" if close else ""
+                raise ValueError(f"override '~{dotted}': {where} is not a recipe key{hint}; expected one of {names}")
+            tp = typing.get_type_hints(tp)[part]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1:
+                tp = inner[0]
+        elif typing.get_origin(tp) is dict:  # free-form (training_args): only an entry that is set
+            if not (isinstance(node, dict) and part in node):
+                set_keys = sorted(node) if isinstance(node, dict) else []
+                raise ValueError(f"override '~{dotted}': {where} is not set, nothing to reset; set are {set_keys}")
+            tp = Any
+        else:
+            raise ValueError(f"override '~{dotted}': {'.'.join(parts[:i])} is a value, not a section")
+        node = node.get(part) if isinstance(node, dict) else None
 
 
 def from_dict(cls: type, data: Any, path: str) -> tuple[Any, list[str]]:
@@ -569,32 +747,31 @@ def _convert_scalar(tp: Any, value: Any, path: str) -> tuple[Any, list[str]]:
             return value, []
         return None, [f"{path}: expected an integer, got {_describe(value)}"]
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), []
+            number = float(value)
         # PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string: accept what float() reads.
-        if isinstance(value, str):
-            try:
-                return float(value), []
-            except ValueError:
-                pass
-        return None, [f"{path}: expected a number, got {_describe(value)}"]
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            return None, [f"{path}: expected a number, got {_describe(value)}"]
+        if not math.isfinite(number):
+            return None, [f"{path}: expected a finite number, got {value!r}"]
+        return number, []
     if tp is str:
         return (value, []) if isinstance(value, str) else (None, [f"{path}: expected a string, got {_describe(value)}"])
     return value, []
 
 
 def _check_semantics(recipe: Recipe) -> list[str]:
-    """Checks that need more than one field, files that must exist, and TrainingArguments keys."""
+    """Files that must exist and TrainingArguments keys (ranges within a section are its __post_init__'s)."""
     problems = []
     d = recipe.data
     for key in ("train", "eval"):
         source = getattr(d, key)
         if source.endswith(".json") or source.startswith(PACKAGE_SCHEME):
             problems += _check_exists(f"data.{key}", source)
-    if d.doc_stride >= d.max_seq_length:
-        problems.append(
-            f"data.doc_stride: must be smaller than data.max_seq_length ({d.max_seq_length}), got {d.doc_stride}"
-        )
     for key in ("name_or_path", "tokenizer", "teacher"):
         value = getattr(recipe.model, key)
         if value and (value.startswith((".", "/", "~")) or value.startswith(PACKAGE_SCHEME)):
@@ -602,37 +779,11 @@ def _check_semantics(recipe: Recipe) -> list[str]:
     for name in ("finetune", "lengthdrop"):
         stage: StageConfig = getattr(recipe.train, name)
         problems += check_training_args(stage.training_args, f"train.{name}.training_args")
-        if not 0 < stage.length_drop_ratio_bound < 1:
-            problems.append(
-                f"train.{name}.length_drop_ratio_bound: expected a value in (0, 1), got {stage.length_drop_ratio_bound}"
-            )
-        if stage.num_sandwich < 0:
-            problems.append(f"train.{name}.num_sandwich: expected >= 0, got {stage.num_sandwich}")
-        if not 0 <= stage.layer_dropout_prob < 1:
-            problems.append(
-                f"train.{name}.layer_dropout_prob: expected a value in [0, 1), got {stage.layer_dropout_prob}"
-            )
-        if not 0 <= stage.kd_alpha <= 1:
-            problems.append(f"train.{name}.kd_alpha: expected a value in [0, 1], got {stage.kd_alpha}")
-    q = recipe.quantization
-    if not 0 <= q.tuning.tolerable_loss < 1:
-        problems.append(
-            f"quantization.tuning.tolerable_loss: expected a relative loss in [0, 1), got {q.tuning.tolerable_loss}"
-        )
-    if q.tuning.max_trials < 1:
-        problems.append(f"quantization.tuning.max_trials: expected >= 1, got {q.tuning.max_trials}")
-    problems += check_training_args(q.qat.training_args, "quantization.qat.training_args")
-    for i, entry in enumerate(q.tuning.config_set):
-        units = entry.get("fp32_units", [])
-        if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
-            problems.append(f"quantization.tuning.config_set[{i}].fp32_units: expected a list of unit name patterns")
+    problems += check_training_args(recipe.quantization.qat.training_args, "quantization.qat.training_args")
     b = recipe.benchmark
     for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report"):
         if getattr(b, key):
             problems += _check_exists(f"benchmark.{key}", getattr(b, key))
-    for i, ratio in enumerate(recipe.eval.keep_ratios):
-        if not 0 < ratio <= 1:
-            problems.append(f"eval.keep_ratios[{i}]: expected a value in (0, 1], got {ratio}")
     return problems
 
 
@@ -645,6 +796,26 @@ def _check_exists(key: str, value: str) -> list[str]:
         return [f"{key}: file or directory not found: {value} (relative paths are read from {Path.cwd()})"]
     return []
 
+
+# Numeric TrainingArguments checked when the recipe loads, not by torch or the Trainer minutes later (or never:
+# a learning rate of 0 trains nothing). Each: (test of the converted value, the expected range as said).
+_TRAINING_ARGS_RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "num_train_epochs": (lambda v: v > 0, "a number > 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or >= 1"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "a number > 0"),
+    "logging_steps": (lambda v: v > 0, "a number > 0"),
+    "save_steps": (lambda v: v > 0, "a number > 0"),
+    "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+}
 
 # Set by qala itself for every stage: a recipe that sets them would be silently overruled.
 _RESERVED_TRAINING_ARGS = {"output_dir", "seed", "remove_unused_columns", "label_names"}
@@ -669,7 +840,12 @@ def check_training_args(args: dict[str, Any], path: str) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{path}.{key}: not a transformers.TrainingArguments field{hint}")
         elif types_[key] in (bool, int, float, str):
-            problems += _convert_scalar(types_[key], value, f"{path}.{key}")[1]
+            converted, more = _convert_scalar(types_[key], value, f"{path}.{key}")
+            problems += more
+            if not more and key in _TRAINING_ARGS_RANGES:
+                check, expected = _TRAINING_ARGS_RANGES[key]
+                if not check(converted):
+                    problems.append(f"{path}.{key}: expected {expected}, got {value}")
     return problems
 
 
@@ -688,6 +864,9 @@ _TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "logging_steps": 10,
     "report_to": "none",
+    # The Trainer would log a NaN/inf step loss as the mean of the finite ones: qala.train's divergence check
+    # must see it.
+    "logging_nan_inf_filter": False,
     "dataloader_pin_memory": False,  # no accelerator on the CPU path; avoids a warning per epoch
     # LayerDrop leaves some parameters without gradients in a step: DDP must be told.
     "ddp_find_unused_parameters": True,

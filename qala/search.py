@@ -47,7 +47,8 @@ from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
 from qala.model import batch_inputs, constant_ratio_length_config, kept_per_layer, macs_per_sample
 from qala.quantize.load import load_model, load_tokenizer, model_kind
-from qala.recipe import Recipe, SearchConfig, changed_keys, fingerprint, load_recipe
+from qala.recipe import DataConfig, Recipe, SearchConfig, fingerprint, load_recipe
+from qala.stage import stored_record
 from qala.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -360,16 +361,13 @@ def evolve(
     rng = random.Random(seed)
 
     last = latest_checkpoint(out) if out is not None else None
-    data = json.loads(last.read_text()) if last is not None else None
-    if data is not None and data.get("fingerprint") != fingerprint:
+    data, why = stored_record(last, inputs, fingerprint=fingerprint)
+    if why is not None:
         # Its genes were scored on another model, data or setup: resuming would mix them into this frontier.
-        recorded = data.get("inputs")
-        why = "; ".join(changed_keys(recorded, dict(inputs))) if recorded and inputs else "another setup"
         logger.info("%s was written for other inputs (%s): starting the search again", last, why)
         if is_writer:
             for stale in out.glob("generation-*.json"):
                 stale.unlink()
-        data = None
     if data is not None:
         state = SearchState.from_json(data)
         if any(len(g) != num_layers or max(g) > seq_length for g in state.genes):
@@ -602,47 +600,26 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
     examples = load_split(d, "eval")
     features = windows(examples, tokenizer, d, train=False, padded=not ratio_mode)
     sub_examples, sub_features = question_subset(examples, features, search.eval_samples, seed)
-    # The fixed sample of real windows that ratio-mode costs are measured (or counted) on.
-    sample = random.Random(seed).sample(range(len(features)), min(search.latency_windows, len(features)))
-    sample_inputs = [batch_inputs(features.select([i])[:]) for i in sample]
+    sample_inputs = _cost_windows(features, search.latency_windows, seed)
     sample_lengths = [int(x["input_ids"].size(1)) for x in sample_inputs]
     if rank == 0:  # once model and data have loaded: a start that fails at once leaves the last run's record
         atomic_write_text(out / "recipe.yaml", dataclasses.replace(recipe, search=search).to_yaml())
 
     def score(gene: Gene, examples_, features_) -> float:
-        metrics, _ = evaluate_features(
-            model,
-            examples_,
-            features_,
-            **gene_config(gene, ratio_mode),
-            **e.evaluate_kwargs(),
-            progress=False,
-        )
+        config_ = gene_config(gene, ratio_mode)
+        metrics, _ = evaluate_features(model, examples_, features_, **config_, **e.evaluate_kwargs(), progress=False)
         return metrics["f1"]
 
     def macs_of(gene: Gene) -> float:
         if not ratio_mode:
             return float(macs_per_sample(config, gene, seq_length))
         ratios = gene_config(gene, True)["keep_ratios"]
-        return sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in sample_lengths) / len(sample)
-
-    if search.objective == "macs":
-        cost_fn = macs_of
-    elif ratio_mode:
-        cost_fn = window_latency_cost(
-            timed, sample_inputs, repeats=search.latency_repeats, warmup=search.latency_warmup
-        )
-    else:
-        rows = features[: search.latency_batch_size]
-        inputs = batch_inputs(rows)
-        repeat = math.ceil(search.latency_batch_size / inputs["input_ids"].size(0))
-        inputs = {k: v.repeat(repeat, 1)[: search.latency_batch_size] for k, v in inputs.items()}
-        cost_fn = latency_cost(timed, inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)
+        return sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in sample_lengths) / len(sample_lengths)
 
     inputs = search_inputs(recipe, search, model=content_hash(model_dir), eval_data=examples_hash(examples))
     search_key = fingerprint(inputs)
     state, evaluator = evolve(
-        cost_fn,
+        _cost_function(search, timed, features, sample_inputs, macs_of, ratio_mode),
         lambda g: score(g, sub_examples, sub_features),
         num_layers=num_layers,
         seq_length=grid,
@@ -652,63 +629,15 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
         fingerprint=search_key,
         inputs=inputs,
     )
-
-    # Final frontier and the constant-keep-ratio curve, both on the whole evaluation file.
-    ratio_genes = {
-        r: tuple(constant_ratio_length_config(r, num_layers, grid))
-        for r in keep_ratios(search.min_keep_ratio, search.baseline_points)
-    }
     subset = sub_examples is not examples
-    ratio_genes = {r: g for r, g in ratio_genes.items() if g in state.genes}
-    to_rescore = list(dict.fromkeys([*state.population, *ratio_genes.values()]))
-    # Out-of-bounds keep-ratio genes have no F1 yet; the curve needs one.
-    full_f1 = {g: state.genes[g]["f1"] for g in to_rescore if not subset and state.genes[g]["f1"] is not None}
-    full_f1.update(
-        evaluator.f1_full([g for g in to_rescore if g not in full_f1], lambda g: score(g, examples, features))
+    frontier, curve = _frontier_rows(
+        state, evaluator, search, num_layers, grid, ratio_mode, subset, lambda g: score(g, examples, features), macs_of
     )
-    final = pareto_front({g: (state.genes[g]["cost"], full_f1[g]) for g in state.population})
-    unit = "ms" if search.objective == "latency" else "MACs"
-
-    def entry(gene: Gene) -> dict[str, Any]:
-        record = state.genes[gene]
-        row = {**gene_config(gene, ratio_mode), "cost": record["cost"], "f1": full_f1[gene]}
-        if subset:
-            row["f1_subset"] = record["f1"]
-        row["macs"] = round(macs_of(gene))
-        if search.objective == "latency":
-            row["latency_ms"] = record["cost"]
-        return row
-
+    questions = {"questions": len(examples), "search_questions": len(sub_examples)}
     document = {
-        "objective": search.objective,
-        "cost_unit": unit,
-        "backend": search.backend,
-        "model": str(search.model),
-        "length_mode": search.length_mode,
-        "max_seq_length": seq_length,
-        "doc_stride": d.doc_stride,
-        # Ratio mode: costs are per real window, averaged over this many sampled dev windows.
-        "cost_windows": {"count": len(sample), "mean_tokens": round(sum(sample_lengths) / len(sample), 1)}
-        if ratio_mode
-        else None,
-        "num_layers": num_layers,
-        "min_keep_ratio": search.min_keep_ratio,
-        "lower_bound": gene_config(constant_ratio_length_config(search.min_keep_ratio, num_layers, grid), ratio_mode),
-        "cost_bounds": list(state.bounds),
-        "eval": {
-            "data": d.eval,
-            "questions": len(examples),
-            "search_questions": len(sub_examples),
-        },
-        "latency": {
-            "batch_size": search.latency_batch_size,
-            "threads": torch.get_num_threads(),
-            "repeats": search.latency_repeats,
-        }
-        if search.objective == "latency"
-        else None,
-        "frontier": [entry(g) for g in final],
-        "keep_ratio_curve": [{"keep_ratio": round(r, 4), **entry(g)} for r, g in ratio_genes.items()],
+        **_frontier_settings(search, d, num_layers, grid, ratio_mode, sample_lengths, state.bounds, questions),
+        "frontier": frontier,
+        "keep_ratio_curve": curve,
         "search": {
             "generations": state.generation,
             "evaluated": len(state.genes),
@@ -723,13 +652,125 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
         "environment": environment_info(),
     }
     if rank == 0:
-        atomic_write_json(out / GENES_NAME, {"objective": search.objective, "genes": list(state.genes.values())})
-        atomic_write_json(out / FRONTIER_NAME, document)
-        plot_frontier(document, list(state.genes.values()), out / PLOT_NAME)
         targets = [*([model_dir] if search.install_frontier else []), *map(Path, install_into)]
-        for target in dict.fromkeys(targets):
-            install_frontier(out / FRONTIER_NAME, target)
+        _write_frontier(out, document, list(state.genes.values()), targets)
     return document
+
+
+def _write_frontier(out: Path, document: dict[str, Any], genes: list[dict[str, Any]], targets: list[Path]) -> None:
+    """genes.json, frontier.json and its plot in the output folder; the frontier also into each of `targets`."""
+    atomic_write_json(out / GENES_NAME, {"objective": document["objective"], "genes": genes})
+    atomic_write_json(out / FRONTIER_NAME, document)
+    plot_frontier(document, genes, out / PLOT_NAME)
+    for target in dict.fromkeys(targets):
+        install_frontier(out / FRONTIER_NAME, target)
+
+
+def _cost_windows(features: Any, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The fixed seeded sample of `count` real windows, each a batch of one, that ratio-mode costs are
+    measured (or counted) on."""
+    sample = random.Random(seed).sample(range(len(features)), min(count, len(features)))
+    return [batch_inputs(features.select([i])[:]) for i in sample]
+
+
+def _cost_function(
+    search: SearchConfig,
+    timed: Callable,
+    features: Any,
+    sample_inputs: Sequence[Mapping[str, torch.Tensor]],
+    macs_of: Callable[[Gene], float],
+    ratio_mode: bool,
+) -> Callable[[Gene], float]:
+    """What a gene costs: its MACs, or the deployed backend's latency on the sampled real windows (ratio
+    mode) or on one padded batch of `latency_batch_size` windows (absolute mode)."""
+    if search.objective == "macs":
+        return macs_of
+    if ratio_mode:
+        return window_latency_cost(timed, sample_inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)
+    inputs = batch_inputs(features[: search.latency_batch_size])
+    repeat = math.ceil(search.latency_batch_size / inputs["input_ids"].size(0))
+    inputs = {k: v.repeat(repeat, 1)[: search.latency_batch_size] for k, v in inputs.items()}
+    return latency_cost(timed, inputs, repeats=search.latency_repeats, warmup=search.latency_warmup)
+
+
+def _frontier_rows(
+    state: SearchState,
+    evaluator: GeneEvaluator,
+    search: SearchConfig,
+    num_layers: int,
+    grid: int,
+    ratio_mode: bool,
+    subset: bool,
+    whole_file_f1: Callable[[Gene], float],
+    macs_of: Callable[[Gene], float],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The final frontier and the constant-keep-ratio curve, both with F1 on the whole evaluation file
+    (re-scored where the search scored a subset of it)."""
+    ratio_genes = {
+        r: tuple(constant_ratio_length_config(r, num_layers, grid))
+        for r in keep_ratios(search.min_keep_ratio, search.baseline_points)
+    }
+    ratio_genes = {r: g for r, g in ratio_genes.items() if g in state.genes}
+    to_rescore = list(dict.fromkeys([*state.population, *ratio_genes.values()]))
+    # Out-of-bounds keep-ratio genes have no F1 yet; the curve needs one.
+    full_f1 = {g: state.genes[g]["f1"] for g in to_rescore if not subset and state.genes[g]["f1"] is not None}
+    full_f1.update(evaluator.f1_full([g for g in to_rescore if g not in full_f1], whole_file_f1))
+    final = pareto_front({g: (state.genes[g]["cost"], full_f1[g]) for g in state.population})
+
+    def entry(gene: Gene) -> dict[str, Any]:
+        record = state.genes[gene]
+        row = {**gene_config(gene, ratio_mode), "cost": record["cost"], "f1": full_f1[gene]}
+        if subset:
+            row["f1_subset"] = record["f1"]
+        row["macs"] = round(macs_of(gene))
+        if search.objective == "latency":
+            row["latency_ms"] = record["cost"]
+        return row
+
+    return [entry(g) for g in final], [{"keep_ratio": round(r, 4), **entry(g)} for r, g in ratio_genes.items()]
+
+
+def _frontier_settings(
+    search: SearchConfig,
+    data: DataConfig,
+    num_layers: int,
+    grid: int,
+    ratio_mode: bool,
+    sample_lengths: Sequence[int],
+    bounds: tuple[float, float],
+    questions: dict[str, int],
+) -> dict[str, Any]:
+    """The head of frontier.json: what was searched, in which unit, the cost bounds, on which questions,
+    and how latency was timed."""
+    lower = constant_ratio_length_config(search.min_keep_ratio, num_layers, grid)
+    return {
+        "objective": search.objective,
+        "cost_unit": "ms" if search.objective == "latency" else "MACs",
+        "backend": search.backend,
+        "model": str(search.model),
+        "length_mode": search.length_mode,
+        "max_seq_length": data.max_seq_length,
+        "doc_stride": data.doc_stride,
+        # Ratio mode: costs are per real window, averaged over this many sampled dev windows.
+        "cost_windows": {
+            "count": len(sample_lengths),
+            "mean_tokens": round(sum(sample_lengths) / len(sample_lengths), 1),
+        }
+        if ratio_mode
+        else None,
+        "num_layers": num_layers,
+        "min_keep_ratio": search.min_keep_ratio,
+        "lower_bound": gene_config(lower, ratio_mode),
+        "cost_bounds": list(bounds),
+        "eval": {"data": data.eval, **questions},
+        "latency": {
+            "batch_size": search.latency_batch_size,
+            "threads": torch.get_num_threads(),
+            "repeats": search.latency_repeats,
+        }
+        if search.objective == "latency"
+        else None,
+    }
 
 
 def read_frontier(path: str | Path) -> dict[str, Any]:

@@ -17,7 +17,9 @@ latency of fp32 and INT8 at full length and each eval_keep_ratio). Trials and fp
 only for the same inputs BY CONTENT (model files, evaluation questions, calibration batches, the
 settings that shape them): a model retrained or a data file replaced at the same path is scored again.
 One run per OUTPUT_DIR at a time.
-Exit status 0 when the goal is met, 3 when no trial met it (the best model found is still saved).
+Exit status 0 when the goal is met, 3 when no trial met it (the best model found is still saved). Against
+an fp32 F1 of 0 (an untrained model) the goal cannot be judged: report.json says goal_met null, a warning
+says why, exit 0.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from qala.model import (
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.ipex import IpexUnavailableError
 from qala.quantize.load import load_model, load_tokenizer
-from qala.recipe import QuantizationConfig, Recipe, RecipeError, changed_keys, make_training_arguments
+from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments
+from qala.stage import stored_record
 from qala.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -99,11 +102,6 @@ def batches_hash(batches: list[dict[str, Any]]) -> str:
             else:
                 digest.update(f"{name}{json.dumps(value)}".encode())
     return digest.hexdigest()[:16]
-
-
-def _changes(recorded: dict[str, Any] | None, inputs: dict[str, Any]) -> str:
-    """Why a stored result does not fit this run, for the one log line that says it is recomputed."""
-    return "; ".join(changed_keys(recorded, inputs)) if recorded else "no record of its inputs"
 
 
 def _plain(value: Any) -> Any:
@@ -230,24 +228,20 @@ class Tuner:
         self.fp32_scores = self._cached_fp32_scores()
 
     def _cached_fp32_scores(self) -> dict[str, Any]:
-        if not self.fp32_cache.is_file():
-            return {}
-        cached = json.loads(self.fp32_cache.read_text())
-        if cached.get("inputs") == self.fp32_inputs:
-            return cached["scores"]
-        why = _changes(cached.get("inputs"), self.fp32_inputs)
-        logger.info("%s: fp32 scores of other inputs (%s): scoring again", self.fp32_cache, why)
-        return {}
+        cached, why = stored_record(self.fp32_cache, self.fp32_inputs)
+        if why is not None:
+            logger.info("%s: fp32 scores of other inputs (%s): scoring again", self.fp32_cache, why)
+        return cached["scores"] if cached is not None else {}
 
     def _drop_stale_trials(self, trials_dir: Path) -> None:
         """Delete trial records scored for other inputs (another model, data or calibration), saying why once."""
         stale = {}
         for path in sorted(trials_dir.glob("trial-*.json")):
-            record = json.loads(path.read_text())
-            if record.get("inputs") != self.inputs:
-                stale[path] = record.get("inputs")
+            _, why = stored_record(path, self.inputs)
+            if why is not None:
+                stale[path] = why
         if stale:
-            why = _changes(next(iter(stale.values())), self.inputs)
+            why = next(iter(stale.values()))
             logger.info("%s: %d trials scored for other inputs (%s): scoring again", trials_dir, len(stale), why)
             for path in stale:
                 path.unlink()
@@ -357,7 +351,14 @@ class Tuner:
             if monitor.need_stop():
                 break
         config, record = best
-        met = record["relative_loss"] <= t.tolerable_loss
+        # A relative loss against F1 0 is 0/0: "met" would be vacuous, "not met" just as empty.
+        met = record["relative_loss"] <= t.tolerable_loss if baseline["f1"] > 0 else None
+        if met is None:
+            logger.warning(
+                "the fp32 model scores F1 %.2f: an accuracy goal relative to it cannot be judged (goal_met: null); "
+                "train the model first",
+                baseline["f1"],
+            )
         report = {
             "baseline": baseline,
             "trials": trials,
@@ -504,7 +505,7 @@ def _run(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
     report.update(approach=q.approach, artifact=str(out / "model"), artifact_bytes=size, environment=environment_info())
     report["inputs"] = tuner.inputs  # content hashes and settings the trials and fp32 scores were keyed by
     atomic_write_json(out / "report.json", report)
-    return report, 0 if goal_met else EXIT_GOAL_NOT_MET
+    return report, EXIT_GOAL_NOT_MET if goal_met is False else 0
 
 
 def _run_ipex(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:

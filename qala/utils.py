@@ -29,6 +29,38 @@ MANIFEST_NAME = "manifest.json"
 # not of the saved model: the manifest vouches for the model only.
 WRITTEN_LATER = ("frontier.json", "latency_*.json")
 
+# Any one of these holds a vocabulary AutoTokenizer can build from (vocab.json needs merges.txt beside it).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# What a manifest of each format must list, whatever else it lists: one tuple of alternatives (fnmatch
+# patterns) per file, at least one of which is listed. A manifest that lost an entry, or a directory that
+# lost a file with it, is refused rather than loaded on what is left. (An INT8 artifact may be saved without
+# its tokenizer; whatever files a directory holds must be listed all the same, see check_manifest.)
+MANIFEST_FILE_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "qala-fp32": (
+        ("config.json",),
+        ("qala_config.json",),
+        ("model.safetensors", "model-*-of-*.safetensors"),
+        ("tokenizer_config.json",),
+        VOCABULARY_FILES,
+        ("recipe.yaml",),
+        ("training_info.json",),
+    ),
+    "qala-int8-pt2e": (
+        ("config.json",),
+        ("qala_config.json",),
+        ("int8_weights.safetensors",),
+        ("observers.safetensors",),
+        ("quantization.json",),
+    ),
+}
+
 
 class IntegrityError(ValueError):
     """A model directory whose files are not what was saved, or do not fit each other; the message names the file."""
@@ -106,15 +138,33 @@ def directory_files(directory: Path, excluded: Sequence[str]) -> list[str]:
 
 
 def write_manifest(directory: str | Path, *, format: str) -> None:
-    """manifest.json: the SHA-256 of every file under `directory` (not WRITTEN_LATER, not hidden temporaries).
+    """manifest.json: the SHA-256 of every file under `directory` (not WRITTEN_LATER, not hidden temporaries),
+    which must hold the whole file set of its `format` (MANIFEST_FILE_SETS).
 
-    Call it last, once everything the directory holds has been written: a file added afterwards is
-    not covered, one changed afterwards is refused by check_manifest.
+    Call it last, once everything the directory holds has been written: a file added or changed afterwards
+    is refused by check_manifest. Every file gets the permissions the umask gives a new file (transformers
+    writes model.safetensors 0600: a shared model folder others could not read).
     """
     directory = Path(directory)
     names = directory_files(directory, (*WRITTEN_LATER, MANIFEST_NAME))
+    missing = _missing_from_set(format, names)
+    if missing:
+        raise ValueError(f"{directory}: cannot write a {format} manifest without {missing}")
+    mode = 0o666 & ~_umask()
+    for name in names:
+        os.chmod(directory / name, mode)
     digests = {name: sha256_file(directory / name) for name in names}
     atomic_write_json(directory / MANIFEST_NAME, {"format": format, "sha256": digests})
+
+
+def _missing_from_set(format: str, names: Sequence[str]) -> str | None:
+    """The first file of `format`'s set that `names` lacks (its alternatives joined by " or "), else None."""
+    if format not in MANIFEST_FILE_SETS:
+        return f"a known format (one of {sorted(MANIFEST_FILE_SETS)}, not {format!r})"
+    for alternatives in MANIFEST_FILE_SETS[format]:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in alternatives):
+            return " or ".join(alternatives)
+    return None
 
 
 def check_manifest(
@@ -126,20 +176,33 @@ def check_manifest(
 ) -> bool:
     """Check the files manifest.json lists (with `only`, those of them named there) against their SHA-256.
 
-    False when the directory has no manifest. Raises `error` naming the first file at fault: missing,
-    changed after saving, or one of `required` that the manifest does not list.
+    False when the directory has no manifest. Raises `error` naming the first file at fault: a file of its
+    format's fixed set (MANIFEST_FILE_SETS) or of `required` that it does not list, a file in the directory
+    that it does not list (added, or its entry removed, after saving), a listed file missing, or one changed
+    after saving.
     """
     directory = Path(directory)
     file = directory / MANIFEST_NAME
     if not file.is_file():
         return False
     try:
-        digests = dict(json.loads(file.read_text())["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        manifest = json.loads(file.read_text())
+        digests = dict(manifest["sha256"])
+        format = manifest.get("format")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise error(f"{file}: not a valid manifest ({e})") from e
+    missing = _missing_from_set(format, list(digests))
+    if missing:
+        raise error(f"{file}: does not list {missing}; a {format} directory has it (manifest or directory incomplete)")
     for name in required:
         if name not in digests:
             raise error(f"{file}: does not list {name}; the directory is incomplete")
+    for name in directory_files(directory, (*WRITTEN_LATER, MANIFEST_NAME)):
+        if name not in digests:
+            raise error(
+                f"{directory / name}: not listed in {MANIFEST_NAME}; added, or its entry removed, after saving "
+                "(restore the directory as saved)"
+            )
     for name, digest in digests.items():
         if only is not None and name not in only:
             continue

@@ -1,5 +1,6 @@
 """Budget-aware answering: configuration choice, the latency cache, answers on a tiny model, the CLI."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import qala.answer as qa
 import qala.search as qs
 from qala.answer import FrontierPoint, QalaModel, host_name, select_point
 from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.utils import IntegrityError, content_hash
 from tests.conftest import REPO
 
 # One window of max_seq_length=64 with the question, whatever the tiny tokenizer splits its words into.
@@ -38,7 +40,9 @@ def test_select_point_picks_the_most_accurate_that_fits():
         select_point([], 1.0)
 
 
-def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None):
+def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None, engines=None):
+    """The tiny checkpoint with FRONTIER; `cached_ms`: a latency cache of constant cost models for each engine
+    of `engines` ({name: factor on FRONTIER's ms}, default {"eager": 1}), as an earlier load or calibration left."""
     model_dir = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
     frontier = {
         "objective": "latency",
@@ -49,15 +53,24 @@ def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None):
     (model_dir / "frontier.json").write_text(json.dumps(frontier))
     if cached_ms:
         # Constant cost models (ms per window whatever its length), as fitted by an earlier load.
+        rows = {
+            name: [
+                {
+                    "config": json.dumps({"length_config": list(c)}),
+                    "cost": [ms * factor, 0.0, 0.0],
+                    "ms": {"32": ms * factor, "64": ms * factor},
+                }
+                for c, _, ms in FRONTIER
+            ]
+            for name, factor in (engines or {"eager": 1.0}).items()
+        }
         cache = {
             "format": qa.CACHE_FORMAT,
             "host": host_name(),
-            "backend": "fp32:eager",
+            "model": content_hash(model_dir),
             "threads": threads or torch.get_num_threads(),
             "lengths": [32, 64],
-            "configs": [
-                {"config": json.dumps({"length_config": list(c)}), "cost": [ms, 0.0, 0.0]} for c, _, ms in FRONTIER
-            ],
+            "engines": {name: {"configs": configs} for name, configs in rows.items()},
         }
         (model_dir / f"latency_{host_name()}.json").write_text(json.dumps(cache))
     return model_dir
@@ -110,11 +123,13 @@ def test_latency_is_measured_once_per_host_and_setup(tmp_path, tiny_checkpoint, 
     model_dir = write_model_dir(tmp_path, tiny_checkpoint, cached_ms=False)
     model = QalaModel.from_pretrained(model_dir, latency_repeats=2)
     cache = json.loads((model_dir / f"latency_{host_name()}.json").read_text())
-    assert cache["backend"] == "fp32:eager" and cache["threads"] == torch.get_num_threads()
+    assert list(cache["engines"]) == ["eager"] and cache["threads"] == torch.get_num_threads()
+    assert cache["fastest"] == "eager" and model.engine == "eager"  # the only engine timed
     assert cache["lengths"] == [32, 64]  # calibration lengths clipped to max_seq_length
-    configs = sorted(tuple(json.loads(row["config"])["length_config"]) for row in cache["configs"])
+    rows = cache["engines"]["eager"]["configs"]
+    configs = sorted(tuple(json.loads(row["config"])["length_config"]) for row in rows)
     assert configs == sorted(c for c, _, _ in FRONTIER)
-    assert all(len(row["cost"]) == 3 and set(row["ms"]) == {"32", "64"} for row in cache["configs"])
+    assert all(len(row["cost"]) == 3 and set(row["ms"]) == {"32", "64"} for row in rows)
     assert all(p.latency_ms > 0 and p.cost is not None for p in model.points)
 
     monkeypatch.setattr(qa, "median_latency_ms", no_timing)
@@ -203,7 +218,7 @@ search: {{model: {artifact}, output_dir: {tmp_path}/search, objective: macs, bac
 
     served = QalaModel.from_pretrained(artifact, latency_repeats=1, compile=False)
     cache = json.loads((artifact / f"latency_{host_name()}.json").read_text())
-    assert cache["backend"] == "int8:eager"
+    assert list(cache["engines"]) == ["eager"] and served.engine == "eager"
     result = served.answer(QUESTION, CONTEXT, budget_ms=1e6)
     assert result["answer"] in CONTEXT and result["fits_budget"]
 
@@ -236,12 +251,17 @@ def test_served_batches_are_unpadded_and_bounded(tmp_path, tiny_checkpoint, monk
     model.model = spy
     questions = [QUESTION, "Where does the Elbe rise?", "Which sea?", "What flows through Dresden and Hamburg?"]
     contexts = [" ".join([CONTEXT] * 5), CONTEXT, "The Elbe reaches the North Sea.", CONTEXT]
-    results = model.answer_batch(questions, contexts, budget_ms=100)
+    # No budget: one configuration for all, so short and long windows are batched together.
+    results = model.answer_batch(questions, contexts)
     assert all(r["answer"] in c for r, c in zip(results, contexts, strict=True))
     assert sum(r["windows"] for r in results) == sum(n for (n, _), _ in shapes)
     for (rows, width), real in shapes:
         assert rows <= 3  # bounded batches: memory stays flat in the context length
         assert width == max(real)  # padded only to the longest window of the batch
+        # Windows sorted by length and grouped per 32 tokens: no call pads a window by 32 positions or more.
+        assert (max(real) - 1) // 32 == (min(real) - 1) // 32, real
+    lengths = [n for r in results for n in r["tokens"]]
+    assert {(n - 1) // 32 for n in lengths} == {0, 1}  # windows of both groups were asked for
     assert all(max(r["tokens"]) <= 64 for r in results)
 
 
@@ -399,3 +419,117 @@ def test_answer_refuses_an_invalid_frontier_in_one_line(tmp_path, tiny_checkpoin
     (model_dir / "frontier.json").write_text(json.dumps(frontier))
     assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
     assert "frontier.json: 'max_seq_length' must be a positive integer" in capsys.readouterr().err
+
+
+def _replace_weights_in_place(model_dir, tmp_path):
+    """The model retrained in place: other weights, same path, frontier.json and latency cache left beside them."""
+    from tests.conftest import build_tiny_qa_checkpoint
+
+    other = build_tiny_qa_checkpoint(tmp_path / "retrained", seed=1)
+    shutil.copy(other / "model.safetensors", model_dir / "model.safetensors")
+
+
+def test_a_frontier_searched_on_other_weights_is_refused(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Silent before: a model retrained in place answered with the old model's configurations and F1 figures."""
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    frontier = json.loads((model_dir / "frontier.json").read_text())
+    searched = content_hash(model_dir)
+    frontier["search"] = {"inputs": {"model": searched}}  # as qala.search records it
+    (model_dir / "frontier.json").write_text(json.dumps(frontier))
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    assert len(QalaModel.from_pretrained(model_dir).points) == 3
+    _replace_weights_in_place(model_dir, tmp_path)
+    now = content_hash(model_dir)
+    with pytest.raises(IntegrityError, match=f"searched on another model \\(content {searched}, this model's is {now}"):
+        QalaModel.from_pretrained(model_dir)
+    capsys.readouterr()
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION, "--context", CONTEXT]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{model_dir / 'frontier.json'}: searched on another model" in errors[0]
+
+
+def test_the_latency_cache_of_other_weights_is_measured_again(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)  # its cache is keyed by these weights
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    QalaModel.from_pretrained(model_dir)
+    before = content_hash(model_dir)
+    _replace_weights_in_place(model_dir, tmp_path)
+    with caplog.at_level("INFO", logger="qala.answer"), pytest.raises(AssertionError, match="from the cache"):
+        QalaModel.from_pretrained(model_dir)
+    assert f"is for another setup (model: {before} -> {content_hash(model_dir)}): measuring again" in caplog.text
+
+
+def test_a_question_the_vocabulary_cannot_read_gets_no_span(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Before: an Amharic question (all [UNK]) got a span with a score as confident as the English one's."""
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    model = QalaModel.from_pretrained(model_dir)
+    amharic = "ኤልቤ በየትኞቹ ከተሞች ይፈሳል?"
+    mixed = "Which are the ከተሞች of the ኤልቤ?"  # only function words are readable
+    readable, unread, half = model.answer_batch([QUESTION, amharic, mixed], [CONTEXT] * 3)
+    assert readable["flag"] is None and readable["answer"] in CONTEXT and readable["score"] is not None
+    for result in (unread, half):
+        assert result["answer"] == "" and result["score"] is None
+        assert result["flag"].startswith("the model cannot read the question: ")
+    assert "4 of its 4 words are unknown" in unread["flag"] and "function words" in half["flag"]
+    capsys.readouterr()
+    assert qa.main(["--model", str(model_dir), "--question", amharic, "--context", CONTEXT]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --question: {unread['flag']}"
+
+
+def test_an_infinite_budget_is_refused_before_the_model_loads(tmp_path, capsys):
+    """`--budget-ms inf` printed `Infinity` in the output, which is not JSON."""
+    argv = ["--model", str(tmp_path / "absent"), "--question", QUESTION, "--context", CONTEXT, "--budget-ms", "inf"]
+    assert qa.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --budget-ms must be a finite positive number, got inf"
+
+
+HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")
+def test_the_engine_recorded_as_fastest_is_served_unless_one_is_named(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint, engines={"eager": 1.0, "onnxruntime": 0.5})
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)  # every engine's costs come from the cache
+    served = QalaModel.from_pretrained(model_dir)
+    assert served.engine == "onnxruntime" and served.model.name == "onnxruntime"
+    assert [p.latency_ms for p in served.points] == [1.5, 3.0, 5.0]  # onnxruntime's costs, not eager's
+    assert served.answer(QUESTION, CONTEXT)["answer"] in CONTEXT
+    # Exported graphs are cached beside the model, in a hidden folder: not model content (frontier and cache hold).
+    assert list((model_dir / qa.ENGINE_DIR).glob("*/plain*.onnx"))
+    assert QalaModel.from_pretrained(model_dir).engine == "onnxruntime"
+    # Named: that engine, whatever was fastest; `backend=` is the same option's older name.
+    assert QalaModel.from_pretrained(model_dir, engine="eager").engine == "eager"
+    assert QalaModel.from_pretrained(model_dir, backend="eager").model.name == "eager"
+    with pytest.raises(ValueError, match="backend is engine's alias"):
+        QalaModel.from_pretrained(model_dir, engine="eager", backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown serving engine 'tensorrt'"):
+        QalaModel.from_pretrained(model_dir, engine="tensorrt")
+    # An engine that re-quantizes on its own gives other answers: never chosen unnamed, however fast.
+    faster = write_model_dir(tmp_path / "q", tiny_checkpoint, engines={"eager": 1.0, "onnxruntime-int8": 0.1})
+    assert QalaModel.from_pretrained(faster).engine == "eager"
+
+
+def test_no_calibration_serves_the_default_engine(tmp_path, tiny_checkpoint, monkeypatch):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint, engines={"eager": 1.0})
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    assert QalaModel.from_pretrained(model_dir).engine == qa.DEFAULT_ENGINE == "eager"
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")
+def test_calibration_times_each_engine_and_records_the_fastest(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint, cached_ms=False)
+    assert qa.main(["--model", str(model_dir), "--calibrate", "--engine", "eager"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["fastest"] == "eager" and list(printed["engines"]) == ["eager"] and printed["engines"]["eager"] > 0
+    report = QalaModel.calibrate(model_dir, engines=["eager", "onnxruntime", "openvino-int8"], latency_repeats=1)
+    timed = {name: ms for name, ms in report["engines"].items() if isinstance(ms, float)}
+    assert set(timed) == {"eager", "onnxruntime"} and all(ms > 0 for ms in timed.values())
+    assert report["engines"]["openvino-int8"].startswith("not run: engine 'openvino-int8' quantizes with NNCF")
+    assert report["fastest"] == min(timed, key=timed.get)
+    cache = json.loads((model_dir / f"latency_{host_name()}.json").read_text())
+    assert cache["fastest"] == report["fastest"] and set(cache["engines"]) == {"eager", "onnxruntime"}
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    assert QalaModel.from_pretrained(model_dir).engine == report["fastest"]  # read back, nothing timed
+    assert qa.main(["--model", str(model_dir), "--question", QUESTION]) == 2
+    assert "--question and --context (or --context-file) are required unless --calibrate" in capsys.readouterr().err

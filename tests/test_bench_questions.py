@@ -114,7 +114,11 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
         "qala/QuaLA-MiniLM/int8/kr-0.9-0.6/b1",
         "qala/QuaLA-MiniLM/int8/lc-60-50/b32",
     } <= set(ids)
-    assert len(ids) == len(set(ids)) == 16
+    # Peers: ONNX Runtime plain and fused, OpenVINO (when installed), each fp32 and INT8, at both batch sizes.
+    assert {"onnxruntime-fused/MiniLM/fp32/full/b1", "onnxruntime-fused/MiniLM/int8/full/b32"} <= set(ids)
+    openvino = plan.openvino_available()
+    assert ("openvino/MiniLM/int8/full/b1" in ids) == openvino
+    assert len(ids) == len(set(ids)) == 20 + 4 * openvino
     by_id = {r["id"]: r for r in rows}
     assert by_id["qala/QuaLA-MiniLM/int8/kr-0.9-0.6/b1"]["length_mode"] == "ratio"
     assert by_id["qala/QuaLA-MiniLM/int8/lc-60-50/b1"]["length_mode"] == "absolute"
@@ -207,12 +211,9 @@ def test_pad_to_multiple():
     assert questions.pad_to_multiple(inputs, None) is inputs and questions.pad_to_multiple(inputs, 1) is inputs
 
 
-def test_onnxruntime_runs_unpadded_windows_of_any_length(tmp_path, model_dir):  # noqa: F811
-    pytest.importorskip("onnxruntime")
-    spec = {"path": str(model_dir), "dtype": "fp32", "threads": 1, "seq_length": 64}
-    call, facts = onnx_model(spec, tmp_path / "onnx", dynamic_sequence=True)
-    reference = AutoModelForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager").eval()
+def peer_inputs() -> list[dict]:
     g = torch.Generator().manual_seed(0)
+    batches = []
     for batch, seq in ((1, 20), (3, 50)):
         inputs = {
             "input_ids": torch.randint(5, 600, (batch, seq), generator=g),
@@ -220,14 +221,75 @@ def test_onnxruntime_runs_unpadded_windows_of_any_length(tmp_path, model_dir):  
             "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
         }
         inputs["attention_mask"][0, seq - 5 :] = 0
+        batches.append(inputs)
+    return batches
+
+
+def assert_equals_transformers(call, directory) -> None:
+    reference = AutoModelForQuestionAnswering.from_pretrained(directory, attn_implementation="eager").eval()
+    for inputs in peer_inputs():
         start, end = call(inputs)
         with torch.no_grad():
             expected = reference(**inputs)
-        assert start.shape == (batch, seq)
+        assert start.shape == tuple(inputs["input_ids"].shape)
         assert (torch.from_numpy(start) - expected.start_logits).abs().max().item() < 1e-4
         assert (torch.from_numpy(end) - expected.end_logits).abs().max().item() < 1e-4
-    int8_call, int8_facts = onnx_model({**spec, "dtype": "int8"}, tmp_path / "onnx8", dynamic_sequence=True)
-    assert int8_call(inputs)[0].shape == (3, 50) and "quantize_dynamic" in int8_facts["quantization"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_onnxruntime_runs_unpadded_windows_of_any_length(tmp_path, model_dir, fused):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    from qala.quantize.onnx import operator_types
+
+    spec = {"path": str(model_dir), "dtype": "fp32", "threads": 1, "seq_length": 64}
+    call, facts = onnx_model(spec, tmp_path / "onnx", fused=fused)
+    assert_equals_transformers(call, model_dir)
+    assert bool(facts.get("fused_operators")) == fused
+    int8_call, int8_facts = onnx_model({**spec, "dtype": "int8"}, tmp_path / "onnx8", fused=fused)
+    assert int8_call(peer_inputs()[1])[0].shape == (3, 50) and "quantize_dynamic" in int8_facts["quantization"]
+    ops = operator_types(next((tmp_path / "onnx8").glob("*.int8.onnx")))
+    assert "MatMulInteger" in ops and ("QAttention" in ops) == fused
+
+
+def test_openvino_peer_fp32_equals_transformers_and_int8_runs_integer_layers(tmp_path, model_dir):  # noqa: F811
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from qala.bench.peers import openvino_model
+
+    spec = {"path": str(model_dir), "dtype": "fp32", "threads": 1}
+    call, facts = openvino_model(spec, tmp_path / "ov")
+    assert_equals_transformers(call, model_dir)
+    calibration = [{k: v[:1] for k, v in inputs.items()} for inputs in peer_inputs()]
+    int8_call, int8_facts = openvino_model({**spec, "dtype": "int8"}, tmp_path / "ov8", calibration)
+    assert int8_call(peer_inputs()[1])[0].shape == (3, 50)
+    assert "nncf" in int8_facts["quantization"] and int8_facts["int8_layers"]
+
+
+def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
+    # Every OpenVINO row gets F1 from its own answers: the fp32 peer and qala's bucketed engine answer like
+    # transformers; the INT8 ones calibrate on the training sample's windows (never the questions answered).
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    calibration = {"data": "package://qala/samples/squad_sample_train.json", "windows": 8}
+    plain = questions.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
+    peer = questions.measure_questions(spec_for(model_dir, tmp_path, engine="openvino"))
+    bucketed = questions.measure_questions(spec_for(model_dir, tmp_path, backend="openvino"))
+    assert peer["f1"] == plain["f1"] == bucketed["f1"] and bucketed["compiled_models"] > 0
+    ratio = questions.measure_questions(
+        spec_for(model_dir, tmp_path, backend="openvino", length_config=[0.7, 0.4], length_mode="ratio")
+    )
+    reference = questions.measure_questions(
+        spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio")
+    )
+    assert ratio["f1"] == reference["f1"]
+    # max_seq_length 96: a training-sample question is too long for 64-token windows with doc_stride 32.
+    window = {"max_seq_length": 96, "doc_stride": 32, "calibration": calibration, "dtype": "int8"}
+    for spec in (
+        spec_for(model_dir, tmp_path, engine="openvino", **window),
+        spec_for(model_dir, tmp_path, backend="openvino-int8", **window),
+    ):
+        row = questions.measure_questions(spec)
+        assert row["f1"] is not None and "nncf" in row["quantization"]
 
 
 # ------------------------------------------------------------------ workers, the row's own python, the JSON
@@ -312,3 +374,78 @@ def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: 
     assert (
         eager["backend"] == "eager" and eager["f1"] == questions.measure_questions(spec_for(model_dir, tmp_path))["f1"]
     )
+
+
+def test_qala_rows_run_a_requests_windows_in_length_groups(tmp_path, model_dir):  # noqa: F811
+    # Batch 32 padded every window to the request's longest: a request's windows are sorted and grouped per
+    # 32 tokens, one call per group, and the logits at each window's real positions are unchanged.
+    from qala.model import LengthAdaptiveForQuestionAnswering
+
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
+    lengths = [70, 12, 100, 40, 35, 9, 64]
+    width = max(lengths)
+    ids = torch.randint(5, 600, (len(lengths), width), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    inputs = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    calls = []
+
+    def predict(batch):
+        calls.append((tuple(batch["input_ids"].shape), batch["attention_mask"].sum(dim=1).tolist()))
+        with torch.no_grad():
+            out = model(**batch)
+        return out.start_logits.numpy(), out.end_logits.numpy()
+
+    start, end = questions.grouped(predict)(inputs)
+    assert sum(rows for (rows, _), _ in calls) == len(lengths) and len(calls) > 1
+    for (_, cut), real in calls:
+        assert cut == max(real) and cut - min(real) < 32, real  # each window padded by < 32 positions
+    calls.clear()
+    whole_start, whole_end = predict(inputs)
+    for b, n in enumerate(lengths):
+        assert abs(start[b, :n] - whole_start[b, :n]).max() < 1e-4 and abs(end[b, :n] - whole_end[b, :n]).max() < 1e-4
+    # Padded to a row's multiple (compiled rows): every group's width is a multiple, never past the batch.
+    assert [cut for _, cut in questions.length_groups(inputs, multiple=32)] == [32, 64, 96, 100]
+
+
+def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # noqa: F811
+    # onnxruntime-int8 / openvino-int8 quantize the fp32 model themselves: their INT8 rows (full length and
+    # frontier) start from benchmark.model; an engine running INC's INT8 artifact still needs int8_model.
+    frontier = {
+        "backend": "int8",
+        "max_seq_length": 64,
+        "frontier": [{"keep_ratios": [0.9, 0.6], "f1": 20.0, "cost": 1.0}],
+    }
+    (tmp_path / "frontier.json").write_text(json.dumps(frontier))
+    overrides = ["benchmark.ipex=false", f"benchmark.frontier={tmp_path}/frontier.json"]
+    overrides.append("benchmark.frontier_dtypes=[int8]")
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
+    assert recipe.benchmark.int8_model is None
+    backends = ["eager", "onnxruntime-int8", "openvino-int8"]
+    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, qala_backends=backends)
+    int8 = {r["id"]: r for r in rows if r["engine"] == "qala" and r["dtype"] == "int8"}
+    assert set(int8) == {
+        "qala:onnxruntime-int8/MiniLM/int8/full/b2",
+        "qala:openvino-int8/MiniLM/int8/full/b2",
+        "qala:onnxruntime-int8/QuaLA-MiniLM/int8/kr-0.9-0.6/b2",
+        "qala:openvino-int8/QuaLA-MiniLM/int8/kr-0.9-0.6/b2",
+    }
+    assert all(r["path"] == str(model_dir) for r in int8.values())
+
+
+def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(plan, "openvino_available", lambda: True)
+    ids = {}
+    for value in ("true", "false"):
+        recipe = load_recipe(write_recipe(tmp_path, model_dir), ["benchmark.ipex=false", f"benchmark.openvino={value}"])
+        rows, _ = questions.plan_question_rows(recipe, recipe.benchmark)
+        ids[value] = {r["id"] for r in rows if r["engine"] == "openvino"}
+    # benchmark.onnxruntime is false in this recipe: the OpenVINO peers follow their own key.
+    assert ids["true"] == {"openvino/MiniLM/fp32/full/b2", "openvino/MiniLM/int8/full/b2"} and not ids["false"]
+
+
+@pytest.mark.skipif(not plan.onnxruntime_available(), reason="onnxruntime not installed")
+def test_the_gemm_peak_runs_on_qala_quantize_onnx(tmp_path):
+    from qala.bench import peers, roofline
+
+    assert roofline._onnx_matmul(16, tmp_path, int8=True)()[0].shape == (16, 16)
+    assert not hasattr(peers, "onnx_session") and not hasattr(peers, "quantize_onnx")  # one builder, one quantizer

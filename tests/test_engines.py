@@ -13,6 +13,8 @@ from qala.quantize.engines import BACKENDS, make_engine, ratio_table
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")
+HAS_OV = HAS_ORT and all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+needs_ov = pytest.mark.skipif(not HAS_OV, reason="openvino/nncf not installed (pip install -e '.[onnx]')")
 
 LENGTHS = (9, 23, 40)
 RATIOS = [0.9, 0.6]
@@ -50,7 +52,7 @@ def max_error(engine, reference, inputs: dict, config: dict) -> float:
 
 
 def test_registry_names_and_unknown_backend(model):
-    assert {"eager", "compile-dynamic", "onnxruntime", "onnxruntime-int8"} <= set(BACKENDS)
+    assert {"eager", "compile-dynamic", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8"} <= set(BACKENDS)
     with pytest.raises(ValueError, match="unknown engine backend 'tensorrt'"):
         make_engine(model, "tensorrt")
 
@@ -66,9 +68,35 @@ def test_length_config_as_ratios_keeps_the_same_counts():
         ratio_table(mask, 3, keep_ratios=[1.2, 1, 1])
 
 
-@pytest.mark.parametrize("backend", ["eager", "compile-dynamic", pytest.param("onnxruntime", marks=needs_ort)])
+def test_ratio_tables_are_fresh_tensors_not_views():
+    # Dynamo guards on a view's base: a [1, layers] table that is an expanded view of a [layers] tensor (list
+    # ratios) and a fresh one (length_config) compiled separate graphs, so a request after warm-up compiled.
+    mask = torch.ones(1, 9, dtype=torch.long)
+    tables = [
+        ratio_table(mask, 2, keep_ratios=[0.9, 0.6]),
+        ratio_table(mask, 2, length_config=[7, 5]),
+        ratio_table(mask, 2),
+        ratio_table(mask, 2, keep_ratios=torch.rand(3, 2).double()[1:2]),
+    ]
+    for table in tables:
+        assert table._base is None and table.is_contiguous() and tuple(table.shape) == (1, 2)
+
+
+def options(backend: str, tmp_path) -> dict:
+    return {"workdir": tmp_path} if backend.startswith(("onnx", "openvino")) else {}
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",
+        "compile-dynamic",
+        pytest.param("onnxruntime", marks=needs_ort),
+        pytest.param("openvino", marks=needs_ov),
+    ],
+)
 def test_fp32_backends_equal_pytorch_at_every_length(model, backend, tmp_path):
-    engine = make_engine(model, backend, **({"workdir": tmp_path} if backend.startswith("onnx") else {}))
+    engine = make_engine(model, backend, **options(backend, tmp_path))
     engine.warmup(lengths=(8, 16, 40))
     for n in LENGTHS:
         for config in configs(n):
@@ -77,18 +105,30 @@ def test_fp32_backends_equal_pytorch_at_every_length(model, backend, tmp_path):
         assert engine.compiles_after_warmup == 0
 
 
-@needs_ort
-def test_onnx_mixed_length_batch_equals_each_window_alone(model, tmp_path):
-    engine = make_engine(model, "onnxruntime", workdir=tmp_path)
-    rows = [window(n) for n in (12, 30)]
-    batch = {k: torch.stack([torch.nn.functional.pad(r[k][0], (0, 30 - r[k].size(1))) for r in rows]) for k in rows[0]}
-    for config in ({}, {"keep_ratios": RATIOS}):
+def mixed_batch(lengths) -> tuple[list[dict], dict]:
+    """Windows of several lengths, alone and right-padded into one batch."""
+    rows = [window(n) for n in lengths]
+    width = max(lengths)
+    pad = torch.nn.functional.pad
+    return rows, {k: torch.stack([pad(r[k][0], (0, width - r[k].size(1))) for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)]
+)
+def test_mixed_length_batch_equals_each_window_alone(model, backend, tmp_path):
+    # OpenVINO pads each window to its bucket (32, 64 here) and sorts the batch: the logits at a window's real
+    # positions are still those of the unbucketed model on that window alone, at full length and when dropping.
+    engine = make_engine(model, backend, workdir=tmp_path)
+    rows, batch = mixed_batch((12, 30, 9, 40, 33))
+    for config in ({}, {"keep_ratios": RATIOS}, {"length_config": [20, 11]}):
         got = engine(**batch, **config)
         for b, row in enumerate(rows):
             n = row["input_ids"].size(1)
             with torch.no_grad():
                 alone = model(**row, **config)
-            assert float((got.start_logits[b, :n] - alone.start_logits[0]).abs().max()) < FP32_TOLERANCE
+            assert float((got.start_logits[b, :n] - alone.start_logits[0]).abs().max()) < FP32_TOLERANCE, (b, config)
+            assert float((got.end_logits[b, :n] - alone.end_logits[0]).abs().max()) < FP32_TOLERANCE, (b, config)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +150,101 @@ def test_compile_dynamic_int8_follows_the_eager_int8_model(int8_model):
 
 
 @needs_ort
-def test_onnxruntime_int8_tracks_fp32(model, int8_model, tmp_path):
+def test_onnxruntime_int8_runs_integer_kernels_and_tracks_fp32(model, int8_model, tmp_path):
     # ORT dynamic INT8 quantizes activations per call: compared with fp32 at full length, where token
     # selection cannot change which tokens survive. An INT8 artifact is exported from its fp32 weights.
+    from qala.quantize.onnx import operator_types
+
     engine = make_engine(int8_model, "onnxruntime-int8", workdir=tmp_path)
     scale = max(float(model(**window(n)).start_logits.abs().max()) for n in LENGTHS)
     for n in LENGTHS:
         assert max_error(engine, model, window(n), {}) < 0.1 * scale + 0.02, n
+    # Full length runs the fused graph quantized: QAttention and integer GEMMs, no float MatMul left.
+    plain = operator_types(engine.facts["plain_graph"])
+    assert {"QAttention", "MatMulInteger", "DynamicQuantizeLinear"} <= plain and "MatMul" not in plain
+    rows, batch = mixed_batch((12, 40))
+    engine(**batch, keep_ratios=RATIOS)
+    assert "MatMulInteger" in operator_types(engine.facts["adaptive_graph"])
+
+
+@needs_ort
+def test_onnxruntime_full_length_runs_the_fused_plain_graph(model, tmp_path):
+    from qala.quantize.onnx import operator_types
+
+    engine = make_engine(model, "onnxruntime", workdir=tmp_path)
+    engine(**window(20))
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= operator_types(engine.facts["plain_graph"])
+    assert "TopK" not in operator_types(engine.facts["plain_graph"])
+    assert engine.facts["fused_operators"]["Attention"] == model.num_layers
+
+
+def calibration(n: int = 6) -> list[dict]:
+    return [window(8 + 5 * i, seed=100) for i in range(n)]
+
+
+@needs_ov
+def test_openvino_int8_runs_integer_kernels_and_tracks_pytorch(model, tmp_path):
+    engine = make_engine(model, "openvino-int8", workdir=tmp_path, calibration=calibration())
+    precisions = engine.int8_precisions()
+    assert any(k.startswith("FullyConnected:") and k.endswith(("u8", "i8")) for k in precisions), precisions
+    assert "FakeQuantize" in {op.get_type_name() for op in engine.base(None).get_ops()}
+    assert "re-quantizes" in engine.facts["quantization"]
+    scale = max(float(model(**window(n)).start_logits.abs().max()) for n in LENGTHS)
+    # Static INT8 of a random tiny model: a tenth of the logit range, at full length and when dropping (the
+    # top-k may pick other tokens than fp32 where significances are close, so dropping gets a wider bound).
+    for n in LENGTHS:
+        assert max_error(engine, model, window(n), {}) < 0.1 * scale + 0.02, n
+        assert max_error(engine, model, window(n), {"keep_ratios": RATIOS}) < 0.25 * scale + 0.02, n
+    fp32 = make_engine(model, "openvino", workdir=tmp_path)
+    assert not any(k.endswith(("u8", "i8")) for k in fp32.int8_precisions() if k.startswith("FullyConnected"))
+
+
+@needs_ov
+def test_openvino_buckets_warmup_paper_mode_and_refusals(model, tmp_path):
+    engine = make_engine(model, "openvino", workdir=tmp_path, buckets=[16, 48], batch_sizes=[1, 2])
+    report = engine.warmup(lengths=[10, 40], batch_sizes=[2], keep_ratios=[None, RATIOS])
+    assert report["graphs"] == 2 * 2 * 2  # (full, RATIOS) x buckets (16, 48) x batch sizes (1, 2)
+    rows, batch = mixed_batch((10, 40, 12))
+    engine(**batch, keep_ratios=RATIOS)
+    assert len(engine._compiled) == 8  # nothing compiled after the warm-up
+    # Full length has no selection op; a keep configuration's graph has it (and its widths are static).
+    plain = {op.get_type_name() for op in engine.base(None).get_ops()}
+    adaptive = {op.get_type_name() for op in engine.base(engine.key(RATIOS, None)).get_ops()}
+    assert "TopK" not in plain and "TopK" in adaptive
+    # Paper mode: one bucket of max_seq_length, windows padded to it by the caller: the same path.
+    paper = make_engine(model, "openvino", workdir=tmp_path, buckets=[64])
+    padded = {k: torch.nn.functional.pad(v, (0, 64 - v.size(1))) for k, v in batch.items()}
+    for config in ({}, {"length_config": [30, 12]}):
+        got = paper(**padded, **config)
+        with torch.no_grad():
+            expected = model(**padded, **config)
+        real = padded["attention_mask"].bool()
+        assert float((got.start_logits - expected.start_logits)[real].abs().max()) < FP32_TOLERANCE
+    with pytest.raises(ValueError, match="engine 'openvino' cannot run per-row keep_ratios"):
+        engine(**batch, keep_ratios=torch.full((3, 2), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        engine(**window(60))
+    with pytest.raises(ValueError, match="engine 'openvino-int8' needs calibration"):
+        make_engine(model, "openvino-int8", workdir=tmp_path)
+
+
+@needs_ort
+def test_artifact_cache_is_keyed_by_the_model_content(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from qala.quantize.onnx import artifact_dir
+
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    first = make_engine(directory, "onnxruntime", workdir=tmp_path / "cache")
+    changed = LengthAdaptiveForQuestionAnswering.from_pretrained(directory)
+    with torch.no_grad():
+        changed.qa_outputs.bias.add_(1.0)
+    changed.save_pretrained(directory)
+    second = make_engine(directory, "onnxruntime", workdir=tmp_path / "cache")
+    assert second.folder != first.folder  # the changed weights never meet the old export
+    assert max_error(second, changed.eval(), window(20), {}) < FP32_TOLERANCE
+    manifest = first.folder / "manifest.json"
+    manifest.write_text(json.dumps({"model_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="was built for model 0000"):
+        artifact_dir(tmp_path / "cache", LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint))

@@ -113,3 +113,19 @@ def test_windows_and_logits_are_kept_per_window(tiny_checkpoint):
         alone_starts, alone_ends = predict_logits(model, features.select([j]), progress=False)
         np.testing.assert_allclose(starts[j], alone_starts[0], atol=1e-5)
         np.testing.assert_allclose(ends[j], alone_ends[0], atol=1e-5)
+
+
+def test_output_path_and_keep_ratio_are_checked_before_the_model_loads(tmp_path, capsys):
+    """`--out DIR` failed after the whole evaluation (metrics lost); `--keep-ratio 0` named --length-config."""
+    absent_model = tmp_path / "no-model"  # never reached: each check comes first
+    data = str(SAMPLES / "squad_sample_dev.json")
+    assert main([str(absent_model), data, "--out", str(tmp_path)]) == 2
+    expected = f"error: --out {tmp_path}: is a directory; give a file name (e.g. {tmp_path / 'predictions.json'})"
+    assert capsys.readouterr().err.strip() == expected
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([str(absent_model), data, "--out", str(blocker / "p.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {blocker / 'p.json'}: {blocker} is a file, not a directory"
+    for value in ("0", "1.5", "nan"):
+        assert main([str(absent_model), data, "--keep-ratio", value]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --keep-ratio: expected a share in (0, 1], got {float(value)}"

@@ -1,13 +1,16 @@
 """The import graph follows the pipeline: no module imports a later step (qala.PIPELINE, README)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import qala
 
 PACKAGE = Path(qala.__file__).parent
 # Not pipeline steps: the package itself and the entry-point helper, which may import only these steps.
-HELPERS = {"__init__": ("cli",), "cli": ("utils", "recipe")}
+# The package imports `answer` lazily, for its public name qala.QAModel (test_public_api below).
+HELPERS = {"__init__": ("cli", "answer"), "cli": ("utils", "recipe")}
 
 
 def step_of(module: str) -> str | None:
@@ -69,3 +72,18 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     probe.parent.mkdir()
     probe.write_text("def f():\n    from qala.train import run\n    from .. import search\n    import qala.answer\n")
     assert qala_imports(probe, root=tmp_path) == {"qala.train", "qala", "qala.search", "qala.answer"}
+
+
+def test_public_api():
+    """`from qala import QAModel` gives the serving class (QalaModel stays its alias); `import qala` alone
+    loads neither torch nor transformers."""
+    code = (
+        "import sys, qala; heavy = sorted({'torch', 'transformers'} & set(sys.modules)); "
+        "from qala import QAModel, QalaModel; import qala.answer; "
+        "assert QAModel is QalaModel is qala.answer.QalaModel; "
+        "assert callable(QAModel.from_pretrained) and callable(QAModel.answer); print(heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"`import qala` imported {done.stdout.strip()}"
+    assert "QAModel" in qala.__all__ and "QAModel" in dir(qala)

@@ -7,6 +7,7 @@ the manifest), from conftest's tiny checkpoint with a real 703-token tokenizer.
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -46,6 +47,7 @@ def model_dir(plain_dir):
     LengthAdaptiveForQuestionAnswering.from_pretrained(plain_dir).save_pretrained(path)
     load_tokenizer(plain_dir).save_pretrained(path)
     (path / "recipe.yaml").write_text("run: {seed: 7}\n")
+    (path / "training_info.json").write_text('{"stage": "finetune"}\n')
     write_manifest(path, format="qala-fp32")
     return path
 
@@ -81,6 +83,7 @@ def test_intact_directories_load_and_tokenize_real_words(model_dir, plain_dir, c
         "tokenizer.json",
         "tokenizer_config.json",
         "recipe.yaml",
+        "training_info.json",
     }
     tokenizer = load_tokenizer(model_dir)
     assert len(tokenizer) == 703 and "[UNK]" not in tokenizer.tokenize("who founded the city")
@@ -242,3 +245,36 @@ def test_missing_model_directory_is_one_line_from_every_loader(tmp_path, capsys)
     overrides.append(f"model.name_or_path={tmp_path}")  # not the installed MiniLM package: any directory will do
     assert tune_main([str(recipe), *overrides]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+
+
+def test_a_manifest_covers_the_whole_file_set_of_its_kind(plain_dir, model_dir, tmp_path, capsys):
+    """Silent before: a tokenizer line removed from an INT8 manifest, then the tokenizer edited, loaded (exit 0)."""
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(plain_dir).eval()
+    input_ids, mask, token_type_ids = make_batch(vocab=700)
+    config = DynamicQuantConfig(w_granularity="per_channel")
+    quantize_(model, config, [{"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_type_ids}])
+    artifact = tmp_path / "int8"
+    tokenizer = load_tokenizer(plain_dir)
+    save_quantized(model, artifact, approach="dynamic", quant_config=config.to_dict(), tokenizer=tokenizer)
+    manifest = json.loads((artifact / MANIFEST_NAME).read_text())
+    del manifest["sha256"]["tokenizer.json"]
+    (artifact / MANIFEST_NAME).write_text(json.dumps(manifest))
+    tokenizer_file = artifact / "tokenizer.json"
+    tokenizer_file.write_text(tokenizer_file.read_text().replace('"lake"', '"lake_"'))
+    expected = f"{tokenizer_file}: not listed in manifest.json; added, or its entry removed, after saving"
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(IntegrityError, match=re.escape(expected)):
+            load(artifact)
+    # A file of the kind's fixed set that the manifest no longer lists (removed with its file) is named.
+    for name, kind in (("observers.safetensors", artifact), ("training_info.json", model_dir)):
+        lost = variant(kind, tmp_path, f"lost-{name}")
+        manifest = json.loads((lost / MANIFEST_NAME).read_text())
+        del manifest["sha256"][name]
+        (lost / MANIFEST_NAME).write_text(json.dumps(manifest))
+        (lost / name).unlink()
+        with pytest.raises(IntegrityError, match=re.escape(f"does not list {name}; a {manifest['format']} directory")):
+            load_model(lost)
+    # The writer refuses a directory without its set.
+    incomplete = variant(plain_dir, tmp_path, "incomplete")
+    with pytest.raises(ValueError, match="cannot write a qala-fp32 manifest without qala_config.json"):
+        write_manifest(incomplete, format="qala-fp32")

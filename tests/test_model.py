@@ -17,6 +17,7 @@ from qala.model import (
     sample_keep_ratios,
     sample_length_config,
     smallest_length_config,
+    span_significance,
 )
 
 
@@ -297,8 +298,12 @@ def test_per_row_keep_ratio_table_matches_one_row_at_a_time():
 
 @pytest.mark.parametrize(
     "ratios, message",
-    [([0.9, 1.2], "must be in \\(0, 1\\], got 1.2"), ([0.0, 0.0], "got 0.0"), ([0.5, 0.8], "non-increasing"),
-     ([0.9], "1 entries, the model has 2 layers")],
+    [
+        ([0.9, 1.2], "must be in \\(0, 1\\], got 1.2"),
+        ([0.0, 0.0], "got 0.0"),
+        ([0.5, 0.8], "non-increasing"),
+        ([0.9], "1 entries, the model has 2 layers"),
+    ],
 )
 def test_bad_keep_ratios_name_the_value(ratios, message):
     model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
@@ -319,3 +324,53 @@ def test_keep_ratio_helpers():
         assert r[0] >= 0.8 and all(b >= 0.8 * a - 1e-12 for a, b in zip(r, r[1:], strict=False))
     with pytest.raises(ValueError, match="keep_ratios"):
         LengthAdaptiveConfig(keep_ratios=[0.9, 0.8], length_config=[5, 4])
+
+
+def test_fused_attention_selects_the_same_tokens_as_eager_attention():
+    """Training runs SDPA (no probabilities returned) and recomputes them for the selection: the logits at
+    keep ratios, per-row ratios included, must equal the eager model's (which returns the probabilities)."""
+    torch.manual_seed(0)
+    eager = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    fused = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    fused.load_state_dict(eager.state_dict())
+    fused.backbone.set_attn_implementation("sdpa")
+    input_ids, mask, token_types = make_batch()
+    per_row = torch.tensor([[0.9, 0.6], [0.7, 0.5], [1.0, 0.4]])
+    for keep in ([0.8, 0.5], per_row, None):
+        a = eager(input_ids, mask, token_types, keep_ratios=keep)
+        b = fused(input_ids, mask, token_types, keep_ratios=keep)
+        real = mask.bool()
+        assert torch.allclose(a.start_logits[real], b.start_logits[real], atol=1e-5)
+        assert torch.allclose(a.end_logits[real], b.end_logits[real], atol=1e-5)
+    # The fused model really ran without probabilities (else this test would compare eager with eager).
+    layer = fused.backbone.encoder.layer[0]
+    additive = torch.zeros(3, 1, 1, input_ids.size(1))
+    hidden = fused.backbone.embeddings(input_ids=input_ids, token_type_ids=token_types)
+    assert layer.attention(hidden, additive)[1] is None
+
+
+def test_span_selection_keeps_the_tokens_the_span_head_rates_highest():
+    """selection="span" ranks by the span head's max(start, end) logit on the layer's output: the kept
+    tokens of layer 0 are exactly the top ones by that score ([CLS] always), and the rule changes what
+    is kept compared with attention ranking (else the option would do nothing)."""
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    input_ids, mask, token_types = make_batch()
+    keep = [0.5, 0.5]
+    by_attention = model(input_ids, mask, token_types, keep_ratios=keep)
+    model.qala_config.selection = "span"
+    by_span = model(input_ids, mask, token_types, keep_ratios=keep)
+    real = mask.bool()
+    assert not torch.allclose(by_attention.start_logits[real], by_span.start_logits[real])
+    # Layer 0's score by hand: the span head on the attention output, padding never kept, [CLS] always.
+    layer = model.backbone.encoder.layer[0]
+    hidden = model.backbone.embeddings(input_ids=input_ids, token_type_ids=token_types)
+    additive = (~real)[:, None, None, :].float() * torch.finfo(torch.float32).min
+    span_logits = model.qa_outputs(layer.attention(hidden, additive)[0])
+    score = span_significance(span_logits, real)
+    assert torch.equal(
+        score[real & (torch.arange(24) > 0)], span_logits.max(dim=-1).values[real & (torch.arange(24) > 0)]
+    )
+    assert bool((score[:, 0] == float("inf")).all()) and bool((score[~real] == float("-inf")).all())
+    with pytest.raises(ValueError, match="selection"):
+        LengthAdaptiveConfig(selection="random")

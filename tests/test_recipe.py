@@ -217,3 +217,52 @@ def test_readme_first_line_chains_the_shipped_quickstart_recipes(monkeypatch):
     # tune reads what train wrote; answer serves what tune wrote.
     assert int8.quantization.model == f"{trained.run.output_dir}/{trained.train.stages[-1]}/model"
     assert f"--model {int8.quantization.output_dir}/model " in answer
+
+
+# Each was accepted before (issue 20): silent (wrong F1, training on everything, nothing done, a reset that
+# reset nothing) or failing late with torch's message, or reported only once the first section was fixed.
+BAD_VALUES = {
+    "train.finetune.kd_temperature=0": "train.finetune.kd_temperature: expected a number > 0, got 0.0",
+    "train.lengthdrop.kd_temperature=-2": "train.lengthdrop.kd_temperature: expected a number > 0, got -2.0",
+    "eval.n_best_size=0": "eval.n_best_size: expected >= 1, got 0",
+    "eval.max_answer_length=-1": "eval.max_answer_length: expected >= 1, got -1",
+    "train.finetune.training_args.learning_rate=-1e-4": (
+        "train.finetune.training_args.learning_rate: expected a number > 0, got -1e-4"
+    ),
+    "train.lengthdrop.training_args.per_device_train_batch_size=0": (
+        "train.lengthdrop.training_args.per_device_train_batch_size: expected >= 1, got 0"
+    ),
+    "run.seed=-1": "run.seed: expected an integer in [0, 4294967295], got -1",
+    "data.max_train_samples=0": "data.max_train_samples: expected >= 1 or null, got 0",
+    "train.stages=[]": "train.stages: expected at least one of ['finetune', 'lengthdrop'], got []",
+    "quantization.latency_repeats=0": "quantization.latency_repeats: expected >= 1, got 0",
+    "~model.teachr": "override '~model.teachr': model.teachr is not a recipe key (did you mean 'model.teacher'?)",
+    "search.seed=-3": "search.seed: expected null or an integer in [0, 4294967295], got -3",
+    "eval.keep_ratios=[1.5]": "eval.keep_ratios[0]: expected a value in (0, 1], got 1.5",
+    "quantization.tuning.max_trials=0": "quantization.tuning.max_trials: expected >= 1, got 0",
+    "quantization.qat.kd_alpha=2": "quantization.qat.kd_alpha: expected a value in [0, 1], got 2.0",
+    "train.finetune.layer_dropout_prob=.nan": "train.finetune.layer_dropout_prob: expected a finite number, got nan",
+}
+
+
+def test_every_bad_value_of_every_section_is_reported_at_once(tmp_path, capsys):
+    path = write(tmp_path, "data: {train: nowhere/train.json}\n")
+    assert train_main([str(path), *BAD_VALUES]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(lines)
+    for expected in [*BAD_VALUES.values(), "data.train: file or directory not found: nowhere/train.json"]:
+        assert sum(expected in line for line in lines) == 1, (expected, lines)
+    assert len(lines) == len(BAD_VALUES) + 1
+
+
+def test_a_reset_must_name_a_key():
+    raw = {"train": {"finetune": {"training_args": {"max_steps": 2}}}}
+    with pytest.raises(ValueError, match=r"train\.finetune\.training_args\.max_stpes is not set, nothing to reset"):
+        apply_override(raw, "~train.finetune.training_args.max_stpes")
+    with pytest.raises(ValueError, match=r"data\.train is a value, not a section"):
+        apply_override({}, "~data.train.x")
+    raw = {"model": {"teacher": "x"}, "train": {"finetune": {"training_args": {"max_steps": 2}}}}
+    apply_override(raw, "~model.teacher")  # set: removed
+    apply_override(raw, "~train.finetune.training_args.max_steps")
+    apply_override(raw, "~eval.n_best_size")  # a schema key the recipe leaves unset: nothing to do
+    assert raw == {"model": {}, "train": {"finetune": {"training_args": {}}}}

@@ -452,8 +452,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, recipe: Any) -> int:
+    from qala.evaluate import check_engine, check_positive
     from qala.utils import output_lock
 
+    # Before the lock and the first row: a bad option fails at once, not after the GEMM peak and 12 rows.
+    check_positive(pad_multiple=args.pad_multiple)
+    for name in args.qala_backend:
+        check_engine(name, "--qala-backend")
     with output_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
         return _run_tables(args, recipe)
 

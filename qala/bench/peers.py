@@ -1,5 +1,7 @@
 """The models a benchmark compares qala with: published architectures with random weights, plain
-transformers, and ONNX Runtime (fp32 and dynamic INT8) exports of a qala model.
+transformers, and what a user would run the same checkpoint with: ONNX Runtime (fp32 and dynamic INT8,
+plain or through ORT's transformer fusions) and OpenVINO (fp32 and NNCF INT8), all on transformers'
+plain ONNX export made by qala.quantize.onnx (the one exporter and session builder of qala's engines too).
 
 Every import of a peer's library is local, so a worker in another environment (IPEX's torch 2.8)
 imports only what its row needs.
@@ -59,102 +61,67 @@ def transformers_model(path: str | Path, attn_implementation: str = "sdpa") -> A
     return AutoModelForQuestionAnswering.from_pretrained(str(path), attn_implementation=attn_implementation).eval()
 
 
-def export_onnx(
-    path: str | Path,
-    out_file: Path,
-    *,
-    length_config: Sequence[int] | None = None,
-    seq_length: int = 384,
-    dynamic_sequence: bool = False,
-) -> float:
-    """Export the qala model in `path` to ONNX; returns the export seconds.
+def _plain_export(spec: Mapping[str, Any], work_dir: Path) -> tuple[Path, Any, dict[str, Any]]:
+    """transformers' QA model of the row's directory exported as a user would (qala.quantize.onnx's plain
+    graph: dynamic batch and sequence axes, no qala code in it); (file, config, facts)."""
+    from qala.quantize.onnx import export_onnx
 
-    With a length configuration the top-k sizes are traced constants (one graph per configuration, fixed
-    sequence length). With `dynamic_sequence` (full length only) batch and sequence are both dynamic
-    axes, so unpadded windows of any length run through one graph.
-    """
-    import torch
-
-    from qala.model import LengthAdaptiveForQuestionAnswering
-
-    if dynamic_sequence and length_config is not None:
-        raise ValueError("a dynamic sequence axis needs full length: top-k sizes of a configuration are constants")
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(path)).eval()
-
-    class Exported(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.model(input_ids, attention_mask, token_type_ids, length_config=length_config)
-            return out.start_logits, out.end_logits
-
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    example = tuple(torch.ones(2, seq_length, dtype=torch.long) for _ in MODEL_INPUTS)
-    axes = {0: "batch", 1: "sequence"} if dynamic_sequence else {0: "batch"}
-    dynamic_axes = {name: axes for name in MODEL_INPUTS}
-    if dynamic_sequence:
-        dynamic_axes.update({"start_logits": axes, "end_logits": axes})
+    model = transformers_model(spec["path"], attn_implementation="eager")
+    path = work_dir / "model.onnx"
     start = time.perf_counter()
-    # The TorchScript exporter takes the top-k sizes as traced constants; the wrapper is put in eval
-    # mode explicitly (the exporter restores the training flag recursively).
-    torch.onnx.export(
-        Exported().eval(),
-        example,
-        str(out_file),
-        input_names=list(MODEL_INPUTS),
-        output_names=["start_logits", "end_logits"],
-        dynamic_axes=dynamic_axes,
-        dynamo=False,
-    )
-    return round(time.perf_counter() - start, 2)
-
-
-def quantize_onnx(fp32_file: Path, int8_file: Path) -> str:
-    """ONNX Runtime's dynamic INT8 (int8 weights, activations quantized per call); returns the method."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8)
-    return "onnxruntime.quantization.quantize_dynamic, QInt8 weights"
-
-
-def onnx_session(path: Path, threads: int | None) -> Any:
-    """An ONNX Runtime CPU session with as many intra-op threads as the torch rows get."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    export_onnx(model, path, graph="plain")
+    return path, model.config, {"export_seconds": round(time.perf_counter() - start, 2)}
 
 
 def onnx_model(
-    spec: Mapping[str, Any], work_dir: Path, *, dynamic_sequence: bool = False
+    spec: Mapping[str, Any], work_dir: Path, *, fused: bool = False
 ) -> tuple[Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
-    """(call(batch of tensors) -> (start, end) numpy logits, facts) of an fp32 or dynamic INT8 export."""
+    """(call(batch of tensors) -> (start, end) numpy logits, facts) of the ONNX Runtime peer: the plain export
+    (with `fused`, through ORT's transformer optimizer), fp32 or dynamic INT8 of that graph. A row with a
+    length_config (the padded table) runs qala's adaptive graph at that configuration instead."""
     import onnxruntime as ort
 
-    facts: dict[str, Any] = {}
-    fp32_file = work_dir / "model.onnx"
-    facts["export_seconds"] = export_onnx(
-        spec["path"],
-        fp32_file,
-        length_config=spec.get("length_config"),
-        seq_length=spec.get("seq_length", 384),
-        dynamic_sequence=dynamic_sequence,
-    )
-    path = fp32_file
+    from qala.quantize import onnx as qonnx
+
+    if spec.get("length_config") is not None:
+        return _onnx_adaptive(spec, work_dir)
+    path, config, facts = _plain_export(spec, work_dir)
+    if fused:
+        fused_path = work_dir / "model.fused.onnx"
+        facts["fused_operators"] = qonnx.optimize_onnx(path, fused_path, config)
+        path = fused_path
     if spec["dtype"] == "int8":
-        path = work_dir / "model.int8.onnx"
-        facts["quantization"] = quantize_onnx(fp32_file, path)
-    session = onnx_session(path, spec.get("threads"))
+        int8_path = path.with_suffix(".int8.onnx")
+        qonnx.quantize_onnx(path, int8_path)
+        facts["quantization"] = qonnx.ORT_INT8_METHOD
+        path = int8_path
+    session = qonnx.ort_session(path, spec.get("threads"))
     names = [i.name for i in session.get_inputs()]
     facts.update(size_bytes=path.stat().st_size, size_kind="onnx file", onnxruntime=ort.__version__)
 
     def call(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        start, end = session.run(None, {k: np.asarray(batch[k]) for k in names})
+        start, end = session.run(None, qonnx.numpy_feeds(batch, names))
         return start, end
+
+    return call, facts
+
+
+def _onnx_adaptive(spec: Mapping[str, Any], work_dir: Path) -> tuple[Callable, dict[str, Any]]:
+    from qala.model import LengthAdaptiveForQuestionAnswering
+    from qala.quantize.onnx import OnnxEngine
+
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(spec["path"])).eval()
+    engine = OnnxEngine(model, int8=spec["dtype"] == "int8", workdir=work_dir, threads=spec.get("threads"))
+    lengths = list(spec["length_config"])
+    engine.session("adaptive")
+    path = Path(engine.facts["adaptive_graph"])
+    facts = {"size_bytes": path.stat().st_size, "size_kind": "onnx file", "graph": "qala adaptive"}
+    if spec["dtype"] == "int8":
+        facts["quantization"] = engine.facts["quantization"]
+
+    def call(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        out = engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, length_config=lengths)
+        return out.start_logits.numpy(), out.end_logits.numpy()
 
     return call, facts
 
@@ -163,3 +130,34 @@ def onnx_row(spec: Mapping[str, Any], work_dir: Path, facts: dict[str, Any]) -> 
     """The padded table's ONNX Runtime row: export at a fixed length configuration, optionally quantize."""
     call, more = onnx_model(spec, work_dir)
     return call, {**facts, **more}, None
+
+
+def openvino_model(
+    spec: Mapping[str, Any], work_dir: Path, calibration: Sequence[Mapping[str, Any]] = ()
+) -> tuple[Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """The OpenVINO peer: the plain export read by OpenVINO with dynamic shapes, fp32, or INT8 by NNCF
+    post-training quantization on `calibration` windows (qala.quantize.openvino's functions)."""
+    import openvino as ov
+
+    from qala.quantize import openvino as qov
+
+    path, _, facts = _plain_export(spec, work_dir)
+    model = qov.read_model(path)
+    if spec["dtype"] == "int8":
+        feeds = [{k: np.asarray(w[k], dtype=np.int64).reshape(1, -1) for k in MODEL_INPUTS} for w in calibration]
+        start = time.perf_counter()
+        model = qov.nncf_quantize(model, feeds)
+        facts.update(
+            quantization=f"{qov.NNCF_METHOD}, {len(feeds)} windows", nncf_seconds=round(time.perf_counter() - start, 1)
+        )
+    compiled = qov.compile_model(model, threads=spec.get("threads"))
+    request = compiled.create_infer_request()
+    facts.update(size_bytes=path.stat().st_size, size_kind="onnx file (fp32)", openvino=ov.__version__)
+    if spec["dtype"] == "int8":
+        facts["int8_layers"] = {k: v for k, v in qov.int8_precisions(compiled).items() if k.endswith(("u8", "i8"))}
+
+    def call(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        request.infer({k: np.asarray(batch[k], dtype=np.int64) for k in MODEL_INPUTS})
+        return request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy()
+
+    return call, facts

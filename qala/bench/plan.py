@@ -185,8 +185,14 @@ def report_points(bench: Any) -> list[dict[str, Any]]:
         if row.get("length_config") is not None:
             f1_fp32, f1_int8 = row["fp32"]["f1"], row["int8"]["f1"]
             points.append(
-                {"length_config": row["length_config"], "f1": f1_int8, "f1_fp32": f1_fp32, "f1_int8": f1_int8,
-                 "cost": sum(row["length_config"]), "source": f"{bench.int8_report} row {name}"}
+                {
+                    "length_config": row["length_config"],
+                    "f1": f1_int8,
+                    "f1_fp32": f1_fp32,
+                    "f1_int8": f1_int8,
+                    "cost": sum(row["length_config"]),
+                    "source": f"{bench.int8_report} row {name}",
+                }
             )
     return points
 
@@ -378,6 +384,15 @@ def onnxruntime_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+OPENVINO_MISSING = 'openvino/nncf are not installed: pip install -e ".[onnx]"'
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf", "onnx"))
 
 
 def ipex_note() -> dict[str, Any]:

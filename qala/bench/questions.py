@@ -45,6 +45,8 @@ QUESTIONS_PLOT = "real_questions.png"
 # Compiled INT8 builds one graph per (windows, positions) shape; padding each request to a multiple of
 # this many positions bounds the graphs to ~max_seq_length / 32 per window count (warmed before timing).
 COMPILED_PAD_MULTIPLE = 32
+# Training windows NNCF calibrates on (OpenVINO INT8 peer and qala's openvino-int8 engine).
+CALIBRATION_WINDOWS = 300
 
 # (start logits, end logits) as numpy arrays [windows, positions] for a batch of model inputs.
 Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
@@ -85,6 +87,8 @@ def plan_question_rows(
         "tokenizer": tokenizer,
         "threads": bench.threads or os.cpu_count() or 1,
         "warmup": bench.warmup,
+        # Engines that quantize on their own with calibration (NNCF: OpenVINO INT8) read these training windows.
+        "calibration": {"data": d.train, "windows": CALIBRATION_WINDOWS},
     }
     rows: list[dict[str, Any]] = []
     notes: dict[str, Any] = {}
@@ -122,14 +126,23 @@ def plan_question_rows(
         add("BERT-base", "transformers", "fp32", arch=arch, f1_note="random weights: speed only, F1 not reported")
     if model_dir:
         add("MiniLM", "transformers", "fp32", path=model_dir, attn_implementation="sdpa")
+        # Peers on transformers' plain ONNX export: ONNX Runtime as is and through its transformer fusions,
+        # OpenVINO with dynamic shapes (INT8: NNCF on the calibration windows), each fp32 and INT8.
         if bench.onnxruntime and plan.onnxruntime_available():
-            add("MiniLM", "onnxruntime", "fp32", path=model_dir)
-            add("MiniLM", "onnxruntime", "int8", path=model_dir)
+            for engine in ("onnxruntime", "onnxruntime-fused"):
+                add("MiniLM", engine, "fp32", path=model_dir)
+                add("MiniLM", engine, "int8", path=model_dir)
         elif bench.onnxruntime:
             notes["onnxruntime"] = {"status": "skipped", "reason": plan.ONNX_MISSING}
+        if bench.openvino and plan.openvino_available():
+            add("MiniLM", "openvino", "fp32", path=model_dir)
+            add("MiniLM", "openvino", "int8", path=model_dir)
+        elif bench.openvino:
+            notes["openvino"] = {"status": "skipped", "reason": plan.OPENVINO_MISSING}
     # How qala rows run: each named serving backend (dynamic shapes: no buckets unless asked), or load_model.
     fp32_ways: list[dict[str, Any]] = [{"backend": name, "pad_to_multiple_of": pad_multiple} for name in qala_backends]
-    int8_ways = fp32_ways or [
+    # An exported-graph engine without -int8 (onnxruntime, openvino) runs an INT8 artifact's fp32 source: no INT8 row.
+    int8_ways = [w for w in fp32_ways if w["backend"] not in ("onnxruntime", "openvino")] or [
         {
             "compiled": bench.compile_int8,
             "pad_to_multiple_of": (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None,
@@ -139,8 +152,10 @@ def plan_question_rows(
     fp32_ways = [way for way in fp32_ways if not str(way.get("backend", "")).endswith("-int8")] or [{}]
     for way in fp32_ways if model_dir else []:
         add("MiniLM", "qala", "fp32", path=model_dir, **way)
-    for way in int8_ways if int8_dir else []:
-        add("MiniLM", "qala", "int8", path=_int8_source(way, int8_dir, model_dir), **way)
+    # An engine that quantizes on its own starts from benchmark.model: its INT8 rows need no benchmark.int8_model.
+    for way in int8_ways:
+        if source := _int8_source(way, int8_dir, model_dir):
+            add("MiniLM", "qala", "int8", path=source, **way)
 
     fp32_f1, _ = plan.measured_f1(bench)
     frontier, points = plan.read_frontier_points(bench)
@@ -154,10 +169,9 @@ def plan_question_rows(
     for point in chosen:
         mode, values = plan.point_setting(point)
         for dtype in bench.frontier_dtypes:
-            directory = model_dir if dtype == "fp32" else int8_dir
-            for way in (int8_ways if dtype == "int8" else fp32_ways) if directory else []:
-                source = _int8_source(way, directory, model_dir) if dtype == "int8" else directory
-                add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=source, **way)
+            for way in int8_ways if dtype == "int8" else fp32_ways:
+                if source := _int8_source(way, int8_dir, model_dir) if dtype == "int8" else model_dir:
+                    add("QuaLA-MiniLM", "qala", dtype, length_config=values, length_mode=mode, path=source, **way)
 
     if bench.ipex and plan.ipex_rows_available(model_dir):
         from qala.quantize.ipex import calibrated_length_configs
@@ -170,10 +184,14 @@ def plan_question_rows(
         # absolute configurations run beside them on the same padded windows.
         for values in [c for c in calibrated_length_configs(plan.IPEX_SUMMARIES) if c is not None]:
             padded = {"length_config": values, "length_mode": "absolute", "pad_to_multiple_of": d.max_seq_length}
+            # A bucketed engine (openvino) serves these padded windows from its one max_seq_length bucket.
+            padded["buckets"] = [d.max_seq_length]
             add("QuaLA-MiniLM", "ipex", "int8", **padded, **ipex)
-            for way in int8_ways if int8_dir else []:
+            for way in int8_ways:
+                if not (source := _int8_source(way, int8_dir, model_dir)):
+                    continue
                 before, n = {r["id"] for r in rows}, len(rows)
-                add("QuaLA-MiniLM", "qala", "int8", path=_int8_source(way, int8_dir, model_dir), **{**way, **padded})
+                add("QuaLA-MiniLM", "qala", "int8", path=source, **{**way, **padded})
                 # A frontier point of the same configuration already has these rows: keep those, no duplicate ids.
                 rows[n:] = [r for r in rows[n:] if r["id"] not in before]
     elif bench.ipex:
@@ -182,8 +200,8 @@ def plan_question_rows(
 
 
 def _int8_source(way: dict[str, Any], int8_dir: str | None, model_dir: str | None) -> str | None:
-    """An engine that quantizes by itself (onnxruntime-int8: ORT dynamic INT8 of the exported model)
-    starts from the fp32 model; every other INT8 row runs qala's INT8 artifact."""
+    """The directory an INT8 row runs (None: the row cannot be planned). An engine that quantizes by itself
+    (onnxruntime-int8, openvino-int8) starts from the fp32 model; every other INT8 row runs qala's INT8 artifact."""
     if str(way.get("backend", "")).endswith("-int8") and model_dir:
         return model_dir
     return int8_dir
@@ -244,7 +262,8 @@ class QuestionsBench(Harness):
             "warmup": b.warmup,
             "summary": (
                 f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
-                f"windows unpadded and batched to the longest window of the request; {threads} threads, one "
+                f"windows unpadded and batched to the longest window of the request (qala rows: sorted by length, "
+                f"one call per 32-token group); {threads} threads, one "
                 f"worker process per row; ms/question = request time / its questions; questions/s = questions / "
                 f"summed request time; F1 from the answers of the timed pass; GMAC/s on real tokens against "
                 f"the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed requests, plus every request shape "
@@ -297,21 +316,46 @@ def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, 
     if model_kind(spec["path"]) != expected:
         raise ValueError(f"{spec['path']} is an {model_kind(spec['path'])} model directory, the row is {spec['dtype']}")
     if spec.get("backend"):
-        from qala.quantize.engines import make_engine
-
-        engine = make_engine(
-            spec["path"], spec["backend"], **({"workdir": str(work_dir)} if "onnx" in spec["backend"] else {})
-        )
-        # Every request shape is still run once before timing (qala.bench's rule for any engine that may build
-        # per shape); an engine with dynamic shapes makes that cheap.
-        facts = {"backend": spec["backend"], "warm_every_shape": spec["backend"] != "eager"}
-        return (lambda inputs: _logits(call_model(engine, inputs, **length))), facts
+        return _serving_engine(spec, work_dir, example, length)
     compiled = spec["dtype"] == "int8" and bool(spec.get("compiled"))
     model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
     return (lambda inputs: _logits(call_model(model, inputs, **length))), {
         "compiled": compiled,
         "warm_every_shape": compiled,
     }
+
+
+def _serving_engine(
+    spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any], length: Mapping[str, Any]
+) -> tuple[Predictor, dict]:
+    """A qala row through a named engine of qala.quantize.engines (the one registry)."""
+    from qala.bench.peers import call_model
+    from qala.quantize.engines import make_engine
+
+    backend = spec["backend"]
+    options: dict[str, Any] = {}
+    if backend.startswith(("onnxruntime", "openvino")):
+        options.update(workdir=str(work_dir), threads=spec.get("threads"))
+    if backend.startswith("openvino"):
+        options["max_seq_length"] = spec["max_seq_length"]
+        if spec.get("buckets"):
+            options["buckets"] = spec["buckets"]
+        if backend.endswith("-int8"):
+            options["calibration"] = calibration_windows(spec)
+    engine = make_engine(spec["path"], backend, **options)
+    facts: dict[str, Any] = {"backend": backend, **getattr(engine, "facts", {})}
+    if backend.startswith("openvino"):
+        # Compile every (bucket, batch size) a request of up to `example`'s windows can split into, before timing.
+        ratios = [length["keep_ratios"]] if "keep_ratios" in length else [None]
+        configs = [length["length_config"]] if "length_config" in length else []
+        warm = engine.warmup(
+            batch_sizes=[example["input_ids"].size(0)], keep_ratios=[] if configs else ratios, length_configs=configs
+        )
+        facts.update(warmup=warm, compiled_models=len(engine._compiled))
+    # Every request shape is still run once before timing (qala.bench's rule for any engine that may build
+    # per shape); an engine with dynamic shapes makes that cheap.
+    facts["warm_every_shape"] = backend != "eager"
+    return (lambda inputs: _logits(call_model(engine, inputs, **length))), facts
 
 
 def _transformers_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
@@ -336,8 +380,47 @@ def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path, example: Mappin
     from qala.bench.peers import onnx_model
 
     if spec.get("length_config") is not None:
-        raise ValueError("the ONNX Runtime rows run full length (dynamic sequence axis)")
-    return onnx_model(spec, work_dir, dynamic_sequence=True)
+        raise ValueError(
+            f"engine {spec['engine']!r} cannot run length_config {spec['length_config']}: full length only"
+        )
+    return onnx_model(spec, work_dir, fused=spec["engine"] == "onnxruntime-fused")
+
+
+def _openvino_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
+    from qala.bench.peers import openvino_model
+
+    if spec.get("length_config") is not None:
+        raise ValueError(f"engine 'openvino' cannot run length_config {spec['length_config']}: full length only")
+    calibration = calibration_windows(spec) if spec["dtype"] == "int8" else []
+    return openvino_model(spec, work_dir, calibration)
+
+
+def calibration_windows(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The first `calibration.windows` windows of the training file (unpadded, one per item) for engines that
+    quantize on their own with calibration (NNCF): never the questions the row answers."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qala.data import load_squad, prepare_eval_features
+    from qala.model import MODEL_INPUTS
+    from qala.utils import resolve_model_path
+
+    wanted = spec.get("calibration") or {}
+    if not wanted.get("data"):
+        raise ValueError(f"row {spec['id']} quantizes with calibration but its spec names no calibration data")
+    examples = load_squad(resolve_model_path(wanted["data"]), split="train")
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    windows: list[dict[str, Any]] = []
+    for i in range(0, len(examples), 64):
+        chunk = examples.select(range(i, min(i + 64, len(examples)))).with_format(None)[:]
+        features = prepare_eval_features(
+            chunk, tokenizer, max_seq_length=spec["max_seq_length"], doc_stride=spec["doc_stride"]
+        )
+        for j in range(len(features["input_ids"])):
+            windows.append({k: torch.tensor([features[k][j]]) for k in MODEL_INPUTS if k in features})
+        if len(windows) >= wanted["windows"]:
+            break
+    return windows[: wanted["windows"]]
 
 
 def _ipex_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
@@ -361,8 +444,48 @@ ENGINES: dict[str, Engine] = {
     "qala": _qala_engine,
     "transformers": _transformers_engine,
     "onnxruntime": _onnxruntime_engine,
+    "onnxruntime-fused": _onnxruntime_engine,
+    "openvino": _openvino_engine,
     "ipex": _ipex_engine,
 }
+
+
+def length_groups(inputs: Mapping[str, Any], multiple: int | None = None) -> list[tuple[list[int], int]]:
+    """(rows, width) per call of a qala row: the request's windows sorted by real length and grouped per 32
+    tokens (qala.quantize.engines.length_batches), each group cut to its longest window (then padded to
+    `multiple`, the row's pad_to_multiple_of). A request of 32 questions then pads each window by fewer than
+    32 positions instead of every window to the request's longest."""
+    from qala.quantize.engines import length_batches
+
+    lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+    width = inputs["input_ids"].size(1)
+    groups = []
+    for rows in length_batches(lengths, max_batch=len(lengths)):
+        longest = max(lengths[i] for i in rows)
+        padded = longest + (-longest % multiple if multiple and multiple > 1 else 0)
+        groups.append((rows, min(padded, width)))
+    return groups
+
+
+def grouped(predict: Predictor, multiple: int | None = None, pad_id: int = 0) -> Predictor:
+    """`predict` called once per length group of the batch (length_groups); the logits come back at the
+    batch's rows and positions (positions past a group's width: -1e4, padding, never an answer)."""
+    import numpy as np
+    import torch
+
+    def run(inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+        rows, width = inputs["input_ids"].shape
+        start = np.full((rows, width), -1e4, dtype=np.float32)
+        end = np.full((rows, width), -1e4, dtype=np.float32)
+        for group, cut in length_groups(inputs, multiple):
+            index = torch.tensor(group)
+            part = {k: v[index, :cut] for k, v in inputs.items()}
+            part = pad_to_multiple(part, multiple, pad_id)
+            s, e = predict(part)
+            start[group, :cut], end[group, :cut] = s[:, :cut], e[:, :cut]
+        return start, end
+
+    return run
 
 
 def pad_to_multiple(inputs: dict[str, Any], multiple: int | None, pad_id: int = 0) -> dict[str, Any]:
@@ -437,21 +560,39 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
             max_answer_length=spec["max_answer_length"],
         )
 
-    # An untimed pass over the tokenizer gives every request's shape (to warm compiled graphs before the
+    # qala rows run a request's windows in length groups (length_groups): every call's shape is a group's.
+    by_length = spec["engine"] == "qala"
+
+    def call_shapes(inputs: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+        if not by_length:
+            return (tuple(inputs["input_ids"].shape),)
+        return tuple((len(rows), cut) for rows, cut in length_groups(inputs, spec.get("pad_to_multiple_of")))
+
+    # An untimed pass over the tokenizer gives every request's call shapes (to warm compiled graphs before the
     # clock starts: no request may wait for a compile) and every window's real length (for the MACs).
-    shapes: dict[tuple[int, ...], dict[str, Any]] = {}
+    # Requests to warm with: each brings a call shape no earlier one had.
+    shapes: set[tuple[int, int]] = set()
+    warm: list[dict[str, Any]] = []
     real_lengths: list[int] = []
     padded_positions = 0
     for request in requests:
         features, inputs = featurize(request)
-        shapes.setdefault(tuple(inputs["input_ids"].shape), inputs)
+        calls = call_shapes(inputs)
+        if not set(calls) <= shapes:
+            warm.append(inputs)
+            shapes.update(calls)
         real_lengths += [len(ids) for ids in features["input_ids"]]
-        padded_positions += inputs["input_ids"].numel()
-    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]), next(iter(shapes.values())))
+        padded_positions += sum(rows * width for rows, width in calls)
+    # The example is the request with the most windows: engines that compile per batch size warm up to it.
+    example = max(warm, key=lambda inputs: inputs["input_ids"].size(0))
+    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]), example)
+    if by_length:
+        predict = grouped(predict, spec.get("pad_to_multiple_of"), pad_id)
+        facts = {**facts, "length_groups": "windows sorted by length, one call per 32-token group"}
     for request in requests[: spec.get("warmup", 1)]:
         answer(request)
     if facts.get("warm_every_shape"):
-        for inputs in shapes.values():
+        for inputs in warm:
             predict(inputs)
 
     predictions: dict[str, str] = {}

@@ -35,7 +35,7 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from qala.bench.peers import onnx_session, quantize_onnx
+    from qala.quantize.onnx import ort_session, quantize_onnx
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), name="W")
@@ -53,7 +53,7 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
         path = folder / "matmul.int8.onnx"
     import torch
 
-    session = onnx_session(path, torch.get_num_threads())
+    session = ort_session(path, torch.get_num_threads())
     x = rng.standard_normal((size, size), dtype=np.float32)
     return lambda: session.run(None, {"X": x})
 

@@ -189,39 +189,12 @@ def save_quantized(
     and so are `extra_files` (file name -> text, e.g. the recipe); the manifest covers them all.
     """
     units = quantized_units(model)
-    if not units:
-        raise ValueError("the model has no quantized units; quantize it with quantize_ or prepare_qat_/convert_qat_")
-    not_converted = [name for name, u in units.items() if u.stage != "converted"]
-    if not_converted:
-        raise ValueError(f"units {not_converted[:3]} are not converted yet (QAT: call convert_qat_ first)")
-    unit_approach, unit_config, reduce_range = _unit_approach(units)
-    if approach != unit_approach:
-        raise ValueError(f"approach={approach!r}, but the model was quantized with {unit_approach!r}")
-    if quant_config is not None and json.loads(json.dumps(dict(quant_config))) != unit_config:
-        raise ValueError(
-            f"quant_config {dict(quant_config)} differs from the one the units were made with: {unit_config}"
-        )
+    unit_config, reduce_range = _check_save_arguments(model, units, approach, quant_config, fp32_units, extra_files)
     fp32 = [name for name in unit_names(model) if name not in units]
-    matched = [name for name in unit_names(model) if any(fnmatch.fnmatchcase(name, p) for p in fp32_units)]
-    if fp32_units and matched != fp32:
-        raise ValueError(f"fp32_units {list(fp32_units)} select {matched}, but the model's fp32 units are {fp32}")
     served = [list(map(int, c)) for c in served_length_configs] if served_length_configs is not None else None
     for lengths in served or []:
         check_length_config(lengths, num_layers=model.num_layers)
-    reserved = {QUANTIZATION_NAME, OBSERVERS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME, "config.json", QALA_CONFIG_NAME}
-    clash = sorted(set(extra_files or {}) & reserved)
-    if clash:
-        raise ValueError(f"extra_files {clash} would overwrite the artifact's own files")
-
-    weights = fp32_state_dict(model)
-    layouts: dict[str, dict[str, Any]] = {}
-    for name, unit in units.items():
-        for key, entry in int8_weights(unit).items():
-            full = state_prefix(model, name) + key
-            weights[full] = entry.pop("int8")
-            weights[f"{full}.scale"] = entry.pop("scale")
-            weights[f"{full}.zero_point"] = entry.pop("zero_point")
-            layouts[full] = entry
+    weights, layouts = _stored_weights(model, units)
     observers = {f"{name}:{key}": t.contiguous() for name, u in units.items() for key, t in u.observer_state.items()}
     record: dict[str, Any] = {
         "format": FORMAT,
@@ -257,6 +230,56 @@ def save_quantized(
     size = directory_bytes(path)
     logger.info("saved INT8 %s artifact to %s: %.1f MB", approach, path, size / 1e6)
     return size
+
+
+def _check_save_arguments(
+    model: nn.Module,
+    units: Mapping[str, QuantizedUnit],
+    approach: str,
+    quant_config: Mapping[str, Any] | None,
+    fp32_units: Sequence[str],
+    extra_files: Mapping[str, str] | None,
+) -> tuple[dict, bool]:
+    """Raise ValueError unless save_quantized's arguments say how the model was really quantized; return the
+    units' (quant config, reduce_range)."""
+    if not units:
+        raise ValueError("the model has no quantized units; quantize it with quantize_ or prepare_qat_/convert_qat_")
+    not_converted = [name for name, u in units.items() if u.stage != "converted"]
+    if not_converted:
+        raise ValueError(f"units {not_converted[:3]} are not converted yet (QAT: call convert_qat_ first)")
+    unit_approach, unit_config, reduce_range = _unit_approach(units)
+    if approach != unit_approach:
+        raise ValueError(f"approach={approach!r}, but the model was quantized with {unit_approach!r}")
+    if quant_config is not None and json.loads(json.dumps(dict(quant_config))) != unit_config:
+        raise ValueError(
+            f"quant_config {dict(quant_config)} differs from the one the units were made with: {unit_config}"
+        )
+    fp32 = [name for name in unit_names(model) if name not in units]
+    matched = [name for name in unit_names(model) if any(fnmatch.fnmatchcase(name, p) for p in fp32_units)]
+    if fp32_units and matched != fp32:
+        raise ValueError(f"fp32_units {list(fp32_units)} select {matched}, but the model's fp32 units are {fp32}")
+    reserved = {QUANTIZATION_NAME, OBSERVERS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME, "config.json", QALA_CONFIG_NAME}
+    clash = sorted(set(extra_files or {}) & reserved)
+    if clash:
+        raise ValueError(f"extra_files {clash} would overwrite the artifact's own files")
+    return unit_config, reduce_range
+
+
+def _stored_weights(
+    model: nn.Module, units: Mapping[str, QuantizedUnit]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """What int8_weights.safetensors holds (fp32 weights, and each quantized weight as int8 values, scale and
+    zero point) and the layout of each quantized weight."""
+    weights = fp32_state_dict(model)
+    layouts: dict[str, dict[str, Any]] = {}
+    for name, unit in units.items():
+        for key, entry in int8_weights(unit).items():
+            full = state_prefix(model, name) + key
+            weights[full] = entry.pop("int8")
+            weights[f"{full}.scale"] = entry.pop("scale")
+            weights[f"{full}.zero_point"] = entry.pop("zero_point")
+            layouts[full] = entry
+    return weights, layouts
 
 
 def fp32_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

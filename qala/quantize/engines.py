@@ -10,9 +10,16 @@ which a server calls once at load so that no request waits for a compile. Backen
   units (oneDNN qlinear kernels survive symbolic shapes). Keep ratios are passed as a [batch, layers]
   float64 tensor, so Dynamo guards neither on their values nor on the window length: after warm-up, a
   stream of lengths and configurations reuses the same graphs.
-- "onnxruntime" / "onnxruntime-int8": the length-adaptive model exported as one ONNX graph with dynamic
-  axes and the token selection in the graph (qala.quantize.onnx); INT8 = ORT dynamic quantization,
-  per channel, of that graph.
+- "onnxruntime" / "onnxruntime-int8" (qala.quantize.onnx): full length runs transformers' plain graph
+  fused by ORT's transformer optimizer (Attention, SkipLayerNorm, BiasGelu); a keep configuration runs
+  the length-adaptive graph (dynamic axes, token selection in the graph). INT8 = ORT dynamic
+  quantization, per channel, of those graphs (re-quantized by the engine, not INC's configuration).
+- "openvino" / "openvino-int8" (qala.quantize.openvino): static length buckets, one compiled model per
+  (configuration, bucket, batch size); full length is the plain graph, a keep configuration the adaptive
+  graph with static top-k widths per bucket. INT8 = NNCF post-training quantization on the calibration
+  windows passed in (`calibration=`; re-quantized by the engine, not INC's configuration).
+
+An engine asked for a configuration it cannot run raises ValueError naming both.
 
 Measured side by side in benchmarks/results/engines.json (benchmarks/engines_bench.py).
 """
@@ -20,9 +27,8 @@ Measured side by side in benchmarks/results/engines.json (benchmarks/engines_ben
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +81,66 @@ def ratio_table(
     if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
         if tuple(keep_ratios.shape) != (batch, num_layers):
             raise ValueError(f"keep_ratios tensor must be [{batch}, {num_layers}], got {list(keep_ratios.shape)}")
-        return keep_ratios.to(torch.float64).contiguous()
+        return _own(keep_ratios.to(torch.float64))
     ratios = [float(r) for r in keep_ratios]
     check_keep_ratios(ratios, num_layers=num_layers)
-    return torch.tensor(ratios, dtype=torch.float64).expand(batch, -1).contiguous()
+    # A fresh tensor, not expand(batch, -1): at batch 1 the expanded view already counts as contiguous
+    # and stays a view of a [layers] tensor, and Dynamo guards on a view's base, so a list of ratios and
+    # a length_config (a fresh table) would each compile graphs of their own.
+    return torch.tensor([ratios] * batch, dtype=torch.float64)
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """`x` contiguous and not a view: Dynamo guards on a view's base (its sizes too), so a slice of a larger
+    tensor would miss the graphs that fresh tensors of the same shape built."""
+    return x if x._base is None and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+
+
+# Windows are grouped per this many tokens: a call pads a window by fewer positions than this.
+BUCKET_STEP = 32
+
+
+def default_buckets(max_seq_length: int, step: int = BUCKET_STEP) -> tuple[int, ...]:
+    """step, 2*step, ... up to max_seq_length (always the last bucket)."""
+    return tuple(sorted({*range(step, max_seq_length, step), max_seq_length}))
+
+
+def bucket_of(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"a window of {n} tokens is longer than the largest bucket ({buckets[-1]})")
+
+
+def plan_chunks(
+    lengths: Sequence[int], buckets: Sequence[int], batch_sizes: Sequence[int]
+) -> list[tuple[int, list[int]]]:
+    """(bucket, row indices) per call: rows sorted by length, grouped by bucket, split into batch sizes
+    (largest that fits first, so no padding row is ever computed)."""
+    sizes = sorted(set(batch_sizes), reverse=True)
+    if 1 not in sizes:
+        raise ValueError(f"batch_sizes must include 1, got {list(batch_sizes)}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(bucket_of(int(lengths[i]), buckets), []).append(i)
+    chunks = []
+    for bucket, rows in groups.items():
+        while rows:
+            size = next(s for s in sizes if s <= len(rows))
+            chunks.append((bucket, rows[:size]))
+            rows = rows[size:]
+    return chunks
+
+
+def length_batches(lengths: Sequence[int], max_batch: int, step: int = BUCKET_STEP) -> list[list[int]]:
+    """Row indices per call for windows of these real lengths: sorted by length, grouped per `step` tokens,
+    each group split into calls of at most `max_batch` rows. A call then pads each window by fewer than `step`
+    positions, instead of every window of a request to its longest (batch 32 paid for its longest windows)."""
+    if not lengths:
+        return []
+    buckets = default_buckets(max(int(n) for n in lengths), step)
+    return [rows for _, rows in plan_chunks(lengths, buckets, range(1, max(int(max_batch), 1) + 1))]
 
 
 def _inputs(n: int, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -168,6 +230,8 @@ class DynamicCompiledEngine(EagerEngine):
     ) -> QuestionAnsweringModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = _own(input_ids), _own(attention_mask)
+        token_type_ids = None if token_type_ids is None else _own(token_type_ids)
         ratios = None
         if keep_ratios is not None or length_config is not None:
             ratios = ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
@@ -231,30 +295,16 @@ class DynamicCompiledEngine(EagerEngine):
         return {"warmup_seconds": round(seconds, 3), "graphs": dynamo_graphs() - graphs}
 
 
-def _onnx_engine(
-    model: LengthAdaptiveForQuestionAnswering,
-    *,
-    int8: bool,
-    workdir: str | Path | None = None,
-    threads: int | None = None,
-):
-    from qala.quantize import onnx as qonnx
+def _onnx_engine(model: LengthAdaptiveForQuestionAnswering, *, int8: bool, **options: Any) -> Any:
+    from qala.quantize.onnx import OnnxEngine
 
-    qonnx.require_onnxruntime()
-    folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-onnx-"))
-    fp32_path = folder / "model.onnx"
-    start = time.perf_counter()
-    if not fp32_path.is_file():
-        qonnx.export_onnx(_fp32_model(model), fp32_path)
-    path = fp32_path
-    if int8:
-        path = folder / "model_int8.onnx"
-        if not path.is_file():
-            qonnx.quantize_onnx(fp32_path, path)
-    engine = qonnx.OnnxEngine(path, num_layers=model.num_layers, threads=threads)
-    engine.build_seconds = time.perf_counter() - start
-    engine.name = "onnxruntime-int8" if int8 else "onnxruntime"
-    return engine
+    return OnnxEngine(_fp32_model(model), int8=int8, **options)
+
+
+def _openvino_engine(model: LengthAdaptiveForQuestionAnswering, *, int8: bool, **options: Any) -> Any:
+    from qala.quantize.openvino import OpenVinoEngine
+
+    return OpenVinoEngine(_fp32_model(model), int8=int8, **options)
 
 
 def _fp32_model(model: LengthAdaptiveForQuestionAnswering) -> LengthAdaptiveForQuestionAnswering:
@@ -273,6 +323,8 @@ BACKENDS: dict[str, Callable[..., Any]] = {
     "compile-dynamic": lambda model, **kw: DynamicCompiledEngine(model, **kw),
     "onnxruntime": lambda model, **kw: _onnx_engine(model, int8=False, **kw),
     "onnxruntime-int8": lambda model, **kw: _onnx_engine(model, int8=True, **kw),
+    "openvino": lambda model, **kw: _openvino_engine(model, int8=False, **kw),
+    "openvino-int8": lambda model, **kw: _openvino_engine(model, int8=True, **kw),
 }
 
 
@@ -280,8 +332,11 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     """An engine over a model (or a qala model directory, fp32 or INT8 artifact), by backend name.
 
     Options go to the backend: compile-dynamic takes `backend` (torch.compile's) and `max_graphs`;
-    onnxruntime* take `workdir` (where the .onnx files go; default a temporary folder) and `threads`.
-    The ONNX backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize with ORT.
+    onnxruntime* take `workdir` (exported files go to workdir/<model content hash>/; default a temporary
+    folder), `threads` and `fused`; openvino* take `workdir`, `threads`, `buckets`, `batch_sizes`,
+    `max_seq_length` and (INT8) `calibration`, a list of windows {input_ids, attention_mask, token_type_ids}.
+    The ONNX and OpenVINO backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize
+    on their own.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
@@ -292,3 +347,21 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     else:
         model = model_or_dir
     return BACKENDS[backend](model.eval(), **options)
+
+
+def warm_for_serving(
+    engine: Any, *, lengths: Sequence[int], max_batch: int, configs: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Build everything `engine` needs to answer windows of any length up to max(lengths), in calls of up to
+    `max_batch` windows, at `configs` (model keyword arguments: {}, {"keep_ratios": ...}, {"length_config": ...}),
+    so that no request waits for a compile. compile-dynamic: its generic configurations at batch 1 and 2
+    (Dynamo specialises size 1; sizes >= 2 share graphs); openvino*: every bucket x batch size x configuration;
+    the others: one call per length (allocator arenas)."""
+    name = getattr(engine, "name", "")
+    if name.startswith("openvino"):
+        absolute = [list(c["length_config"]) for c in configs if c.get("length_config") is not None]
+        ratios = [c.get("keep_ratios") for c in configs if c.get("length_config") is None]
+        return engine.warmup(batch_sizes=[max_batch], keep_ratios=ratios, length_configs=absolute)
+    if name == "compile-dynamic":
+        return engine.warmup(lengths=lengths, batch_sizes=(1, 2) if max_batch > 1 else (1,))
+    return engine.warmup(lengths=lengths)

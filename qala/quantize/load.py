@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,22 +40,20 @@ from qala.quantize.artifact import (
     load_quantized,
 )
 from qala.quantize.compile import CompiledQA
-from qala.utils import MANIFEST_NAME, PACKAGE_SCHEME, IntegrityError, check_manifest, resolve_model_path
+from qala.utils import (
+    MANIFEST_NAME,
+    PACKAGE_SCHEME,
+    VOCABULARY_FILES,
+    IntegrityError,
+    check_manifest,
+    resolve_model_path,
+)
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["fp32", "int8"]
 T = TypeVar("T")
 
-# Any one of these holds a vocabulary AutoTokenizer can build from (vocab.json needs merges.txt beside it).
-VOCABULARY_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 # Everything a tokenizer reads: these entries of a manifest are checked when only the tokenizer is loaded.
 TOKENIZER_FILES = (
     *VOCABULARY_FILES,
@@ -78,9 +79,35 @@ def local_directory(path: str | Path) -> Path | None:
     return None
 
 
-def _from_hub(load: Callable[[str], T], name: str) -> T:
-    """`load(name)` for a name that is no local directory; its failure said as the missing directory it may be."""
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host (HF_ENDPOINT) takes a TCP connection within `timeout` seconds. Without a network,
+    huggingface_hub retries for most of a minute before it gives up; this says so in a few seconds. Behind a
+    proxy the client is left to find out."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _from_hub(load: Callable[..., T], name: str) -> T:
+    """`load(name)` for a name that is no local directory; its failure said as the missing directory it may be.
+    With the Hub out of reach, only the local cache is read (at once, not after a minute of retries)."""
+    try:
+        if not _offline() and not _hub_reachable():
+            try:
+                return load(name, local_files_only=True)
+            except (OSError, ValueError):
+                raise OSError(f"the Hub cannot be reached from here and {name} is not in the local cache") from None
         return load(name)
     except (OSError, ValueError) as e:  # no such repo, offline, or not a valid repo id (HFValidationError)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

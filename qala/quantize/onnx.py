@@ -1,24 +1,33 @@
-"""ONNX Runtime backend: the length-adaptive model exported as ONE graph with dynamic batch and sequence axes.
+"""The one ONNX exporter, ONNX Runtime session builder and ORT quantizer of qala's engines and of the peers.
 
-The token selection is in the graph, not in Python: per layer, each row keeps
-k_b = min(ceil(r_i * n_b), tokens it still has) tokens, n_b being the row's real length (attention_mask
-sum), as TopK with k = max_b k_b computed in-graph, the surplus ranks of shorter rows masked (as
-qala/model.py does). Drop-and-Restore is GatherElements / ScatterElements. The per-layer keep ratios
-are an INPUT of the graph (`keep_ratios`, float64 [batch, layers], one row per window), so one file
-serves full length (all 1.0) and every relative configuration; an absolute `length_config` is served
-as per-row ratios (k - 0.5) / n_b, which keep exactly min(k, n_b) real tokens: the same real tokens as
-the PyTorch model's absolute mode, so the logits at real positions agree.
+Two graphs, both from the fp32 weights (an INC/PT2E INT8 artifact is exported from its fp32 source):
 
-INT8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, per-channel int8 weights, activations
-quantized per call) of the exported fp32 graph. Only the fp32 weights of a qala model are exported:
-an INC/PT2E INT8 artifact is exported from its fp32 source weights (qala.quantize.fp32_state_dict).
+- "plain": transformers' `<Arch>ForQuestionAnswering` with the model's weights (qala's forward at full
+  length is exactly that model), dynamic batch and sequence axes. No token-selection op at all. This is
+  what a user would export, so the ONNX Runtime and OpenVINO peers run it too, and the graph that
+  `onnxruntime.transformers.optimizer` fuses (Attention, SkipLayerNorm, BiasGelu).
+- "adaptive": qala's length-adaptive forward with the token selection in the graph (qala.model's
+  `keep_counts`/`select_tokens`/`_restore`, shared with the PyTorch forward). Its fourth input `kept`
+  (int64 [batch, layers]) says how many tokens each row keeps after each layer, computed on the host by
+  `kept_table` (keep ratios, or an absolute length_config, both per row). The top-k WIDTH of layer i is
+  either the batch's largest count (`widths=None`: one graph for every length and configuration, what
+  the ONNX Runtime engine runs) or static for the window length L: ceil(share_i * L), capped
+  (`Widths`, one graph per configuration; with a static input shape OpenVINO folds it to a constant,
+  see qala.quantize.openvino). Either way each row keeps exactly its own count (surplus slots masked).
+
+INT8 here is ONNX Runtime's dynamic quantization (`quantize_onnx`: int8 weights per channel, activations
+quantized per call) of either graph; it re-quantizes the fp32 model on its own (not INC's configuration).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +36,28 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering, _restore, attention_significance
-from qala.quantize.engines import ratio_table
+from qala.model import (
+    MODEL_INPUTS,
+    LengthAdaptiveForQuestionAnswering,
+    _restore,
+    check_keep_ratios,
+    check_length_config,
+    keep_counts,
+    select_tokens,
+    token_significance,
+)
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "ONNX Runtime backends need the onnx extra: pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
 OPSET = 17
-INPUT_NAMES = (*MODEL_INPUTS, "keep_ratios")
+ADAPTIVE_INPUTS = (*MODEL_INPUTS, "kept")
 OUTPUT_NAMES = ("start_logits", "end_logits")
+# Static widths are computed in integers: share_i as ceil(share_i * SCALE) / SCALE (never below the share,
+# so a width is never narrower than a row's count), exact in int32 for L * SCALE < 2**31.
+SCALE = 1_000_000
+# quantize_onnx's one setting, recorded in every row that uses it.
+ORT_INT8_METHOD = "onnxruntime.quantization.quantize_dynamic, QInt8 weights per channel, activations per call"
 
 
 def require_onnxruntime() -> Any:
@@ -47,79 +69,204 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-class TraceableLengthAdaptive(nn.Module):
-    """qala's forward with every length decision made from tensors, so that one trace serves all inputs.
+# --------------------------------------------------------------------------- what a call keeps
 
-    Same arithmetic as LengthAdaptiveForQuestionAnswering.forward with `keep_ratios` (selection at
-    every layer; keeping all tokens is an identity selection, so full length = ratios of 1.0).
+
+def length_key(
+    num_layers: int,
+    keep_ratios: Sequence[float] | torch.Tensor | None = None,
+    length_config: Sequence[int] | None = None,
+    max_seq_length: int | None = None,
+) -> tuple[str, tuple[float, ...]] | None:
+    """The configuration a call asks for, hashable: None (full length), ("ratio", ratios) or ("absolute", k).
+
+    Ratios all 1.0, or an absolute configuration that keeps every position of max_seq_length, are full
+    length. A per-row [batch, layers] ratio tensor has no single key: the caller decides (kept_table).
     """
+    if keep_ratios is not None and length_config is not None:
+        raise ValueError("pass length_config or keep_ratios, not both")
+    if length_config is not None:
+        values = [int(k) for k in length_config]
+        check_length_config(values, num_layers=num_layers)
+        if max_seq_length is not None and min(values) >= max_seq_length:
+            return None
+        return ("absolute", tuple(float(k) for k in values))
+    if keep_ratios is None:
+        return None
+    ratios = [float(r) for r in keep_ratios]
+    check_keep_ratios(ratios, num_layers=num_layers)
+    return None if min(ratios) >= 1.0 else ("ratio", tuple(ratios))
 
-    def __init__(self, model: LengthAdaptiveForQuestionAnswering) -> None:
+
+def kept_table(
+    attention_mask: torch.Tensor,
+    num_layers: int,
+    keep_ratios: Sequence[float] | torch.Tensor | None = None,
+    length_config: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Tokens each row keeps after each layer, int64 [batch, layers], as the PyTorch forward counts them.
+
+    keep_ratios (a list, or one row per window as a [batch, layers] tensor): ceil(r * n_b) of the row's
+    real length n_b (qala.model.keep_counts, float64). length_config: min(k_i, n_b), the real tokens the
+    absolute mode keeps. Neither: n_b (full length). The graph still caps each count at the tokens a row
+    has left.
+    """
+    if keep_ratios is not None and length_config is not None:
+        raise ValueError("pass length_config or keep_ratios, not both")
+    real = attention_mask.sum(dim=1).to(torch.long)
+    batch = attention_mask.size(0)
+    if length_config is not None:
+        check_length_config([int(k) for k in length_config], num_layers=num_layers)
+        k = torch.tensor([int(k) for k in length_config], dtype=torch.long)[None, :]
+        return torch.minimum(k, real[:, None]).clamp(min=1).contiguous()
+    if keep_ratios is None:
+        return real[:, None].expand(batch, num_layers).clamp(min=1).contiguous()
+    if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
+        if tuple(keep_ratios.shape) != (batch, num_layers):
+            raise ValueError(f"keep_ratios tensor must be [{batch}, {num_layers}], got {list(keep_ratios.shape)}")
+        ratios = keep_ratios.to(torch.float64)
+    else:
+        values = [float(r) for r in keep_ratios]
+        check_keep_ratios(values, num_layers=num_layers)
+        ratios = torch.tensor(values, dtype=torch.float64).expand(batch, -1)
+    return keep_counts(ratios, real.to(torch.float64)[:, None]).contiguous()
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Static top-k widths of the adaptive graph: layer i keeps min(ceil(shares[i] * L), caps[i], L) slots of a
+    window of L positions, where L comes from the input's shape (a constant once the shape is static)."""
+
+    shares: tuple[float, ...]
+    caps: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, key: tuple[str, tuple[float, ...]]) -> Widths:
+        mode, values = key
+        if mode == "ratio":
+            return cls(tuple(values), (None,) * len(values))
+        return cls((1.0,) * len(values), tuple(int(k) for k in values))
+
+    def at(self, length: int) -> list[int]:
+        """The widths for a window of `length` positions (what the traced graph computes)."""
+        out = []
+        for share, cap in zip(self.shares, self.caps, strict=True):
+            width = min(max((math.ceil(share * SCALE) * length + SCALE - 1) // SCALE, 1), length)
+            out.append(min(width, cap) if cap is not None else width)
+        return out
+
+
+# --------------------------------------------------------------------------- the two graphs
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """transformers' QA model with these weights (qala's full-length forward), eager attention, eval mode."""
+    from transformers import AutoModelForQuestionAnswering
+
+    if not isinstance(model, LengthAdaptiveForQuestionAnswering):
+        return model.eval()
+    plain = AutoModelForQuestionAnswering.from_config(model.config, attn_implementation="eager")
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+class _PlainGraph(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor,
-        keep_ratios: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.start_logits, out.end_logits
+
+
+class AdaptiveGraph(nn.Module):
+    """qala's length-adaptive forward with every length decision made from tensors (one trace, all inputs).
+
+    Same arithmetic as LengthAdaptiveForQuestionAnswering.forward given the same per-row counts (selection
+    at every layer; keeping all of a row's tokens is an identity selection on its real positions).
+    """
+
+    def __init__(self, model: LengthAdaptiveForQuestionAnswering, widths: Widths | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.widths = widths
+
+    def width(self, i: int, kept: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        if self.widths is None:
+            return kept.max()
+        share, cap = self.widths.shares[i], self.widths.caps[i]
+        # Integer ceil(share * L): OpenVINO may run floats and int64 in 32 bits; this stays exact.
+        width = (seq * math.ceil(share * SCALE) + (SCALE - 1)) // SCALE
+        width = torch.minimum(width.clamp(min=1), seq)
+        return torch.clamp(width, max=cap) if cap is not None else width
+
+    def forward(self, input_ids, attention_mask, token_type_ids, kept):
         model = self.model
         backbone = model.backbone
         mask = attention_mask.bool()
         hidden = backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        batch_size, seq_length, hidden_size = hidden.shape
-        real_lengths = mask.sum(dim=1)
+        batch_size, seq_length, _ = hidden.shape
+        # The window length as a tensor of the graph (a traced Python int would be a constant).
+        seq = torch.ones_like(input_ids[0]).sum()
         positions = torch.arange(seq_length, device=hidden.device).unsqueeze(0).expand(batch_size, -1)
         restored = torch.zeros_like(hidden)
         carried = torch.ones_like(mask)
         for i, layer in enumerate(backbone.encoder.layer):
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
-            wanted = torch.ceil(keep_ratios[:, i].double() * real_lengths.double() - 1e-6).long().clamp(min=1)
-            kept = torch.minimum(wanted, mask.sum(dim=1))
+            kept_i = torch.minimum(kept[:, i], mask.sum(dim=1))
             restored = _restore(restored, positions, hidden, carried)
-            significance = attention_significance(attention_probs, mask)
-            top = significance.topk(kept.max(), dim=1).indices
-            survives = torch.arange(top.size(1), device=top.device)[None, :] < kept[:, None]
-            top, order = top.sort(dim=1)
-            survives = survives.gather(1, order)
-            attention_output = attention_output.gather(1, top.unsqueeze(-1).expand(-1, -1, hidden_size))
-            mask = mask.gather(1, top) & survives
-            carried = carried.gather(1, top) & survives
-            positions = positions.gather(1, top)
+            significance = token_significance(
+                model.qala_config.selection,
+                mask,
+                attention_probs=attention_probs,
+                attention_output=attention_output,
+                qa_outputs=model.qa_outputs,
+            )
+            attention_output, mask, carried, positions = select_tokens(
+                significance, kept_i, self.width(i, kept_i, seq), attention_output, mask, carried, positions
+            )
             hidden = layer.feed_forward_chunk(attention_output)
         hidden = _restore(restored, positions, hidden, carried)
         logits = model.qa_outputs(hidden)
         return logits[..., 0], logits[..., 1]
 
 
-def export_onnx(model: LengthAdaptiveForQuestionAnswering, path: str | Path) -> Path:
-    """Export the fp32 length-adaptive model to `path` (dynamic batch and sequence axes)."""
+def export_onnx(model: nn.Module, path: str | Path, *, graph: str = "plain", widths: Widths | None = None) -> Path:
+    """Export `graph` ("plain" or "adaptive", see the module doc) of the fp32 `model` to `path`.
+
+    Dynamic batch and sequence axes. `model`: a qala model, or (plain only) any transformers QA model.
+    """
     require_onnxruntime()
+    if graph not in ("plain", "adaptive"):
+        raise ValueError(f"graph must be 'plain' or 'adaptive', got {graph!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = TraceableLengthAdaptive(model).eval()
     seq = 16
-    example = (
+    example: tuple[torch.Tensor, ...] = (
         torch.full((2, seq), 7, dtype=torch.long),
         torch.ones(2, seq, dtype=torch.long),
         torch.zeros(2, seq, dtype=torch.long),
-        torch.full((2, model.num_layers), 0.5, dtype=torch.float64),
     )
     example[1][1, seq // 2 :] = 0  # a padded row, so that no mask-dependent branch is traced as constant
-    axes = {name: {0: "batch", 1: "seq"} for name in MODEL_INPUTS}
-    axes.update({name: {0: "batch", 1: "seq"} for name in OUTPUT_NAMES})
-    axes["keep_ratios"] = {0: "batch"}
+    axes = {name: {0: "batch", 1: "seq"} for name in (*MODEL_INPUTS, *OUTPUT_NAMES)}
+    if graph == "plain":
+        wrapper, names = _PlainGraph(plain_model(model)), MODEL_INPUTS
+    else:
+        if not isinstance(model, LengthAdaptiveForQuestionAnswering):
+            raise ValueError("the adaptive graph needs a qala LengthAdaptiveForQuestionAnswering model")
+        wrapper, names = AdaptiveGraph(model, widths), ADAPTIVE_INPUTS
+        example += (kept_table(example[1], model.num_layers, keep_ratios=[0.5] * model.num_layers),)
+        axes["kept"] = {0: "batch"}
     with torch.no_grad():
         # The TorchScript exporter: TopK's k stays a tensor computed in the graph (the dynamo exporter
         # would make it an unbacked symbol that torch.export cannot reason about).
         torch.onnx.export(
-            wrapper,
+            wrapper.eval(),
             example,
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=axes,
             opset_version=OPSET,
@@ -128,56 +275,184 @@ def export_onnx(model: LengthAdaptiveForQuestionAnswering, path: str | Path) -> 
     return path
 
 
-def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, *, per_channel: bool = True) -> Path:
-    """ONNX Runtime dynamic INT8 (int8 weights, per channel; activations quantized per call)."""
+# --------------------------------------------------------------------------- ONNX Runtime: fuse, quantize, run
+
+
+def optimize_onnx(fp32_path: str | Path, out_path: str | Path, config: Any) -> dict[str, int]:
+    """onnxruntime.transformers.optimizer over a plain BERT graph (fused Attention, SkipLayerNorm, BiasGelu,
+    EmbedLayerNormalization); returns the fused operators it counted."""
     require_onnxruntime()
+    from onnxruntime.transformers import optimizer
+
+    optimized = optimizer.optimize_model(
+        str(fp32_path),
+        model_type="bert",
+        num_heads=config.num_attention_heads,
+        hidden_size=config.hidden_size,
+        opt_level=1,
+    )
+    optimized.save_model_to_file(str(out_path))
+    return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+
+
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
+    """ONNX Runtime dynamic INT8 (ORT_INT8_METHOD) of an fp32 graph, fused or not."""
+    require_onnxruntime()
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=per_channel, weight_type=QuantType.QInt8)
+    # Fused operators (com.microsoft domain) defeat ONNX shape inference; their outputs are float.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8, extra_options=extra)
     return Path(int8_path)
 
 
-class OnnxEngine:
-    """An ONNX Runtime session called like the model: `engine(input_ids=..., keep_ratios=[...])`."""
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """The one ONNX Runtime CPU session of qala and the peers: all graph optimizations, `threads` intra-op
+    threads (default: torch's), one inter-op thread."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __init__(self, path: str | Path, *, num_layers: int, threads: int | None = None) -> None:
-        ort = require_onnxruntime()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
+
+def operator_types(path: str | Path) -> set[str]:
+    """The operator types of an ONNX file (tests check that an INT8 graph runs integer kernels)."""
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+# --------------------------------------------------------------------------- content-keyed artifacts
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 over the model's configs and weights: the key of every artifact built from it."""
+    digest = hashlib.sha256()
+    digest.update(model.config.to_json_string().encode())
+    qala_config = getattr(model, "qala_config", None)
+    if qala_config is not None:
+        digest.update(qala_config.to_json().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def artifact_dir(root: str | Path, model: nn.Module) -> Path:
+    """root/<content hash>/: where exported and compiled files of this model live.
+
+    The folder is named by the weights' hash and its manifest repeats it: a model whose files changed
+    gets a new folder (artifacts of the old weights are never used), and a folder whose manifest names
+    other weights is refused.
+    """
+    digest = model_digest(model)
+    folder = Path(root) / digest[:16]
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text()).get("model_sha256")
+        if recorded != digest:
+            raise ValueError(
+                f"artifact cache {folder} was built for model {recorded}, not this model ({digest}): remove it"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"model_sha256": digest, "format": "qala-engine-artifacts/1"}) + "\n")
+    return folder
+
+
+def key_slug(key: tuple[str, tuple[float, ...]] | None) -> str:
+    if key is None:
+        return "full"
+    mode, values = key
+    text = "-".join(f"{v:g}" for v in values)
+    return f"{'kr' if mode == 'ratio' else 'lc'}-{text}"
+
+
+# --------------------------------------------------------------------------- the ONNX Runtime engine
+
+
+class OnnxEngine:
+    """qala on ONNX Runtime, called like the model.
+
+    Full length (no configuration, ratios all 1.0): the plain graph, fused by ORT's transformer optimizer
+    (INT8: that fused graph quantized). A keep configuration: the adaptive graph with dynamic widths (one
+    file for every length and configuration; per-row [batch, layers] ratios too).
+    """
+
+    def __init__(
+        self,
+        model: LengthAdaptiveForQuestionAnswering,
+        *,
+        int8: bool = False,
+        workdir: str | Path | None = None,
+        threads: int | None = None,
+        fused: bool = True,
+    ) -> None:
+        import tempfile
+
+        require_onnxruntime()
+        self.name = "onnxruntime-int8" if int8 else "onnxruntime"
+        self.model, self.int8, self.fused, self.threads = model, int8, fused, threads
+        self.num_layers = model.num_layers
+        root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-onnx-"))
+        self.folder = artifact_dir(root, model)
+        self.facts: dict[str, Any] = {"quantization": ORT_INT8_METHOD if int8 else None}
+        self._sessions: dict[str, Any] = {}
         start = time.perf_counter()
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.load_seconds = time.perf_counter() - start
-        self.num_layers = num_layers
-        self.path = Path(path)
+        self.session("plain")
+        self.build_seconds = time.perf_counter() - start
+
+    def _file(self, graph: str) -> Path:
+        fp32 = self.folder / f"{graph}.onnx"
+        if not fp32.is_file():
+            export_onnx(self.model, fp32, graph=graph)
+        path = fp32
+        if graph == "plain" and self.fused:
+            path = self.folder / "plain.fused.onnx"
+            if not path.is_file():
+                self.facts["fused_operators"] = optimize_onnx(fp32, path, self.model.config)
+        if self.int8:
+            int8 = path.with_suffix(".int8.onnx")
+            if not int8.is_file():
+                quantize_onnx(path, int8)
+            path = int8
+        return path
+
+    def session(self, graph: str) -> Any:
+        if graph not in self._sessions:
+            path = self._file(graph)
+            self._sessions[graph] = ort_session(path, self.threads)
+            self.facts[f"{graph}_graph"] = str(path)
+        return self._sessions[graph]
 
     def __call__(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        keep_ratios: Sequence[float] | None = None,
+        keep_ratios: Sequence[float] | torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
     ) -> QuestionAnsweringModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        ratios = self.ratios(attention_mask, keep_ratios, length_config)
         feeds = {
             "input_ids": input_ids.numpy().astype(np.int64, copy=False),
             "attention_mask": attention_mask.numpy().astype(np.int64, copy=False),
             "token_type_ids": token_type_ids.numpy().astype(np.int64, copy=False),
-            "keep_ratios": ratios,
         }
-        start, end = self.session.run(list(OUTPUT_NAMES), feeds)
+        per_row = isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2
+        if per_row or length_key(self.num_layers, None if per_row else keep_ratios, length_config) is not None:
+            feeds["kept"] = kept_table(attention_mask, self.num_layers, keep_ratios, length_config).numpy()
+            session = self.session("adaptive")
+        else:
+            session = self.session("plain")
+        start, end = session.run(list(OUTPUT_NAMES), feeds)
         return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
-
-    def ratios(
-        self, attention_mask: torch.Tensor, keep_ratios: Sequence[float] | None, length_config: Sequence[int] | None
-    ) -> np.ndarray:
-        return ratio_table(attention_mask, self.num_layers, keep_ratios, length_config).numpy()
 
     def warmup(self, lengths: Sequence[int] = (16, 128, 384), **_: Any) -> dict[str, float]:
         """ONNX Runtime has nothing to compile per shape; one call per length fills its allocator arenas."""
@@ -186,3 +461,8 @@ class OnnxEngine:
             ids = (torch.arange(int(n)) % 7 + 1)[None, :]
             self(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
         return {"warmup_seconds": time.perf_counter() - start}
+
+
+def numpy_feeds(inputs: Mapping[str, Any], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Model inputs (torch tensors or arrays) as int64 numpy arrays, for the named graph inputs."""
+    return {k: np.asarray(inputs[k], dtype=np.int64) for k in names}

@@ -1,0 +1,132 @@
+"""The keep-ratio curve of trained models on real, unpadded windows: benchmarks/results/ratio_training.json + .png.
+
+    python benchmarks/ratio_training.py VARIANT STEP EPOCH MODEL_DIR [--recipe R.yaml] [--shipped]
+    python benchmarks/ratio_training.py --plot-only
+
+Each call scores one model (a variant's checkpoint or final model) on the whole evaluation file at
+constant keep ratios 1.0, 0.95, 0.9, 0.85, 0.8, 0.7 (layer i keeps r^(i+1) of each window's real tokens)
+and appends one row per ratio: {"variant", "step", "epoch", "keep_ratio", "f1", "em", "macs_ratio"}, where
+macs_ratio is that configuration's MACs (qala.model.macs_per_sample) summed over the real dev windows over
+the same sum at full length. Rows already present for (variant, step) are kept, not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qala.data import load_squad, windows
+from qala.evaluate import evaluate_features
+from qala.model import constant_keep_ratios, kept_per_layer, macs_per_sample
+from qala.quantize.load import load_model, load_tokenizer
+from qala.recipe import DataConfig
+from qala.train import read_eval
+from qala.utils import atomic_write_json, environment_info
+
+KEEP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+OUT = Path("benchmarks/results/ratio_training.json")
+
+
+def macs_ratio(config, lengths: list[int], keep: float) -> float:
+    ratios = constant_keep_ratios(keep, config.num_hidden_layers)
+    full = sum(macs_per_sample(config, None, n) for n in lengths)
+    kept = sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in lengths)
+    return round(kept / full, 4)
+
+
+def score(model_dir: str, data_file: str, eval_json: str | None = None, selection: str | None = None) -> list[dict]:
+    """One row per keep ratio; `eval_json`: take EM/F1 from qala.train's eval.json of this model (its stage
+    scored the same keep ratios on the same file at the end of training) instead of evaluating again."""
+    model = load_model(model_dir)
+    if selection:
+        model.qala_config.selection = selection
+    tokenizer = load_tokenizer(model_dir)
+    data = DataConfig(train=data_file, eval=data_file)
+    examples = load_squad(data_file)
+    features = windows(examples, tokenizer, data, train=False, padded=False)
+    lengths = [sum(mask) for mask in features["attention_mask"]]
+    scored = read_eval(eval_json)["results"] if eval_json else {}
+    rows = []
+    for keep in KEEP_RATIOS:
+        ratios = None if keep == 1.0 else constant_keep_ratios(keep, model.num_layers)
+        metrics = scored.get("full" if keep == 1.0 else f"keep_{keep:g}")
+        if metrics is None:
+            metrics, _ = evaluate_features(model, examples, features, keep_ratios=ratios, progress=False)
+        rows.append(
+            {
+                "keep_ratio": keep,
+                "f1": round(metrics["f1"], 2),
+                "em": round(metrics["exact_match"], 2),
+                "macs_ratio": macs_ratio(model.config, lengths, keep),
+                "n": metrics["n"],
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(document: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves: dict[str, list] = {}
+    for row in document["rows"]:
+        curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
+    for name, points in curves.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("MACs on real dev windows / full length")
+    ax.set_ylabel("F1, whole dev.json, unpadded")
+    ax.set_title(f"Keep-ratio curves ({document['cpu']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", nargs="?")
+    parser.add_argument("step", nargs="?", type=int)
+    parser.add_argument("epoch", nargs="?", type=float)
+    parser.add_argument("model_dir", nargs="?")
+    parser.add_argument("--data", default="../shared/data/squad-v1.1/dev.json")
+    parser.add_argument("--recipe", help="the recipe that trained this variant (recorded)")
+    parser.add_argument("--shipped", action="store_true", help="this variant is the shipped one")
+    parser.add_argument("--windows-per-s", type=float, help="the variant's training throughput (recorded)")
+    parser.add_argument("--eval-json", help="qala.train's eval.json for this model: reuse its scores")
+    parser.add_argument("--selection", help="token ranking rule to score with (qala.model SELECTION_RULES)")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args(argv)
+    environment = environment_info()
+    document = json.loads(OUT.read_text()) if OUT.is_file() else {"cpu": environment["cpu"], "rows": []}
+    if not args.plot_only:
+        if None in (args.variant, args.step, args.epoch, args.model_dir):
+            parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
+        done = {(r["variant"], r["step"]) for r in document["rows"]}
+        if (args.variant, args.step) not in done:
+            for row in score(args.model_dir, args.data, args.eval_json, args.selection):
+                document["rows"].append({"variant": args.variant, "step": args.step, "epoch": args.epoch, **row})
+        variants = document.setdefault("variants", {})
+        entry = variants.setdefault(args.variant, {})
+        entry.update({k: v for k, v in {"recipe": args.recipe, "windows_per_s": args.windows_per_s}.items() if v})
+        entry["model_dir"] = args.model_dir
+        entry["selection"] = args.selection or "attention"
+        if args.shipped:
+            document["shipped"] = args.variant
+            document["recipe"] = args.recipe
+            document["windows_per_s"] = args.windows_per_s
+        document["data"] = args.data
+        document["environment"] = environment
+        atomic_write_json(OUT, document)
+    plot(document, OUT.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

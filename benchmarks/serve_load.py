@@ -1,0 +1,304 @@
+"""Load benchmark of `python -m qala.serve`: full length fixed vs adaptive (--p95-ms) at increasing rates.
+
+    python benchmarks/serve_load.py --model runs/quickstart/int8_static/model --p95-ms 50 \
+        --rates 5,10,20,40,80 --seconds 30 --max-requests 2000 --out benchmarks/results/serve_load
+
+For each mode (fixed: no target, every request at the most accurate configuration = full length;
+adaptive: --p95-ms T), the script starts the server on 127.0.0.1 in a subprocess, waits for /healthz
+(the model loads and warms there), then for each offered rate sends real SQuAD dev questions
+(../shared/data/squad-v1.1/dev.json) as an open-loop Poisson stream, bounded by --seconds and
+--max-requests per rate, waits at most --drain-s for the answers still out, and records throughput
+(answers per second), p50/p95/p99 latency seen by the client, the share of errors and timeouts, and the
+F1 of the answers given (unanswered questions count as missing, not as 0, and are reported apart).
+Before the servers, it measures the in-process batched throughput of the same model and engine
+(QalaModel.answer_batch in batches of --max-batch) for the "served >= 0.9x in-process" goal.
+Writes results.json (with CPU, versions, date and the command) and p95_f1.png beside it.
+
+Why not locust: its workers are gevent greenlets (monkey-patching, not asyncio), and its users are
+closed-loop (the next request waits for the last answer), so under overload the offered rate drops to
+what the server sustains and queueing delay goes unmeasured (coordinated omission). An open-loop
+generator sends at the offered rate whatever the server does; asyncio + httpx (already in the serve
+extra) does that in ~60 lines, and one client process at these rates (<= a few hundred per second)
+is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = REPO.parent / "shared" / "data" / "squad-v1.1" / "dev.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (with frontier.json) to serve")
+    p.add_argument("--p95-ms", type=float, required=True, help="the adaptive mode's latency target")
+    p.add_argument("--rates", default="5,10,20,40,80", help="offered loads, requests per second")
+    p.add_argument("--seconds", type=float, default=30.0, help="sending time per rate (bound)")
+    p.add_argument("--max-requests", type=int, default=2000, help="requests per rate (bound)")
+    p.add_argument("--drain-s", type=float, default=30.0, help="how long to wait for answers still out")
+    p.add_argument("--modes", default="fixed,adaptive", help="fixed, adaptive or both")
+    p.add_argument("--dev", default=str(DEV), help="SQuAD v1.1 dev file of the questions")
+    p.add_argument("--questions", type=int, default=2000, help="dev questions to draw from")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--engine", default=None, help="serving engine (qala.quantize.engines); default by model kind")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument("--in-process-questions", type=int, default=256, help="0 skips the in-process baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/serve_load", help="folder for results.json and p95_f1.png")
+    return p.parse_args(argv)
+
+
+def load_questions(path: str, limit: int, seed: int) -> list[dict[str, Any]]:
+    """Dev questions as {id, question, context, answers}, shuffled (seeded), at most `limit`."""
+    rows = []
+    for article in json.loads(Path(path).read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = [a["text"] for a in qa["answers"]]
+                if answers and qa["question"].strip():
+                    rows.append(
+                        {
+                            "id": qa["id"],
+                            "question": qa["question"],
+                            "context": paragraph["context"],
+                            "answers": answers,
+                        }
+                    )
+    random.Random(seed).shuffle(rows)
+    return rows[:limit]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process_throughput(args: argparse.Namespace, questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Answers per second of QalaModel.answer_batch in batches of --max-batch (no HTTP), after a warm-up."""
+    from qala.answer import QalaModel
+
+    model = QalaModel.from_pretrained(args.model, threads=args.threads, backend=args.engine)
+    sample = questions[: args.in_process_questions]
+    warm = sample[: args.max_batch]
+    model.answer_batch([q["question"] for q in warm], [q["context"] for q in warm])
+    started = time.perf_counter()
+    for i in range(0, len(sample), args.max_batch):
+        chunk = sample[i : i + args.max_batch]
+        model.answer_batch([q["question"] for q in chunk], [q["context"] for q in chunk])
+    seconds = time.perf_counter() - started
+    return {
+        "questions": len(sample),
+        "batch": args.max_batch,
+        "seconds": seconds,
+        "answers_per_s": len(sample) / seconds,
+    }
+
+
+@contextlib.contextmanager
+def server(args: argparse.Namespace, p95_ms: float | None, port: int):
+    """`python -m qala.serve` on 127.0.0.1:port, healthy, stopped (SIGTERM) on exit."""
+    import httpx
+
+    command = [sys.executable, "-m", "qala.serve", "--model", args.model, "--port", str(port)]
+    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000"]
+    command += ["--timeout-s", str(args.drain_s + args.seconds)]
+    if p95_ms is not None:
+        command += ["--p95-ms", str(p95_ms)]
+    if args.engine:
+        command += ["--engine", args.engine]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(command, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 1800  # compiling engines warm for minutes
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}: {shlex.join(command)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become healthy")
+            time.sleep(0.5)
+        yield command
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def open_loop(
+    url: str, questions: list[dict[str, Any]], rate: float, seconds: float, limit: int, drain_s: float, seed: int
+) -> list[dict[str, Any]]:
+    """Send questions as a Poisson stream at `rate`/s for at most `seconds` and `limit` requests; each result
+    {id, latency_s, status, answer, configuration}. Requests still out `drain_s` after the last send are
+    recorded with status None (not answered)."""
+    import httpx
+
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
+    results: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+
+        async def one(q: dict[str, Any]) -> None:
+            row: dict[str, Any] = {"id": q["id"], "status": None, "answer": None, "configuration": None}
+            results.append(row)
+            start = time.perf_counter()
+            try:
+                response = await client.post("/answer", json={"question": q["question"], "context": q["context"]})
+            except httpx.HTTPError as e:
+                row["status"], row["error"] = "transport", type(e).__name__
+                return
+            row["latency_s"] = time.perf_counter() - start
+            row["done_s"] = time.perf_counter() - begin
+            row["status"] = response.status_code
+            if response.status_code == 200:
+                body = response.json()
+                row["answer"], row["configuration"] = body["answer"], body["configuration"]["name"]
+
+        tasks = []
+        begin = time.perf_counter()
+        next_send = begin
+        for i in range(limit):
+            next_send += rng.expovariate(rate)
+            if next_send - begin > seconds:
+                break
+            await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(questions[i % len(questions)])))
+        done, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return results
+
+
+def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], rate: float) -> dict[str, Any]:
+    from qala.data import f1_score
+
+    ok = [r for r in rows if r["status"] == 200]
+    latencies = np.array([r["latency_s"] for r in ok]) * 1000 if ok else np.array([])
+    span = max((r["done_s"] for r in ok), default=1e-9)  # first send to last answer
+    f1 = [max(f1_score(r["answer"], a) for a in questions[r["id"]]["answers"]) for r in ok]
+    configurations: dict[str, int] = {}
+    for r in ok:
+        configurations[r["configuration"]] = configurations.get(r["configuration"], 0) + 1
+    pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
+    return {
+        "offered_rps": rate,
+        "sent": len(rows),
+        "answered": len(ok),
+        "errors": sum(1 for r in rows if r["status"] not in (200, None)),
+        "unanswered": sum(1 for r in rows if r["status"] is None),
+        # Answers per second from the first send to the last answer: the offered rate while the server keeps
+        # up, its saturation throughput when it does not (its queue is then never empty).
+        "throughput_rps": len(ok) / span,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "f1": 100.0 * float(np.mean(f1)) if f1 else None,
+        "configurations": configurations,
+    }
+
+
+def plot(results: dict[str, Any], path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 7))
+    for mode, rows in results["modes"].items():
+        rates = [r["offered_rps"] for r in rows]
+        top.plot(rates, [r["p95_ms"] for r in rows], marker="o", label=mode)
+        bottom.plot(rates, [r["f1"] for r in rows], marker="o", label=mode)
+    top.axhline(target, color="gray", linestyle="--", label=f"target {target:g} ms")
+    top.set_ylabel("p95 latency (ms)")
+    top.set_yscale("log")
+    top.legend()
+    bottom.set_ylabel("F1 of the answers given")
+    bottom.set_xlabel("offered load (requests/s)")
+    bottom.legend()
+    fig.suptitle(f"qala.serve on {results['environment'].get('cpu', 'CPU')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from qala.bench.cli import environment
+
+    rates = [float(r) for r in args.rates.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not set(modes) <= {"fixed", "adaptive"}:
+        raise SystemExit(f"--modes: fixed and/or adaptive, got {args.modes}")
+    questions = load_questions(args.dev, args.questions, args.seed)
+    by_id = {q["id"]: q for q in questions}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "settings": {k: v for k, v in vars(args).items()},
+        "in_process": in_process_throughput(args, questions) if args.in_process_questions else None,
+        "modes": {},
+    }
+    with contextlib.suppress(Exception):
+        import fastapi
+        import uvicorn
+
+        results["environment"]["versions"].update(fastapi=fastapi.__version__, uvicorn=uvicorn.__version__)
+    for mode in modes:
+        port = args.port or free_port()
+        with server(args, args.p95_ms if mode == "adaptive" else None, port) as command:
+            results.setdefault("server_commands", {})[mode] = shlex.join(command)
+            rows = []
+            for rate in rates:
+                raw = asyncio.run(
+                    open_loop(
+                        f"http://127.0.0.1:{port}",
+                        questions,
+                        rate,
+                        args.seconds,
+                        args.max_requests,
+                        args.drain_s,
+                        args.seed,
+                    )
+                )
+                rows.append(summarize(raw, by_id, rate))
+                print(json.dumps({"mode": mode, **rows[-1]}), flush=True)
+                time.sleep(1.0)  # let the queue drain between rates
+            results["modes"][mode] = rows
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "p95_f1.png", args.p95_ms)
+    print(f"wrote {out / 'results.json'} and {out / 'p95_f1.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""OpenVINO backend: qala on static length buckets, fp32 or NNCF INT8.
+
+A request's windows are sorted by real length and grouped by the bucket each pads to (every 32 tokens
+up to max_seq_length by default; `buckets=(384,)` is the paper's padded-384 mode, the one-bucket case of
+the same path). A bucket's windows run in chunks of the engine's batch sizes (powers of two by default,
+largest first, so no padding rows). Each (configuration, bucket, batch size) is one OpenVINO model
+reshaped to that static shape and compiled once, lazily, cached in memory; `warmup` compiles ahead so no
+request waits.
+
+Configurations: full length (no keep configuration, ratios all 1.0) runs the plain graph of
+qala.quantize.onnx (transformers' QA model: no selection op at all). A keep configuration runs the
+adaptive graph with the selection in it; its top-k width at layer i is ceil(r_i * Lb) for the bucket
+length Lb (a constant once the shape is static), while each row keeps exactly ceil(r_i * n_real) tokens
+(the `kept` input, counted on the host as the PyTorch forward counts), so the logits at a window's real
+positions equal the unbucketed model's.
+
+INT8 ("openvino-int8"): NNCF post-training quantization (`model_type=TRANSFORMER`: SmoothQuant, bias
+correction) of each configuration's graph, on calibration windows passed in. It re-quantizes the fp32
+model on its own: it does not run INC's tuned configuration.
+
+Artifacts: exported ONNX files and quantized IR go to `workdir/<model content hash>/` (qala.quantize.onnx
+.artifact_dir), and OpenVINO's compiled-blob cache beside them, so a changed model never meets the
+artifacts of the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering
+from qala.quantize.engines import bucket_of, default_buckets, plan_chunks
+from qala.quantize.onnx import (
+    Widths,
+    artifact_dir,
+    export_onnx,
+    kept_table,
+    key_slug,
+    length_key,
+)
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "OpenVINO backends need the openvino extra: pip install -e '.[onnx]' (openvino, nncf)"
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+NNCF_METHOD = "nncf.quantize(model_type=TRANSFORMER), post-training, on the calibration windows passed in"
+# Logits at positions a bucket does not cover (beyond a window's bucket, within the request's width):
+# padding, never an answer; a finite value so that no softmax over a row turns into NaN.
+OUTSIDE = -1e4
+
+Key = tuple[str, tuple[float, ...]] | None
+
+
+def require_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return openvino
+
+
+def read_model(path: str | Path) -> Any:
+    """An OpenVINO model from an ONNX file (dynamic axes kept)."""
+    ov = require_openvino()
+    return ov.Core().read_model(str(path))
+
+
+def nncf_quantize(model: Any, items: Sequence[Mapping[str, np.ndarray]]) -> Any:
+    """NNCF post-training INT8 of an OpenVINO model on `items` (feeds of the model's inputs)."""
+    try:
+        import nncf
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    if not items:
+        raise ValueError("OpenVINO INT8 needs calibration windows (calibration=[{input_ids, attention_mask, ...}])")
+    return nncf.quantize(
+        model, nncf.Dataset(list(items)), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items)
+    )
+
+
+def compile_model(
+    model: Any, *, threads: int | None = None, shape: Sequence[int] | None = None, cache_dir: Path | None = None
+) -> Any:
+    """Compile for the CPU; `shape` = (batch, length) reshapes every input statically first (a copy)."""
+    ov = require_openvino()
+    core = ov.Core()
+    if shape is not None:
+        model = model.clone()
+        model.reshape({port.get_any_name(): _input_shape(port.get_any_name(), shape, port) for port in model.inputs})
+    threads = threads or torch.get_num_threads()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    return core.compile_model(model, "CPU", config)
+
+
+def _input_shape(name: str, shape: Sequence[int], port: Any) -> list[int]:
+    if name == "kept":  # [batch, layers]
+        return [int(shape[0]), int(port.get_partial_shape()[1].get_length())]
+    return [int(shape[0]), int(shape[1])]
+
+
+def int8_precisions(compiled: Any) -> dict[str, int]:
+    """Executed layers of a compiled model by "layerType:precision" (its runtime graph's info), e.g.
+    "FullyConnected:u8": an INT8 model shows integer GEMMs, an fp32 model none."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" in info and "layerType" in info:
+            name = f"{info['layerType'].astype(str)}:{info['runtimePrecision'].astype(str)}"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class OpenVinoEngine:
+    """qala on OpenVINO with static length buckets (see the module doc), called like the model."""
+
+    def __init__(
+        self,
+        model: LengthAdaptiveForQuestionAnswering,
+        *,
+        int8: bool = False,
+        calibration: Sequence[Mapping[str, torch.Tensor]] | None = None,
+        buckets: Sequence[int] | None = None,
+        batch_sizes: Sequence[int] = BATCH_SIZES,
+        max_seq_length: int | None = None,
+        workdir: str | Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        require_openvino()
+        self.name = "openvino-int8" if int8 else "openvino"
+        if int8 and not calibration:
+            raise ValueError(f"engine {self.name!r} needs calibration windows: make_engine(..., calibration=[...])")
+        self.model, self.int8, self.threads = model, int8, threads
+        self.num_layers = model.num_layers
+        self.max_seq_length = int(max_seq_length or model.qala_config.max_seq_length)
+        self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(self.max_seq_length)
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+        self.calibration = [{k: v for k, v in w.items() if k in MODEL_INPUTS} for w in (calibration or [])]
+        root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-openvino-"))
+        self.folder = artifact_dir(root, model)
+        self._bases: dict[Key, Any] = {}
+        self._compiled: dict[tuple[Key, int, int], Any] = {}
+        self.compile_seconds: dict[str, float] = {}
+        self.facts: dict[str, Any] = {
+            "buckets": list(self.buckets),
+            "batch_sizes": list(self.batch_sizes),
+            "quantization": f"{NNCF_METHOD} (re-quantizes the fp32 model, not INC's configuration)" if int8 else None,
+        }
+
+    # ---------------------------------------------------------------- configurations -> models
+
+    def key(self, keep_ratios: Sequence[float] | torch.Tensor | None, length_config: Sequence[int] | None) -> Key:
+        if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
+            raise ValueError(
+                f"engine {self.name!r} cannot run per-row keep_ratios (a [batch, layers] tensor): its top-k widths "
+                "are static per configuration; use 'eager', 'compile-dynamic' or 'onnxruntime'"
+            )
+        return length_key(self.num_layers, keep_ratios, length_config, self.max_seq_length)
+
+    def base(self, key: Key) -> Any:
+        """The configuration's OpenVINO model with dynamic shapes (INT8: quantized once, then reshaped per bucket)."""
+        if key in self._bases:
+            return self._bases[key]
+        graph = "plain" if key is None else "adaptive"
+        slug = key_slug(key)
+        onnx_path = self.folder / f"{graph}-{slug}.onnx" if key is not None else self.folder / "plain.onnx"
+        if not onnx_path.is_file():
+            export_onnx(self.model, onnx_path, graph=graph, widths=None if key is None else Widths.of(key))
+        if not self.int8:
+            model = read_model(onnx_path)
+        else:
+            ov = require_openvino()
+            ir = self.folder / f"openvino-int8-{slug}-{self._calibration_digest()}.xml"
+            if ir.is_file():
+                model = ov.Core().read_model(str(ir))
+            else:
+                start = time.perf_counter()
+                model = nncf_quantize(read_model(onnx_path), self._calibration_feeds(key))
+                ov.save_model(model, str(ir), compress_to_fp16=False)
+                self.compile_seconds[f"nncf {slug}"] = round(time.perf_counter() - start, 2)
+        self._bases[key] = model
+        return model
+
+    def compiled(self, key: Key, bucket: int, batch: int) -> Any:
+        entry = self._compiled.get((key, bucket, batch))
+        if entry is None:
+            start = time.perf_counter()
+            compiled = compile_model(
+                self.base(key), threads=self.threads, shape=(batch, bucket), cache_dir=self.folder / "ov_cache"
+            )
+            entry = (compiled, compiled.create_infer_request())
+            self._compiled[(key, bucket, batch)] = entry
+            self.compile_seconds[f"{key_slug(key)}/{batch}x{bucket}"] = round(time.perf_counter() - start, 3)
+        return entry
+
+    def _calibration_digest(self) -> str:
+        digest = hashlib.sha256()
+        for window in self.calibration:
+            for name in MODEL_INPUTS:
+                if name in window:
+                    digest.update(np.asarray(window[name], dtype=np.int64).tobytes())
+        return digest.hexdigest()[:12]
+
+    def _calibration_feeds(self, key: Key) -> list[dict[str, np.ndarray]]:
+        feeds = []
+        for window in self.calibration:
+            ids = torch.as_tensor(window["input_ids"]).reshape(1, -1)
+            mask = torch.as_tensor(window.get("attention_mask", torch.ones_like(ids))).reshape(1, -1)
+            types = torch.as_tensor(window.get("token_type_ids", torch.zeros_like(ids))).reshape(1, -1)
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            if key is not None:
+                feed["kept"] = self._kept(key, mask)
+            feeds.append({k: v.numpy().astype(np.int64) for k, v in feed.items()})
+        return feeds
+
+    def _kept(self, key: Key, mask: torch.Tensor) -> torch.Tensor:
+        mode, values = key
+        if mode == "ratio":
+            return kept_table(mask, self.num_layers, keep_ratios=list(values))
+        return kept_table(mask, self.num_layers, length_config=[int(v) for v in values])
+
+    # ---------------------------------------------------------------- serving
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        keep_ratios: Sequence[float] | torch.Tensor | None = None,
+        length_config: Sequence[int] | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        key = self.key(keep_ratios, length_config)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        rows, width = input_ids.shape
+        lengths = attention_mask.sum(dim=1).tolist()
+        kept = None if key is None else self._kept(key, attention_mask)
+        start = np.full((rows, width), OUTSIDE, dtype=np.float32)
+        end = np.full((rows, width), OUTSIDE, dtype=np.float32)
+        for bucket, chunk in plan_chunks(lengths, self.buckets, self.batch_sizes):
+            _, request = self.compiled(key, bucket, len(chunk))
+            index = torch.tensor(chunk)
+            feeds = {
+                "input_ids": _fit(input_ids[index], bucket),
+                "attention_mask": _fit(attention_mask[index], bucket),
+                "token_type_ids": _fit(token_type_ids[index], bucket),
+            }
+            if kept is not None:
+                feeds["kept"] = kept[index].numpy()
+            request.infer(feeds)
+            cover = min(bucket, width)
+            start[chunk, :cover] = request.get_output_tensor(0).data[:, :cover]
+            end[chunk, :cover] = request.get_output_tensor(1).data[:, :cover]
+        return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
+
+    def warmup(
+        self,
+        lengths: Sequence[int] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+        keep_ratios: Sequence[Sequence[float] | None] | None = None,
+        length_configs: Sequence[Sequence[int]] = (),
+    ) -> dict[str, Any]:
+        """Compile every (configuration, bucket of `lengths`, batch size) ahead (default: every bucket, full
+        length plus the model's own keep ratios), so that no request waits for a compile."""
+        buckets = sorted({bucket_of(int(n), self.buckets) for n in lengths}) if lengths else list(self.buckets)
+        configs = list(keep_ratios) if keep_ratios is not None else [None, self.model.qala_config.keep_ratios]
+        keys = {self.key(c, None) for c in configs} | {self.key(None, c) for c in length_configs}
+        sizes = sorted({s for s in self.batch_sizes if s <= max(batch_sizes)} | {1})
+        start, before = time.perf_counter(), len(self._compiled)
+        for key in sorted(keys, key=key_slug):
+            for bucket in buckets:
+                for size in sizes:
+                    self.compiled(key, bucket, size)
+        seconds = time.perf_counter() - start
+        logger.info("%s warm-up: %d compiled models in %.1f s", self.name, len(self._compiled) - before, seconds)
+        return {"warmup_seconds": round(seconds, 3), "graphs": len(self._compiled) - before}
+
+    def int8_precisions(self) -> dict[str, int]:
+        """Runtime precisions of the compiled full-length model at the first bucket, batch 1 (tests, facts)."""
+        compiled, _ = self.compiled(None, self.buckets[0], 1)
+        return int8_precisions(compiled)
+
+
+def _fit(x: torch.Tensor, length: int) -> np.ndarray:
+    """Rows right-padded with 0 (attention_mask 0) or cut to `length` positions, as int64 numpy."""
+    width = x.size(1)
+    if width > length:
+        x = x[:, :length]
+    elif width < length:
+        x = torch.nn.functional.pad(x, (0, length - width))
+    return x.numpy().astype(np.int64, copy=False)
