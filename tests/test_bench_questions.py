@@ -38,6 +38,7 @@ benchmark:
   warmup: 1
   compile_int8: false
   onnxruntime: false
+  openvino: false  # the OpenVINO peers are tested in-process (test_openvino_rows_answer_with_f1)
   ipex: true
   gemm_peak: true
   gemm_size: 64

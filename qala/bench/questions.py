@@ -410,6 +410,11 @@ def calibration_windows(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise ValueError(f"row {spec['id']} quantizes with calibration but its spec names no calibration data")
     examples = load_squad(resolve_model_path(wanted["data"]), split="train")
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    # Calibration only needs representative windows: training questions too long for this window size
+    # (no context room beyond doc_stride; featurizing them is an error) are left out rather than failing the row.
+    room = spec["max_seq_length"] - tokenizer.num_special_tokens_to_add(pair=True) - spec["doc_stride"]
+    lengths = [len(ids) for ids in tokenizer(list(examples["question"]), add_special_tokens=False)["input_ids"]]
+    examples = examples.select([i for i, n in enumerate(lengths) if n < room])
     windows: list[dict[str, Any]] = []
     for i in range(0, len(examples), 64):
         chunk = examples.select(range(i, min(i + 64, len(examples)))).with_format(None)[:]
