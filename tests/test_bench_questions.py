@@ -99,6 +99,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
             "benchmark.frontier_dtypes=[int8]",
             "benchmark.batch_sizes=[1, 32]",
             "benchmark.onnxruntime=true",
+            "benchmark.openvino=true",
             "benchmark.compile_int8=true",
         ],
     )
