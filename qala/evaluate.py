@@ -190,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N questions only")
     parser.add_argument(
+        "--skip-samples",
+        type=int,
+        default=0,
+        help="leave out the first N questions (before --max-samples): e.g. the questions a search scored on, "
+        "so a configuration it picked is checked on questions it never saw",
+    )
+    parser.add_argument(
         "--skip-invalid",
         action="store_true",
         help="skip questions that fail validation (e.g. an answer_start off its text), counted in one warning, "
@@ -206,6 +213,8 @@ def _evaluate(args) -> int:
     # Before the model loads: a bad number fails at once.
     check_positive(batch_size=args.batch_size, max_samples=args.max_samples, max_seq_length=args.max_seq_length)
     check_output_file(args.out, "--out")
+    if args.skip_samples < 0:
+        raise ValueError(f"--skip-samples: expected a count >= 0, got {args.skip_samples}")
     if args.keep_ratio is not None and not 0 < args.keep_ratio <= 1:
         raise ValueError(f"--keep-ratio: expected a share in (0, 1], got {args.keep_ratio}")
     model_dir = resolve_model_path(args.model_dir)
@@ -214,6 +223,10 @@ def _evaluate(args) -> int:
         model.qala_config.selection = args.selection
     tokenizer = load_tokenizer(model_dir)
     examples = load_squad(args.data, split=args.split, skip_invalid=args.skip_invalid, skip_option="--skip-invalid")
+    if args.skip_samples:
+        if args.skip_samples >= len(examples):
+            raise ValueError(f"--skip-samples: {args.data} has {len(examples)} questions, none left after {args.skip_samples}")
+        examples = examples.select(range(args.skip_samples, len(examples)))
     if args.max_samples:
         examples = examples.select(range(min(args.max_samples, len(examples))))
     max_seq_length = args.max_seq_length or model.qala_config.max_seq_length
@@ -253,6 +266,7 @@ def _evaluate(args) -> int:
     metrics["padded"] = padded
     metrics["selection"] = model.qala_config.selection
     metrics["windows"] = len(features)
+    metrics["skip_samples"] = args.skip_samples
     metrics.update(model=str(args.model_dir), data=str(args.data))
     if args.out:
         atomic_write_json(Path(args.out), predictions)

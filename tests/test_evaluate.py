@@ -129,3 +129,18 @@ def test_output_path_and_keep_ratio_are_checked_before_the_model_loads(tmp_path,
     for value in ("0", "1.5", "nan"):
         assert main([str(absent_model), data, "--keep-ratio", value]) == 2
         assert capsys.readouterr().err.strip() == f"error: --keep-ratio: expected a share in (0, 1], got {float(value)}"
+
+
+def test_skip_samples_scores_only_the_questions_after_them(tiny_checkpoint, tmp_path, capsys):
+    data = str(SAMPLES / "squad_sample_dev.json")
+    common = [str(tiny_checkpoint), data, "--max-seq-length", "128", "--doc-stride", "64"]
+    assert main([*common, "--max-samples", "6", "--out", str(tmp_path / "six.json")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--skip-samples", "4", "--max-samples", "2", "--out", str(tmp_path / "two.json")]) == 0
+    last_two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    six = json.loads((tmp_path / "six.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (last_two["n"], last_two["skip_samples"]) == (2, 4)
+    assert two == dict(list(six.items())[4:])  # the same questions, the same answers, in file order
+    assert main([*common, "--skip-samples", "100000"]) == 2
+    assert "--skip-samples" in capsys.readouterr().err
