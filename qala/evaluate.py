@@ -142,7 +142,11 @@ def evaluate_features(
     """SQuAD EM/F1 of `model` on already featurized examples; returns (metrics, predictions)."""
     start = time.perf_counter()
     start_logits, end_logits = predict_logits(
-        model, features, batch_size=batch_size, length_config=length_config, keep_ratios=keep_ratios,
+        model,
+        features,
+        batch_size=batch_size,
+        length_config=length_config,
+        keep_ratios=keep_ratios,
         progress=progress,
     )
     predictions = postprocess_predictions(
@@ -225,7 +229,9 @@ def _evaluate(args) -> int:
     examples = load_squad(args.data, split=args.split, skip_invalid=args.skip_invalid, skip_option="--skip-invalid")
     if args.skip_samples:
         if args.skip_samples >= len(examples):
-            raise ValueError(f"--skip-samples: {args.data} has {len(examples)} questions, none left after {args.skip_samples}")
+            raise ValueError(
+                f"--skip-samples: {args.data} has {len(examples)} questions, none left after {args.skip_samples}"
+            )
         examples = examples.select(range(args.skip_samples, len(examples)))
     if args.max_samples:
         examples = examples.select(range(min(args.max_samples, len(examples))))
