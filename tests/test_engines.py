@@ -105,6 +105,23 @@ def test_fp32_backends_equal_pytorch_at_every_length(model, backend, tmp_path):
         assert engine.compiles_after_warmup == 0
 
 
+@pytest.mark.parametrize(
+    "backend",
+    ["compile-dynamic", pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)],
+)
+def test_span_selection_is_served_by_every_backend(model, backend, tmp_path):
+    # A model trained with selection "span" ranks tokens by its span head at each layer: an engine that
+    # traced the attention rule instead would keep other tokens and give other logits when dropping.
+    span = copy.deepcopy(model)
+    span.qala_config.selection = "span"
+    engine = make_engine(span, backend, **options(backend, tmp_path))
+    for n in LENGTHS:
+        for config in configs(n)[1:]:
+            assert max_error(engine, span, window(n), config) < FP32_TOLERANCE, (n, config)
+    # Not vacuous: the attention rule keeps other tokens here, so its logits differ from the span engine's.
+    assert max_error(engine, model, window(40), {"keep_ratios": RATIOS}) > 0
+
+
 def mixed_batch(lengths) -> tuple[list[dict], dict]:
     """Windows of several lengths, alone and right-padded into one batch."""
     rows = [window(n) for n in lengths]
