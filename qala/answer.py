@@ -21,6 +21,12 @@ times every engine of CALIBRATION_ENGINES on the model's configurations and reco
 fastest, in latency_<host>.json; later loads serve that engine (`--engine NAME` or
 QalaModel.from_pretrained(dir, engine=NAME) serves another). Before any calibration: DEFAULT_ENGINE.
 Compiled or exported artifacts go to DIR/.engines/<content hash>/ (a hidden folder: not model content).
+
+An engine that quantizes on its own with NNCF ("openvino-int8") calibrates on CALIBRATION_WINDOWS training
+windows: of `--calibration-data` (calibration_data=; a SQuAD-format JSON file or a datasets hub name), else
+of the training file named by the model's own recipe.yaml. Its quantized graphs are saved in the engine
+folder under a name keyed by that source (path and content hash, or hub name), so a later load reads them
+back; QalaModel.calibration (and the service's /healthz) says which source it was.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ CALIBRATION_ENGINES = {
     "fp32": ("eager", "compile-dynamic", "onnxruntime", "openvino"),
     "int8": ("eager", "compile-dynamic"),
 }
+# Engines that quantize on calibration windows of training data (NNCF post-training INT8), and how many
+# windows: as many as the benchmark's OpenVINO INT8 rows calibrate on (qala.bench.plan.CALIBRATION_WINDOWS),
+# so the engine served is the one measured. (onnxruntime-int8 quantizes dynamically: it needs no data.)
+CALIBRATED_ENGINES = ("openvino-int8",)
+CALIBRATION_WINDOWS = 300
 # Exported and compiled engine artifacts, inside the model directory; hidden, so not part of its content hash.
 ENGINE_DIR = ".engines"
 CACHE_FORMAT = 3
@@ -165,9 +176,12 @@ class QalaModel:
         max_batch_windows: int = MAX_BATCH_WINDOWS,
         engine: str | None = None,
         grid_ms: float | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.engine = engine or getattr(model, "name", None)
+        # Where an engine that quantizes on its own took its calibration windows (None: it needs none).
+        self.calibration = calibration
         # Summed median ms of every configuration at every calibration length on this host (None: not timed).
         self.grid_ms = grid_ms
         self.tokenizer = tokenizer
@@ -189,6 +203,7 @@ class QalaModel:
         remeasure: bool = False,
         backend: str | None = None,
         compile: bool = True,
+        calibration_data: str | Path | None = None,
     ) -> QalaModel:
         """Load the model (fp32 or INT8), its tokenizer and frontier.json, and the serving engine: `engine`
         by name (`backend` is its older alias; `compile=False` forces "eager"), or None: the engine recorded
@@ -196,7 +211,9 @@ class QalaModel:
         warmed for every shape and configuration it serves, so no request waits for a compile. Each
         configuration's cost model comes from latencies on this host, per engine (cached in
         latency_<host>.json; measured when the cache is for other weights, threads or lengths, lacks this
-        engine or a configuration, or with `remeasure`)."""
+        engine or a configuration, or with `remeasure`). An engine of CALIBRATED_ENGINES calibrates on
+        `calibration_data` (a SQuAD-format JSON file or a datasets hub name), else on the training file of
+        the model's recipe.yaml (see calibration_source); its quantized graphs are cached in ENGINE_DIR."""
         if engine is not None and backend is not None and engine != backend:
             raise ValueError(f"engine={engine!r} and backend={backend!r}: backend is engine's alias, pass one")
         engine = engine if engine is not None else backend
@@ -205,6 +222,8 @@ class QalaModel:
         model_dir = Path(resolve_model_path(str(model_dir)))
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {model_dir}")
+        # Before the model loads: a missing calibration source fails at once.
+        calibration = calibration_source(model_dir, engine if compile else "eager", calibration_data)
         if threads:
             torch.set_num_threads(threads)
         kind = model_kind(model_dir)
@@ -224,7 +243,11 @@ class QalaModel:
             fastest = cache.fastest(installed, wanted)
             engine = fastest or DEFAULT_ENGINE
             logger.info("serving engine %s (%s)", engine, "the fastest measured on this host" if fastest else "default")
-        served = make_engine(model, engine, **_engine_options(engine, model_dir, seq_length))
+        options = _engine_options(engine, model_dir, seq_length)
+        if calibration is not None:
+            doc_stride = int(frontier.get("doc_stride", 128))
+            options.update(_calibration_options(calibration, tokenizer, seq_length, doc_stride, model_hash))
+        served = make_engine(model, engine, **options)
         warm_for_serving(
             served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]
         )
@@ -243,6 +266,7 @@ class QalaModel:
             doc_stride=int(frontier.get("doc_stride", 128)),
             engine=engine,
             grid_ms=cache.grid_ms(engine, wanted),
+            calibration=None if calibration is None else {**calibration, "max_windows": CALIBRATION_WINDOWS},
         )
 
     @classmethod
@@ -253,9 +277,11 @@ class QalaModel:
         engines: Sequence[str] | None = None,
         threads: int | None = None,
         latency_repeats: int = 3,
+        calibration_data: str | Path | None = None,
     ) -> dict[str, Any]:
         """Time every engine of `engines` (default: CALIBRATION_ENGINES of the model's kind that are installed)
         on this host, each recorded in latency_<host>.json: later loads without an engine serve the fastest.
+        `calibration_data` goes to the engines of CALIBRATED_ENGINES (see from_pretrained).
         Returns {"fastest": name, "engines": {name: ms of the timing grid, or why it did not run}}."""
         kind = model_kind(resolve_model_path(str(model_dir)))
         names = list(engines) if engines is not None else [e for e in CALIBRATION_ENGINES[kind] if _installed(e)]
@@ -263,7 +289,12 @@ class QalaModel:
         for name in names:
             try:
                 served = cls.from_pretrained(
-                    model_dir, engine=name, threads=threads, latency_repeats=latency_repeats, remeasure=True
+                    model_dir,
+                    engine=name,
+                    threads=threads,
+                    latency_repeats=latency_repeats,
+                    remeasure=True,
+                    calibration_data=calibration_data if name in CALIBRATED_ENGINES else None,
                 )
             except (ImportError, ValueError) as e:  # an engine missing here, or refusing this model
                 logger.warning("engine %s not calibrated: %s", name, e)
@@ -571,11 +602,6 @@ def _engine_options(engine: str, model_dir: Path, seq_length: int) -> dict[str, 
     temporary folder when the directory is read-only), windows up to seq_length."""
     if not engine.startswith(("onnxruntime", "openvino")):
         return {}
-    if engine == "openvino-int8":
-        raise ValueError(
-            "engine 'openvino-int8' quantizes with NNCF on calibration windows, which serving does not have: "
-            "serve 'openvino' (fp32), 'onnxruntime-int8', or an INC INT8 artifact with 'eager' / 'compile-dynamic'"
-        )
     workdir: Path | None = model_dir / ENGINE_DIR
     try:
         workdir.mkdir(exist_ok=True)
@@ -585,6 +611,93 @@ def _engine_options(engine: str, model_dir: Path, seq_length: int) -> dict[str, 
     if engine.startswith("openvino"):
         options["max_seq_length"] = seq_length
     return options
+
+
+def calibration_source(
+    model_dir: str | Path, engine: str | None, calibration_data: str | Path | None = None
+) -> dict[str, Any] | None:
+    """Where `engine` takes its calibration windows when serving from `model_dir`: None for an engine that
+    needs none (not in CALIBRATED_ENGINES), else {"data": the absolute file (with "sha256", 16 hex digits of
+    its content) or hub name (with "split"), "from": "calibration_data" or "recipe.yaml data.train"}: of
+    `calibration_data` when given, else of the training file named by model_dir/recipe.yaml (as qala.train
+    writes it beside every model) when that file exists here. Nothing is loaded; a missing source, or
+    calibration data for an engine that does not use it, raises a one-line ValueError."""
+    model_dir = Path(model_dir)
+    if engine not in CALIBRATED_ENGINES:
+        if calibration_data is not None:
+            named = f"engine {engine!r}" if engine else "the default engine (never one that re-quantizes)"
+            raise ValueError(
+                f"calibration data ({calibration_data}) is only used by {', '.join(map(repr, CALIBRATED_ENGINES))}, "
+                f"which quantize on it; {named} needs none"
+            )
+        return None
+    if calibration_data is not None:
+        return _data_source(str(calibration_data), "calibration_data")
+    recipe_file = model_dir / "recipe.yaml"
+    train = _recipe_train(recipe_file)
+    hint = (
+        f"pass --calibration-data (calibration_data=): a SQuAD-format JSON file or a datasets hub name of "
+        f"training questions, of which the first {CALIBRATION_WINDOWS} windows calibrate the INT8 quantization"
+    )
+    if train is None:
+        raise ValueError(
+            f"engine {engine!r} quantizes with NNCF on training windows and {recipe_file} names none: {hint}"
+        )
+    path = Path(resolve_model_path(train))
+    if not path.is_file():
+        raise ValueError(
+            f"engine {engine!r} quantizes with NNCF on training windows and the training data of {recipe_file} "
+            f"({train}) is no file here: {hint}"
+        )
+    return _data_source(str(path), "recipe.yaml data.train")
+
+
+def _recipe_train(recipe_file: Path) -> str | None:
+    """data.train of a model's recipe.yaml (None: no readable recipe, or no training data in it)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    train = data.get("train") if isinstance(data, dict) else None
+    return str(train) if isinstance(train, str) and train.strip() else None
+
+
+def _data_source(data: str, origin: str) -> dict[str, Any]:
+    """A calibration source as recorded and keyed: a local file by absolute path and content, else a hub name."""
+    path = Path(resolve_model_path(data))
+    if path.is_file():
+        return {"data": str(path.resolve()), "sha256": content_hash(path), "from": origin}
+    if data.endswith(".json"):
+        raise ValueError(f"calibration data {data}: no such file (a SQuAD-format JSON file or a datasets hub name)")
+    return {"data": data, "split": "train", "from": origin}
+
+
+def _calibration_options(
+    source: dict[str, Any], tokenizer: Any, seq_length: int, doc_stride: int, model_hash: str
+) -> dict[str, Any]:
+    """make_engine's calibration options: the windows, built only when a graph is quantized (not when the
+    quantized graphs are read back), and the key their quantized graphs are saved under: the source's
+    content, how it is windowed, and the model directory's content (its tokenizer makes the windows)."""
+    from qala.data import calibration_windows
+
+    def windows() -> list[dict[str, Any]]:
+        logger.info("calibration windows: the first %d of %s", CALIBRATION_WINDOWS, source["data"])
+        return calibration_windows(
+            source["data"],
+            tokenizer,
+            count=CALIBRATION_WINDOWS,
+            max_seq_length=seq_length,
+            doc_stride=doc_stride,
+            split=source.get("split", "train"),
+            skip_invalid=True,  # representative windows are enough: a malformed question is left out
+        )
+
+    key = {k: v for k, v in source.items() if k != "from"}
+    key.update(windows=CALIBRATION_WINDOWS, max_seq_length=seq_length, doc_stride=doc_stride, model=model_hash)
+    return {"calibration": windows, "calibration_key": key}
 
 
 def _window(tokenizer: Any, tokens: int) -> dict[str, torch.Tensor]:
@@ -617,6 +730,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", default=None, help="older name of --engine")
     parser.add_argument(
+        "--calibration-data",
+        default=None,
+        help=f"training questions (SQuAD-format JSON or a datasets hub name) whose first {CALIBRATION_WINDOWS} "
+        f"windows calibrate an engine that quantizes on its own ({', '.join(CALIBRATED_ENGINES)}); default: the "
+        "training file of the model's recipe.yaml",
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help=f"time the engines of this model's kind ({CALIBRATION_ENGINES}) on this host, record the fastest "
@@ -639,7 +759,13 @@ def _answer(args) -> int:
     if args.calibrate:
         if not Path(resolve_model_path(args.model)).is_dir():
             raise FileNotFoundError(f"--model {args.model}: model directory not found")
-        report = QalaModel.calibrate(args.model, engines=[engine] if engine else None, threads=args.threads)
+        calibration_source(resolve_model_path(args.model), engine, args.calibration_data)  # a one-line refusal
+        report = QalaModel.calibrate(
+            args.model,
+            engines=[engine] if engine else None,
+            threads=args.threads,
+            calibration_data=args.calibration_data,
+        )
         print(json.dumps(report))
         return 0
     if args.question is None or (args.context is None and args.context_file is None):
@@ -657,7 +783,13 @@ def _answer(args) -> int:
     flag = unreadable(load_tokenizer(resolve_model_path(args.model)), args.question)
     if flag is not None:  # before the model loads (and may measure latencies)
         raise ValueError(f"--question: {flag}")
-    model = QalaModel.from_pretrained(args.model, threads=args.threads, remeasure=args.remeasure, engine=engine)
+    model = QalaModel.from_pretrained(
+        args.model,
+        threads=args.threads,
+        remeasure=args.remeasure,
+        engine=engine,
+        calibration_data=args.calibration_data,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits
         result = model.answer(args.question, context, budget_ms=args.budget_ms)

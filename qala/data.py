@@ -767,3 +767,49 @@ def question_subset(
     subset = examples.select(chosen)
     ids = set(subset["id"])
     return subset, features.filter(lambda f: f["example_id"] in ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration windows (engines that quantize on their own: NNCF)
+# --------------------------------------------------------------------------------------------------
+
+
+def calibration_windows(
+    source: str | os.PathLike[str],
+    tokenizer: Any,
+    *,
+    count: int,
+    max_seq_length: int,
+    doc_stride: int,
+    split: str = "train",
+    skip_invalid: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """The first `count` evaluation windows (unpadded, one per item: {input_ids, attention_mask,
+    token_type_ids?} as int64 arrays [1, tokens]) of the questions of `source` (load_squad's: a SQuAD-format
+    JSON file or a hub name with `split`), for an engine that calibrates its own INT8 quantization.
+
+    Calibration only needs representative windows: questions too long for this window size (no context room
+    beyond doc_stride, which featurizing refuses) are left out rather than failing. Only as many questions
+    are tokenized as the windows need."""
+    examples = load_squad(resolve_model_path(str(source)), split=split, skip_invalid=skip_invalid)
+    room = max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride
+    found: list[dict[str, np.ndarray]] = []
+    for i in range(0, len(examples), FEATURIZE_BATCH):
+        chunk = examples.select(range(i, min(i + FEATURIZE_BATCH, len(examples)))).with_format(None)[:]
+        lengths = [len(ids) for ids in tokenizer(chunk["question"], add_special_tokens=False)["input_ids"]]
+        kept = [j for j, n in enumerate(lengths) if n < room]
+        if not kept:
+            continue
+        chunk = {name: [values[j] for j in kept] for name, values in chunk.items()}
+        features = prepare_eval_features(chunk, tokenizer, max_seq_length=max_seq_length, doc_stride=doc_stride)
+        for j in range(len(features["input_ids"])):
+            found.append(
+                {
+                    name: np.asarray([features[name][j]], dtype=np.int64)
+                    for name in ("input_ids", "attention_mask", "token_type_ids")
+                    if name in features
+                }
+            )
+        if len(found) >= count:
+            break
+    return found[:count]

@@ -525,7 +525,9 @@ def test_calibration_times_each_engine_and_records_the_fastest(tmp_path, tiny_ch
     report = QalaModel.calibrate(model_dir, engines=["eager", "onnxruntime", "openvino-int8"], latency_repeats=1)
     timed = {name: ms for name, ms in report["engines"].items() if isinstance(ms, float)}
     assert set(timed) == {"eager", "onnxruntime"} and all(ms > 0 for ms in timed.values())
+    # No calibration data and no recipe.yaml naming a training file: refused, the others still timed.
     assert report["engines"]["openvino-int8"].startswith("not run: engine 'openvino-int8' quantizes with NNCF")
+    assert "pass --calibration-data" in report["engines"]["openvino-int8"]
     assert report["fastest"] == min(timed, key=timed.get)
     cache = json.loads((model_dir / f"latency_{host_name()}.json").read_text())
     assert cache["fastest"] == report["fastest"] and set(cache["engines"]) == {"eager", "onnxruntime"}
@@ -533,3 +535,91 @@ def test_calibration_times_each_engine_and_records_the_fastest(tmp_path, tiny_ch
     assert QalaModel.from_pretrained(model_dir).engine == report["fastest"]  # read back, nothing timed
     assert qa.main(["--model", str(model_dir), "--question", QUESTION]) == 2
     assert "--question and --context (or --context-file) are required unless --calibrate" in capsys.readouterr().err
+
+
+HAS_OV = all(importlib.util.find_spec(m) is not None for m in ("onnx", "openvino", "nncf"))
+TRAIN_SAMPLE = REPO / "qala" / "samples" / "squad_sample_train.json"
+
+
+@pytest.mark.skipif(not HAS_OV, reason="openvino/nncf/onnx not installed (pip install -e '.[onnx]')")
+def test_openvino_int8_is_served_on_calibration_data_and_its_quantization_is_cached(
+    tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
+    import qala.data
+    import qala.quantize.openvino as qov
+
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint, engines={"eager": 1.0, "openvino-int8": 0.5})
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    monkeypatch.setattr(qa, "CALIBRATION_WINDOWS", 24)  # a quick quantization of the tiny model
+    quantized, nncf_quantize = [], qov.nncf_quantize
+
+    def counted(model, items):
+        quantized.append(len(items))
+        return nncf_quantize(model, items)
+
+    monkeypatch.setattr(qov, "nncf_quantize", counted)
+    served = QalaModel.from_pretrained(model_dir, engine="openvino-int8", calibration_data=TRAIN_SAMPLE)
+    source = {"data": str(TRAIN_SAMPLE.resolve()), "sha256": content_hash(TRAIN_SAMPLE)}
+    assert served.engine == "openvino-int8" and served.model.name == "openvino-int8"
+    assert served.calibration == {**source, "from": "calibration_data", "max_windows": 24}
+    assert served.model.facts["calibration"]["data"] == source["data"]
+    # Each configuration's graph quantized once, on the windows asked for (no training question is too long here).
+    assert quantized == [24, 24, 24]
+    # It really runs INT8: integer GEMMs in the compiled model, FakeQuantize nodes in the quantized graph.
+    precisions = served.model.int8_precisions()
+    assert any(k.startswith("FullyConnected:") and k.endswith(("u8", "i8")) for k in precisions), precisions
+    assert "FakeQuantize" in {op.get_type_name() for op in served.model.base(None).get_ops()}
+    # Well-formed answers (a random tiny model: no assertion on which span).
+    questions = [QUESTION, "Where does the Elbe rise?", "What is the river called?"]
+    contexts = [CONTEXT, CONTEXT, " ".join([CONTEXT] * 4)]
+    for result, context in zip(served.answer_batch(questions, contexts), contexts, strict=True):
+        assert isinstance(result["answer"], str) and result["answer"] and result["answer"] in context
+        assert isinstance(result["score"], float) and result["score"] == result["score"]
+    first = served.answer(QUESTION, CONTEXT)
+
+    # A second load reads the quantized graphs back: no windows built, nothing quantized.
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(qov, "nncf_quantize", refuse)
+    monkeypatch.setattr(qala.data, "calibration_windows", refuse)
+    again = QalaModel.from_pretrained(model_dir, engine="openvino-int8", calibration_data=TRAIN_SAMPLE)
+    assert again.answer(QUESTION, CONTEXT)["answer"] == first["answer"]
+    assert again.answer(QUESTION, CONTEXT)["score"] == pytest.approx(first["score"], abs=1e-4)
+    # The model's recipe.yaml naming the same file calibrates the same way (the cache holds); said so.
+    (model_dir / "recipe.yaml").write_text(f"data:\n  train: {TRAIN_SAMPLE}\n")
+    from_recipe = QalaModel.from_pretrained(model_dir, engine="openvino-int8")
+    assert from_recipe.calibration == {**source, "from": "recipe.yaml data.train", "max_windows": 24}
+    # The CLI passes --calibration-data through.
+    argv = ["--model", str(model_dir), "--engine", "openvino-int8", "--question", QUESTION, "--context", CONTEXT]
+    capsys.readouterr()  # NNCF's progress bars
+    assert qa.main([*argv, "--calibration-data", str(TRAIN_SAMPLE)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer"] == first["answer"]
+
+
+def test_openvino_int8_without_calibration_data_is_one_line(tmp_path, tiny_checkpoint, capsys):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    argv = ["--model", str(model_dir), "--engine", "openvino-int8", "--question", QUESTION, "--context", CONTEXT]
+    assert qa.main(argv) == 2  # refused before the model loads (no openvino needed to say so)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: engine 'openvino-int8' quantizes with NNCF on training windows")
+    assert f"{model_dir / 'recipe.yaml'} names none: pass --calibration-data" in err
+    with pytest.raises(ValueError, match="pass --calibration-data"):
+        QalaModel.from_pretrained(model_dir, engine="openvino-int8")
+    # A recipe whose training file is not here (a hub name, or a path of another machine) says which.
+    (model_dir / "recipe.yaml").write_text("data:\n  train: /elsewhere/train.json\n")
+    with pytest.raises(ValueError, match=r"the training data of .*recipe.yaml \(/elsewhere/train.json\) is no file"):
+        qa.calibration_source(model_dir, "openvino-int8")
+    (model_dir / "recipe.yaml").write_text(f"data:\n  train: {TRAIN_SAMPLE}\n")
+    assert qa.calibration_source(model_dir, "openvino-int8")["from"] == "recipe.yaml data.train"
+    # Explicit data: a missing file, or data for an engine that does not calibrate, are refused too.
+    assert qa.main([*argv, "--calibration-data", str(tmp_path / "absent.json")]) == 2
+    assert "absent.json: no such file" in capsys.readouterr().err
+    assert qa.main([*argv[:3], "eager", *argv[4:], "--calibration-data", str(TRAIN_SAMPLE)]) == 2
+    assert "is only used by 'openvino-int8'" in capsys.readouterr().err
+    assert qa.calibration_source(model_dir, "openvino-int8", "squad") == {
+        "data": "squad",
+        "split": "train",
+        "from": "calibration_data",
+    }
+    assert qa.calibration_source(model_dir, "onnxruntime-int8") is None  # dynamic INT8: no data needed

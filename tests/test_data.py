@@ -861,3 +861,42 @@ def test_real_squad_files_load_without_problems(name: str, n_questions: int) -> 
     assert len(ds) == n_questions
     assert len(set(ds["id"])) == n_questions
     assert ds.features == SQUAD_FEATURES
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration windows (engines that quantize on their own)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_calibration_windows_leave_out_questions_too_long_for_the_window(tmp_path, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from qala.data import calibration_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    context = "The Elbe rises in the mountains and flows through Dresden and Hamburg to the North Sea. " * 3
+    questions = {
+        "short": "Where does the Elbe rise?",
+        "long": "Which river " + "really " * 40 + "flows to the North Sea?",  # no room beyond doc_stride
+        "other": "Which sea does it flow to?",
+    }
+    qas = [{"id": qid, "question": q, "answers": [{"text": "Elbe", "answer_start": 4}]} for qid, q in questions.items()]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    window = {"max_seq_length": 48, "doc_stride": 16}
+    with pytest.raises(ValueError, match="long"):  # featurizing it is an error; calibration leaves it out
+        prepare_eval_features(
+            {"id": ["long"], "question": [questions["long"]], "context": [context]}, tokenizer, **window
+        )
+    found = calibration_windows(path, tokenizer, count=100, **window)
+    expected = [
+        prepare_eval_features({"id": [qid], "question": [questions[qid]], "context": [context]}, tokenizer, **window)
+        for qid in ("short", "other")
+    ]
+    assert [w["input_ids"].tolist()[0] for w in found] == [ids for f in expected for ids in f["input_ids"]]
+    assert len(found) > 2  # several windows per question: the context is longer than one
+    for w in found:
+        assert set(w) == {"input_ids", "attention_mask", "token_type_ids"}
+        assert all(v.dtype == np.int64 and v.shape == (1, w["input_ids"].shape[1]) for v in w.values())
+        assert w["input_ids"].shape[1] <= 48
+    assert len(calibration_windows(path, tokenizer, count=2, **window)) == 2

@@ -389,6 +389,7 @@ def test_healthz_and_metrics(model, model_dir):
     with TestClient(app) as client:
         health = client.get("/healthz").json()
         assert health["status"] == "ok" and health["p95_ms"] == 40 and health["queue_depth"] == 0
+        assert health["calibration"] is None  # eager quantizes nothing
         assert [c["f1"] for c in health["configurations"]] == [30.0, 40.0, 50.0]
         client.post("/answer", json={"question": QUESTION, "context": CONTEXT})
         response = client.get("/metrics")
@@ -414,11 +415,35 @@ def test_healthz_and_metrics(model, model_dir):
         (["--p95-ms", "nan"], "--p95-ms must be a positive number, got nan"),
         (["--p95-ms", "-1", "--timeout-s", "0"], "--p95-ms must be a positive number, got -1.0; --timeout-s must be"),
         (["--engine", "warp"], "--engine 'warp': unknown serving engine"),
+        # openvino-int8 quantizes on training windows: none given, and the model has no recipe.yaml naming any.
+        (["--engine", "openvino-int8"], "error: engine 'openvino-int8' quantizes with NNCF on training windows"),
+        (["--calibration-data", "train.json"], "is only used by 'openvino-int8'"),
     ],
 )
 def test_cli_refuses_bad_options_before_loading(model_dir, capsys, argv, message):
     assert main(["--model", str(model_dir), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnx", "openvino", "nncf")),
+    reason="openvino/nncf/onnx not installed (pip install -e '.[onnx]')",
+)
+def test_openvino_int8_is_served_with_its_calibration_source_in_healthz(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(qa, "CALIBRATION_WINDOWS", 16)  # a quick quantization of the tiny model
+    served = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    train = REPO / "qala" / "samples" / "squad_sample_train.json"
+    service = Service.load(ServeConfig(model=str(served), engine="openvino-int8", calibration_data=str(train)))
+    try:
+        assert service.model.engine == "openvino-int8"
+        with TestClient(build_app(service, LocalBatcher(service))) as client:
+            health = client.get("/healthz").json()
+            assert health["engine"] == "openvino-int8"
+            assert health["calibration"]["data"] == str(train) and health["calibration"]["from"] == "calibration_data"
+            answer = client.post("/answer", json={"question": QUESTION, "context": CONTEXT})
+            assert answer.status_code == 200 and answer.json()["answer"] in CONTEXT
+    finally:
+        service.close()
 
 
 def test_cli_refuses_a_missing_model_directory(tmp_path, capsys):

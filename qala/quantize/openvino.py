@@ -15,8 +15,11 @@ length Lb (a constant once the shape is static), while each row keeps exactly ce
 positions equal the unbucketed model's.
 
 INT8 ("openvino-int8"): NNCF post-training quantization (`model_type=TRANSFORMER`: SmoothQuant, bias
-correction) of each configuration's graph, on calibration windows passed in. It re-quantizes the fp32
-model on its own: it does not run INC's tuned configuration.
+correction) of each configuration's graph, on calibration windows passed in (a list, or a function that
+returns them, called only when a graph is quantized). It re-quantizes the fp32 model on its own: it does not
+run INC's tuned configuration. The quantized IR is saved per configuration under a name keyed by the
+calibration: the windows' content, or `calibration_key` (e.g. the data file's name and hash, as serving
+passes it), so a later engine over the same model and calibration reads it back instead of quantizing.
 
 Artifacts: exported ONNX files and quantized IR go to `workdir/<model content hash>/` (qala.quantize.onnx
 .artifact_dir), and OpenVINO's compiled-blob cache beside them, so a changed model never meets the
@@ -26,10 +29,12 @@ artifacts of the old one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +134,8 @@ class OpenVinoEngine:
         model: LengthAdaptiveForQuestionAnswering,
         *,
         int8: bool = False,
-        calibration: Sequence[Mapping[str, torch.Tensor]] | None = None,
+        calibration: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]] | None = None,
+        calibration_key: Mapping[str, Any] | str | None = None,
         buckets: Sequence[int] | None = None,
         batch_sizes: Sequence[int] = BATCH_SIZES,
         max_seq_length: int | None = None,
@@ -145,7 +151,9 @@ class OpenVinoEngine:
         self.max_seq_length = int(max_seq_length or model.qala_config.max_seq_length)
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(self.max_seq_length)
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
-        self.calibration = [{k: v for k, v in w.items() if k in MODEL_INPUTS} for w in (calibration or [])]
+        # Windows {input_ids, attention_mask, token_type_ids}; a function is called on the first quantization.
+        self._calibration = calibration
+        self.calibration_key = calibration_key
         root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-openvino-"))
         self.folder = artifact_dir(root, model)
         self._bases: dict[Key, Any] = {}
@@ -156,6 +164,8 @@ class OpenVinoEngine:
             "batch_sizes": list(self.batch_sizes),
             "quantization": f"{NNCF_METHOD} (re-quantizes the fp32 model, not INC's configuration)" if int8 else None,
         }
+        if int8 and calibration_key is not None:
+            self.facts["calibration"] = calibration_key
 
     # ---------------------------------------------------------------- configurations -> models
 
@@ -181,12 +191,13 @@ class OpenVinoEngine:
         else:
             ov = require_openvino()
             ir = self.folder / f"openvino-int8-{slug}-{self._calibration_digest()}.xml"
-            if ir.is_file():
+            if ir.is_file() and ir.with_suffix(".bin").is_file():
                 model = ov.Core().read_model(str(ir))
             else:
                 start = time.perf_counter()
+                logger.info("%s: quantizing %s with NNCF on %d windows", self.name, slug, len(self.calibration))
                 model = nncf_quantize(read_model(onnx_path), self._calibration_feeds(key))
-                ov.save_model(model, str(ir), compress_to_fp16=False)
+                _save_ir(model, ir)
                 self.compile_seconds[f"nncf {slug}"] = round(time.perf_counter() - start, 2)
         self._bases[key] = model
         return model
@@ -203,7 +214,21 @@ class OpenVinoEngine:
             self.compile_seconds[f"{key_slug(key)}/{batch}x{bucket}"] = round(time.perf_counter() - start, 3)
         return entry
 
+    @property
+    def calibration(self) -> list[dict[str, Any]]:
+        """The calibration windows (model inputs only); a function given for them is called once, here."""
+        if callable(self._calibration):
+            self._calibration = self._calibration()
+            if not self._calibration:
+                raise ValueError(f"engine {self.name!r}: the calibration data gave no window")
+        return [{k: v for k, v in w.items() if k in MODEL_INPUTS} for w in (self._calibration or [])]
+
     def _calibration_digest(self) -> str:
+        """12 hex digits naming the calibration in the quantized IR's file name: of `calibration_key` when given
+        (the windows need not be built to find a saved IR), else of the windows' token ids."""
+        if self.calibration_key is not None:
+            text = json.dumps(self.calibration_key, sort_keys=True, default=str)
+            return hashlib.sha256(text.encode()).hexdigest()[:12]
         digest = hashlib.sha256()
         for window in self.calibration:
             for name in MODEL_INPUTS:
@@ -291,6 +316,20 @@ class OpenVinoEngine:
         """Runtime precisions of the compiled full-length model at the first bucket, batch 1 (tests, facts)."""
         compiled, _ = self.compiled(None, self.buckets[0], 1)
         return int8_precisions(compiled)
+
+
+def _save_ir(model: Any, path: Path) -> None:
+    """Save OpenVINO IR (path.xml + path.bin) so that an interrupted save leaves no .xml: written under
+    temporary names, the .bin renamed first, the .xml (what readers look for) last."""
+    ov = require_openvino()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
 
 
 def _fit(x: torch.Tensor, length: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     pip install -e ".[serve]"
     python -m qala.serve --model DIR [--host 127.0.0.1] [--port 8000] [--p95-ms 50] [--max-batch 8]
-        [--max-wait-ms 5] [--max-context-chars 100000] [--engine NAME] [--timeout-s 30]
+        [--max-wait-ms 5] [--max-context-chars 100000] [--engine NAME] [--calibration-data FILE] [--timeout-s 30]
     python -m qala.serve --model DIR --ray --replicas 2          # the same app on Ray Serve
 
     curl -s localhost:8000/answer -d '{"question": "Who?", "context": "...", "budget_ms": 20}'

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from qala.cli import add_verbose, guarded, setup_logging
@@ -44,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this are refused with 503")
     p.add_argument("--timeout-s", type=float, default=30.0, help="a request not answered in time gets 504")
     p.add_argument("--engine", default=None, help="serving engine (qala.quantize.engines); default by model kind")
+    p.add_argument(
+        "--calibration-data",
+        default=None,
+        help="training questions (SQuAD-format JSON or a datasets hub name) that calibrate an engine quantizing "
+        "on its own (openvino-int8); default: the training file of the model's recipe.yaml",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
@@ -75,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
         engine=args.engine,
+        calibration_data=args.calibration_data,
         threads=args.threads,
         ray=args.ray,
         replicas=args.replicas,
@@ -82,11 +90,15 @@ def _serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
     )
     check_engine(config.engine, "--engine")
-    if not Path(config.model).is_dir():
-        from qala.utils import resolve_model_path
+    from qala.answer import calibration_source
+    from qala.utils import resolve_model_path
 
-        if not Path(resolve_model_path(config.model)).is_dir():
-            raise FileNotFoundError(f"--model {config.model}: no such model directory")
+    if not Path(config.model).is_dir() and not Path(resolve_model_path(config.model)).is_dir():
+        raise FileNotFoundError(f"--model {config.model}: no such model directory")
+    # An engine that quantizes on its own (openvino-int8) without calibration data is refused in one line here.
+    source = calibration_source(resolve_model_path(config.model), config.engine, config.calibration_data)
+    if source is not None and source["from"] == "calibration_data":
+        config = replace(config, calibration_data=source["data"])  # a file by absolute path (Ray replicas' cwd)
     # Under load "no frontier configuration fits" is the normal state (the fastest is used and each answer's
     # fits_target says so): one log line per request would flood the log.
     logging.getLogger("qala.answer").addFilter(

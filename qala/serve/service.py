@@ -55,6 +55,7 @@ class ServeConfig:
     max_queue: int = 256
     timeout_s: float = 30.0
     engine: str | None = None
+    calibration_data: str | None = None
     threads: int | None = None
     calibrate: bool = True
     ray: bool = False
@@ -189,7 +190,9 @@ class Service:
         """Load the model and its frontier (QalaModel.from_pretrained: the engine warms every shape and the
         cost models are fitted or read back), then answer one question so the first request is not slower."""
         started = time.perf_counter()
-        model = QalaModel.from_pretrained(config.model, threads=config.threads, backend=config.engine)
+        model = QalaModel.from_pretrained(
+            config.model, threads=config.threads, backend=config.engine, calibration_data=config.calibration_data
+        )
         model.answer(*WARMUP)
         logger.info(
             "loaded %s (%d configurations, engine %s) in %.1f s",
@@ -208,6 +211,8 @@ class Service:
         return {
             "model": str(self.config.model),
             "engine": self.engine or "default",
+            # Where an engine that quantizes on its own (openvino-int8) took its calibration windows; else None.
+            "calibration": getattr(self.model, "calibration", None),
             "pid": os.getpid(),
             "p95_ms": self.config.p95_ms,
             "max_batch": self.config.max_batch,
