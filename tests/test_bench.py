@@ -332,7 +332,7 @@ def test_partial_results_resume_and_time_budget(tmp_path, model_dir, monkeypatch
     assert "gemm_peak" not in calls and len(calls) == 3
 
     # Over budget: nothing new starts, the rows say why.
-    monkeypatch.setattr(cli.Bench, "over_budget", lambda self: True)
+    monkeypatch.setattr(cli.Harness, "over_budget", lambda self: True)
     assert cli.main([str(path), "benchmark.windows=5"]) == 0
     document = json.loads((out / "bench.json").read_text())
     assert document["budget_exhausted"] and {r["status"] for r in document["rows"]} == {"skipped"}
@@ -474,7 +474,7 @@ def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, monk
 def test_onnxruntime_peer_exports_a_length_configuration_exactly(tmp_path, model_dir):
     pytest.importorskip("onnxruntime")
     spec = {"path": str(model_dir), "length_config": [40, 20], "seq_length": 64, "dtype": "fp32", "threads": 1}
-    call, facts, _ = peers.onnx_row(spec, tmp_path / "onnx", {})
+    call, facts = peers.onnx_model(spec, tmp_path / "onnx")
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(5, 600, (3, 64), generator=g),
@@ -488,7 +488,7 @@ def test_onnxruntime_peer_exports_a_length_configuration_exactly(tmp_path, model
         reference = model(**batch, length_config=[40, 20]).start_logits
     assert (torch.from_numpy(start) - reference).abs().max().item() < 1e-4
     assert facts["size_kind"] == "onnx file" and facts["size_bytes"] > 0
-    int8_call, int8_facts, _ = peers.onnx_row({**spec, "dtype": "int8"}, tmp_path / "onnx8", {})
+    int8_call, int8_facts = peers.onnx_model({**spec, "dtype": "int8"}, tmp_path / "onnx8")
     assert int8_call(batch)[0].shape == (3, 64) and "quantize_dynamic" in int8_facts["quantization"]
 
 

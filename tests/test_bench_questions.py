@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForQuestionAnswering, BertConfig
 
-from qala.bench import cli, plan, questions
+from qala.bench import cli, peers, plan, questions
 from qala.bench.peers import onnx_model
 from qala.model import kept_per_layer, macs_per_sample
 from qala.recipe import load_recipe
@@ -104,7 +104,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
         ],
     )
     monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
-    rows, notes = questions.plan_question_rows(recipe, recipe.benchmark)
+    rows, notes = plan.plan_question_rows(recipe, recipe.benchmark)
     ids = [r["id"] for r in rows]
     assert ids[:2] == ["transformers/BERT-base/fp32/full/b1", "transformers/BERT-base/fp32/full/b32"]
     assert {
@@ -126,7 +126,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     assert by_id["qala/QuaLA-MiniLM/int8/lc-60-50/b1"]["length_mode"] == "absolute"
     assert by_id["qala/MiniLM/fp32/full/b1"]["length_mode"] is None
     int8 = by_id["qala/MiniLM/int8/full/b1"]
-    assert int8["compiled"] and int8["pad_to_multiple_of"] == questions.COMPILED_PAD_MULTIPLE
+    assert int8["compiled"] and int8["pad_to_multiple_of"] == plan.COMPILED_PAD_MULTIPLE
     assert by_id["transformers/BERT-base/fp32/full/b1"]["f1_note"]
     assert all(r["questions"] == 4 and r["python"] is None for r in rows)
     assert notes["ipex"]["status"] == "skipped" and "ipex_quantize.py" in notes["ipex"]["build_command"]
@@ -140,7 +140,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": configs}))
     monkeypatch.setattr(plan, "IPEX_PYTHON", python)
     monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
-    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, pad_multiple=64)
+    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, pad_multiple=64)
     by_id = {r["id"]: r for r in rows}
     ipex = [r for r in rows if r["engine"] == "ipex"]
     assert [r["id"] for r in ipex] == [
@@ -161,7 +161,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
 
 def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_dir, monkeypatch):  # noqa: F811
     seen = []
-    engine = questions.ENGINES["qala"]
+    engine = peers.ENGINES["qala"]
 
     def spy(spec, work_dir, example):
         predict, facts = engine(spec, work_dir, example)
@@ -172,7 +172,7 @@ def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_d
 
         return recorded, facts
 
-    monkeypatch.setitem(questions.ENGINES, "qala", spy)
+    monkeypatch.setitem(peers.ENGINES, "qala", spy)
     result = questions.measure_questions(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
     assert seen and all(bool(mask[:, -1].any()) for mask in seen)  # the last position is some window's token
     assert result["questions"] == 5 and result["requests"] == 3 and result["windows"] >= 5
@@ -312,7 +312,7 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     overrides = [f"benchmark.int8_model={tiny_int8_artifact}"]
     assert cli.main([str(path), "--table", "questions", *overrides]) == 0, capsys.readouterr().err
     out = tmp_path / "out"
-    document = json.loads((out / questions.QUESTIONS_NAME).read_text())
+    document = json.loads((out / cli.QUESTIONS_NAME).read_text())
     assert document["cpu"] and document["versions"]["torch"] and document["seeds"]["random_weights"] == 0
     assert document["method"]["questions"] == 4 and document["gemm_peak"]["int8_gmacs_per_s"] > 0
     # The peak of a dtype is the best of the engines the rows use, each engine's figure kept beside it.
@@ -337,8 +337,8 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     assert rows["transformers/BERT-base/fp32/full/b2"]["f1"] is None
     assert rows["qala/MiniLM/fp32/full/b2"]["f1"] == rows["transformers/MiniLM/fp32/full/b2"]["f1"]
     assert rows["qala/MiniLM/int8/full/b2"]["f1"] is not None and not rows["qala/MiniLM/int8/full/b2"]["compiled"]
-    assert "| qala | MiniLM | int8 | full | 2 |" in (out / questions.QUESTIONS_TABLE).read_text()
-    assert (out / questions.QUESTIONS_PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert "| qala | MiniLM | int8 | full | 2 |" in (out / cli.QUESTIONS_TABLE).read_text()
+    assert (out / cli.QUESTIONS_PLOT).read_bytes()[:4] == b"\x89PNG"
     assert document["notes"]["ipex"]["status"] == "skipped"
 
     calls = []
@@ -365,7 +365,7 @@ def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: 
     # what this test is about.
     overrides = [f"benchmark.int8_model={model_dir}", "benchmark.ipex=false"]
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
-    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, qala_backends=["eager", "compile-dynamic"])
+    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, qala_backends=["eager", "compile-dynamic"])
     qala = [r["id"] for r in rows if r["engine"] == "qala"]
     assert qala == ["qala:eager/MiniLM/fp32/full/b2", "qala:compile-dynamic/MiniLM/fp32/full/b2"] + [
         "qala:eager/MiniLM/int8/full/b2",
@@ -423,7 +423,7 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     assert recipe.benchmark.int8_model is None
     backends = ["eager", "onnxruntime-int8", "openvino-int8"]
-    rows, _ = questions.plan_question_rows(recipe, recipe.benchmark, qala_backends=backends)
+    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, qala_backends=backends)
     int8 = {r["id"]: r for r in rows if r["engine"] == "qala" and r["dtype"] == "int8"}
     assert set(int8) == {
         "qala:onnxruntime-int8/MiniLM/int8/full/b2",
@@ -439,7 +439,7 @@ def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, mon
     ids = {}
     for value in ("true", "false"):
         recipe = load_recipe(write_recipe(tmp_path, model_dir), ["benchmark.ipex=false", f"benchmark.openvino={value}"])
-        rows, _ = questions.plan_question_rows(recipe, recipe.benchmark)
+        rows, _ = plan.plan_question_rows(recipe, recipe.benchmark)
         ids[value] = {r["id"] for r in rows if r["engine"] == "openvino"}
     # benchmark.onnxruntime is false in this recipe: the OpenVINO peers follow their own key.
     assert ids["true"] == {"openvino/MiniLM/fp32/full/b2", "openvino/MiniLM/int8/full/b2"} and not ids["false"]
@@ -447,7 +447,7 @@ def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, mon
 
 @pytest.mark.skipif(not plan.onnxruntime_available(), reason="onnxruntime not installed")
 def test_the_gemm_peak_runs_on_qala_quantize_onnx(tmp_path):
-    from qala.bench import peers, roofline
+    from qala.bench import roofline
 
     assert roofline._onnx_matmul(16, tmp_path, int8=True)()[0].shape == (16, 16)
     assert not hasattr(peers, "onnx_session") and not hasattr(peers, "quantize_onnx")  # one builder, one quantizer

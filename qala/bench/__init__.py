@@ -2,13 +2,14 @@
 
     python -m qala.bench RECIPE.yaml [key.sub=value ...] [--resume] [--table padded|questions|all]
 
-plan.py       the padded table's rows, published F1 of the baselines, the frontier pick
-questions.py  the real-questions table: end to end per question, unpadded windows, F1 on the same questions
-worker.py     one row in its own process: `python -m qala.bench.worker SPEC OUT`
-peers.py      the models compared with: random-weight baselines, transformers, ONNX Runtime
+plan.py       the rows of both tables, published F1 of the baselines, the frontier pick
+cli.py        one harness for both tables (resume, time budget, GEMM peak, core sweep) and the command line
+worker.py     one row in its own process: `python -m qala.bench.worker SPEC OUT`; padded rows measured here
+questions.py  one real-questions row: end to end per question, unpadded windows, F1 on the same questions
+peers.py      how a row runs, by engine name: qala's engines, random-weight baselines, transformers, ONNX
+              Runtime, OpenVINO, IPEX
 roofline.py   the GEMM peak, fp32 and INT8, the best of the engines the rows use
-report.py     summaries, derived columns, markdown tables, plots
-cli.py        the run loop (resume, time budget, core sweep) and the command line
+report.py     summaries, derived columns, markdown tables (also those README.md and docs/ quote), plots
 
 Submodules are imported lazily: a worker running under another environment's Python (IPEX's torch
 2.8) loads only what its row needs.

@@ -5,9 +5,9 @@
 `padded` (default): every row on windows padded to data.max_seq_length, the paper's view, with the
 roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, throughput_vs_cores.png).
 `questions`: real questions end to end on unpadded windows (OUTPUT_DIR/real_questions.json, .md, .png;
-see qala.bench.questions). A killed run keeps every row it finished; `--resume` skips rows already
-measured for the same inputs (settings, row spec, and by content the models measured). One run per
-OUTPUT_DIR at a time.
+see qala.bench.questions). Both tables run through one Harness: a killed run keeps every row it
+finished; `--resume` skips rows already measured for the same inputs (settings, row spec, and by
+content the models measured). One run per OUTPUT_DIR at a time.
 """
 
 from __future__ import annotations
@@ -29,10 +29,15 @@ from qala.bench import plan, report
 
 logger = logging.getLogger(__name__)
 
-BENCH_NAME = "bench.json"
-TABLE_NAME = "bench.md"
+BENCH_NAME, TABLE_NAME = "bench.json", "bench.md"
+QUESTIONS_NAME, QUESTIONS_TABLE, QUESTIONS_PLOT = "real_questions.json", "real_questions.md", "real_questions.png"
 INPUTS_NAME = "inputs.safetensors"
 GEMM_PEAK_ID = "__gemm_peak__"
+# Per table: (result file, markdown file, derived columns, markdown table).
+TABLES = {
+    "padded": (BENCH_NAME, TABLE_NAME, report.add_derived, report.format_table),
+    "questions": (QUESTIONS_NAME, QUESTIONS_TABLE, report.add_questions_derived, report.format_questions_table),
+}
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -71,15 +76,8 @@ def run_worker(spec: Mapping[str, Any], work_dir: Path) -> dict[str, Any]:
 
 def _libraries_found(names: Sequence[str]) -> bool:
     """Whether run_cpu would find one of these shared libraries (it searches the same folders)."""
-    folders = [
-        Path(sys.prefix) / "lib",
-        Path.home() / ".local/lib",
-        Path("/usr/local/lib"),
-        Path("/usr/local/lib64"),
-        Path("/usr/lib"),
-        Path("/usr/lib64"),
-        Path("/usr/lib/x86_64-linux-gnu"),
-    ]
+    folders = [Path(sys.prefix) / "lib", Path.home() / ".local/lib", Path("/usr/local/lib"), Path("/usr/local/lib64")]
+    folders += [Path("/usr/lib"), Path("/usr/lib64"), Path("/usr/lib/x86_64-linux-gnu")]
     return any((folder / name).exists() for folder in folders for name in names)
 
 
@@ -102,21 +100,10 @@ def run_cpu_command(
     numactl = shutil.which("numactl") is not None if numactl is None else numactl
     iomp = _libraries_found(["libiomp5.so"]) if iomp is None else iomp
     allocator = _libraries_found(["libtcmalloc.so", "libjemalloc.so"]) if allocator is None else allocator
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.backends.xeon.run_cpu",
-        "--ninstances",
-        str(ninstances),
-        "--ncores-per-instance",
-        str(ncores_per_instance),
-    ]
-    if not numactl:
-        cmd.append("--disable-numactl")
-    if not iomp:
-        cmd.append("--disable-iomp")
-    if not allocator:
-        cmd.append("--use-default-allocator")
+    cmd = [sys.executable, "-m", "torch.backends.xeon.run_cpu", "--ninstances", str(ninstances)]
+    cmd += ["--ncores-per-instance", str(ncores_per_instance)]
+    switches = {"--disable-numactl": numactl, "--disable-iomp": iomp, "--use-default-allocator": allocator}
+    cmd += [flag for flag, found in switches.items() if not found]
     # run_cpu's own -m refuses any program not ending in .py, so the interpreter is the program instead.
     return cmd + ["--no-python", *worker_command(spec_file, out_dir, python)]
 
@@ -145,56 +132,64 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-# --------------------------------------------------------------------------- the shared run loop
+# --------------------------------------------------------------------------- the run loop, both tables
 
 
 class Harness:
-    """A run that measures row specs one worker at a time, saving its document after each row.
+    """One table's run: row specs measured one worker at a time, the document saved after each row.
 
-    Subclasses plan the rows and write the reports; this keeps resume (rows of the same fingerprint and
-    spec are kept), the time budget and the GEMM peak in one place for both tables.
+    Resume (rows of the same fingerprint and spec are kept), the time budget and the GEMM peak work the
+    same for both tables; what a table plans and writes is in run_padded and run_questions.
     """
 
-    document_name = BENCH_NAME
-
-    def __init__(self, recipe: Any, *, resume: bool = False) -> None:
-        from qala.recipe import changed_keys, fingerprint
+    def __init__(self, recipe: Any, table: str = "padded", *, resume: bool = False) -> None:
+        from qala.recipe import fingerprint
         from qala.utils import content_hash
 
-        self.recipe, self.bench = recipe, recipe.benchmark
+        self.recipe, self.bench, self.table = recipe, recipe.benchmark, table
         self.out = Path(self.bench.output_dir)
         self.started = time.monotonic()
         # Rows depend on the settings and, by content, on the models: one retrained at the same path is new.
-        models = {key: getattr(self.bench, key) for key in ("model", "int8_model") if getattr(self.bench, key)}
-        self.inputs = {"settings": self.make_fingerprint(), **{k: content_hash(v) for k, v in models.items()}}
+        models = [key for key in ("model", "int8_model") if getattr(self.bench, key)]
+        hashes = {key: content_hash(getattr(self.bench, key)) for key in models}
+        self.inputs = {"settings": plan.bench_fingerprint(recipe, table), **hashes}
         self.fingerprint = fingerprint(self.inputs)
-        path = self.out / self.document_name
-        previous = json.loads(path.read_text()) if resume and path.is_file() else None
-        self.previous: dict[str, Any] = {}
-        if previous and previous.get("fingerprint") == self.fingerprint:
-            self.previous = {r["id"]: r for r in previous.get("rows", []) if r.get("status") == "ok"}
-            if (previous.get("gemm_peak") or {}).get("status") == "ok":
-                self.previous[GEMM_PEAK_ID] = previous["gemm_peak"]
-        elif previous:
-            why = "; ".join(changed_keys(previous["inputs"], self.inputs)) if previous.get("inputs") else "no record"
-            logger.warning("--resume: %s was measured for other inputs (%s); measuring everything again", path, why)
-        self.document: dict[str, Any] = {
-            "fingerprint": self.fingerprint,
-            "inputs": self.inputs,
-            "rows": [],
-            "gemm_peak": None,
-        }
+        self.previous = self._previous() if resume else {}
+        self.document: dict[str, Any] = {"fingerprint": self.fingerprint, "inputs": self.inputs}
+        self.document.update(rows=[], gemm_peak=None)
         self.recipe_written = False
 
-    def make_fingerprint(self) -> str:
-        return plan.bench_fingerprint(self.recipe)
+    def _previous(self) -> dict[str, Any]:
+        """The rows (and GEMM peak) of the last run of this table when it measured the same inputs, by id."""
+        from qala.recipe import changed_keys
+
+        path = self.out / TABLES[self.table][0]
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        if previous and previous.get("fingerprint") != self.fingerprint:
+            changed = changed_keys(previous["inputs"], self.inputs) if previous.get("inputs") else ["no record"]
+            logger.warning(
+                "--resume: %s was measured for other inputs (%s); measuring everything again", path, "; ".join(changed)
+            )
+        if not previous or previous.get("fingerprint") != self.fingerprint:
+            return {}
+        kept = {r["id"]: r for r in previous.get("rows", []) if r.get("status") == "ok"}
+        if (previous.get("gemm_peak") or {}).get("status") == "ok":
+            kept[GEMM_PEAK_ID] = previous["gemm_peak"]
+        return kept
 
     def over_budget(self) -> bool:
         limit = self.bench.time_budget_minutes
         return limit is not None and (time.monotonic() - self.started) / 60 > limit
 
     def save(self) -> None:
-        raise NotImplementedError
+        from qala.utils import atomic_write_json, atomic_write_text
+
+        json_name, table_name, derive, markdown = TABLES[self.table]
+        derive(self.document["rows"], self.document.get("gemm_peak"))
+        if self.table == "padded":
+            self.document["wall_seconds"] = round(time.monotonic() - self.started, 1)
+        atomic_write_json(self.out / json_name, self.document)
+        atomic_write_text(self.out / table_name, markdown(self.document))
 
     def write_recipe(self) -> None:
         """OUTPUT_DIR/recipe.yaml, when the first measurement starts (the inputs have loaded and the rows are
@@ -235,10 +230,17 @@ class Harness:
             row = {**spec, "spec_hash": digest, **result}
             self.document["rows"].append(row)
             self.save()
-            logger.info("[%d/%d] %s: %s", i, len(specs), spec["id"], self.progress_line(row))
+            logger.info("[%d/%d] %s: %s", i, len(specs), spec["id"], _progress(row))
 
-    def progress_line(self, row: Mapping[str, Any]) -> str:
+
+def _progress(row: Mapping[str, Any]) -> str:
+    """One log line per measured row."""
+    if row.get("status") != "ok":
         return f"{row.get('status')}: {str(row.get('error', ''))[-300:]}"
+    if "batches" in row:  # padded table
+        parts = [f"b{b} {m['median_ms']:.1f} ms ({m['samples_per_s']:.2f}/s)" for b, m in row["batches"].items()]
+        return ", ".join(parts) + f", peak RSS {row['peak_rss_mb']:.0f} MB"
+    return f"F1 {report.fmt(row.get('f1'), 2)}, p50 {row['ms_p50']} ms/question, {row['questions_per_s']} questions/s"
 
 
 # --------------------------------------------------------------------------- the padded table
@@ -267,151 +269,156 @@ def write_inputs(recipe: Any, bench: Any, path: Path) -> int:
     return tensors["input_ids"].size(0)
 
 
-class Bench(Harness):
+def run_padded(recipe: Any, *, resume: bool = False) -> dict[str, Any]:
     """The padded table: plan, measure row by row, sweep cores, write bench.json, bench.md and the plots."""
+    h, b = Harness(recipe, "padded", resume=resume), recipe.benchmark
+    h.document.update(environment=environment(), method={}, core_sweep=None, peers={}, budget_exhausted=False)
+    h.out.mkdir(parents=True, exist_ok=True)
+    inputs = h.out / INPUTS_NAME
+    n = write_inputs(recipe, b, inputs)
+    rows, notes = plan.plan_rows(recipe, b)
+    threads = b.threads or os.cpu_count() or 1
+    timing = ("warmup", "repeats", "latency_repeats", "min_repeats", "max_seconds_per_measurement")
+    h.document["method"] = {
+        "windows": n,
+        "data": recipe.data.eval,
+        "seq_length": recipe.data.max_seq_length,
+        "batch_sizes": list(b.batch_sizes),
+        "threads": threads,
+        "instances": 1,
+        **{key: getattr(b, key) for key in timing},
+        "statistic": "qala.utils.time_calls / latency_stats: median of timed calls per batch size; batch-1 "
+        "latency p50/p90/p99 over latency_repeats calls cycling through the windows; throughput = batch / "
+        "median; one worker process per row",
+        "peak_memory": "VmHWM of the row's worker process (imports, model load, compilation and runs)",
+    }
+    h.document["peers"] = notes
+    if b.gemm_peak:
+        h.measure_gemm_peak(threads)
+    h.measure_rows(rows, h.out / "work", {"inputs": str(inputs)})
+    if b.core_sweep:
+        h.document["core_sweep"] = core_sweep(h, rows, inputs)
+    h.save()
+    report.plot_f1_vs_speedup(h.document, h.out / "f1_vs_speedup.png")
+    report.plot_throughput_vs_cores(h.document, h.out / "throughput_vs_cores.png")
+    return h.document
 
-    def __init__(self, recipe: Any, *, resume: bool = False) -> None:
-        super().__init__(recipe, resume=resume)
-        self.document.update(environment=environment(), method={}, core_sweep=None, peers={}, budget_exhausted=False)
 
-    def save(self) -> None:
-        from qala.utils import atomic_write_json, atomic_write_text
+def core_sweep(h: Harness, rows: list[dict[str, Any]], inputs: Path) -> dict[str, Any]:
+    """Throughput at sweep_batch_size versus cores (1 instance) and versus instances (all cores split), of
+    BERT-base and the fastest INT8 row."""
+    b = h.bench
+    total = os.cpu_count() or 1
+    int8 = [r for r in h.document["rows"] if r.get("status") == "ok" and r["kind"] == "int8_dir"]
+    targets = [r for r in rows if r["id"] == plan.REFERENCE_ID]
+    if int8:
+        best = max(int8, key=lambda r: r["batches"][str(b.batch_sizes[-1])]["samples_per_s"])
+        targets += [r for r in rows if r["id"] == best["id"]]
+    points = [(1, c) for c in (b.cores or range(1, total + 1)) if c <= total]
+    points += [(n, total // n) for n in b.instances if n > 1 and total // n >= 1]
+    sweep: dict[str, Any] = {
+        "batch_size": b.sweep_batch_size,
+        "repeats": b.sweep_repeats,
+        "host_cores": total,
+        "aggregation": "instances start together and each times its own calls; total samples/s = sum over instances",
+        "runs": [],
+    }
+    for spec in targets:
+        for ninstances, cores in points:
+            if h.over_budget():
+                h.document["budget_exhausted"] = True
+                skipped = {"row": spec["id"], "ninstances": ninstances, "status": "skipped"}
+                sweep["runs"].append({**skipped, "error": "time budget exhausted"})
+                continue
+            sweep["runs"].append(_sweep_point(h, spec, inputs, ninstances, cores))
+            h.document["core_sweep"] = sweep
+            h.save()
+    return sweep
 
-        report.add_derived(self.document["rows"], self.document.get("gemm_peak"))
-        self.document["wall_seconds"] = round(time.monotonic() - self.started, 1)
-        atomic_write_json(self.out / BENCH_NAME, self.document)
-        atomic_write_text(self.out / TABLE_NAME, report.format_table(self.document))
 
-    def run(self) -> dict[str, Any]:
-        b = self.bench
-        self.out.mkdir(parents=True, exist_ok=True)
-        inputs = self.out / INPUTS_NAME
-        n = write_inputs(self.recipe, b, inputs)
-        rows, notes = plan.plan_rows(self.recipe, b)
-        threads = b.threads or os.cpu_count() or 1
-        self.document["method"] = {
-            "windows": n,
-            "data": self.recipe.data.eval,
-            "seq_length": self.recipe.data.max_seq_length,
-            "batch_sizes": list(b.batch_sizes),
-            "threads": threads,
-            "instances": 1,
-            "warmup": b.warmup,
-            "repeats": b.repeats,
-            "latency_repeats": b.latency_repeats,
-            "min_repeats": b.min_repeats,
-            "max_seconds_per_measurement": b.max_seconds_per_measurement,
-            "statistic": "qala.utils.time_calls / latency_stats: median of timed calls per batch size; batch-1 "
-            "latency p50/p90/p99 over latency_repeats calls cycling through the windows; throughput = batch / "
-            "median; one worker process per row",
-            "peak_memory": "VmHWM of the row's worker process (imports, model load, compilation and runs)",
+def _sweep_point(h: Harness, spec: Mapping[str, Any], inputs: Path, ninstances: int, cores: int) -> dict[str, Any]:
+    """One row at `ninstances` x `cores` through run_cpu, each instance timing its own calls."""
+    from qala.utils import atomic_write_json
+
+    b = h.bench
+    work = h.out / "work" / "sweep" / f"{_slug(spec['id'])}-{ninstances}x{cores}"
+    results = work / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    point = {**spec, "inputs": str(inputs), "work_dir": str(work / "model"), "threads": None, "warmup": 1}
+    point.update(batch_sizes=[b.sweep_batch_size], repeats=b.sweep_repeats, min_repeats=b.sweep_repeats)
+    atomic_write_json(work / "spec.json", {**point, "throughput_only": True})
+    cmd = run_cpu_command(
+        work / "spec.json", results, ninstances=ninstances, ncores_per_instance=cores, python=spec.get("python")
+    )
+    logger.info("sweep %s: %d instance(s) x %d core(s) ...", spec["id"], ninstances, cores)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    record = {"row": spec["id"], "ninstances": ninstances, "cores_per_instance": cores}
+    record.update(total_cores=ninstances * cores, command=" ".join(cmd))
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("worker-*.json"))]
+    if proc.returncode != 0 or len(found) != ninstances:
+        error = _tail(proc.stderr + proc.stdout) or f"{len(found)} of {ninstances} instances reported"
+        return {**record, "status": "failed", "error": error}
+    key = str(b.sweep_batch_size)
+    instances = [
+        {
+            "threads": r["threads"],
+            "samples_per_s": r["batches"][key]["samples_per_s"],
+            "median_ms": r["batches"][key]["median_ms"],
+            "peak_rss_mb": r["peak_rss_mb"],
         }
-        self.document["peers"] = notes
-        if b.gemm_peak:
-            self.measure_gemm_peak(threads)
-        self.measure_rows(rows, self.out / "work", {"inputs": str(inputs)})
-        if b.core_sweep:
-            self.document["core_sweep"] = self._core_sweep(rows, inputs)
-        self.save()
-        report.plot_f1_vs_speedup(self.document, self.out / "f1_vs_speedup.png")
-        report.plot_throughput_vs_cores(self.document, self.out / "throughput_vs_cores.png")
-        return self.document
+        for r in found
+    ]
+    total = round(sum(i["samples_per_s"] for i in instances), 3)
+    return {**record, "status": "ok", "total_samples_per_s": total, "instances": instances}
 
-    def progress_line(self, row: Mapping[str, Any]) -> str:
-        if row.get("status") != "ok":
-            return super().progress_line(row)
-        parts = [f"b{b} {m['median_ms']:.1f} ms ({m['samples_per_s']:.2f}/s)" for b, m in row["batches"].items()]
-        return ", ".join(parts) + f", peak RSS {row['peak_rss_mb']:.0f} MB"
 
-    def _core_sweep(self, rows: list[dict[str, Any]], inputs: Path) -> dict[str, Any]:
-        """Throughput at sweep_batch_size versus cores (1 instance) and versus instances (all cores split)."""
-        b = self.bench
-        total = os.cpu_count() or 1
-        measured = {r["id"]: r for r in self.document["rows"] if r.get("status") == "ok"}
-        int8 = [r for r in measured.values() if r["dtype"] == "int8" and r["kind"] == "int8_dir"]
-        targets = [r for r in rows if r["id"] == plan.REFERENCE_ID]
-        if int8:
-            best = max(int8, key=lambda r: r["batches"][str(b.batch_sizes[-1])]["samples_per_s"])
-            targets += [r for r in rows if r["id"] == best["id"]]
-        points = [(1, c) for c in (b.cores or range(1, total + 1)) if c <= total]
-        points += [(n, total // n) for n in b.instances if n > 1 and total // n >= 1]
-        sweep: dict[str, Any] = {
-            "batch_size": b.sweep_batch_size,
-            "repeats": b.sweep_repeats,
-            "host_cores": total,
-            "aggregation": "instances start together and each times its own calls; "
-            "total samples/s = sum over instances",
-            "runs": [],
-        }
-        for spec in targets:
-            for ninstances, cores in points:
-                if self.over_budget():
-                    self.document["budget_exhausted"] = True
-                    sweep["runs"].append(
-                        {
-                            "row": spec["id"],
-                            "ninstances": ninstances,
-                            "status": "skipped",
-                            "error": "time budget exhausted",
-                        }
-                    )
-                    continue
-                sweep["runs"].append(self._sweep_point(spec, inputs, ninstances, cores))
-                self.document["core_sweep"] = sweep
-                self.save()
-        return sweep
+# --------------------------------------------------------------------------- the real-questions table
 
-    def _sweep_point(self, spec: Mapping[str, Any], inputs: Path, ninstances: int, cores: int) -> dict[str, Any]:
-        from qala.utils import atomic_write_json
 
-        b = self.bench
-        work = self.out / "work" / "sweep" / f"{_slug(spec['id'])}-{ninstances}x{cores}"
-        results = work / "results"
-        shutil.rmtree(results, ignore_errors=True)
-        results.mkdir(parents=True)
-        point = {
-            **spec,
-            "inputs": str(inputs),
-            "work_dir": str(work / "model"),
-            "threads": None,
-            "batch_sizes": [b.sweep_batch_size],
-            "repeats": b.sweep_repeats,
-            "min_repeats": b.sweep_repeats,
-            "warmup": 1,
-            "throughput_only": True,
-        }
-        atomic_write_json(work / "spec.json", point)
-        cmd = run_cpu_command(
-            work / "spec.json", results, ninstances=ninstances, ncores_per_instance=cores, python=spec.get("python")
-        )
-        logger.info("sweep %s: %d instance(s) x %d core(s) ...", spec["id"], ninstances, cores)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        record: dict[str, Any] = {
-            "row": spec["id"],
-            "ninstances": ninstances,
-            "cores_per_instance": cores,
-            "total_cores": ninstances * cores,
-            "command": " ".join(cmd),
-        }
-        found = [json.loads(p.read_text()) for p in sorted(results.glob("worker-*.json"))]
-        if proc.returncode != 0 or len(found) != ninstances:
-            error = _tail(proc.stderr + proc.stdout) or f"{len(found)} of {ninstances} instances reported"
-            return {**record, "status": "failed", "error": error}
-        key = str(b.sweep_batch_size)
-        return {
-            **record,
-            "status": "ok",
-            "total_samples_per_s": round(sum(r["batches"][key]["samples_per_s"] for r in found), 3),
-            "instances": [
-                {
-                    "threads": r["threads"],
-                    "samples_per_s": r["batches"][key]["samples_per_s"],
-                    "median_ms": r["batches"][key]["median_ms"],
-                    "peak_rss_mb": r["peak_rss_mb"],
-                }
-                for r in found
-            ],
-        }
+def run_questions(
+    recipe: Any, *, resume: bool = False, pad_multiple: int | None = None, qala_backends: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The real-questions run: GEMM peak, then one worker per row; real_questions.json/.md/.png."""
+    from qala.bench.peers import RANDOM_WEIGHTS_SEED
+
+    h, b = Harness(recipe, "questions", resume=resume), recipe.benchmark
+    env = environment()
+    # "cpu" first: machines differ between sessions, and every figure is for this one.
+    h.document = {"cpu": env["cpu"], **h.document, "versions": env["versions"], "environment": env}
+    h.out.mkdir(parents=True, exist_ok=True)
+    rows, notes = plan.plan_question_rows(recipe, b, pad_multiple=pad_multiple, qala_backends=qala_backends)
+    threads = b.threads or os.cpu_count() or 1
+    questions = recipe.data.max_eval_samples
+    h.document["method"] = {
+        "questions": questions if questions is not None else "all",
+        "data": recipe.data.eval,
+        "batch_sizes": list(b.batch_sizes),
+        "threads": threads,
+        "warmup": b.warmup,
+        "summary": (
+            f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
+            f"windows unpadded and batched to the longest window of the request (qala rows: sorted by length, "
+            f"one call per 32-token group); {threads} threads, one "
+            f"worker process per row; ms/question = request time / its questions; questions/s = questions / "
+            f"summed request time; F1 from the answers of the timed pass; GMAC/s on real tokens against "
+            f"the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed requests, plus every request shape "
+            "once for compiled rows."
+        ),
+        "timer": "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats",
+    }
+    h.document["seeds"] = {
+        "random_weights": RANDOM_WEIGHTS_SEED,
+        "run": recipe.run.seed,
+        "questions": "the first N questions of the file, in order (no sampling)",
+    }
+    h.document["notes"] = notes
+    if b.gemm_peak:
+        h.measure_gemm_peak(threads)
+    h.measure_rows(rows, h.out / "work" / "questions", {})
+    h.save()
+    report.plot_questions(h.document, h.out / QUESTIONS_PLOT)
+    return h.document
 
 
 # --------------------------------------------------------------------------- the command line
@@ -434,9 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pad-multiple",
         type=int,
-        default=None,
         help="questions table, compiled INT8 rows: pad each batch to a multiple of this many positions, so "
-        "torch.compile builds one graph per bucket (default: qala.bench.questions.COMPILED_PAD_MULTIPLE)",
+        "torch.compile builds one graph per bucket (default: qala.bench.plan.COMPILED_PAD_MULTIPLE)",
     )
     parser.add_argument(
         "--qala-backend",
@@ -464,18 +470,14 @@ def _main(args: argparse.Namespace, recipe: Any) -> int:
 
 
 def _run_tables(args: argparse.Namespace, recipe: Any) -> int:
-    from qala.bench.questions import QUESTIONS_NAME, QUESTIONS_TABLE, QuestionsBench
-
     documents, written = [], []
     if args.table in ("padded", "all"):
-        documents.append(Bench(recipe, resume=args.resume).run())
+        documents.append(run_padded(recipe, resume=args.resume))
         print(report.format_table(documents[-1]), end="")
         written += [BENCH_NAME, TABLE_NAME]
     if args.table in ("questions", "all"):
-        bench = QuestionsBench(
-            recipe, resume=args.resume, pad_multiple=args.pad_multiple, qala_backends=args.qala_backend
-        )
-        documents.append(bench.run())
+        options = {"pad_multiple": args.pad_multiple, "qala_backends": args.qala_backend}
+        documents.append(run_questions(recipe, resume=args.resume, **options))
         print(report.format_questions_table(documents[-1]), end="")
         written += [QUESTIONS_NAME, QUESTIONS_TABLE]
     out = Path(recipe.benchmark.output_dir)

@@ -3,10 +3,17 @@
 Two tables: the padded one (windows padded to max_seq_length, the paper's view: speedups against
 BERT-base, % of GEMM peak) and the real-questions one (end to end per question, unpadded windows;
 qala.bench.questions). Plots use matplotlib's Figure API (no pyplot state), as qala.search does.
+The tables quoted in README.md and docs/ are generated here from the result files, never typed:
+
+    python -m qala.bench.report questions [FILE] [--all]     # the headline table of a real_questions.json
+    python -m qala.bench.report int8 OUT NAME=report.json ... [--sensitivity FILE] [note:NAME=TEXT ...]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,9 +47,8 @@ def add_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] | None) -> 
         if macs:
             row["achieved_gmacs_per_s"] = {b: round(macs * t / 1e9, 3) for b, t in throughput.items()}
             peak = peak_of(peaks, row["dtype"])
-            row["peak_fraction"] = (
-                {b: round(g / peak, 4) for b, g in row["achieved_gmacs_per_s"].items()} if peak else None
-            )
+            fractions = {b: round(g / peak, 4) for b, g in row["achieved_gmacs_per_s"].items()} if peak else None
+            row["peak_fraction"] = fractions
 
 
 def peak_of(peaks: Mapping[str, Any] | None, dtype: str) -> float | None:
@@ -70,40 +76,29 @@ def format_table(document: Mapping[str, Any]) -> str:
     """Markdown table in the paper's shape: one line per measured row."""
     sizes = [str(b) for b in document["method"]["batch_sizes"]]
     first, last = sizes[0], sizes[-1]
-    header = (
-        ["model", "dtype", "length config", "size MB", "F1", f"b{first} p50 ms"]
-        + [f"samples/s b{b}" for b in sizes]
-        + ["GMACs/sample", f"% of peak b{last}", f"speedup b{first}", f"speedup b{last}"]
-    )
+    header = [
+        "model",
+        "dtype",
+        "length config",
+        "size MB",
+        "F1",
+        f"b{first} p50 ms",
+        *[f"samples/s b{b}" for b in sizes],
+    ]
+    header += ["GMACs/sample", f"% of peak b{last}", f"speedup b{first}", f"speedup b{last}"]
     lines = []
-    for row in document["rows"]:
-        if row.get("status") != "ok":
-            continue
-        f1 = fmt(row.get("f1"), 2)
-        if row.get("f1") is not None and row.get("f1_published"):
-            f1 += " (published)"
+    for row in (r for r in document["rows"] if r.get("status") == "ok"):
+        f1 = fmt(row.get("f1"), 2) + (" (published)" if row.get("f1") is not None and row.get("f1_published") else "")
+        size = fmt(row["size_bytes"] / 1e6 if row.get("size_bytes") else None, 1)
+        size += " (params)" if row.get("size_kind") == "parameter_bytes" else ""
         lengths = "full" if row.get("length_config") is None else ",".join(map(str, row["length_config"]))
-        size = fmt((row.get("size_bytes") or 0) / 1e6 if row.get("size_bytes") else None, 1)
-        if row.get("size_kind") == "parameter_bytes":
-            size += " (params)"
-        batches = row["batches"]
-        speed = row.get("speedup_vs_bert_base") or {}
+        batches, speed = row["batches"], row.get("speedup_vs_bert_base") or {}
         peak = (row.get("peak_fraction") or {}).get(last)
-        lines.append(
-            [
-                row["name"],
-                row["dtype"],
-                lengths,
-                size,
-                f1,
-                fmt(batches.get(first, {}).get("p50_ms"), 1),
-                *[fmt(batches.get(b, {}).get("samples_per_s"), 2) for b in sizes],
-                fmt(row["macs_per_sample"] / 1e9 if row.get("macs_per_sample") else None, 2),
-                fmt(peak * 100 if peak is not None else None, 1, "%"),
-                fmt(speed.get(first), 2, "x"),
-                fmt(speed.get(last), 2, "x"),
-            ]
-        )
+        macs = row["macs_per_sample"] / 1e9 if row.get("macs_per_sample") else None
+        cells = [row["name"], row["dtype"], lengths, size, f1, fmt(batches.get(first, {}).get("p50_ms"), 1)]
+        cells += [fmt(batches.get(b, {}).get("samples_per_s"), 2) for b in sizes]
+        cells += [fmt(macs, 2), fmt(peak * 100 if peak is not None else None, 1, "%")]
+        lines.append(cells + [fmt(speed.get(first), 2, "x"), fmt(speed.get(last), 2, "x")])
     m = document["method"]
     notes = [
         "",
@@ -114,44 +109,27 @@ def format_table(document: Mapping[str, Any]) -> str:
     return "\n".join(_markdown(header, lines) + notes + _failures(document["rows"])) + "\n"
 
 
+QUESTIONS_HEADER = ["engine", "model", "dtype", "length config", "batch", "F1", "ms/question p50", "p90"]
+QUESTIONS_HEADER += ["questions/s", "GMAC/s (real tokens)", "% of INT8 peak"]
+
+
 def format_questions_table(document: Mapping[str, Any]) -> str:
     """Markdown table of the real-questions run: one line per (row, batch size)."""
-    header = [
-        "engine",
-        "model",
-        "dtype",
-        "length config",
-        "batch",
-        "F1",
-        "ms/question p50",
-        "p90",
-        "questions/s",
-        "GMAC/s (real tokens)",
-        "% of INT8 peak",
-    ]
     lines = []
-    for row in document["rows"]:
-        if row.get("status") != "ok":
-            continue
+    for row in (r for r in document["rows"] if r.get("status") == "ok"):
+        engine = row["engine"] + (f" ({row['backend']})" if row.get("backend") else "")
+        slug = config_slug(row.get("length_config"), row.get("length_mode") or "absolute")
         fraction = row.get("int8_peak_fraction")
-        lines.append(
-            [
-                row["engine"] + (f" ({row['backend']})" if row.get("backend") else ""),
-                row["name"],
-                row["dtype"],
-                config_slug(row.get("length_config"), row.get("length_mode") or "absolute"),
-                str(row["batch_size"]),
-                fmt(row.get("f1"), 2),
-                fmt(row.get("ms_p50"), 2),
-                fmt(row.get("ms_p90"), 2),
-                fmt(row.get("questions_per_s"), 1),
-                fmt(row.get("achieved_gmacs_per_s"), 1),
-                fmt(fraction * 100 if fraction is not None else None, 1, "%"),
-            ]
-        )
+        cells = [engine, row["name"], row["dtype"], slug, str(row["batch_size"]), fmt(row.get("f1"), 2)]
+        cells += [fmt(row.get("ms_p50"), 2), fmt(row.get("ms_p90"), 2), fmt(row.get("questions_per_s"), 1)]
+        cells += [
+            fmt(row.get("achieved_gmacs_per_s"), 1),
+            fmt(fraction * 100 if fraction is not None else None, 1, "%"),
+        ]
+        lines.append(cells)
     m = document.get("method", {})
     notes = ["", m.get("summary", "")] if m.get("summary") else []
-    return "\n".join(_markdown(header, lines) + notes + _failures(document["rows"])) + "\n"
+    return "\n".join(_markdown(QUESTIONS_HEADER, lines) + notes + _failures(document["rows"])) + "\n"
 
 
 def add_questions_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] | None) -> None:
@@ -162,16 +140,17 @@ def add_questions_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] |
             row["int8_peak_fraction"] = round(row["achieved_gmacs_per_s"] / peak, 4) if peak else None
 
 
-def _figure() -> tuple[Any, Any]:
+def figure(size: tuple[float, float] = (7, 4.5)) -> tuple[Any, Any]:
+    """(figure, axes) of matplotlib's Figure API: no pyplot state, safe in any process."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
-def _save(fig: Any, path: str | Path) -> None:
+def save_figure(fig: Any, path: str | Path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), dpi=120)
@@ -187,7 +166,7 @@ def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
     ]
     if not points:
         return False
-    fig, ax = _figure()
+    fig, ax = figure()
     for dtype, marker in (("fp32", "o"), ("int8", "s")):
         chosen = [(x, y) for x, y, r in points if r["dtype"] == dtype]
         if chosen:
@@ -198,7 +177,7 @@ def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
     ax.set_xlabel(f"throughput speedup vs BERT-base fp32, batch {last}")
     ax.set_ylabel("SQuAD F1 (* published)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -206,7 +185,7 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
     sweep = [s for s in (document.get("core_sweep") or {}).get("runs", []) if s.get("status") == "ok"]
     if not sweep:
         return False
-    fig, ax = _figure()
+    fig, ax = figure()
     for row_id in dict.fromkeys(s["row"] for s in sweep):
         for n in sorted({s["ninstances"] for s in sweep if s["row"] == row_id}):
             runs = sorted(
@@ -221,7 +200,7 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
     ax.set_xlabel("cores")
     ax.set_ylabel(f"samples/s, batch {document['core_sweep']['batch_size']}")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -230,7 +209,7 @@ def plot_questions(document: Mapping[str, Any], path: str | Path) -> bool:
     rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
     if not rows:
         return False
-    fig, ax = _figure()
+    fig, ax = figure()
     for batch, marker in zip(sorted({r["batch_size"] for r in rows}), "osD^v", strict=False):
         chosen = [r for r in rows if r["batch_size"] == batch]
         ax.scatter(
@@ -243,5 +222,156 @@ def plot_questions(document: Mapping[str, Any], path: str | Path) -> bool:
     ax.set_xlabel("questions/s, end to end (tokenization, all windows, post-processing)")
     ax.set_ylabel(f"F1 on the same {document['method'].get('questions', '')} questions")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
+
+
+# --------------------------------------------------------------------------- tables quoted in README.md and docs/
+
+HEADLINE_FILE = Path("benchmarks/results/bench/real_questions.json")
+ENGINE_NAMES = {"transformers": "transformers", "onnxruntime": "ONNX Runtime", "ipex": "IPEX 2.8"}
+INT8_GOAL = 0.01  # relative F1 loss allowed against fp32 (issue 11)
+
+
+def _date_of(document: Mapping[str, Any], path: Path) -> str:
+    if document.get("date"):  # else the date git last committed the file, said as such
+        return str(document["date"])
+    log = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], capture_output=True, text=True)
+    return f"{log.stdout.strip() or 'unknown'} (committed; the file records no date)"
+
+
+def _what_runs(row: Mapping[str, Any]) -> str:
+    engine = f"qala `{row['backend']}`" if row["engine"] == "qala" else ENGINE_NAMES.get(row["engine"], row["engine"])
+    if row.get("attn_implementation"):
+        engine += f" ({row['attn_implementation']})"
+    if row["name"] == "BERT-base":
+        return f"{engine} BERT-base, random weights"
+    return f"{engine} `quantize_dynamic`" if row["engine"] == "onnxruntime" and row["dtype"] == "int8" else engine
+
+
+def _configuration(row: Mapping[str, Any]) -> str:
+    lengths = row.get("length_config")
+    if lengths is None:
+        return "full"
+    text = ",".join(f"{x:g}" for x in lengths)
+    return f"keep `[{text}]`" if row.get("length_mode") == "ratio" else f"lc `[{text}]`, padded 384"
+
+
+def format_headline_table(document: Mapping[str, Any], path: Path, padded: bool = False) -> str:
+    """README's headline table of a real_questions.json: one line per row at batch 1 beside its batch-32 twin,
+    after a line saying which questions, model, CPU, versions and date. Unpadded rows only (what a user gets);
+    `padded` adds the paper's absolute configurations, every window padded to 384."""
+    models = sorted({r["path"] for r in document["rows"] if r.get("path")})
+    method, versions = document["method"], document["versions"]
+    lines = [
+        f"{method['questions']} questions of `{method['data']}`; model(s) {', '.join(f'`{m}`' for m in models)}; "
+        f"{document['cpu']}, {method['threads']} threads; torch {versions['torch']}, "
+        f"onnxruntime {versions.get('onnxruntime', '-')}; date {_date_of(document, path)}; from `{path}`.\n",
+        "| what runs | dtype | configuration | F1 b1 / b32 | b1 ms/q p50 / p90 | b1 q/s | b32 q/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_id = {r["id"]: r for r in document["rows"] if r.get("status") == "ok"}
+    for key, b1 in by_id.items():
+        if not key.endswith("/b1") or (b1.get("length_mode") == "absolute" and not padded):
+            continue
+        b32 = by_id.get(key.removesuffix("/b1") + "/b32") or {}
+        f1 = " / ".join(fmt(r.get("f1"), 2) for r in (b1, b32))  # "-": random weights, speed only
+        cells = [_what_runs(b1), b1["dtype"], _configuration(b1), f1, f"{b1['ms_p50']:.1f} / {b1['ms_p90']:.1f}"]
+        cells += [f"{b1['questions_per_s']:.1f}", f"{b32['questions_per_s']:.1f}" if b32 else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def int8_comparison(
+    reports: Mapping[str, Path], notes: Mapping[str, str] | None = None, sensitivity: Path | None = None
+) -> dict[str, Any]:
+    """The tune reports of several INT8 approaches on the same fp32 model, side by side: per configuration the
+    fp32 scores and each approach's INT8 scores, loss against the goal and latency; each report's resolved
+    recipe (recipe.yaml beside it) embedded, so seeds and every setting travel with the numbers."""
+    import yaml
+
+    from qala.tune import read_report
+
+    loaded = {name: json.loads(path.read_text()) for name, path in reports.items()}
+    tables = {name: read_report(path) for name, path in reports.items()}
+    rows = {}
+    for config, fp32 in next(iter(tables.values())).items():
+        row = {"length_config": fp32["length_config"], "keep_ratios": fp32.get("keep_ratios"), "fp32": fp32["fp32"]}
+        row["int8"] = {}
+        for name, r in ((name, table[config]) for name, table in tables.items() if config in table):
+            if r["fp32"] != fp32["fp32"]:
+                reference = reports[next(iter(reports))]
+                raise ValueError(f"{reports[name]}: fp32 scores differ from {reference}: not the same fp32 model")
+            latency = {b: {k: v["median_ms"] for k, v in t.items()} for b, t in r.get("latency", {}).items()}
+            loss = r["relative_f1_loss"]
+            row["int8"][name] = {**r["int8"], "relative_f1_loss": loss, "within_goal": loss <= INT8_GOAL}
+            row["int8"][name]["latency_ms"] = latency
+        rows[config] = row
+    recipes = {name: path.parent / "recipe.yaml" for name, path in reports.items()}
+    return {
+        "sources": {name: str(path) for name, path in reports.items()},
+        "goal_relative_f1_loss": INT8_GOAL,
+        "chosen": {name: r.get("chosen") for name, r in loaded.items()},
+        "trials": {name: r.get("trials") for name, r in loaded.items()},
+        "tuning_goal_met": {name: r.get("goal_met") for name, r in loaded.items()},
+        "threads": {name: r["final"].get("threads") for name, r in loaded.items()},
+        "artifact_bytes": {name: r.get("artifact_bytes") for name, r in loaded.items()},
+        "notes": dict(notes or {}),
+        "rows": rows,
+        "sensitivity": json.loads(sensitivity.read_text()) if sensitivity else None,
+        "recipes": {name: yaml.safe_load(p.read_text()) if p.is_file() else None for name, p in recipes.items()},
+        "environment": next(iter(loaded.values()))["environment"],
+    }
+
+
+def format_int8_table(result: Mapping[str, Any]) -> str:
+    """Markdown of int8_comparison: EM / F1 (loss) per approach, batch-1 and batch-32 ms when timed, sizes."""
+    names = list(result["sources"])
+    timed = any(r["latency_ms"] for row in result["rows"].values() for r in row["int8"].values())
+    header = ["config", "fp32 F1 / EM"] + [f"{n} F1 / EM (loss)" for n in names]
+    for batch in ("b1", "b32") if timed else ():
+        header += [f"{batch} ms fp32"] + [f"{batch} ms {n}" for n in names]
+    lines = []
+    for config, row in result["rows"].items():
+        cells = [config, f"{row['fp32']['f1']:.2f} / {row['fp32']['exact_match']:.2f}"]
+        for r in (row["int8"].get(n) for n in names):
+            cells.append(f"{r['f1']:.2f} / {r['exact_match']:.2f} ({-100 * r['relative_f1_loss']:+.2f}%)" if r else "")
+        for batch in ("batch1", "batch32") if timed else ():
+            fp32_ms = [r["latency_ms"][batch]["fp32_eager"] for r in row["int8"].values() if batch in r["latency_ms"]]
+            cells.append(f"{fp32_ms[0]:.0f}" if fp32_ms else "")
+            for r in (row["int8"].get(n) for n in names):
+                cells.append(f"{r['latency_ms'][batch]['int8']:.0f}" if r and batch in r["latency_ms"] else "")
+        lines.append(cells)
+    table = _markdown(header, lines)
+    sizes = ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in result["artifact_bytes"].items() if b)
+    table.append(f"\nartifact size on disk: {sizes}")
+    return "\n".join(table + [f"\n{name}: {text}" for name, text in result.get("notes", {}).items()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qala.utils import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m qala.bench.report", description=__doc__.split("\n\n")[0])
+    tables = parser.add_subparsers(dest="table", required=True)
+    headline = tables.add_parser("questions", help="README's headline table of a real_questions.json")
+    headline.add_argument("file", nargs="?", type=Path, default=HEADLINE_FILE)
+    headline.add_argument("--all", action="store_true", help="add the padded rows of absolute configurations")
+    int8 = tables.add_parser("int8", help="qala.tune reports of INT8 approaches side by side: OUT (JSON) and a table")
+    int8.add_argument("out", type=Path, help="the JSON file to write")
+    int8.add_argument("reports", nargs="+", help="NAME=report.json, or note:NAME=text")
+    int8.add_argument("--sensitivity", type=Path, help="a per-unit sensitivity JSON to embed")
+    args = parser.parse_args(argv)
+    if args.table == "questions":
+        print(format_headline_table(json.loads(args.file.read_text()), args.file, padded=args.all), end="")
+        return 0
+    named = [item.split("=", 1) for item in args.reports]
+    reports = {name: Path(path) for name, path in named if not name.startswith("note:")}
+    notes = {name.removeprefix("note:"): text for name, text in named if name.startswith("note:")}
+    result = int8_comparison(reports, notes, args.sensitivity)
+    atomic_write_json(args.out, result)
+    print(format_int8_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

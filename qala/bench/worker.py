@@ -9,7 +9,7 @@ the IPEX environment's): the worker then runs under that interpreter, so this mo
 what the row's kind needs.
 
 Spec kinds: "gemm_peak" (qala.bench.roofline), "real_questions" (qala.bench.questions), and the
-padded table's rows ("transformers", "length_adaptive_random", "fp32_dir", "int8_dir", "onnxruntime", "ipex").
+padded table's rows (KIND_ENGINES: the engine of qala.bench.peers each kind runs on).
 """
 
 from __future__ import annotations
@@ -26,21 +26,26 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qala.utils import atomic_write_json, directory_bytes, time_calls
+from qala.utils import atomic_write_json, time_calls
 
 logger = logging.getLogger(__name__)
 
+# The padded table's row kinds (what bench.json records) and the engine each runs on.
+KIND_ENGINES = {
+    "transformers": "transformers",  # random weights, a published shape
+    "length_adaptive_random": "qala",  # random weights with qala's token dropping (Dynamic-TinyBERT)
+    "fp32_dir": "qala",
+    "int8_dir": "qala",
+    "onnxruntime": "onnxruntime",  # qala's adaptive graph at the row's length configuration
+    "ipex": "ipex",
+}
 
-def load_inputs(path: str | Path, vocab_size: int | None = None) -> dict[str, Any]:
+
+def load_inputs(path: str | Path) -> dict[str, Any]:
     """The benchmark's padded windows (inputs.safetensors written by the harness)."""
     from safetensors.torch import load_file
 
-    inputs = load_file(str(path))
-    if vocab_size is not None:
-        # Random-weight architectures may have a smaller vocabulary than the tokenizer (tests); ids do not
-        # change the cost of a forward pass.
-        inputs["input_ids"] = inputs["input_ids"].clamp(max=vocab_size - 1)
-    return inputs
+    return load_file(str(path))
 
 
 def make_batch(inputs: Mapping[str, Any], batch_size: int, start: int = 0) -> dict[str, Any]:
@@ -83,63 +88,18 @@ def measure(
     return summarize(seconds, batch_size), first
 
 
-def build_row(spec: Mapping[str, Any], work_dir: Path) -> tuple[Callable, dict[str, Any], int | None]:
-    """(call(batch) -> outputs, facts about the row, vocabulary size for clamping ids) of a padded row."""
-    from qala.bench.peers import call_model, onnx_row, random_model
-
-    kind, lengths = spec["kind"], spec["length_config"]
-    if kind in ("transformers", "length_adaptive_random"):
-        adaptive = kind == "length_adaptive_random"
-        model = random_model(spec["arch"], length_adaptive=adaptive)
-        facts: dict[str, Any] = {
-            "attn_implementation": "eager (token selection reads attention probabilities)"
-            if adaptive
-            else model.config._attn_implementation,
-            "size_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "size_kind": "parameter_bytes",
-        }
-        kwargs = {"length_config": lengths} if adaptive else {}
-        return (lambda batch: call_model(model, batch, **kwargs)), facts, model.config.vocab_size
-    if kind == "onnxruntime":
-        return onnx_row(spec, work_dir, {})
-    if kind == "ipex":
-        # Runs under .venv-ipex's python (torch 2.8): the INT8 model benchmarks/ipex_quantize.py calibrated and
-        # scored, one frozen trace per (configuration, shape); a batch size's first call builds its trace
-        # (reported as first_call_seconds, never timed).
-        from qala.quantize.ipex import timing_callable
-
-        example = make_batch(load_inputs(spec["inputs"]), spec["batch_sizes"][0])
-        ipex_call, facts = timing_callable(spec["path"], lengths, example, summaries=spec["ipex_summaries"])
-        facts.update(size_bytes=directory_bytes(spec["path"]), size_kind="directory (fp32 model + calibration)")
-        return ipex_call, facts, None
-    if kind in ("fp32_dir", "int8_dir"):
-        from qala.quantize.load import load_model
-
-        compiled = spec["dtype"] == "int8" and bool(spec.get("compile", True))
-        model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
-        facts = {"size_bytes": directory_bytes(spec["path"]), "size_kind": "directory"}
-        if spec["dtype"] == "int8":
-            facts["compiled"] = compiled
-        return (lambda batch: call_model(model, batch, length_config=lengths)), facts, None
-    raise ValueError(f"unknown row kind {kind!r}")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a
-    worker started by a large parent would report the parent's peak; VmHWM belongs to the new address space."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def measure_padded_row(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Every batch size of one padded-table row."""
+    from qala.bench.peers import ENGINES
+
+    if spec["kind"] not in KIND_ENGINES:
+        raise ValueError(f"unknown row kind {spec['kind']!r}")
+    inputs = load_inputs(spec["inputs"])
     started = time.perf_counter()
-    call, facts, vocab = build_row(spec, Path(spec["work_dir"]))
+    # Engines that trace per shape (IPEX) build the first batch size's graph while loading.
+    example = make_batch(inputs, spec["batch_sizes"][0])
+    call, facts = ENGINES[KIND_ENGINES[spec["kind"]]](spec, Path(spec["work_dir"]), example)
     result: dict[str, Any] = {**facts, "load_seconds": round(time.perf_counter() - started, 2)}
-    inputs = load_inputs(spec["inputs"], vocab)
     batches, first_call = {}, {}
     for b in spec["batch_sizes"]:
         latency = b == 1 and not spec.get("throughput_only")
@@ -155,9 +115,17 @@ def measure_padded_row(spec: Mapping[str, Any]) -> dict[str, Any]:
         )
         batches[str(b)] = summary
         first_call[str(b)] = round(first, 3)
-    result["batches"] = batches
-    result["first_call_seconds"] = first_call
-    return result
+    return {**result, "batches": batches, "first_call_seconds": first_call}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a
+    worker started by a large parent would report the parent's peak; VmHWM belongs to the new address space."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run(spec_file: str | Path, out: str | Path) -> int:

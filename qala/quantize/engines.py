@@ -21,7 +21,7 @@ which a server calls once at load so that no request waits for a compile. Backen
 
 An engine asked for a configuration it cannot run raises ValueError naming both.
 
-Measured side by side in benchmarks/results/engines.json (benchmarks/engines_bench.py).
+Measured side by side with `python -m qala.bench RECIPE --table questions --qala-backend NAME ...` (docs/engines.md).
 """
 
 from __future__ import annotations
