@@ -68,12 +68,9 @@ def score(model_dir: str, data_file: str, eval_json: str | None = None, selectio
 
 
 def plot(document: dict, path: Path) -> None:
-    import matplotlib
+    from qala.bench.report import figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure((6, 4))
     curves: dict[str, list] = {}
     for row in document["rows"]:
         curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
@@ -85,8 +82,7 @@ def plot(document: dict, path: Path) -> None:
     ax.set_title(f"Keep-ratio curves ({document['cpu']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -70,20 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_questions(path: str, limit: int, seed: int) -> list[dict[str, Any]]:
     """Dev questions as {id, question, context, answers}, shuffled (seeded), at most `limit`."""
-    rows = []
-    for article in json.loads(Path(path).read_text())["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = [a["text"] for a in qa["answers"]]
-                if answers and qa["question"].strip():
-                    rows.append(
-                        {
-                            "id": qa["id"],
-                            "question": qa["question"],
-                            "context": paragraph["context"],
-                            "answers": answers,
-                        }
-                    )
+    paragraphs = [p for article in json.loads(Path(path).read_text())["data"] for p in article["paragraphs"]]
+    rows = [
+        {
+            "id": qa["id"],
+            "question": qa["question"],
+            "context": p["context"],
+            "answers": [a["text"] for a in qa["answers"]],
+        }
+        for p in paragraphs
+        for qa in p["qas"]
+        if qa["answers"] and qa["question"].strip()
+    ]
     random.Random(seed).shuffle(rows)
     return rows[:limit]
 
@@ -203,9 +202,6 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
     latencies = np.array([r["latency_s"] for r in ok]) * 1000 if ok else np.array([])
     span = max((r["done_s"] for r in ok), default=1e-9)  # first send to last answer
     f1 = [max(f1_score(r["answer"], a) for a in questions[r["id"]]["answers"]) for r in ok]
-    configurations: dict[str, int] = {}
-    for r in ok:
-        configurations[r["configuration"]] = configurations.get(r["configuration"], 0) + 1
     pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
     return {
         "offered_rps": rate,
@@ -220,7 +216,7 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
         "p95_ms": pct(95),
         "p99_ms": pct(99),
         "f1": 100.0 * float(np.mean(f1)) if f1 else None,
-        "configurations": configurations,
+        "configurations": dict(collections.Counter(r["configuration"] for r in ok)),
     }
 
 
