@@ -20,13 +20,13 @@ import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from qala.data import load_split, windows
-from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering
 from qala.quantize.load import load_tokenizer
 from qala.recipe import DataConfig, StageConfig
 from qala.train import QalaTrainer, _use_fused_attention
 from qala.utils import atomic_write_json, environment_info, latency_stats, time_calls
 
-COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+COLUMNS = (*MODEL_INPUTS, "start_positions", "end_positions")
 
 
 def batch_of(model_dir: str, train: str, size: int, seed: int) -> dict[str, torch.Tensor]:

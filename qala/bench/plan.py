@@ -212,16 +212,10 @@ def report_points(bench: Any) -> list[dict[str, Any]]:
     points = []
     for name, row in read_report(bench.int8_report).items():
         if row.get("length_config") is not None:
-            f1_fp32, f1_int8 = row["fp32"]["f1"], row["int8"]["f1"]
+            f1 = {"f1": row["int8"]["f1"], "f1_fp32": row["fp32"]["f1"], "f1_int8": row["int8"]["f1"]}
+            source = f"{bench.int8_report} row {name}"
             points.append(
-                {
-                    "length_config": row["length_config"],
-                    "f1": f1_int8,
-                    "f1_fp32": f1_fp32,
-                    "f1_int8": f1_int8,
-                    "cost": sum(row["length_config"]),
-                    "source": f"{bench.int8_report} row {name}",
-                }
+                {"length_config": row["length_config"], **f1, "cost": sum(row["length_config"]), "source": source}
             )
     return points
 
