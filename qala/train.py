@@ -33,11 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_model
 from transformers import (
     AutoModelForQuestionAnswering,
     DataCollatorWithPadding,
     Trainer,
     TrainerCallback,
+    TrainerState,
     set_seed,
 )
 
@@ -114,7 +116,10 @@ def distillation_loss(
 
 
 class StageClock(TrainerCallback):
-    """Training wall time that survives a kill: stored in every checkpoint, resumed from the last one."""
+    """Training wall time that survives a kill: stored in every checkpoint, resumed from the last one.
+
+    QalaTrainer writes it into a checkpoint before the Trainer's own files (see QalaTrainer._save_checkpoint),
+    so every complete checkpoint has it."""
 
     FILE = "qala_elapsed.json"
 
@@ -127,10 +132,8 @@ class StageClock(TrainerCallback):
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.start
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            atomic_write_json(folder / self.FILE, {"seconds": round(self.seconds, 1)})
+    def save(self, folder: Path) -> None:
+        atomic_write_json(folder / self.FILE, {"seconds": round(self.seconds, 1)})
 
 
 class DivergedError(ValueError):
@@ -173,6 +176,7 @@ class DivergenceGuard(TrainerCallback):
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: without it, a checkpoint is incomplete
+CHECKPOINT_WEIGHTS = "model.safetensors"  # the model's weights in a checkpoint (the Trainer's name)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -208,6 +212,13 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def _trained_every_step(checkpoint: str | Path, args) -> bool:
+    """Whether `checkpoint` holds the stage's weights after its last step (global_step reached max_steps)."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    max_steps = args.max_steps if args.max_steps > 0 else state.get("max_steps", 0)
+    return 0 < max_steps <= state["global_step"] and (Path(checkpoint) / CHECKPOINT_WEIGHTS).is_file()
+
+
 def _check_checkpoint_files(path: Path) -> None:
     """IntegrityError naming the first file of a checkpoint that does not read back whole: safetensors whose
     data ends before its header says, torch files (optimizer, scheduler, RNG) whose zip is cut or fails its CRC."""
@@ -231,7 +242,17 @@ def _check_checkpoint_files(path: Path) -> None:
 
 
 class QalaTrainer(Trainer):
-    """transformers' Trainer with one change: the loss (KD and the LengthDrop sandwich)."""
+    """transformers' Trainer with two changes: the loss (KD and the LengthDrop sandwich), and a train_loss that
+    is the same however often the stage was killed and resumed (`stage_train_loss`).
+
+    The Trainer's own train_loss is the mean over the steps run since the last (re)start: a resumed run reports
+    the mean of its last steps only (issue 20, item 9). QalaTrainer sums every step's loss in step order in
+    float64, stores the running sum in each checkpoint (LOSS_FILE, written before the Trainer's files so a
+    complete checkpoint always has it) and continues it on resume: the same additions in the same order,
+    hence bit for bit the uninterrupted run's figure.
+    """
+
+    LOSS_FILE = "qala_train_loss.json"
 
     def __init__(
         self, *args, stage: StageConfig, lengthdrop: bool, teacher: torch.nn.Module | None = None, **kwargs
@@ -240,6 +261,53 @@ class QalaTrainer(Trainer):
         self.stage = stage
         self.lengthdrop = lengthdrop
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
+        # The loss of each optimizer step from `_loss_first_step` on, summed in step order (see the class doc).
+        self._loss_sum, self._loss_first_step, self._pending_losses = 0.0, 0, []
+
+    def resume_train_loss(self, checkpoint: str | Path) -> None:
+        """Continue the loss sum of `checkpoint`; one written before qala recorded it covers the steps after it."""
+        path = Path(checkpoint) / self.LOSS_FILE
+        step = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"]
+        if path.is_file():
+            record = json.loads(path.read_text())
+            self._loss_sum, self._loss_first_step = float(record["loss_sum"]), int(record["first_step"])
+        else:
+            logger.warning("%s has no %s: train_loss covers the steps after it only", checkpoint, self.LOSS_FILE)
+            self._loss_sum, self._loss_first_step = 0.0, step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Kept on the device and read back only at checkpoints and the end: no host sync per step.
+        self._pending_losses.append(loss.detach())
+        return loss
+
+    def _fold_losses(self) -> None:
+        if self._pending_losses:
+            for value in torch.stack(self._pending_losses).tolist():  # in step order: a resumed sum continues
+                self._loss_sum += value
+            self._pending_losses = []
+
+    def stage_train_loss(self) -> float:
+        """The mean training loss per optimizer step over the whole stage, resumes included (the Trainer's
+        train_loss covers the steps since the last start). This process's losses only: in a distributed run
+        _train_stage keeps the Trainer's figure, which averages the processes' losses at each log."""
+        self._fold_losses()
+        steps = self.state.global_step - self._loss_first_step
+        return self._loss_sum / steps if steps > 0 else 0.0
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # qala's own records first: the Trainer writes trainer_state.json last, and a checkpoint without it is
+        # treated as incomplete (last_complete_checkpoint), so a complete one always has these too.
+        self._fold_losses()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"global_step": self.state.global_step, "first_step": self._loss_first_step}
+            atomic_write_json(folder / self.LOSS_FILE, {**record, "loss_sum": self._loss_sum})
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, StageClock):
+                    callback.save(folder)
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {k: inputs.pop(k) for k in ("start_positions", "end_positions")}
@@ -480,12 +548,25 @@ def _train_stage(
     clock = StageClock(last if resume else None)
     trainer.add_callback(clock)
     trainer.add_callback(DivergenceGuard(stage_name, checkpoints))
-    result = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    if resume and last:
+        trainer.resume_train_loss(last)
+    if resume and last and _trained_every_step(last, args):
+        # Stopped after its last checkpoint, before its model was saved. From there Trainer.train would run one
+        # step past max_steps (transformers 5.24 checks the end after a step, and a resumed epoch with batches
+        # left has one more), changing the weights unless the learning rate has decayed to 0: the checkpoint's
+        # weights are the stage's.
+        load_model(model, Path(last) / CHECKPOINT_WEIGHTS, device=str(args.device))
+        trainer.state = TrainerState.load_from_json(str(Path(last) / TRAINER_STATE))
+        metrics = {"epoch": trainer.state.epoch}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=last if resume and last else None).metrics)
     try:  # also what no step checked (a stage of zero steps from a diverged checkpoint)
         check_finite(model.state_dict(), f"train.{stage_name}")
     except IntegrityError as e:
         raise DivergedError(f"{e}; nothing was saved as a model") from None
 
+    if args.world_size == 1 or "train_loss" not in metrics:  # see stage_train_loss: else the Trainer's figure
+        metrics["train_loss"] = trainer.stage_train_loss()  # every step of the stage, not those since a resume
     info = {
         "stage": stage_name,
         "fingerprint": fingerprint,
@@ -493,7 +574,7 @@ def _train_stage(
         "source": source,
         "wall_seconds": round(clock.seconds, 1),  # summed over interrupted runs
         "resumed_from": Path(last).name if resume and last else None,
-        "train_metrics": result.metrics,
+        "train_metrics": metrics,
         "global_step": trainer.state.global_step,
         "num_train_features": len(train_features),
         "environment": environment_info(),
@@ -610,9 +691,7 @@ def _evaluate_stage(
             **config,
             **e.evaluate_kwargs(),
         )
-        logger.info(
-            "%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], config
-        )
+        logger.info("%s %s: EM %.2f F1 %.2f (%s)", stage_dir.name, name, metrics["exact_match"], metrics["f1"], config)
         rows[name] = metrics
     result = {"key": key, "data": recipe.data.eval, "results": rows, "environment": environment_info()}
     atomic_write_json(path, result)

@@ -4,11 +4,13 @@ Built in the tests (no download, no installed weights), so every test runs on a 
 """
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -62,16 +64,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny") / "bert-tiny-qa")
 
 
-def kill_9_when(marker: Path, args: list[str], what: str, timeout: float = 300) -> None:
-    """Run `python args...` from the repository and SIGKILL it once it creates `marker` (a kill -9 at a known
-    moment of a run); fails if the run ends first or `what` never happens within `timeout` seconds."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO)
+def kill_9_when(marker: Path, args: list[str] | BaseProcess, what: str, timeout: float = 300) -> None:
+    """Run `python args...` from the repository (or watch `args`, a started multiprocessing process) and SIGKILL
+    it once it creates `marker` (a kill -9 at a known moment of a run: the run waits there for it); fails if the
+    run ends first or `what` never happens within `timeout` seconds."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO) if isinstance(args, list) else args
+    exit_code = proc.poll if isinstance(proc, subprocess.Popen) else lambda: proc.exitcode
     try:
         deadline = time.monotonic() + timeout
         while not marker.exists():
-            assert proc.poll() is None, f"the run ended before {what}"
+            assert exit_code() is None, f"the run ended (exit code {exit_code()}) before {what}"
             assert time.monotonic() < deadline, f"{what} never started"
             time.sleep(0.2)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait() if isinstance(proc, subprocess.Popen) else proc.join()
