@@ -13,6 +13,7 @@ the same sum at full length. Rows already present for (variant, step) are kept, 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -105,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         if None in (args.variant, args.step, args.epoch, args.model_dir):
             parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
         done = {(r["variant"], r["step"]) for r in document["rows"]}
+        variants = document.setdefault("variants", {})
+        entry = variants.setdefault(args.variant, {})
         if (args.variant, args.step) not in done:
             for row in score(args.model_dir, args.data, args.eval_json, args.selection):
                 document["rows"].append({"variant": args.variant, "step": args.step, "epoch": args.epoch, **row})
-        variants = document.setdefault("variants", {})
-        entry = variants.setdefault(args.variant, {})
+            # Variants are scored in different sessions, on whatever CPU the session had.
+            entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())
         entry.update({k: v for k, v in {"recipe": args.recipe, "windows_per_s": args.windows_per_s}.items() if v})
         entry["model_dir"] = args.model_dir
-        entry["selection"] = args.selection or "attention"
+        # The rule the rows were scored with: --selection, else the one the model directory records.
+        config = Path(args.model_dir) / "qala_config.json"
+        recorded = json.loads(config.read_text()).get("selection") if config.is_file() else None
+        entry["selection"] = args.selection or recorded or entry.get("selection") or "attention"
         if args.shipped:
             document["shipped"] = args.variant
             document["recipe"] = args.recipe
