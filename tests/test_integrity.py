@@ -137,8 +137,7 @@ def test_fp32_manifest_names_the_changed_file(model_dir, tmp_path, capsys):
         f.seek(weights.stat().st_size // 4)
         f.write(b"\xff" * (1 << 20))
     expected = (
-        f"error: {weights}: SHA-256 differs from manifest.json; "
-        "the file changed after saving (edited or truncated)"
+        f"error: {weights}: SHA-256 differs from manifest.json; the file changed after saving (edited or truncated)"
     )
     assert evaluate_error(damaged, capsys) == expected
     assert answer_error(damaged, capsys) == expected

@@ -173,16 +173,29 @@ def test_padded_table_worker_times_an_ipex_row_in_the_ipex_environment(ipex_run,
     work = Path(facts["work"])
     save_file(batch, str(tmp_path / "inputs.safetensors"))
     spec = {
-        "id": "MiniLM-IPEX/int8/lc-40-24", "kind": "ipex", "dtype": "int8", "length_config": LENGTH_CONFIG,
-        "path": str(work / "model"), "ipex_summaries": str(work / "calibration.json"),
-        "inputs": str(tmp_path / "inputs.safetensors"), "work_dir": str(tmp_path), "batch_sizes": [1, 4],
-        "threads": 1, "warmup": 1, "repeats": 2, "latency_repeats": 2, "min_repeats": 1,
+        "id": "MiniLM-IPEX/int8/lc-40-24",
+        "kind": "ipex",
+        "dtype": "int8",
+        "length_config": LENGTH_CONFIG,
+        "path": str(work / "model"),
+        "ipex_summaries": str(work / "calibration.json"),
+        "inputs": str(tmp_path / "inputs.safetensors"),
+        "work_dir": str(tmp_path),
+        "batch_sizes": [1, 4],
+        "threads": 1,
+        "warmup": 1,
+        "repeats": 2,
+        "latency_repeats": 2,
+        "min_repeats": 1,
         "max_seconds_per_measurement": 5,
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run(
         [str(IPEX_PYTHON), "-m", "qala.bench.worker", str(tmp_path / "spec.json"), str(tmp_path / "row.json")],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((tmp_path / "row.json").read_text())
@@ -217,23 +230,39 @@ def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, 
     from qala.recipe import load_recipe
     from tests.test_bench import write_recipe
 
-    report = {"final": {"rows": {
-        "full": {"length_config": None, "fp32": {"f1": 31.0}, "int8": {"f1": 30.5}},
-        "keep_0.9": {"length_config": [40, 20], "fp32": {"f1": 29.0}, "int8": {"f1": 28.5}},
-        "ratio_0.9": {"length_config": None, "keep_ratios": [0.9, 0.81], "fp32": {"f1": 20.0}, "int8": {"f1": 19.0}},
-    }}}
+    report = {
+        "final": {
+            "rows": {
+                "full": {"length_config": None, "fp32": {"f1": 31.0}, "int8": {"f1": 30.5}},
+                "keep_0.9": {"length_config": [40, 20], "fp32": {"f1": 29.0}, "int8": {"f1": 28.5}},
+                "ratio_0.9": {
+                    "length_config": None,
+                    "keep_ratios": [0.9, 0.81],
+                    "fp32": {"f1": 20.0},
+                    "int8": {"f1": 19.0},
+                },
+            }
+        }
+    }
     (tmp_path / "report.json").write_text(json.dumps(report))
     point = {"keep_ratios": [0.9, 0.5], "cost": 1.0, "f1": 25.0}
     frontier = {"backend": "fp32", "max_seq_length": 64, "frontier": [point]}
     (tmp_path / "frontier.json").write_text(json.dumps(frontier))
     python, summaries, scores = tmp_path / "python", tmp_path / "calibration.json", tmp_path / "scores.json"
     python.write_text("")
-    summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": [
-        {"length_config": None}, {"length_config": [40, 20]}]}))
-    scores.write_text(json.dumps({"rows": [
-        {"config": "full", "length_config": None, "int8": {"f1": 30.1}},
-        {"config": "keep 0.9", "length_config": [40, 20], "int8": {"f1": 28.0}},
-    ]}))
+    summaries.write_text(
+        json.dumps({"format": "qala-ipex-qconf/1", "configs": [{"length_config": None}, {"length_config": [40, 20]}]})
+    )
+    scores.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"config": "full", "length_config": None, "int8": {"f1": 30.1}},
+                    {"config": "keep 0.9", "length_config": [40, 20], "int8": {"f1": 28.0}},
+                ]
+            }
+        )
+    )
     monkeypatch.setattr(plan, "IPEX_PYTHON", python)
     monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
     monkeypatch.setattr(plan, "IPEX_SCORES", scores)
@@ -274,7 +303,10 @@ def test_tune_with_backend_ipex_runs_end_to_end_in_the_ipex_environment(tmp_path
     recipe = write_recipe(tmp_path, tiny_checkpoint)
     proc = subprocess.run(
         [str(IPEX_PYTHON), "-m", "qala.tune", str(recipe), "quantization.backend=ipex"],
-        capture_output=True, text=True, timeout=900, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
     )
     assert proc.returncode == 0, f"IPEX environment {IPEX_PYTHON}: {proc.stderr[-3000:]}"
     out = tmp_path / "static" / "int8"

@@ -57,9 +57,7 @@ def test_every_stage_refuses_a_folder_another_process_holds_and_kill_9_frees_it(
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(out=out))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main([str(recipe)]) == 2

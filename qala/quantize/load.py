@@ -115,7 +115,7 @@ def _from_hub(load: Callable[..., T], name: str) -> T:
 
 
 def model_kind(path: str | Path) -> Kind:
-    """"int8" for an artifact written by save_quantized, "fp32" for any other directory.
+    """ "int8" for an artifact written by save_quantized, "fp32" for any other directory.
 
     A directory holding INT8 artifact files but no quantization.json is neither: ArtifactError naming
     the missing file, rather than a silent attempt to read it as an fp32 model.
