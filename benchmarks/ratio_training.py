@@ -7,7 +7,9 @@ Each call scores one model (a variant's checkpoint or final model) on the whole 
 constant keep ratios 1.0, 0.95, 0.9, 0.85, 0.8, 0.7 (layer i keeps r^(i+1) of each window's real tokens)
 and appends one row per ratio: {"variant", "step", "epoch", "keep_ratio", "f1", "em", "macs_ratio"}, where
 macs_ratio is that configuration's MACs (qala.model.macs_per_sample) summed over the real dev windows over
-the same sum at full length. Rows already present for (variant, step) are kept, not measured again.
+the same sum at full length. `--shape 1,1,0.9,0.5,0.3,0.2` also scores that per-layer configuration (a row
+with keep_ratio null and its keep_ratios). Rows already present for (variant, step) are kept, not measured
+again.
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ KEEP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 OUT = Path("benchmarks/results/ratio_training.json")
 
 
-def macs_ratio(config, lengths: list[int], keep: float) -> float:
-    ratios = constant_keep_ratios(keep, config.num_hidden_layers)
+def macs_ratio(config, lengths: list[int], ratios: list[float]) -> float:
     full = sum(macs_per_sample(config, None, n) for n in lengths)
     kept = sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in lengths)
     return round(kept / full, 4)
 
 
-def score(model_dir: str, data_file: str, eval_json: str | None = None, selection: str | None = None) -> list[dict]:
-    """One row per keep ratio; `eval_json`: take EM/F1 from qala.train's eval.json of this model (its stage
-    scored the same keep ratios on the same file at the end of training) instead of evaluating again."""
+def score(
+    model_dir: str,
+    data_file: str,
+    eval_json: str | None = None,
+    selection: str | None = None,
+    keeps: tuple[float, ...] = KEEP_RATIOS,
+    shapes: tuple[tuple[float, ...], ...] = (),
+) -> list[dict]:
+    """One row per constant keep ratio of `keeps` and per configuration of `shapes` (per-layer keep ratios);
+    `eval_json`: take the constant rows' EM/F1 from qala.train's eval.json of this model (its stage scored
+    the same keep ratios on the same file at the end of training) instead of evaluating again."""
     model = load_model(model_dir)
     if selection:
         model.qala_config.selection = selection
@@ -50,17 +59,20 @@ def score(model_dir: str, data_file: str, eval_json: str | None = None, selectio
     lengths = [sum(mask) for mask in features["attention_mask"]]
     scored = read_eval(eval_json)["results"] if eval_json else {}
     rows = []
-    for keep in KEEP_RATIOS:
-        ratios = None if keep == 1.0 else constant_keep_ratios(keep, model.num_layers)
-        metrics = scored.get("full" if keep == 1.0 else f"keep_{keep:g}")
+    configurations = [(keep, constant_keep_ratios(keep, model.num_layers)) for keep in keeps]
+    configurations += [(None, list(shape)) for shape in shapes]
+    for keep, ratios in configurations:
+        metrics = scored.get("full" if keep == 1.0 else f"keep_{keep:g}") if keep is not None else None
         if metrics is None:
-            metrics, _ = evaluate_features(model, examples, features, keep_ratios=ratios, progress=False)
+            served = None if keep == 1.0 else ratios
+            metrics, _ = evaluate_features(model, examples, features, keep_ratios=served, progress=False)
         rows.append(
             {
-                "keep_ratio": keep,
+                "keep_ratio": keep,  # None: a per-layer shape, in keep_ratios
+                **({"keep_ratios": ratios} if keep is None else {}),
                 "f1": round(metrics["f1"], 2),
                 "em": round(metrics["exact_match"], 2),
-                "macs_ratio": macs_ratio(model.config, lengths, keep),
+                "macs_ratio": macs_ratio(model.config, lengths, ratios),
                 "n": metrics["n"],
             }
         )
@@ -73,7 +85,7 @@ def plot(document: dict, path: Path) -> None:
 
     fig, ax = figure((6, 4))
     curves: dict[str, list] = {}
-    for row in document["rows"]:
+    for row in (r for r in document["rows"] if r["keep_ratio"] is not None):  # shapes are not curves
         curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
     for name, points in curves.items():
         points.sort()
@@ -98,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows-per-s", type=float, help="the variant's training throughput (recorded)")
     parser.add_argument("--eval-json", help="qala.train's eval.json for this model: reuse its scores")
     parser.add_argument("--selection", help="token ranking rule to score with (qala.model SELECTION_RULES)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        help="also score these per-layer keep ratios, e.g. 1,1,0.9,0.5,0.3,0.2 (repeatable)",
+    )
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args(argv)
     environment = environment_info()
@@ -105,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plot_only:
         if None in (args.variant, args.step, args.epoch, args.model_dir):
             parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
-        done = {(r["variant"], r["step"]) for r in document["rows"]}
+        mine = [r for r in document["rows"] if (r["variant"], r["step"]) == (args.variant, args.step)]
+        keeps = tuple(k for k in KEEP_RATIOS if k not in {r["keep_ratio"] for r in mine})
+        seen = {tuple(r["keep_ratios"]) for r in mine if r["keep_ratio"] is None}
+        shapes = tuple(s for s in (tuple(float(v) for v in text.split(",")) for text in args.shape) if s not in seen)
         variants = document.setdefault("variants", {})
         entry = variants.setdefault(args.variant, {})
-        if (args.variant, args.step) not in done:
-            for row in score(args.model_dir, args.data, args.eval_json, args.selection):
+        if keeps or shapes:
+            for row in score(args.model_dir, args.data, args.eval_json, args.selection, keeps, shapes):
                 document["rows"].append({"variant": args.variant, "step": args.step, "epoch": args.epoch, **row})
             # Variants are scored in different sessions, on whatever CPU the session had.
             entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())

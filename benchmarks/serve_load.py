@@ -8,8 +8,12 @@ adaptive: --p95-ms T), the script starts the server on 127.0.0.1 in a subprocess
 (the model loads and warms there), then for each offered rate sends real SQuAD dev questions
 (../shared/data/squad-v1.1/dev.json) as an open-loop Poisson stream, bounded by --seconds and
 --max-requests per rate, waits at most --drain-s for the answers still out, and records throughput
-(answers per second), p50/p95/p99 latency seen by the client, the share of errors and timeouts, and the
-F1 of the answers given (unanswered questions count as missing, not as 0, and are reported apart).
+(answers per second), p50/p95/p99 latency of the answers seen by the client, the requests refused (503:
+shed on arrival because their predicted completion was past the server's shed threshold, or a full
+queue; both with Retry-After), timed out (504) and failed otherwise (other statuses, transport errors),
+each counted apart, and the F1 of the answers given (unanswered questions count as missing, not as 0,
+and are reported apart). The adaptive server sheds past 2x --p95-ms (qala.serve's default); --shed-ms
+gives both modes that threshold instead (0: no shedding).
 Before the servers, it measures the in-process batched throughput of the same model and engine
 (QalaModel.answer_batch in batches of --max-batch) for the "served >= 0.9x in-process" goal.
 Writes results.json (with CPU, versions, date and the command) and p95_f1.png beside it.
@@ -51,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (with frontier.json) to serve")
     p.add_argument("--p95-ms", type=float, required=True, help="the adaptive mode's latency target")
+    p.add_argument(
+        "--shed-ms",
+        type=float,
+        default=None,
+        help="the servers' --shed-ms, both modes (default: adaptive sheds at 2x --p95-ms, fixed never; 0: no shedding)",
+    )
     p.add_argument("--rates", default="5,10,20,40,80", help="offered loads, requests per second")
     p.add_argument("--seconds", type=float, default=30.0, help="sending time per rate (bound)")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per rate (bound)")
@@ -124,6 +134,8 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
     command += ["--timeout-s", str(args.drain_s + args.seconds)]
     if p95_ms is not None:
         command += ["--p95-ms", str(p95_ms)]
+    if args.shed_ms is not None:
+        command += ["--shed-ms", str(args.shed_ms)]
     if args.engine:
         command += ["--engine", args.engine]
     if args.threads:
@@ -199,6 +211,10 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
     from qala.data import f1_score
 
     ok = [r for r in rows if r["status"] == 200]
+    # 503 is a refusal on arrival (shed or a full queue: the server answered at once, Retry-After set), not a
+    # request that waited and timed out (504): counted apart, as are other failures.
+    refused = sum(1 for r in rows if r["status"] == 503)
+    timed_out = sum(1 for r in rows if r["status"] == 504)
     latencies = np.array([r["latency_s"] for r in ok]) * 1000 if ok else np.array([])
     span = max((r["done_s"] for r in ok), default=1e-9)  # first send to last answer
     f1 = [max(f1_score(r["answer"], a) for a in questions[r["id"]]["answers"]) for r in ok]
@@ -207,7 +223,11 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
         "offered_rps": rate,
         "sent": len(rows),
         "answered": len(ok),
-        "errors": sum(1 for r in rows if r["status"] not in (200, None)),
+        "refused": refused,
+        "timed_out": timed_out,
+        # Anything else: other statuses (4xx, 500) and transport errors. Before refusals were counted apart
+        # (results of 2026-12-03), this counted every non-200 status.
+        "errors": sum(1 for r in rows if r["status"] not in (200, 503, 504, None)),
         "unanswered": sum(1 for r in rows if r["status"] is None),
         # Answers per second from the first send to the last answer: the offered rate while the server keeps
         # up, its saturation throughput when it does not (its queue is then never empty).

@@ -147,6 +147,35 @@ def select_point(
     return min(points, key=lambda p: (p.expected_ms(windows), -p.f1)), False
 
 
+def select_batch_point(
+    points: Sequence[FrontierPoint],
+    batch_budget_ms: float,
+    windows: Sequence[Sequence[int]],
+    budget_ms: float | None = None,
+) -> tuple[FrontierPoint, bool]:
+    """(the most accurate point whose predicted time for all questions' windows together fits
+    `batch_budget_ms` and, with `budget_ms`, each question's own windows fit it; whether it fits).
+
+    One point for a whole call: select_point per question gives questions of different lengths
+    different points (a long one a cheaper point), and each point's windows are forward passes of their
+    own, so a server's batch of 8 became several smaller passes, slower than the one it budgeted for.
+    `windows`: each question's window token counts. Nothing fits: the fastest for the call, and False.
+    """
+    if not points:
+        raise ValueError("no frontier configurations to choose from")
+    every = [t for tokens in windows for t in tokens]
+
+    def fits(p: FrontierPoint) -> bool:
+        if p.expected_ms(every) > batch_budget_ms:
+            return False
+        return budget_ms is None or all(p.expected_ms(list(tokens)) <= budget_ms for tokens in windows)
+
+    fitting = [p for p in points if fits(p)]
+    if fitting:
+        return max(fitting, key=lambda p: (p.f1, -p.expected_ms(every))), True
+    return min(points, key=lambda p: (p.expected_ms(every), -p.f1)), False
+
+
 def fit_cost_model(lengths: Sequence[int], ms: Sequence[float]) -> tuple[float, float, float]:
     """Least-squares (a, b, c) of ms = a + b*t + c*t^2 (numpy.polyfit; fewer than 3 points: lower degree)."""
     degree = min(2, len(lengths) - 1)
@@ -310,13 +339,53 @@ class QalaModel:
         """{answer, score, configuration, expected_ms, fits_budget, windows}; the answer is a span of context."""
         return self.answer_batch([question], [context], budget_ms=budget_ms)[0]
 
+    def _choose_points(
+        self, tokens_of: dict[str, list[int]], budget_ms: float | None, batch_budget_ms: float | None
+    ) -> dict[str, tuple[FrontierPoint, bool, float]]:
+        """Per question id: (its frontier point, whether it fits, its expected ms), see answer_batch; a budget
+        nothing fits gets the fastest point, a warning and a log line."""
+        chosen: dict[str, tuple[FrontierPoint, bool, float]] = {}
+        misses: list[str] = []
+        if batch_budget_ms is not None:
+            point, fits = select_batch_point(self.points, batch_budget_ms, list(tokens_of.values()), budget_ms)
+            for qid, tokens in tokens_of.items():
+                chosen[qid] = (point, fits, round(point.expected_ms(tokens), 3))
+            if not fits:
+                windows = sum(len(tokens) for tokens in tokens_of.values())
+                misses.append(
+                    f"no frontier configuration fits {batch_budget_ms:.3f} ms for {len(tokens_of)} question(s), "
+                    f"{windows} window(s): using the fastest, {point.name}"
+                )
+        else:
+            for qid, tokens in tokens_of.items():
+                point, fits = select_point(self.points, budget_ms, tokens)
+                chosen[qid] = (point, fits, round(point.expected_ms(tokens), 3))
+                if not fits:
+                    misses.append(
+                        f"no frontier configuration fits {budget_ms} ms for {len(tokens)} window(s): using the "
+                        f"fastest, {point.name}, expected {chosen[qid][2]} ms"
+                    )
+        for message in misses:
+            warnings.warn(message, stacklevel=4)  # the user's line when called through answer()
+            logger.warning(message)
+        return chosen
+
     def answer_batch(
-        self, questions: Sequence[str], contexts: Sequence[str], budget_ms: float | None = None
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        budget_ms: float | None = None,
+        *,
+        batch_budget_ms: float | None = None,
     ) -> list[dict[str, Any]]:
         """Answers for question/context pairs. `budget_ms` is per question: each gets the most accurate
-        configuration whose predicted time for its own windows fits. Windows are unpadded; a configuration's
-        windows are sorted by length and grouped per 32 tokens (qala.quantize.engines.length_batches), so a
-        call of at most max_batch_windows windows pads each by fewer than 32 positions."""
+        configuration whose predicted time for its own windows fits. `batch_budget_ms`: instead, one
+        configuration for every question, the most accurate whose predicted time for all the windows fits
+        it (and each question's budget_ms, if given; select_batch_point), so the call runs one
+        configuration's forward passes (qala.serve's batches); fits_budget then says whether that fit.
+        Windows are unpadded; a configuration's windows are sorted by length and grouped per 32 tokens
+        (qala.quantize.engines.length_batches), so a call of at most max_batch_windows windows pads each by
+        fewer than 32 positions."""
         if len(questions) != len(contexts):
             raise ValueError(f"got {len(questions)} questions and {len(contexts)} contexts")
         for i, (question, context) in enumerate(zip(questions, contexts, strict=True)):
@@ -339,18 +408,8 @@ class QalaModel:
         by_question: dict[str, list[int]] = {}
         for j, qid in enumerate(features["example_id"]):
             by_question.setdefault(qid, []).append(j)
-        chosen: dict[str, tuple[FrontierPoint, bool, float]] = {}
-        for qid, rows in by_question.items():
-            tokens = [len(features["input_ids"][j]) for j in rows]
-            point, fits = select_point(self.points, budget_ms, tokens)
-            chosen[qid] = (point, fits, round(point.expected_ms(tokens), 3))
-            if not fits:
-                message = (
-                    f"no frontier configuration fits {budget_ms} ms for {len(rows)} window(s): using the fastest, "
-                    f"{point.name}, expected {chosen[qid][2]} ms"
-                )
-                warnings.warn(message, stacklevel=3)
-                logger.warning(message)
+        tokens_of = {qid: [len(features["input_ids"][j]) for j in rows] for qid, rows in by_question.items()}
+        chosen = self._choose_points(tokens_of, budget_ms, batch_budget_ms)
         starts: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
         ends: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
         # One configuration per group of questions; within it, windows batched by length.

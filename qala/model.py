@@ -274,6 +274,22 @@ def keep_counts(ratios: torch.Tensor, real_lengths: torch.Tensor) -> torch.Tenso
     return torch.ceil(ratios * real_lengths - 1e-6).long().clamp(min=1)
 
 
+def kept_after_layer(
+    length: int | None, ratios: torch.Tensor | None, real_lengths: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor | None:
+    """How many tokens each row keeps after a layer ([batch]), or None when no row drops any.
+
+    `length`: the layer's absolute length (paper mode), `ratios`: its [batch] keep ratios of each row's
+    real length; `mask` marks the tokens still live in the current slots."""
+    if length is not None:
+        return torch.full_like(real_lengths, length) if length < mask.size(1) else None
+    if ratios is None:
+        return None
+    wanted = keep_counts(ratios, real_lengths)
+    valid = mask.sum(dim=1)
+    return torch.minimum(wanted, valid) if bool((wanted < valid).any()) else None
+
+
 def select_tokens(
     significance: torch.Tensor,
     kept: torch.Tensor,
@@ -359,6 +375,14 @@ def recompute_attention_probs(attention: nn.Module, hidden: torch.Tensor, additi
         return scores.softmax(dim=-1)
 
 
+@dataclass
+class LengthAdaptiveQAOutput(QuestionAnsweringModelOutput):
+    """transformers' QA output plus, with output_hidden_states, `reached_last` [batch, seq]: the input
+    positions whose token reached the last layer (the others carry the state of the layer that dropped them)."""
+
+    reached_last: torch.Tensor | None = None
+
+
 class LengthAdaptiveForQuestionAnswering(nn.Module):
     """A BERT/RoBERTa encoder with per-layer token dropping, Drop-and-Restore and LayerDrop, plus a span head."""
 
@@ -403,7 +427,8 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         end_positions: torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
-    ) -> QuestionAnsweringModelOutput:
+        output_hidden_states: bool = False,
+    ) -> LengthAdaptiveQAOutput:
         """Span logits for every input position.
 
         How many tokens each layer keeps, for this call (neither given: the config's, else full length):
@@ -412,13 +437,9 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         `length_config`: absolute kept positions of the padded window (the paper-compatible mode).
         In a batch padded to its longest row, each row keeps its own count and the surplus slots of
         shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
+        `output_hidden_states`: also the last states and `reached_last` (hidden distillation, qala.train).
         """
-        if length_config is not None and keep_ratios is not None:
-            raise ValueError("pass length_config or keep_ratios, not both")
-        if length_config is None and keep_ratios is None:
-            length_config, keep_ratios = self.qala_config.length_config, self.qala_config.keep_ratios
-        if length_config is not None and len(length_config) != self.num_layers:
-            raise ValueError(f"length_config has {len(length_config)} entries, the model has {self.num_layers} layers")
+        length_config, keep_ratios = self._lengths_of_call(length_config, keep_ratios)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
@@ -429,47 +450,26 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         real_lengths = mask.sum(dim=1)
         # positions[b, j]: where the j-th surviving token of row b sits in the input.
         positions = torch.arange(seq_length, device=hidden.device).expand(batch_size, -1)
-        # Drop-and-Restore buffer: each token's hidden state as of the last layer that kept it.
-        restored = None
+        restored = None  # Drop-and-Restore buffer: each token's hidden state as of the last layer that kept it
         # carried[b, j]: slot j still holds a token being computed (padding included); False only for
         # the surplus slots a shorter row masks in a batch, whose tokens were already restored.
         carried = torch.ones_like(mask)
 
         for i, layer in enumerate(self.backbone.encoder.layer):
-            if (
-                self.training
-                and self.qala_config.layer_dropout_prob > 0
-                and random.random() < self.qala_config.layer_dropout_prob
-            ):
+            if self._layer_dropped():
                 continue  # LayerDrop: the layer is skipped and so is its token selection
 
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
 
+            length = None if length_config is None else int(length_config[i])
             # kept[b]: how many tokens row b keeps after this layer (None: all of them).
-            kept = None
-            if length_config is not None and int(length_config[i]) < hidden.size(1):
-                kept = torch.full_like(real_lengths, int(length_config[i]))
-            elif ratios is not None:
-                wanted = keep_counts(ratios[:, i], real_lengths)
-                valid = mask.sum(dim=1)
-                if bool((wanted < valid).any()):
-                    kept = torch.minimum(wanted, valid)
+            kept = kept_after_layer(length, None if ratios is None else ratios[:, i], real_lengths, mask)
             if kept is not None:
                 # Record every live token's state before some of them stop being updated.
                 restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
                 restored = _restore(restored, positions, hidden, carried)
-                rule = self.qala_config.selection
-                if rule == "attention" and attention_probs is None:
-                    # A fused kernel returns no probabilities (training uses SDPA, see recompute_attention_probs).
-                    attention_probs = recompute_attention_probs(layer.attention, hidden, additive_mask)
-                significance = token_significance(
-                    rule,
-                    mask,
-                    attention_probs=attention_probs,
-                    attention_output=attention_output,
-                    qa_outputs=self.qa_outputs,
-                )
+                significance = self._significance(layer, hidden, additive_mask, mask, attention_output, attention_probs)
                 # Absolute mode knows the width as a Python int: no data-dependent int() there, so
                 # torch.compile traces it as one graph (CompiledQA); ratio mode reads it from the data.
                 width = int(length_config[i]) if length_config is not None else int(kept.max())
@@ -479,16 +479,60 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
 
             hidden = layer.feed_forward_chunk(attention_output)
 
+        reached_last = None
+        if output_hidden_states:
+            # positions holds each input position at most once, so the scatter writes each once.
+            reached_last = torch.zeros_like(attention_mask, dtype=torch.bool).scatter(1, positions, mask & carried)
         if restored is not None:
             hidden = _restore(restored, positions, hidden, carried)
 
         logits = self.qa_outputs(hidden)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
 
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
+        labelled = start_positions is not None and end_positions is not None
+        loss = span_loss(start_logits, end_logits, start_positions, end_positions) if labelled else None
+        return LengthAdaptiveQAOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=(hidden,) if output_hidden_states else None,
+            reached_last=reached_last,
+        )
+
+    def _layer_dropped(self) -> bool:
+        """LayerDrop (training only): skip this layer with probability layer_dropout_prob."""
+        probability = self.qala_config.layer_dropout_prob
+        return self.training and probability > 0 and random.random() < probability
+
+    def _significance(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        additive_mask: torch.Tensor,
+        mask: torch.Tensor,
+        attention_output: torch.Tensor,
+        attention_probs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The score this layer ranks its live tokens by, under the model's selection rule."""
+        rule = self.qala_config.selection
+        if rule == "attention" and attention_probs is None:
+            # A fused kernel returns no probabilities (training uses SDPA, see recompute_attention_probs).
+            attention_probs = recompute_attention_probs(layer.attention, hidden, additive_mask)
+        return token_significance(
+            rule, mask, attention_probs=attention_probs, attention_output=attention_output, qa_outputs=self.qa_outputs
+        )
+
+    def _lengths_of_call(
+        self, length_config: Sequence[int] | None, keep_ratios: Sequence[float] | torch.Tensor | None
+    ) -> tuple[Sequence[int] | None, Sequence[float] | torch.Tensor | None]:
+        """The (length_config, keep_ratios) a forward call runs: its own, else the config's; checked."""
+        if length_config is not None and keep_ratios is not None:
+            raise ValueError("pass length_config or keep_ratios, not both")
+        if length_config is None and keep_ratios is None:
+            length_config, keep_ratios = self.qala_config.length_config, self.qala_config.keep_ratios
+        if length_config is not None and len(length_config) != self.num_layers:
+            raise ValueError(f"length_config has {len(length_config)} entries, the model has {self.num_layers} layers")
+        return length_config, keep_ratios
 
     def _ratio_table(
         self, keep_ratios: Sequence[float] | torch.Tensor | None, batch_size: int, device: torch.device

@@ -166,9 +166,15 @@ class StageConfig:
     length_drop_units: Literal["ratio", "absolute"] = "ratio"
     # Direction of in-place distillation from the full model to each sub-model, see qala/train.py.
     inplace_distillation: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+    # Weight of hidden-state distillation in LengthDrop (TinyBERT-style): mean squared error between each
+    # sub-model's last-layer states and the full model's, on the tokens the sub-model kept to the last
+    # layer. 0 (default): sub-models learn from the full model's span logits only.
+    hidden_distillation: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.hidden_distillation < math.inf:
+            problems.append(f"hidden_distillation: expected a number >= 0, got {self.hidden_distillation}")
         # The distillation loss divides logits by it: 0 gives inf/NaN losses and a diverged model.
         if not 0 < self.kd_temperature < math.inf:
             problems.append(f"kd_temperature: expected a number > 0, got {self.kd_temperature}")

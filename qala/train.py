@@ -115,6 +115,14 @@ def distillation_loss(
     return (losses[0] + losses[1]) / 2 * temperature**2
 
 
+def hidden_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, reached_last: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between a sub-model's last-layer states and the full model's (detached), over the
+    tokens that reached the last layer. The dropped ones are left out: their restored state is an earlier
+    layer's, and pulling it toward the last layer's would retrain the early layers to skip the later ones."""
+    per_token = (student.float() - teacher.detach().float()).pow(2).mean(-1)
+    return per_token[reached_last].mean() if bool(reached_last.any()) else per_token.sum() * 0.0
+
+
 class StageClock(TrainerCallback):
     """Training wall time that survives a kill: stored in every checkpoint, resumed from the last one.
 
@@ -311,7 +319,8 @@ class QalaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {k: inputs.pop(k) for k in ("start_positions", "end_positions")}
-        full = model(**inputs, **labels)
+        hidden_weight = self.stage.hidden_distillation if self.lengthdrop and model.training else 0.0
+        full = model(**inputs, **labels, output_hidden_states=hidden_weight > 0)
         loss = full.loss
         mask = inputs["attention_mask"].bool()
         if self.teacher is not None:
@@ -349,10 +358,14 @@ class QalaTrainer(Trainer):
                 ]
             target = (full.start_logits, full.end_logits)
             for sub_config in sub_configs:
-                sub = model(**inputs, **sub_config)
+                sub = model(**inputs, **sub_config, output_hidden_states=hidden_weight > 0)
                 loss = loss + distillation_loss(
                     (sub.start_logits, sub.end_logits), target, mask, direction=self.stage.inplace_distillation
                 )
+                if hidden_weight > 0:
+                    loss = loss + hidden_weight * hidden_distillation_loss(
+                        sub.hidden_states[-1], full.hidden_states[-1], sub.reached_last
+                    )
         return (loss, full) if return_outputs else loss
 
 
@@ -524,14 +537,7 @@ def _train_stage(
     atomic_write_text(stage_dir / "recipe.yaml", recipe.to_yaml())
     atomic_write_text(stage_dir.parent / "recipe.yaml", recipe.to_yaml())
 
-    set_seed(recipe.run.seed)  # the new QA head (if any) is initialised reproducibly
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(source, max_seq_length=recipe.data.max_seq_length)
-    model.qala_config.length_config = None
-    model.qala_config.layer_dropout_prob = stage.layer_dropout_prob
-    if stage.selection is not None:
-        model.qala_config.selection = stage.selection
-    saved_attention_dropout = model.config.attention_probs_dropout_prob
-    _use_fused_attention(model, stage.attention_dropout_prob)
+    model, saved_attention_dropout = _stage_start_model(recipe, stage, source)
     args = make_training_arguments(stage.training_args, output_dir=str(checkpoints), seed=recipe.run.seed)
     trainer = QalaTrainer(
         model=model,
@@ -586,6 +592,22 @@ def _train_stage(
         model.config.attention_probs_dropout_prob = saved_attention_dropout  # the model's own, for later stages
         _save_stage_model(model, tokenizer, recipe, info, stage_dir / "model")
     return info
+
+
+def _stage_start_model(
+    recipe: Recipe, stage: StageConfig, source: str
+) -> tuple[LengthAdaptiveForQuestionAnswering, float]:
+    """The model a stage trains, set up with the stage's LayerDrop, selection rule and attention kernel,
+    and the model's own attention dropout (restored before the stage saves it)."""
+    set_seed(recipe.run.seed)  # the new QA head (if any) is initialised reproducibly
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(source, max_seq_length=recipe.data.max_seq_length)
+    model.qala_config.length_config = None
+    model.qala_config.layer_dropout_prob = stage.layer_dropout_prob
+    if stage.selection is not None:
+        model.qala_config.selection = stage.selection
+    saved_attention_dropout = model.config.attention_probs_dropout_prob
+    _use_fused_attention(model, stage.attention_dropout_prob)
+    return model, saved_attention_dropout
 
 
 def _save_stage_model(model, tokenizer, recipe: Recipe, info: dict[str, Any], folder: Path) -> None:

@@ -283,6 +283,26 @@ def test_keep_ratios_keep_ceil_r_n_real_tokens_per_row():
     assert seen == [10]
 
 
+def test_reached_last_marks_the_tokens_the_last_layer_kept():
+    # Hidden-state distillation (qala.train) compares only these tokens' states with the full model's.
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    rows = _ragged_rows([23, 9, 16, 4])
+    ids, mask = _padded(rows)
+    with torch.no_grad():
+        out = model(ids, mask, keep_ratios=[0.7, 0.4], output_hidden_states=True)
+        full = model(ids, mask, output_hidden_states=True)
+        plain = model(ids, mask, keep_ratios=[0.7, 0.4])
+    assert out.reached_last.sum(1).tolist() == [kept_per_layer([0.7, 0.4], len(r))[-1] for r in rows]
+    assert not (out.reached_last & ~mask.bool()).any()  # never a padding slot
+    assert torch.equal(full.reached_last, mask.bool())  # nothing dropped: every real token
+    assert out.hidden_states[-1].shape == (*ids.shape, model.config.hidden_size)
+    assert plain.hidden_states is None and plain.reached_last is None
+    torch.testing.assert_close(out.start_logits, plain.start_logits)
+    # A token that reached the last layer carries a different state than it would had it been dropped.
+    torch.testing.assert_close(model.qa_outputs(out.hidden_states[-1])[..., 0], out.start_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_per_row_keep_ratio_table_matches_one_row_at_a_time():
     torch.manual_seed(0)
     model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()

@@ -3,6 +3,7 @@
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import qala.answer as qa  # noqa: E402
 from qala.answer import QalaModel, host_name  # noqa: E402
 from qala.serve.app import build_app  # noqa: E402
 from qala.serve.server import main  # noqa: E402
-from qala.serve.service import Item, LocalBatcher, ServeConfig, Service, slot_ms  # noqa: E402
+from qala.serve.service import Item, LocalBatcher, ServeConfig, Service, Shed, slot_ms  # noqa: E402
 from qala.utils import content_hash  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
@@ -208,9 +209,9 @@ def test_the_cost_model_is_corrected_by_measured_batch_times(model, model_dir, m
     assert service.cost_scale == 1.0
     real = service._answer_group
 
-    def slow(items, budget):
+    def slow(items, budget, batch_budget=None):
         time.sleep(0.05)  # 50 ms for a question the cost model says takes at most 10
-        return real(items, budget)
+        return real(items, budget, batch_budget)
 
     monkeypatch.setattr(service, "_answer_group", slow)
     first = service.run_batch([Item(QUESTION, CONTEXT)])[0]
@@ -223,6 +224,94 @@ def test_the_cost_model_is_corrected_by_measured_batch_times(model, model_dir, m
     assert 4 < service.cost_scale <= 8.0
     assert service.run_batch([Item(QUESTION, CONTEXT)])[0]["keep_ratios"] == FASTEST
     assert f"qala_cost_scale {service.cost_scale}" in service.metrics.exposition()[0].decode()
+
+
+def test_a_batch_is_answered_with_one_configuration_within_its_shared_budget(model, model_dir):
+    # A short and a long (several windows) question in one batch: a budget per question gave them different
+    # configurations (two sets of forward passes); the batch's budget gives both one.
+    service = make_service(model, model_dir, p95_ms=40)
+    short, long = QUESTIONS[0], QUESTIONS[3]
+    windows = model.answer(*long)["windows"]
+    assert windows > 1
+    now = time.monotonic()
+    answers = service.run_batch([Item(*short, arrival=now), Item(*long, arrival=now)])
+    assert answers[0]["keep_ratios"] == answers[1]["keep_ratios"]
+    # The most accurate configuration whose time for all 1 + windows windows fits the batch's 2 x ~20 ms.
+    expected = next(c for c, _, ms in FRONTIER if ms * (1 + windows) < 40)
+    assert answers[0]["keep_ratios"] == list(expected), windows
+    assert sum(a["expected_ms"] for a in answers) <= 40 and all(a["fits_target"] for a in answers)
+
+
+# ------------------------------------------------------------------------------------- early refusal (503)
+
+
+def test_the_shed_threshold_follows_the_options():
+    assert ServeConfig(model="m").shed_threshold_ms is None  # no target, no --shed-ms: never shed
+    assert ServeConfig(model="m", p95_ms=200).shed_threshold_ms == 400  # 2x the target
+    assert ServeConfig(model="m", p95_ms=200, shed_ms=300).shed_threshold_ms == 300
+    assert ServeConfig(model="m", shed_ms=300).shed_threshold_ms == 300  # fixed mode may shed too
+    assert ServeConfig(model="m", p95_ms=200, shed_ms=0).shed_threshold_ms is None  # 0: off
+    for bad in (-1.0, math.nan, math.inf, "fast", True):
+        with pytest.raises(ValueError, match="--shed-ms must be a positive number of ms"):
+            ServeConfig(model="m", shed_ms=bad)
+
+
+def test_admission_predicts_completion_from_the_queue_at_the_fastest_configuration(model, model_dir):
+    service = make_service(model, model_dir, p95_ms=40)  # sheds past 80 ms; FASTEST: 3 ms a window
+    assert service.per_request_ms() == 3.0  # until a batch is answered: one full window
+    service.admit(25)  # 26 requests' work: 78 ms
+    with pytest.raises(Shed, match="over the shed threshold of 80 ms") as refused:
+        service.admit(26)  # 81 ms
+    assert refused.value.retry_after_s == 1 and refused.value.kind == "shed"
+    # The batch in the model counts for what is left of it.
+    with pytest.raises(Shed, match="0 waiting and 30 in the model"):
+        service.admit(0, running=30)
+    service.admit(0, running=30, running_ms=20)  # 70 ms left, then its own 3
+    # Far over: Retry-After grows with the backlog past the threshold.
+    with pytest.raises(Shed) as refused:
+        service.admit(1000)
+    assert refused.value.retry_after_s == 3  # (1001 * 3 - 80) ms
+    # Without a target nothing is shed; with --shed-ms alone the queue drains at the most accurate (10 ms).
+    make_service(model, model_dir).admit(10_000)
+    fixed = make_service(model, model_dir, shed_ms=50)
+    fixed.admit(4)
+    with pytest.raises(Shed, match=r"--shed-ms"):
+        fixed.admit(5)
+
+
+def burst_statuses(app, n: int = 16):
+    """n concurrent requests while the batcher holds them (max_wait_ms is long): each is admitted or refused
+    against the queue in front of it."""
+    responses = run_concurrently(app, [{"question": QUESTION, "context": CONTEXT}] * n)
+    return responses, [r.status_code for r in responses]
+
+
+def test_a_burst_beyond_capacity_is_refused_at_once_with_503_and_retry_after(model, model_dir):
+    # p95 5 ms: shed past 10 ms, i.e. past 3 requests at the fastest configuration (3 ms each).
+    app, service = make_app(model, model_dir, p95_ms=5, max_batch=64, max_wait_ms=1000)
+    responses, statuses = burst_statuses(app)
+    assert set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) >= 3  # the first three fit whatever the timing
+    for response in responses:
+        if response.status_code == 503:
+            error = response.json()
+            assert error["error"] == "shed" and "over the shed threshold of 10 ms (2x --p95-ms)" in error["message"]
+            assert int(response.headers["retry-after"]) >= 1
+    with TestClient(app, raise_server_exceptions=False) as client:
+        # The service keeps serving: an idle queue admits again.
+        answer = client.post("/answer", json={"question": QUESTION, "context": CONTEXT})
+        assert answer.status_code == 200 and answer.json()["answer"] in CONTEXT
+        assert client.get("/healthz").json()["shed_ms"] == 10
+        metrics = client.get("/metrics").text
+        assert f'qala_errors_total{{kind="shed"}} {float(statuses.count(503))}' in metrics
+        assert 'status="500"' not in metrics and 'kind="internal"' not in metrics
+
+
+def test_no_shedding_without_a_target_or_with_shed_ms_0(model, model_dir):
+    for options in ({}, {"p95_ms": 5, "shed_ms": 0}):
+        app, _ = make_app(model, model_dir, max_batch=64, max_wait_ms=1000, **options)
+        _, statuses = burst_statuses(app)
+        assert statuses == [200] * len(statuses), (options, statuses)
 
 
 # ------------------------------------------------------------------------------------------ bad requests
@@ -380,8 +469,11 @@ def test_a_full_queue_is_refused_with_503(model, model_dir, monkeypatch):
     real = service.run_batch
     monkeypatch.setattr(service, "run_batch", lambda items, behind=(): (time.sleep(0.3), real(items, behind))[1])
     body = {"question": QUESTION, "context": CONTEXT}
-    statuses = sorted(r.status_code for r in run_concurrently(app, [body] * 3, delays=[0, 0.05, 0.1]))
+    responses = run_concurrently(app, [body] * 3, delays=[0, 0.05, 0.1])
+    statuses = sorted(r.status_code for r in responses)
     assert statuses == [200, 200, 503]  # one in the model, one waiting, the third refused
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.json()["error"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
 
 
 def test_healthz_and_metrics(model, model_dir):
@@ -414,6 +506,11 @@ def test_healthz_and_metrics(model, model_dir):
         (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
         (["--p95-ms", "nan"], "--p95-ms must be a positive number, got nan"),
         (["--p95-ms", "-1", "--timeout-s", "0"], "--p95-ms must be a positive number, got -1.0; --timeout-s must be"),
+        (["--shed-ms", "-5"], "--shed-ms must be a positive number of ms (or 0: no shedding), got -5.0"),
+        (
+            ["--p95-ms", "50", "--shed-ms", "inf"],
+            "--shed-ms must be a positive number of ms (or 0: no shedding), got inf",
+        ),
         (["--engine", "warp"], "--engine 'warp': unknown serving engine"),
         # openvino-int8 quantizes on training windows: none given, and the model has no recipe.yaml naming any.
         (["--engine", "openvino-int8"], "error: engine 'openvino-int8' quantizes with NNCF on training windows"),

@@ -214,6 +214,19 @@ def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path)
         assert 32 <= lengths[0] <= 40 and lengths[1] <= lengths[0]
 
 
+def _ragged_batch() -> dict[str, torch.Tensor]:
+    """Three labelled windows of 40 slots; the second has 25 real tokens (rows of different real lengths)."""
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    return {
+        "input_ids": torch.randint(5, 50, (3, 40)),
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros(3, 40, dtype=torch.long),
+        "start_positions": torch.tensor([3, 4, 5]),
+        "end_positions": torch.tensor([5, 6, 7]),
+    }
+
+
 def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tmp_path):
     """Default units: the smallest sub-model as ratios for all rows, then one ratio row per window."""
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint)
@@ -235,15 +248,7 @@ def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tm
         lengthdrop=True,
     )
     model.train()
-    mask = torch.ones(3, 40, dtype=torch.long)
-    mask[1, 25:] = 0  # rows of different real lengths
-    inputs = {
-        "input_ids": torch.randint(5, 50, (3, 40)),
-        "attention_mask": mask,
-        "token_type_ids": torch.zeros(3, 40, dtype=torch.long),
-        "start_positions": torch.tensor([3, 4, 5]),
-        "end_positions": torch.tensor([5, 6, 7]),
-    }
+    inputs = _ragged_batch()
     loss = trainer.compute_loss(model, inputs)
     assert loss.requires_grad
     assert calls[0] is None and len(calls) == 4
@@ -252,6 +257,40 @@ def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tm
         assert table.shape == (3, 2)
         assert ((table[:, 0] >= 0.8) & (table[:, 1] <= table[:, 0]) & (table[:, 1] >= 0.64)).all()
     assert not torch.equal(calls[2][0], calls[2][1])  # each row draws its own sub-model
+
+
+def test_hidden_distillation_adds_the_state_error_of_each_sub_model(tiny_checkpoint, tmp_path):
+    """hidden_distillation > 0 adds weight x MSE(sub-model's last states, full model's) over the tokens each
+    sub-model kept to the last layer; 0 leaves the loss as it was."""
+    from qala.recipe import make_training_arguments
+
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint)
+    model.train()
+    inputs = _ragged_batch()
+    losses = {}
+    for weight in (0.0, 2.0):
+        recipe = load_recipe(
+            make_recipe(tmp_path, tiny_checkpoint),
+            [
+                "train.lengthdrop.num_sandwich=1",
+                "train.lengthdrop.attention_dropout_prob=0",
+                f"train.lengthdrop.hidden_distillation={weight}",
+            ],
+        )
+        trainer = qt.QalaTrainer(
+            model=model,
+            args=make_training_arguments({"max_steps": 1}, output_dir=str(tmp_path / "o"), seed=1),
+            stage=recipe.train.lengthdrop,
+            lengthdrop=True,
+        )
+        torch.manual_seed(0)  # the same dropout masks for both weights
+        losses[weight] = trainer.compute_loss(model, dict(inputs)).item()
+    assert losses[2.0] > losses[0.0]
+    # The term itself: zero for identical states, the mean over kept tokens only.
+    student, teacher = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
+    kept = torch.tensor([[True, True, False]])
+    assert qt.hidden_distillation_loss(teacher, teacher, kept).item() == 0.0
+    assert qt.hidden_distillation_loss(student, teacher, kept).item() == pytest.approx((1 + 4) / 2)
 
 
 def _interrupt_after_checkpoint_2(monkeypatch, run):

@@ -1,7 +1,7 @@
 """Serve a qala model over HTTP: batched, holding a p95 latency target by moving along the frontier.
 
     pip install -e ".[serve]"
-    python -m qala.serve --model DIR [--host 127.0.0.1] [--port 8000] [--p95-ms 50] [--max-batch 8]
+    python -m qala.serve --model DIR [--host 127.0.0.1] [--port 8000] [--p95-ms 50] [--shed-ms 100] [--max-batch 8]
         [--max-wait-ms 5] [--max-context-chars 100000] [--engine NAME] [--calibration-data FILE] [--timeout-s 30]
     python -m qala.serve --model DIR --ray --replicas 2          # the same app on Ray Serve
 
@@ -18,17 +18,24 @@ How it works (qala/serve/service.py): the model loads and warms once at start (Q
 then one answer). Requests wait in one queue; a single worker takes up to --max-batch of them, or what
 arrived within --max-wait-ms of the oldest, and answers them with one QalaModel.answer_batch call in a
 model thread (windows of several requests share forward passes; the event loop keeps accepting). With
---p95-ms T, each request gets the most accurate frontier configuration whose predicted time fits its
-slot: T less the time it already waited, shared with every request in its batch and queued behind it
-(service.slot_ms), the cost model corrected online by the measured/predicted time of recent batches. A
-burst therefore moves requests down the frontier, and they come back up as the queue drains; a
+--p95-ms T, a batch gets the most accurate frontier configuration whose predicted time for all its
+requests fits their slots: T less the time they already waited, shared with every request in the batch
+and queued behind it (service.slot_ms), the cost model corrected online by the measured/predicted time
+of recent batches; one configuration per batch, so the batch stays one configuration's forward passes.
+A burst therefore moves requests down the frontier, and they come back up as the queue drains; a
 request's own budget_ms still caps its model time. Without --p95-ms every request gets the most
 accurate configuration its budget_ms allows (full length when it has none).
+
+Overload is refused on arrival, not after a wait: a request whose predicted completion (the requests
+ahead of it answered at the fastest configuration's cost of a recent request, times the online cost
+correction; without --p95-ms at the most accurate one) is past --shed-ms (default 2x --p95-ms; none
+without a target; 0: never) gets 503 {"error": "shed"} with a Retry-After header at once, counted in
+qala_errors_total{kind="shed"}.
 
 Bad requests get a 4xx JSON {error, field, message} naming the field (422 for a missing, blank or
 mistyped field or a bad budget, 400 for malformed JSON, 413 for a context over --max-context-chars or
 a batch over --max-batch-items); a request not answered within --timeout-s gets 504, a full queue
-(--max-queue) 503. The service keeps serving after any of them.
+(--max-queue) 503 {"error": "overloaded"} with Retry-After. The service keeps serving after any of them.
 
 When to move from one process to Ray Serve
 ------------------------------------------

@@ -3,7 +3,8 @@
 
 Every failure is a JSON object {"error": kind, "field": ..., "message": ...}: a request that cannot be
 read or names a bad field gets a 4xx saying which field and why, never a 500; a request the model does
-not answer in time gets 504; a full queue 503.
+not answer in time gets 504; a full queue (kind "overloaded") or a request predicted to complete past the
+shed threshold (kind "shed", refused on arrival) 503 with a Retry-After header.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qala.serve.service import Item, Overloaded, Service
+from qala.serve.service import Item, Overloaded, ServeConfig, Service
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,19 @@ class AnswerBatchRequest(BaseModel):
 class ServeError(Exception):
     """A request the service refuses or cannot answer: HTTP `status`, a `kind` for /metrics, the field."""
 
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.field = status, kind, message, field
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.kind, "field": self.field, "message": self.message}, status_code=self.status)
+        return JSONResponse(
+            {"error": self.kind, "field": self.field, "message": self.message},
+            status_code=self.status,
+            headers=self.headers,
+        )
 
 
 def field_name(loc: tuple[Any, ...]) -> str:
@@ -153,6 +161,51 @@ def build_app(service: Service, batcher: Batcher) -> FastAPI:
         metrics.latency.labels(route=route).observe(time.perf_counter() - started)
         return response
 
+    _add_error_handlers(app, refuse)
+
+    @app.post("/answer", openapi_extra=_json_body(AnswerRequest))
+    async def answer(http: Request) -> dict[str, Any]:
+        """The answer to one question: the QalaModel.answer fields and the configuration chosen."""
+        return await _answer_item(batcher, config, _item_of(config, await read_body(http, AnswerRequest)))
+
+    @app.post("/answer/batch", openapi_extra=_json_body(AnswerBatchRequest))
+    async def answer_batch(http: Request) -> dict[str, Any]:
+        """Answers to several questions; each is batched and adapted like a request of its own."""
+        request = await read_body(http, AnswerBatchRequest)
+        if len(request.requests) > config.max_batch_items:
+            raise ServeError(
+                413,
+                "too_large",
+                f"requests: {len(request.requests)} items, over the limit of {config.max_batch_items} "
+                "(--max-batch-items)",
+                "requests",
+            )
+        items = [_item_of(config, r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        tasks = [
+            asyncio.ensure_future(_answer_item(batcher, config, item, f"requests[{i}]."))
+            for i, item in enumerate(items)
+        ]
+        try:
+            return {"answers": list(await asyncio.gather(*tasks))}
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "queue_depth": batcher.depth(), **service.describe()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, refuse: Callable[[ServeError], JSONResponse]) -> None:
+    """Every error a request can meet becomes a JSON 4xx/5xx through `refuse` (counted by kind)."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return refuse(validation_error(exc.errors()))
@@ -171,70 +224,39 @@ def build_app(service: Service, batcher: Batcher) -> FastAPI:
         logger.exception("internal error answering %s", request.url.path)
         return refuse(ServeError(500, "internal", f"internal error ({type(exc).__name__}); see the server log"))
 
-    def item_of(request: AnswerRequest, prefix: str = "") -> Item:
-        if len(request.context) > config.max_context_chars:
-            raise ServeError(
-                413,
-                "too_large",
-                f"{prefix}context: {len(request.context)} characters, over the limit of {config.max_context_chars} "
-                "(--max-context-chars)",
-                f"{prefix}context",
-            )
-        return Item(request.question, request.context, request.budget_ms)
 
-    async def answer_item(item: Item, prefix: str = "") -> dict[str, Any]:
-        try:
-            result = await asyncio.wait_for(batcher.submit(item), config.timeout_s)
-        except asyncio.TimeoutError:
-            raise ServeError(
-                504,
-                "timeout",
-                f"{prefix}not answered within {config.timeout_s:g} s (--timeout-s); the service is overloaded",
-            ) from None
-        except Overloaded as e:
-            raise ServeError(503, "overloaded", f"{prefix}{e}") from None
-        except ValueError as e:  # the model refused the question or context (e.g. a question longer than a window)
-            text = str(e)
-            name = "question" if "question" in text else ("context" if "context" in text else "body")
-            raise ServeError(422, "invalid_input", f"{prefix}{text}", f"{prefix}{name}") from None
-        result["server_ms"] = round((time.monotonic() - item.arrival) * 1000, 3)
-        return result
+def _item_of(config: ServeConfig, request: AnswerRequest, prefix: str = "") -> Item:
+    """A request as a queue item; a context over --max-context-chars is refused (413)."""
+    if len(request.context) > config.max_context_chars:
+        raise ServeError(
+            413,
+            "too_large",
+            f"{prefix}context: {len(request.context)} characters, over the limit of {config.max_context_chars} "
+            "(--max-context-chars)",
+            f"{prefix}context",
+        )
+    return Item(request.question, request.context, request.budget_ms)
 
-    @app.post("/answer", openapi_extra=_json_body(AnswerRequest))
-    async def answer(http: Request) -> dict[str, Any]:
-        """The answer to one question: the QalaModel.answer fields and the configuration chosen."""
-        return await answer_item(item_of(await read_body(http, AnswerRequest)))
 
-    @app.post("/answer/batch", openapi_extra=_json_body(AnswerBatchRequest))
-    async def answer_batch(http: Request) -> dict[str, Any]:
-        """Answers to several questions; each is batched and adapted like a request of its own."""
-        request = await read_body(http, AnswerBatchRequest)
-        if len(request.requests) > config.max_batch_items:
-            raise ServeError(
-                413,
-                "too_large",
-                f"requests: {len(request.requests)} items, over the limit of {config.max_batch_items} "
-                "(--max-batch-items)",
-                "requests",
-            )
-        items = [item_of(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-        tasks = [asyncio.ensure_future(answer_item(item, f"requests[{i}].")) for i, item in enumerate(items)]
-        try:
-            return {"answers": list(await asyncio.gather(*tasks))}
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "queue_depth": batcher.depth(), **service.describe()}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        body, content_type = metrics.exposition()
-        return Response(body, media_type=content_type)
-
-    return app
+async def _answer_item(batcher: Batcher, config: ServeConfig, item: Item, prefix: str = "") -> dict[str, Any]:
+    """The item answered through the batcher, or the ServeError that says why not (504, 503, 422)."""
+    try:
+        result = await asyncio.wait_for(batcher.submit(item), config.timeout_s)
+    except asyncio.TimeoutError:
+        raise ServeError(
+            504,
+            "timeout",
+            f"{prefix}not answered within {config.timeout_s:g} s (--timeout-s); the service is overloaded",
+        ) from None
+    except Overloaded as e:  # a full queue, or shed (Shed): refused on arrival, not after a wait
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+        raise ServeError(503, e.kind, f"{prefix}{e}", headers=headers) from None
+    except ValueError as e:  # the model refused the question or context (e.g. a question longer than a window)
+        text = str(e)
+        name = "question" if "question" in text else ("context" if "context" in text else "body")
+        raise ServeError(422, "invalid_input", f"{prefix}{text}", f"{prefix}{name}") from None
+    result["server_ms"] = round((time.monotonic() - item.arrival) * 1000, 3)
+    return result
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -57,8 +57,15 @@ class RayBatcher:
         self.service.close()
 
     async def submit(self, item: Item) -> dict[str, Any]:
-        if len(self._pending) >= self.service.config.max_queue:
-            raise Overloaded(f"{self.service.config.max_queue} requests are already waiting (--max-queue)")
+        ahead = len(self._pending)
+        if ahead >= self.service.config.max_queue:
+            raise Overloaded(
+                f"{self.service.config.max_queue} requests are already waiting (--max-queue)",
+                self.service.retry_after_s(ahead),
+            )
+        # _pending holds the batch in the model too (Ray does not say which): counted as waiting, a little
+        # pessimistic, since that batch is partly done.
+        self.service.admit(ahead)
         key = next(self._ids)
         self._pending[key] = item.arrival
         try:

@@ -36,6 +36,14 @@ def parser() -> argparse.ArgumentParser:
         help="latency target: each request gets the most accurate configuration whose predicted completion "
         "(queue included) fits it (default: no target, the most accurate configuration)",
     )
+    p.add_argument(
+        "--shed-ms",
+        type=float,
+        default=None,
+        help="refuse a request at once (503, Retry-After) when its predicted completion (the queue ahead of it "
+        "answered at the fastest configuration; without --p95-ms, the most accurate) exceeds this many ms "
+        "(default: 2x --p95-ms; none without --p95-ms; 0: never)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="requests per model call (default 8)")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long the oldest request waits for a batch to fill"
@@ -75,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         p95_ms=args.p95_ms,
+        shed_ms=args.shed_ms,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_context_chars=args.max_context_chars,
@@ -118,7 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     service = Service.load(config)
     app = build_app(service, LocalBatcher(service))
-    logger.info("serving %s on http://%s:%d (p95 target: %s)", config.model, config.host, config.port, config.p95_ms)
+    logger.info(
+        "serving %s on http://%s:%d (p95 target: %s, shed past: %s ms)",
+        config.model,
+        config.host,
+        config.port,
+        config.p95_ms,
+        config.shed_threshold_ms,
+    )
     try:
         # No access log: one line per request costs CPU the model needs under load (/metrics counts requests).
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from qala.answer import FrontierPoint, QalaModel
+from qala.answer import FrontierPoint, QalaModel, select_point
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # send every later request to the fastest configuration).
 COST_SCALE_STEP = 0.2
 COST_SCALE_BOUNDS = (0.25, 8.0)
+# With --p95-ms T and no --shed-ms, a request predicted to complete after SHED_FACTOR * T is refused at once:
+# the prediction drains the queue at the fastest configuration (a lower bound), so such a request would miss
+# the target by 2x or more even if everything ahead moved down the frontier; waiting only adds it to the queue
+# that makes later requests late too.
+SHED_FACTOR = 2.0
 # Warm-up question for the answering path (tokenizer, post-processing) after the engine's own warm-up.
 WARMUP = ("What is warmed up?", "The service answers one question at start so that the first request is not slower.")
 
@@ -40,14 +45,17 @@ class ServeConfig:
     """What `python -m qala.serve` serves and how; every field is a command-line option.
 
     `p95_ms`: the latency target that load adaptation holds (None: every request gets the most accurate
-    configuration its own budget_ms allows). `calibrate`: correct the cost model online by the measured
-    batch times (off only in tests that check the choice against the cost model itself).
+    configuration its own budget_ms allows). `shed_ms`: refuse a request at once (503) whose predicted
+    completion exceeds it (None: SHED_FACTOR x p95_ms, or no shedding without a target; 0: no shedding).
+    `calibrate`: correct the cost model online by the measured batch times (off only in tests that check
+    the choice against the cost model itself).
     """
 
     model: str
     host: str = "127.0.0.1"
     port: int = 8000
     p95_ms: float | None = None
+    shed_ms: float | None = None
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_context_chars: int = 100_000
@@ -69,15 +77,41 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("p95_ms", "max_wait_ms", "timeout_s", "replica_cpus", "threads"):
+        for name in ("p95_ms", "shed_ms", "max_wait_ms", "timeout_s", "replica_cpus", "threads"):
             value = getattr(self, name)
-            if value is None and name in ("p95_ms", "threads"):
+            if value is None and name in ("p95_ms", "shed_ms", "threads"):
                 continue
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or value < 0 or (value == 0 and name != "max_wait_ms"):
+            if name == "shed_ms" and (not ok or value < 0):
+                problems.append(f"--shed-ms must be a positive number of ms (or 0: no shedding), got {value!r}")
+            elif not ok or value < 0 or (value == 0 and name not in ("max_wait_ms", "shed_ms")):
                 problems.append(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def shed_threshold_ms(self) -> float | None:
+        """Predicted completion (ms) past which a request is refused at once; None: never refused early."""
+        if self.shed_ms is not None:
+            return self.shed_ms or None
+        return SHED_FACTOR * self.p95_ms if self.p95_ms is not None else None
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the request is refused at once (503) rather than left to time out.
+    `retry_after_s`: when a retry is predicted to be admitted (the Retry-After header; None: not sent)."""
+
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Shed(Overloaded):
+    """The request would not be answered within the shed threshold: refused at once (503), not queued."""
+
+    kind = "shed"
 
 
 @dataclass
@@ -104,11 +138,6 @@ def slot_ms(target_ms: float, batch_waits: Sequence[float], behind_waits: Sequen
     for k, wait in enumerate(behind_waits, start=1):
         slot = min(slot, (target_ms - wait) / (n + k))
     return slot
-
-
-def _cap(*budgets: float | None) -> float | None:
-    present = [b for b in budgets if b is not None]
-    return min(present) if present else None
 
 
 class Metrics:
@@ -170,10 +199,11 @@ class Service:
     """A loaded model answering batches of requests, choosing each request's configuration.
 
     `run(items, behind)` answers a batch in the service's one model thread (so the event loop stays free
-    and one forward pass runs at a time). With a p95 target, each request gets the most accurate frontier
-    configuration whose predicted time fits its slot (`slot_ms`: the target less the wait, shared with
-    everything queued) scaled by the measured/predicted ratio of recent batches; its own budget_ms (model
-    time, as in QalaModel.answer) caps it.
+    and one forward pass runs at a time). With a p95 target, a batch gets the most accurate frontier
+    configuration whose predicted time for all its requests fits their slots (`slot_ms`: the target less
+    the wait, shared with everything queued) scaled by the measured/predicted ratio of recent batches; a
+    request's own budget_ms (model time, as in QalaModel.answer) caps it. `admit` refuses a request at
+    once whose predicted completion is past the shed threshold (ServeConfig.shed_threshold_ms).
     """
 
     def __init__(self, model: QalaModel, config: ServeConfig, *, engine: str | None = None) -> None:
@@ -183,6 +213,18 @@ class Service:
         self.metrics = Metrics()
         self.cost_scale = 1.0
         self._by_name = {json.dumps(p.model_kwargs(), sort_keys=True): p for p in model.points}
+        # The configuration the queue drains at, for admission: with a target, the fastest (the service moves
+        # everything there under load, so a request predicted late even there cannot be helped); without
+        # one, the most accurate, which every request without its own budget gets.
+        full_window = [model.max_seq_length]
+        if config.p95_ms is not None:
+            self._drain_point = min(model.points, key=lambda p: (p.expected_ms(full_window), -p.f1))
+        else:
+            self._drain_point = select_point(model.points, None, full_window)[0]
+        # Model ms of a recent request at the drain configuration (its windows, by the cost model), moving
+        # like cost_scale; until a batch is answered, one full-length window (real windows are shorter).
+        self.request_ms = self._drain_point.expected_ms(full_window)
+        self._request_ms_seen = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qala-model")
 
     @classmethod
@@ -215,6 +257,7 @@ class Service:
             "calibration": getattr(self.model, "calibration", None),
             "pid": os.getpid(),
             "p95_ms": self.config.p95_ms,
+            "shed_ms": self.config.shed_threshold_ms,
             "max_batch": self.config.max_batch,
             "max_wait_ms": self.config.max_wait_ms,
             "cost_scale": round(self.cost_scale, 4),
@@ -230,6 +273,43 @@ class Service:
             ],
         }
 
+    def per_request_ms(self) -> float:
+        """Predicted wall ms of one request when the queue drains: a recent request's model time at the drain
+        configuration times cost_scale (measured / predicted time of recent batches, batching included)."""
+        return self.request_ms * (self.cost_scale if self.config.calibrate else 1.0)
+
+    def predicted_completion_ms(self, ahead: int, running: int = 0, running_ms: float = 0.0) -> float:
+        """When a request arriving now would be answered, in ms from now: the `running` requests in the model
+        (for `running_ms` already) finish, then the `ahead` waiting ones and itself, each per_request_ms."""
+        per_request = self.per_request_ms()
+        in_model = max(0.0, running * per_request - running_ms)
+        return in_model + (ahead + 1) * per_request
+
+    def admit(self, ahead: int, running: int = 0, running_ms: float = 0.0) -> None:
+        """Refuse (Shed, a 503 with Retry-After) a request whose predicted completion is past the shed
+        threshold: queued, it would wait its way to a timeout, and everything behind it would wait longer;
+        refused at once, its client learns in a millisecond and can retry or go elsewhere."""
+        threshold = self.config.shed_threshold_ms
+        if threshold is None:
+            return
+        predicted = self.predicted_completion_ms(ahead, running, running_ms)
+        if predicted <= threshold:
+            return
+        source = "--shed-ms" if self.config.shed_ms else f"{SHED_FACTOR:g}x --p95-ms"
+        # Retry once the queue ahead has drained below the threshold (at least 1 s: Retry-After is whole seconds).
+        retry = max(1, math.ceil((predicted - threshold) / 1000))
+        raise Shed(
+            f"refused at once: the service is overloaded; a request arriving now would be answered in about "
+            f"{predicted:.0f} ms ({ahead} waiting and {running} in the model ahead of it, ~"
+            f"{self.per_request_ms():.0f} ms each), over the shed threshold of {threshold:g} ms "
+            f"({source}); retry after {retry} s",
+            retry,
+        )
+
+    def retry_after_s(self, ahead: int) -> int:
+        """Seconds until `ahead` queued requests are predicted answered (the Retry-After of a full queue)."""
+        return max(1, math.ceil(self.predicted_completion_ms(ahead) / 1000))
+
     async def run(self, items: Sequence[Item], behind: Sequence[float] = ()) -> list[dict[str, Any] | Exception]:
         """Answers (or errors) for `items`, computed in the model thread; `behind`: arrival times of the
         requests queued after them, oldest first."""
@@ -237,8 +317,8 @@ class Service:
         return await loop.run_in_executor(self._executor, self.run_batch, list(items), list(behind))
 
     def run_batch(self, items: Sequence[Item], behind: Sequence[float] = ()) -> list[dict[str, Any] | Exception]:
-        """Answer a batch now (blocking): choose budgets, answer each group of equal budget with one
-        answer_batch call (its windows batched in forward passes), and update the cost-model correction."""
+        """Answer a batch now (blocking): one answer_batch call per own budget_ms (usually one: requests rarely
+        send one), each with one configuration for all its requests, and update the cost-model correction."""
         if not items:
             return []
         started = time.monotonic()
@@ -246,16 +326,23 @@ class Service:
         target = self.config.p95_ms
         slot = slot_ms(target, waits, [(started - a) * 1000 for a in behind]) if target is not None else None
         scale = self.cost_scale if self.config.calibrate else 1.0
+        # Why one configuration per batch: slot_ms says the batch completes together after n * slot, so the
+        # budget is the batch's, not each request's. Giving each request slot / scale of its own let
+        # answer_batch pick per question by its own windows (long contexts a cheaper configuration than
+        # short ones), and every configuration is forward passes of its own (times its length buckets): a
+        # batch of 8 ran as several smaller passes, slower per request than the batched time the cost
+        # correction had learnt. That is the likely reason adaptive mode's p95 was worse than fixed mode's
+        # (one configuration) at moderate load (527 vs 366 ms at 20 rps, docs/results.md; not re-measured).
         # The slot is wall time; the cost models predict model time, which runs `scale` times slower or faster.
-        budgets = [_cap(slot / scale if slot is not None else None, item.budget_ms) for item in items]
         groups: dict[float | None, list[int]] = collections.defaultdict(list)
-        for i, budget in enumerate(budgets):
-            groups[budget].append(i)
+        for i, item in enumerate(items):
+            groups[item.budget_ms].append(i)
         outcomes: list[dict[str, Any] | Exception] = [RuntimeError("not answered")] * len(items)
         measured: list[float] = [0.0] * len(items)
         for budget, rows in groups.items():
+            group_budget = None if slot is None else len(rows) * slot / scale
             group_start = time.perf_counter()
-            answers = self._answer_group([items[i] for i in rows], budget)
+            answers = self._answer_group([items[i] for i in rows], budget, group_budget)
             elapsed = (time.perf_counter() - group_start) * 1000
             for i, outcome in zip(rows, answers, strict=True):
                 outcomes[i], measured[i] = outcome, elapsed
@@ -266,6 +353,12 @@ class Service:
             low, high = COST_SCALE_BOUNDS
             self.cost_scale = min(high, max(low, (1 - COST_SCALE_STEP) * self.cost_scale + COST_SCALE_STEP * ratio))
             self.metrics.cost_scale.set(self.cost_scale)
+        answered = [o for o in outcomes if isinstance(o, dict)]
+        if answered:
+            cost = sum(self._drain_point.expected_ms(o["tokens"]) for o in answered) / len(answered)
+            step = COST_SCALE_STEP if self._request_ms_seen else 1.0  # the first batch replaces the guess
+            self.request_ms = (1 - step) * self.request_ms + step * cost
+            self._request_ms_seen = True
         self.metrics.batch_size.observe(len(items))
         for i, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
             if isinstance(outcome, Exception):
@@ -294,9 +387,12 @@ class Service:
             )
         return outcomes
 
-    def _answer_group(self, items: Sequence[Item], budget: float | None) -> list[dict[str, Any] | Exception]:
-        """One answer_batch call; if it refuses the batch (a question the model cannot take), each
-        question alone, so one bad question fails only its own request."""
+    def _answer_group(
+        self, items: Sequence[Item], budget: float | None, batch_budget: float | None = None
+    ) -> list[dict[str, Any] | Exception]:
+        """One answer_batch call (`budget`: each question's own cap; `batch_budget`: the whole call's, one
+        configuration for all); if it refuses the batch (a question the model cannot take), each question
+        alone with its share of batch_budget, so one bad question fails only its own request."""
         import warnings
 
         questions, contexts = [i.question for i in items], [i.context for i in items]
@@ -305,14 +401,18 @@ class Service:
             # so); QalaModel's logger still records it.
             warnings.simplefilter("ignore", UserWarning)
             try:
-                return list(self.model.answer_batch(questions, contexts, budget_ms=budget))
+                answered = self.model.answer_batch(questions, contexts, budget_ms=budget, batch_budget_ms=batch_budget)
+                return list(answered)
             except ValueError:
                 if len(items) == 1:
                     raise
+            share = None if batch_budget is None else batch_budget / len(items)
             answers: list[dict[str, Any] | Exception] = []
             for question, context in zip(questions, contexts, strict=True):
                 try:
-                    answers.append(self.model.answer_batch([question], [context], budget_ms=budget)[0])
+                    answers.append(
+                        self.model.answer_batch([question], [context], budget_ms=budget, batch_budget_ms=share)[0]
+                    )
                 except ValueError as e:
                     answers.append(e)
             return answers
@@ -322,10 +422,6 @@ def _kwargs(answer: dict[str, Any]) -> dict[str, list]:
     if answer.get("keep_ratios") is not None:
         return {"keep_ratios": answer["keep_ratios"]}
     return {"length_config": answer["length_config"]} if answer.get("length_config") is not None else {}
-
-
-class Overloaded(RuntimeError):
-    """The queue is full: the request is refused at once (503) rather than left to time out."""
 
 
 class LocalBatcher:
@@ -338,6 +434,9 @@ class LocalBatcher:
         self._waiting: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        # The batch in the model now: its size and when it started (admission counts it as ahead).
+        self._running = 0
+        self._running_since = 0.0
 
     def depth(self) -> int:
         return sum(not future.done() for _, future in self._waiting)
@@ -361,8 +460,14 @@ class LocalBatcher:
     async def submit(self, item: Item) -> dict[str, Any]:
         if self._arrived is None:
             raise Overloaded("the service is not started")
-        if self.depth() >= self.service.config.max_queue:
-            raise Overloaded(f"{self.service.config.max_queue} requests are already waiting (--max-queue)")
+        depth = self.depth()
+        if depth >= self.service.config.max_queue:
+            raise Overloaded(
+                f"{self.service.config.max_queue} requests are already waiting (--max-queue)",
+                self.service.retry_after_s(depth),
+            )
+        running_ms = (time.monotonic() - self._running_since) * 1000 if self._running else 0.0
+        self.service.admit(depth, self._running, running_ms)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._arrived.set()
@@ -393,11 +498,14 @@ class LocalBatcher:
             if not batch:
                 continue
             behind = [item.arrival for item, future in self._waiting if not future.done()]
+            self._running, self._running_since = len(batch), time.monotonic()
             try:
                 outcomes = await self.service.run([item for item, _ in batch], behind)
             except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
                 logger.exception("a batch of %d failed", len(batch))
                 outcomes = [e] * len(batch)
+            finally:
+                self._running = 0
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
