@@ -160,6 +160,9 @@ class StageConfig:
     # LengthDrop (used by the `lengthdrop` stage): sandwich of full + smallest + N random sub-models.
     num_sandwich: int = 2
     length_drop_ratio_bound: float = 0.2  # a layer keeps between (1 - bound) and all of the previous layer
+    # Ratio units only: one bound per layer instead (e.g. [0.05, 0.15, 0.3, 0.4, 0.4, 0.4] draws and trains
+    # the late-drop shapes that lose least F1 on real windows); empty: length_drop_ratio_bound at every layer.
+    length_drop_layer_bounds: list[float] = field(default_factory=list)
     # Units of the sampled sub-models. "ratio" (default): each row draws its own keep ratios of its
     # real token count, the units qala serves in (model.py keep_ratios). "absolute": one length
     # configuration of padded positions per batch, as the LAT reference code (paper reproductions).
@@ -180,6 +183,10 @@ class StageConfig:
             problems.append(f"kd_temperature: expected a number > 0, got {self.kd_temperature}")
         if not 0 < self.length_drop_ratio_bound < 1:
             problems.append(f"length_drop_ratio_bound: expected a value in (0, 1), got {self.length_drop_ratio_bound}")
+        if any(not 0 <= b < 1 for b in self.length_drop_layer_bounds):
+            problems.append(f"length_drop_layer_bounds: expected values in [0, 1), got {self.length_drop_layer_bounds}")
+        if self.length_drop_layer_bounds and self.length_drop_units != "ratio":
+            problems.append("length_drop_layer_bounds: per-layer bounds need length_drop_units: ratio")
         problems += _at_least(self, 0, "num_sandwich")
         if not 0 <= self.layer_dropout_prob < 1:
             problems.append(f"layer_dropout_prob: expected a value in [0, 1), got {self.layer_dropout_prob}")

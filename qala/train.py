@@ -52,6 +52,7 @@ from qala.model import (
     constant_ratio_length_config,
     sample_keep_ratios,
     sample_length_config,
+    smallest_keep_ratios,
     smallest_length_config,
 )
 from qala.quantize.artifact import check_finite
@@ -344,9 +345,10 @@ class QalaTrainer(Trainer):
                 # Sandwich in the served units: the smallest sub-model for every row, then
                 # num_sandwich draws with one configuration per row (rows differ in real length).
                 batch_size = inputs["input_ids"].size(0)
-                smallest = [{"keep_ratios": constant_keep_ratios(1 - bound, num_layers)}]
+                bounds = self.stage.length_drop_layer_bounds or bound
+                smallest = [{"keep_ratios": smallest_keep_ratios(num_layers, bounds)}]
                 draws = [
-                    [sample_keep_ratios(num_layers, bound, rng) for _ in range(batch_size)]
+                    [sample_keep_ratios(num_layers, bounds, rng) for _ in range(batch_size)]
                     for _ in range(self.stage.num_sandwich)
                 ]
                 sub_configs = smallest + [{"keep_ratios": torch.tensor(draw)} for draw in draws]

@@ -16,6 +16,7 @@ from qala.model import (
     parse_keep_ratios,
     sample_keep_ratios,
     sample_length_config,
+    smallest_keep_ratios,
     smallest_length_config,
     span_significance,
 )
@@ -342,6 +343,15 @@ def test_keep_ratio_helpers():
         r = sample_keep_ratios(6, 0.2, rng)
         check_keep_ratios(r, num_layers=6)
         assert r[0] >= 0.8 and all(b >= 0.8 * a - 1e-12 for a, b in zip(r, r[1:], strict=False))
+    # Per-layer bounds (train.<stage>.length_drop_layer_bounds): layer i keeps [1 - b_i, 1] of layer i-1.
+    bounds = [0.0, 0.1, 0.5]
+    for _ in range(50):
+        r = sample_keep_ratios(3, bounds, rng)
+        assert r[0] == 1.0 and 0.9 <= r[1] <= 1.0 and 0.5 * r[1] - 1e-12 <= r[2] <= r[1]
+    assert smallest_keep_ratios(3, bounds) == pytest.approx([1.0, 0.9, 0.45])
+    assert smallest_keep_ratios(2, 0.2) == pytest.approx([0.8, 0.64])
+    with pytest.raises(ValueError, match="3 LengthDrop bounds for a model of 6 layers"):
+        sample_keep_ratios(6, bounds, rng)
     with pytest.raises(ValueError, match="keep_ratios"):
         LengthAdaptiveConfig(keep_ratios=[0.9, 0.8], length_config=[5, 4])
 

@@ -225,6 +225,9 @@ BAD_VALUES = {
     "train.finetune.kd_temperature=0": "train.finetune.kd_temperature: expected a number > 0, got 0.0",
     "train.lengthdrop.kd_temperature=-2": "train.lengthdrop.kd_temperature: expected a number > 0, got -2.0",
     "train.lengthdrop.hidden_distillation=-1": "train.lengthdrop.hidden_distillation: expected a number >= 0, got -1.0",
+    "train.lengthdrop.length_drop_layer_bounds=[0.1,1.2]": (
+        "train.lengthdrop.length_drop_layer_bounds: expected values in [0, 1), got [0.1, 1.2]"
+    ),
     "eval.n_best_size=0": "eval.n_best_size: expected >= 1, got 0",
     "eval.max_answer_length=-1": "eval.max_answer_length: expected >= 1, got -1",
     "train.finetune.training_args.learning_rate=-1e-4": (
