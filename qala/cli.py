@@ -63,6 +63,18 @@ class _Dropped(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class _ChildrenQuieted(logging.Filter):
+    """On a handler: drops the records below ERROR of the loggers under `names` (torchao.kernel.intmm's "Detected
+    no triton" warning when qala.bench imports it): a logger's own filter (_Held) does not see its children's."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = tuple(f"{name}." for name in names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(self.prefixes)
+
+
 class _Held(logging.Filter):
     """Keeps records below `level` from a logger, holding them so that -v can replay them."""
 
@@ -98,6 +110,11 @@ def setup_logging(verbose: bool = False) -> None:
             logger.removeFilter(f)
         if not verbose:
             logger.addFilter(_Held(logging.ERROR, keep=False))
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, _ChildrenQuieted)]:
+            handler.removeFilter(f)
+        if not verbose:
+            handler.addFilter(_ChildrenQuieted(CHATTY))
     for name in COMPILE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
     for name, text in QUIETED.items():

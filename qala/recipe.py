@@ -97,6 +97,9 @@ def _raise_problems(problems: list[str]) -> None:
 
 # numpy and torch seed generators take [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
+# Below it the distillation term (KL of the softened distributions times temperature**2) and its gradient shrink
+# in proportion to the temperature: at 0.01 the teacher pulls 1% as hard as at 1, at 1e-30 not at all.
+MIN_KD_TEMPERATURE = 0.1
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,12 @@ class StageConfig:
         # The distillation loss divides logits by it: 0 gives inf/NaN losses and a diverged model.
         if not 0 < self.kd_temperature < math.inf:
             problems.append(f"kd_temperature: expected a number > 0, got {self.kd_temperature}")
+        elif self.kd_temperature < MIN_KD_TEMPERATURE:
+            problems.append(
+                f"kd_temperature: expected a number >= {MIN_KD_TEMPERATURE} (the distillation loss is scaled by its "
+                f"square, so the teacher's pull shrinks with it: 1e-30 trained as if there were no teacher), got "
+                f"{self.kd_temperature}"
+            )
         if not 0 < self.length_drop_ratio_bound < 1:
             problems.append(f"length_drop_ratio_bound: expected a value in (0, 1), got {self.length_drop_ratio_bound}")
         if any(not 0 <= b < 1 for b in self.length_drop_layer_bounds):

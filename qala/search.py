@@ -50,6 +50,7 @@ from qala.quantize.load import load_model, load_tokenizer, model_kind
 from qala.recipe import DataConfig, Recipe, SearchConfig, fingerprint, load_recipe
 from qala.stage import stored_record
 from qala.utils import (
+    MANIFEST_NAME,
     atomic_write_json,
     atomic_write_text,
     content_hash,
@@ -573,6 +574,7 @@ def backbone_config(model: Any, model_dir: str | Path) -> Any:
 
 def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The recipe's search end to end; returns the frontier document (also written as frontier.json)."""
+    check_install_targets(search.model, install_into)  # before the lock and the search, not after them
     # Rank 0 holds the output folder's lock for the whole run; it alone writes there.
     with output_lock(search.output_dir) if (_distributed() or (0, 1))[0] == 0 else contextlib.nullcontext():
         return _run(recipe, search, install_into=install_into)
@@ -836,6 +838,31 @@ def read_frontier(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def check_install_targets(model: str | None, install_into: Sequence[str | Path]) -> None:
+    """Raise naming the first --install-into folder that is no directory, or that holds a model (config.json or
+    a manifest) other than the searched `model` by content, as qala.answer compares them: it would refuse that
+    frontier. Checked before the search: a bad target used to fail, or be written, only after the whole search."""
+    if not install_into:
+        return
+    for target in install_into:
+        if not Path(target).is_dir():
+            raise FileNotFoundError(
+                f"--install-into {target}: not a directory; expected a model directory to copy frontier.json into"
+            )
+    model_dir = Path(resolve_model_path(str(model))) if model else None
+    if model_dir is None or not model_dir.is_dir():
+        return  # the search itself names search.model
+    searched = content_hash(model_dir)
+    for target in install_into:
+        holds_a_model = any((Path(target) / name).is_file() for name in ("config.json", MANIFEST_NAME))
+        if holds_a_model and content_hash(target) != searched:
+            raise ValueError(
+                f"--install-into {target}: holds another model than search.model {model} (content "
+                f"{content_hash(target)}, searched {searched}); qala.answer refuses a frontier searched on other "
+                "weights: install it only into copies of the searched model"
+            )
+
+
 def install_frontier(frontier_file: str | Path, model_dir: str | Path) -> Path:
     """Copy frontier.json into a model directory (qala.answer reads it there)."""
     target = Path(model_dir) / FRONTIER_NAME
@@ -898,7 +925,11 @@ def main(argv: list[str] | None = None) -> int:
         "python -m qala.search", __doc__, "YAML recipe with a search section, e.g. recipes/squad_search.yaml"
     )
     parser.add_argument(
-        "--install-into", action="append", default=[], metavar="MODEL_DIR", help="also copy frontier.json here"
+        "--install-into",
+        action="append",
+        default=[],
+        metavar="MODEL_DIR",
+        help="also copy frontier.json here: a copy of search.model (another model is refused before the search)",
     )
     return run_main(parser, argv, _main)
 

