@@ -164,16 +164,17 @@ def select_batch_point(
     if not points:
         raise ValueError("no frontier configurations to choose from")
     every = [t for tokens in windows for t in tokens]
+    batch_ms = {p: p.expected_ms(every) for p in points}  # each point's prediction for the whole call, once
 
     def fits(p: FrontierPoint) -> bool:
-        if p.expected_ms(every) > batch_budget_ms:
+        if batch_ms[p] > batch_budget_ms:
             return False
         return budget_ms is None or all(p.expected_ms(list(tokens)) <= budget_ms for tokens in windows)
 
     fitting = [p for p in points if fits(p)]
     if fitting:
-        return max(fitting, key=lambda p: (p.f1, -p.expected_ms(every))), True
-    return min(points, key=lambda p: (p.expected_ms(every), -p.f1)), False
+        return max(fitting, key=lambda p: (p.f1, -batch_ms[p])), True
+    return min(points, key=lambda p: (batch_ms[p], -p.f1)), False
 
 
 def fit_cost_model(lengths: Sequence[int], ms: Sequence[float]) -> tuple[float, float, float]:

@@ -184,14 +184,19 @@ def kept_per_layer(keep_ratios: Sequence[float], num_tokens: int) -> list[int]:
     return [min(num_tokens, max(1, math.ceil(r * num_tokens - 1e-6))) for r in keep_ratios]
 
 
-def sample_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float], rng: random.Random) -> list[float]:
-    """LengthDrop in ratio units: each layer keeps a uniform share in [1 - bound, 1] of the previous one's
-    (`ratio_bound`: one bound for every layer, or one per layer)."""
+def layer_bounds(num_layers: int, ratio_bound: float | Sequence[float]) -> list[float]:
+    """One LengthDrop bound per layer: `ratio_bound` repeated, or the per-layer list checked for length."""
     bounds = [ratio_bound] * num_layers if isinstance(ratio_bound, (int, float)) else list(ratio_bound)
     if len(bounds) != num_layers:
         raise ValueError(f"{len(bounds)} LengthDrop bounds for a model of {num_layers} layers")
+    return bounds
+
+
+def sample_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float], rng: random.Random) -> list[float]:
+    """LengthDrop in ratio units: each layer keeps a uniform share in [1 - bound, 1] of the previous one's
+    (`ratio_bound`: one bound for every layer, or one per layer)."""
     ratios, ratio = [], 1.0
-    for bound in bounds:
+    for bound in layer_bounds(num_layers, ratio_bound):
         ratio *= rng.uniform(1 - bound, 1.0)
         ratios.append(ratio)
     return ratios
@@ -199,7 +204,7 @@ def sample_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float], rn
 
 def smallest_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float]) -> list[float]:
     """The sandwich's smallest sub-model in ratio units: every layer at its bound."""
-    bounds = [ratio_bound] * num_layers if isinstance(ratio_bound, (int, float)) else list(ratio_bound)
+    bounds = layer_bounds(num_layers, ratio_bound)
     return [round(math.prod(1 - b for b in bounds[: i + 1]), 6) for i in range(num_layers)]
 
 

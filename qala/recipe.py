@@ -383,6 +383,11 @@ class SearchConfig:
     # proposals (duplicates and already seen genes included), so a small search space cannot loop forever.
     max_attempts_factor: int = 20
     baseline_points: int = 6  # constant-keep-ratio genes, evenly spaced from min_keep_ratio to 1
+    # Configurations scored in generation 0 besides the bounds, the keep-ratio genes and the random ones:
+    # per-layer keep ratios, each non-increasing and in (0, 1] (in ratio mode shares of a window's real
+    # length, in absolute mode shares of data.max_seq_length), e.g. the shapes the model was trained on
+    # (train.<stage>.length_drop_layer_bounds). Random genes rarely land on such late-drop shapes.
+    initial_genes: list[list[float]] = field(default_factory=list)
     # Copy frontier.json into `model`, where qala.answer.QalaModel.from_pretrained finds it.
     install_frontier: bool = True
 
@@ -406,6 +411,10 @@ class SearchConfig:
                 problems.append(f"{name}: expected >= 1 or null, got {value}")
         if self.baseline_points < 2:
             problems.append(f"baseline_points: expected >= 2 (both bounds), got {self.baseline_points}")
+        for i, gene in enumerate(self.initial_genes):
+            increasing = any(b > a for a, b in zip(gene, gene[1:], strict=False))
+            if not gene or increasing or not all(0 < r <= 1 for r in gene):
+                problems.append(f"initial_genes[{i}]: expected non-increasing keep ratios in (0, 1], got {gene}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             problems.append(f"seed: expected null or an integer in [0, {MAX_SEED}], got {self.seed}")
         if problems:

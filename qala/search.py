@@ -6,7 +6,8 @@
 The search of the Length-Adaptive Transformer (Kim & Cho 2021, `evolution.py`), driven by the recipe's
 `search` section. A gene is a length configuration: one kept length per layer, non-increasing, each
 between the recipe's lowest configuration (`min_keep_ratio` per layer) and full length. Generation 0
-is the two bounds, the constant-keep-ratio configurations and `population_size` random genes; every
+is the two bounds, the constant-keep-ratio configurations, the recipe's `initial_genes` and
+`population_size` random genes; every
 later generation breeds `mutation_size` mutated and `crossover_size` crossed-over children of the
 current Pareto frontier. Only accepted children count: valid, never seen before, and with a cost
 between the costs of the lowest and the full configuration. The cost is analytic MACs
@@ -356,6 +357,7 @@ def evolve(
     """
     lower = tuple(constant_ratio_length_config(config.min_keep_ratio, num_layers, seq_length))
     full = (seq_length,) * num_layers
+    initial = initial_genes(config, lower, seq_length)  # a bad one is refused before anything is scored
     out = Path(output_dir) if output_dir is not None else None
     evaluator = GeneEvaluator(cost_fn, f1_fn, out / EVALUATIONS_NAME if out is not None else None, fingerprint)
     is_writer = evaluator.is_writer
@@ -379,7 +381,7 @@ def evolve(
         rng.setstate(state.rng_state)
         logger.info("resuming after generation %d (%s)", state.generation, last)
     else:
-        state = _generation_zero(evaluator, lower, full, seq_length, config, rng)
+        state = _generation_zero(evaluator, lower, full, initial, seq_length, config, rng)
         _checkpoint(state, rng, out, fingerprint, is_writer, inputs)
 
     while state.generation < config.iterations:
@@ -425,6 +427,7 @@ def _generation_zero(
     evaluator: GeneEvaluator,
     lower: Gene,
     full: Gene,
+    initial: Sequence[Gene],
     seq_length: int,
     config: SearchConfig,
     rng: random.Random,
@@ -443,6 +446,8 @@ def _generation_zero(
     ]
     ratio_genes = [g for g in dict.fromkeys(ratio_genes) if g not in state.genes]
     _add(state, evaluator(ratio_genes, state.bounds), [{"origin": "keep_ratio"}] * len(ratio_genes))
+    given = [g for g in dict.fromkeys(initial) if g not in state.genes]
+    _add(state, evaluator(given, state.bounds), [{"origin": "initial"}] * len(given))
 
     accepted, attempts = 0, 0
     cap = config.max_attempts_factor * max(config.population_size, 1)
@@ -463,6 +468,22 @@ def _generation_zero(
         )
     state.history.append({"generation": 0, "random": accepted, "proposals": attempts})
     return state
+
+
+def initial_genes(config: SearchConfig, lower: Gene, seq_length: int) -> list[Gene]:
+    """search.initial_genes as genes: each keep ratio of the grid rounded up to a whole step, as
+    constant_ratio_length_config rounds; one outside the search space raises ValueError naming it."""
+    genes = []
+    for i, ratios in enumerate(config.initial_genes):
+        gene = tuple(max(1, math.ceil(r * seq_length - 1e-9)) for r in ratios)
+        if not is_valid_gene(gene, lower, seq_length):
+            floor = [round(n / seq_length, 4) for n in lower]
+            raise ValueError(
+                f"search.initial_genes[{i}]: {list(ratios)} is not a {len(lower)}-layer configuration at or above "
+                f"the min_keep_ratio floor {floor}"
+            )
+        genes.append(gene)
+    return genes
 
 
 def _breed(

@@ -198,6 +198,22 @@ def test_out_of_bounds_genes_are_never_accepted_nor_scored():
     assert max(fake.costs.values()) == 1
 
 
+def test_initial_genes_are_scored_in_generation_zero_and_bad_ones_refused_before_any_scoring():
+    # 4 layers on a 32-step grid: [1, 1, 0.5, 0.25] is a late-drop shape no keep-ratio gene has.
+    config = dataclasses.replace(SMALL, initial_genes=[[1, 1, 0.5, 0.25], [1, 0.9, 0.9, 0.5]])
+    fake = FakeEvaluator()
+    state, _ = run_fake(fake, config=config)
+    initial = {g for g, r in state.genes.items() if r["origin"] == "initial"}
+    assert initial == {(32, 32, 16, 8), (32, 29, 29, 16)}  # ceil(0.9 * 32) = 29
+    assert all(state.genes[g]["generation"] == 0 and fake.f1s[g] == 1 for g in initial)
+    # Below the min_keep_ratio floor (0.6 compounded: layer 4 keeps >= 5 of 32), or the wrong layer count.
+    for bad in ([1, 1, 0.5, 0.1], [1, 1, 1]):
+        fake = FakeEvaluator()
+        with pytest.raises(ValueError, match=r"search.initial_genes\[0\]: .* floor"):
+            run_fake(fake, config=dataclasses.replace(SMALL, initial_genes=[bad]))
+        assert not fake.costs  # refused before anything was scored
+
+
 def test_a_small_search_space_stops_at_the_proposal_cap():
     # 2 layers, 4 tokens, keep ratio 0.5: lower bound (2, 1), only 9 genes exist.
     config = SearchConfig(population_size=3, mutation_size=30, crossover_size=30, iterations=2, min_keep_ratio=0.5)
@@ -451,6 +467,8 @@ def test_search_recipe_errors_name_their_key_and_exit_2(tmp_path, tiny_model_dir
     assert "data.doc_stride: must be smaller" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="min_keep_ratio"):
         load_search_recipe(path, ["search.min_keep_ratio=0", "search.latency_repeats=0"])
+    with pytest.raises(RecipeError, match=r"initial_genes\[1\]: expected non-increasing keep ratios"):
+        load_search_recipe(path, ["search.initial_genes=[[1,0.9],[1,0.5,0.6]]"])
     # An fp32 directory is not an INT8 artifact: the message says what to change.
     assert qs.main([str(path), "search.backend=int8"]) == 2
     assert "search.backend=fp32" in capsys.readouterr().err
