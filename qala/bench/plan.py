@@ -118,10 +118,13 @@ def pick_frontier(
 ) -> list[Mapping[str, Any]]:
     """Up to n frontier points: the cheapest within 1% relative F1 of the full model (when its F1 is known),
     the most accurate, the cheapest, then evenly spaced between, ordered by cost. The full-length point
-    is left out: the full-length rows already measure it."""
+    is left out: the full-length rows already measure it. Its F1, scored on the same questions as the
+    other points, is the full model's F1 here; `full_f1` (another file's, maybe other questions) only
+    stands in for a frontier without it."""
     points = sorted((p for p in frontier if not is_full_length(p, seq_length)), key=lambda p: p["cost"])
     if n <= 0 or not points:
         return []
+    full_f1 = next((p["f1"] for p in frontier if is_full_length(p, seq_length)), full_f1)
     chosen: list[int] = []
     if full_f1 is not None:
         near = [i for i, p in enumerate(points) if p["f1"] >= 0.99 * full_f1]
