@@ -173,13 +173,11 @@ def test_pick_frontier():
     assert len(plan.pick_frontier(frontier, 10)) == 5
     # The full-length point (every layer at seq_length) is already a MiniLM row: never picked again.
     assert [p["cost"] for p in plan.pick_frontier(frontier, 1, seq_length=4)] == [3]
-    # A ratio frontier scores its full-length point on the same questions as the others: that F1 (56.5;
-    # 1%: >= 55.935, point 4) is the reference, not full_f1 from another file (50: point 1 would pass).
-    ratios = [{"keep_ratios": [1.0], "cost": 9, "f1": 56.5}] + [
-        {"keep_ratios": [0.1 * (i + 1)], "cost": i, "f1": f1} for i, f1 in enumerate([40, 50, 54, 55, 56])
-    ]
-    assert [p["cost"] for p in plan.pick_frontier(ratios, 1, full_f1=50)] == [4]
-    assert [p["cost"] for p in plan.pick_frontier(ratios[1:], 1, full_f1=50)] == [1]
+    # A search's own full-length F1 (same questions as its points) is found in its frontier or its curve.
+    keep_curve = [{"keep_ratios": [0.9], "f1": 50}, {"keep_ratios": [1.0], "f1": 56.5}]
+    curve = {"frontier": frontier, "keep_ratio_curve": keep_curve}
+    assert plan.frontier_full_f1(curve, None) == 56.5
+    assert plan.frontier_full_f1({"frontier": frontier}, 4) == 56 and plan.frontier_full_f1(None, 4) is None
 
 
 def test_dynamic_tinybert_configuration_matches_the_published_speedup_in_macs():

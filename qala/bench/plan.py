@@ -118,13 +118,10 @@ def pick_frontier(
 ) -> list[Mapping[str, Any]]:
     """Up to n frontier points: the cheapest within 1% relative F1 of the full model (when its F1 is known),
     the most accurate, the cheapest, then evenly spaced between, ordered by cost. The full-length point
-    is left out: the full-length rows already measure it. Its F1, scored on the same questions as the
-    other points, is the full model's F1 here; `full_f1` (another file's, maybe other questions) only
-    stands in for a frontier without it."""
+    is left out: the full-length rows already measure it."""
     points = sorted((p for p in frontier if not is_full_length(p, seq_length)), key=lambda p: p["cost"])
     if n <= 0 or not points:
         return []
-    full_f1 = next((p["f1"] for p in frontier if is_full_length(p, seq_length)), full_f1)
     chosen: list[int] = []
     if full_f1 is not None:
         near = [i for i, p in enumerate(points) if p["f1"] >= 0.99 * full_f1]
@@ -192,6 +189,13 @@ def measured_f1(bench: Any) -> tuple[float | None, float | None]:
 def measured(f1: float | None, source: str | None) -> dict[str, Any]:
     """A row's F1 fields for a measured figure (None: no number, and no source)."""
     return {"f1": f1, "f1_published": False, "f1_source": source if f1 is not None else None}
+
+
+def frontier_full_f1(document: Mapping[str, Any] | None, seq_length: int | None) -> float | None:
+    """The full-length F1 a search scored on its own questions (a frontier point, or its keep-ratio curve's
+    keep 1.0), the reference for "within 1%" of its points; None when it has none."""
+    candidates = [*(document or {}).get("frontier", []), *(document or {}).get("keep_ratio_curve", [])]
+    return next((p["f1"] for p in candidates if p.get("f1") is not None and is_full_length(p, seq_length)), None)
 
 
 def read_frontier_points(bench: Any) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -414,7 +418,10 @@ def plan_question_rows(
         add("MiniLM", "qala", dtype, **way)
     fp32_f1, _ = measured_f1(bench)
     frontier, points = read_frontier_points(bench)
-    chosen = pick_frontier(points, bench.max_frontier_rows, fp32_f1, seq_length=recipe.data.max_seq_length)
+    # The points' F1s are on the search's questions: so is the full-length F1 they are held against.
+    seq = recipe.data.max_seq_length
+    full_f1 = frontier_full_f1(frontier, seq) or fp32_f1
+    chosen = pick_frontier(points, bench.max_frontier_rows, full_f1, seq_length=seq)
     if frontier is not None:
         notes["frontier"] = {
             "file": bench.frontier,
