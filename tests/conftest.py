@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT QA checkpoint with its own small WordPiece tokenizer.
+"""Shared fixtures: a tiny random BERT QA checkpoint with its own small WordPiece tokenizer, and a static INT8
+artifact of it.
 
 Built in the tests (no download, no installed weights), so every test runs on a fresh clone.
 """
@@ -62,6 +63,35 @@ def build_tiny_qa_checkpoint(path: Path, seed: int = 0, layers: int = 2) -> Path
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny") / "bert-tiny-qa")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A static INT8 artifact (uncompiled) of tiny_checkpoint, calibrated on random windows at full length and at
+    [40, 20]. Built once per session: the benchmark tests that use it only read it (hashed and loaded by workers)."""
+    from neural_compressor.torch.quantization import StaticQuantConfig
+    from transformers import AutoTokenizer
+
+    from qala.model import LengthAdaptiveForQuestionAnswering
+    from qala.quantize import quantize_, save_quantized
+
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
+    batch = {
+        "input_ids": torch.randint(5, 600, (2, 64)),
+        "attention_mask": torch.ones(2, 64, dtype=torch.long),
+        "token_type_ids": torch.zeros(2, 64, dtype=torch.long),
+    }
+    quantize_(model, StaticQuantConfig(), [batch, {**batch, "length_config": [40, 20]}])
+    path = tmp_path_factory.mktemp("tiny-int8") / "int8"
+    save_quantized(
+        model,
+        path,
+        approach="static",
+        quant_config=StaticQuantConfig().to_dict(),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_checkpoint),
+    )
+    return path
 
 
 def kill_9_when(marker: Path, args: list[str] | BaseProcess, what: str, timeout: float = 300) -> None:

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import qala.answer as qa
 import qala.search as qs
 from qala.answer import FrontierPoint, QalaModel, host_name, select_point
-from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.utils import IntegrityError, content_hash
 from tests.conftest import REPO
 
@@ -190,18 +188,13 @@ search: {{model: {model_dir}, output_dir: {tmp_path}/search, objective: macs, ba
     assert result["answer"] in CONTEXT and tuple(result["keep_ratios"]) in {p.keep_ratios for p in model.points}
 
 
-def test_int8_artifact_is_searched_and_answers(tmp_path, tiny_checkpoint, monkeypatch):
+def test_int8_artifact_is_searched_and_answers(tmp_path, tiny_checkpoint, tiny_int8_artifact, monkeypatch):
     """INT8: the search scores the artifact (MACs objective: no compile), QalaModel serves it (eagerly)."""
-    quantize = pytest.importorskip("qala.quantize")
-    inc = pytest.importorskip("neural_compressor.torch.quantization")
     monkeypatch.chdir(REPO)
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    batch = dict(tokenizer([QUESTION] * 2, [CONTEXT] * 2, padding="max_length", max_length=64, return_tensors="pt"))
-    config = inc.StaticQuantConfig()
-    quantize.quantize_(model, config, [batch, {**batch, "length_config": [40, 20]}])
-    artifact = tmp_path / "int8"
-    quantize.save_quantized(model, artifact, approach="static", quant_config=config.to_dict(), tokenizer=tokenizer)
+    # The session's static INT8 artifact of tiny_checkpoint (conftest; quantized once), copied: the search and the
+    # latency calibration write into the artifact's folder.
+    artifact = Path(shutil.copytree(tiny_int8_artifact, tmp_path / "int8"))
+    assert json.loads((artifact / "quantization.json").read_text())["approach"] == "static"
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
