@@ -2,6 +2,10 @@
 artifact of it.
 
 Built in the tests (no download, no installed weights), so every test runs on a fresh clone.
+
+Under pytest-xdist (setup.cfg runs `-n auto`) the workers share the CPUs: each one, and every process its tests
+start, computes on cpu_count // workers threads (OMP_NUM_THREADS, unless set already) and compiles Inductor
+kernels in-process (a compile pool per worker would only start more interpreters on CPUs that are already busy).
 """
 
 import json
@@ -17,6 +21,25 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig, BertTokenizerFast
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # read by the processes the tests start
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: one worker per CPU, at most 8 (each holds torch, transformers and INC: ~1 GB), unless
+    PYTEST_XDIST_AUTO_NUM_WORKERS says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "qala" / "samples"
