@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny random BERT QA checkpoint with its own small WordPiece tokenizer.
+"""Shared fixtures: a tiny random BERT QA checkpoint with its own small WordPiece tokenizer, and a static INT8
+artifact of it.
 
 Built in the tests (no download, no installed weights), so every test runs on a fresh clone.
+
+Under pytest-xdist (setup.cfg runs `-n auto`) the workers share the CPUs: each one, and every process its tests
+start, computes on cpu_count // workers threads (OMP_NUM_THREADS, unless set already) and compiles Inductor
+kernels in-process (a compile pool per worker would only start more interpreters on CPUs that are already busy).
 """
 
 import json
@@ -16,6 +21,25 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig, BertTokenizerFast
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # read by the processes the tests start
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: one worker per CPU, at most 8 (each holds torch, transformers and INC: ~1 GB), unless
+    PYTEST_XDIST_AUTO_NUM_WORKERS says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "qala" / "samples"
@@ -62,6 +86,40 @@ def build_tiny_qa_checkpoint(path: Path, seed: int = 0, layers: int = 2) -> Path
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_qa_checkpoint(tmp_path_factory.mktemp("tiny") / "bert-tiny-qa")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A static INT8 artifact (uncompiled) of tiny_checkpoint, calibrated on random windows at full length and at
+    [40, 20]. Built once per session; the tests only read it (a test that writes beside it copies it first).
+
+    Its span head is INT8 and its encoder fp32 (fp32_units, as the recipes' tuning entries do): the benchmark and
+    serving tests that use it check the plumbing of an INT8 artifact, and every process loading an artifact
+    re-exports each INT8 unit (seconds each). tests/test_quantize.py checks artifacts with every unit INT8."""
+    from neural_compressor.torch.quantization import StaticQuantConfig
+    from transformers import AutoTokenizer
+
+    from qala.model import LengthAdaptiveForQuestionAnswering
+    from qala.quantize import quantize_, save_quantized
+
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
+    batch = {
+        "input_ids": torch.randint(5, 600, (2, 64)),
+        "attention_mask": torch.ones(2, 64, dtype=torch.long),
+        "token_type_ids": torch.zeros(2, 64, dtype=torch.long),
+    }
+    quantize_(model, StaticQuantConfig(), [batch, {**batch, "length_config": [40, 20]}], fp32_units=["encoder.*"])
+    path = tmp_path_factory.mktemp("tiny-int8") / "int8"
+    save_quantized(
+        model,
+        path,
+        approach="static",
+        fp32_units=["encoder.*"],
+        quant_config=StaticQuantConfig().to_dict(),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_checkpoint),
+    )
+    return path
 
 
 def kill_9_when(marker: Path, args: list[str] | BaseProcess, what: str, timeout: float = 300) -> None:

@@ -397,32 +397,6 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, mod
 # ------------------------------------------------------------------ end to end (real workers)
 
 
-@pytest.fixture
-def tiny_int8_artifact(tmp_path, model_dir):
-    from neural_compressor.torch.quantization import StaticQuantConfig
-    from transformers import AutoTokenizer
-
-    from qala.quantize import quantize_, save_quantized
-
-    torch.manual_seed(0)
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(model_dir).eval()
-    batch = {
-        "input_ids": torch.randint(5, 600, (2, 64)),
-        "attention_mask": torch.ones(2, 64, dtype=torch.long),
-        "token_type_ids": torch.zeros(2, 64, dtype=torch.long),
-    }
-    quantize_(model, StaticQuantConfig(), [batch, {**batch, "length_config": [40, 20]}])
-    path = tmp_path / "int8"
-    save_quantized(
-        model,
-        path,
-        approach="static",
-        quant_config=StaticQuantConfig().to_dict(),
-        tokenizer=AutoTokenizer.from_pretrained(model_dir),
-    )
-    return path
-
-
 def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, monkeypatch, capsys):
     monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-ipex-python")  # this checkout may have .venv-ipex
     extra = f"""\

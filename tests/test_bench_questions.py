@@ -15,7 +15,7 @@ from qala.bench import cli, peers, plan, questions
 from qala.bench.peers import onnx_model
 from qala.model import kept_per_layer, macs_per_sample
 from qala.recipe import load_recipe
-from tests.test_bench import model_dir, tiny_int8_artifact  # noqa: F401 - fixtures
+from tests.test_bench import model_dir  # noqa: F401 - a fixture
 
 SAMPLE = "package://qala/samples/squad_sample_dev.json"
 TINY_ARCH = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 800}

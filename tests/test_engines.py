@@ -148,6 +148,10 @@ def test_mixed_length_batch_equals_each_window_alone(model, backend, tmp_path):
             assert float((got.end_logits[b, :n] - alone.end_logits[0]).abs().max()) < FP32_TOLERANCE, (b, config)
 
 
+# The tests of the INT8 model run in one pytest-xdist worker, so that it is quantized once.
+on_int8_worker = pytest.mark.xdist_group("test_engines_int8")
+
+
 @pytest.fixture(scope="module")
 def int8_model(model):
     batches = [{"input_ids": w["input_ids"], "attention_mask": w["attention_mask"]} for w in map(window, (16, 16))]
@@ -155,6 +159,7 @@ def int8_model(model):
     return quantize_(copy.deepcopy(model), StaticQuantConfig(w_granularity="per_channel"), batches)
 
 
+@on_int8_worker
 def test_compile_dynamic_int8_follows_the_eager_int8_model(int8_model):
     # Inductor's oneDNN qlinear kernels round differently from the reference quantize/dequantize ops;
     # on the tiny model that moves logits by at most a few hundredths, and never re-orders token selection here.
@@ -167,6 +172,7 @@ def test_compile_dynamic_int8_follows_the_eager_int8_model(int8_model):
 
 
 @needs_ort
+@on_int8_worker
 def test_onnxruntime_int8_runs_integer_kernels_and_tracks_fp32(model, int8_model, tmp_path):
     # ORT dynamic INT8 quantizes activations per call: compared with fp32 at full length, where token
     # selection cannot change which tokens survive. An INT8 artifact is exported from its fp32 weights.

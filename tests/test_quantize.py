@@ -46,6 +46,8 @@ QDQ_OPS = {"quantized_decomposed.quantize_per_tensor.default", "quantized_decomp
 SHORT = [12, 5]  # a length configuration for the 24-token test batches
 CALIBRATION_CONFIGS = [None, [20, 10], SHORT, [16, 16]]
 DYNAMIC_CONFIG = DynamicQuantConfig(w_granularity="per_channel")
+# Under pytest-xdist, this module's tests run in one worker: its quantized models (module fixtures) are built once.
+pytestmark = pytest.mark.xdist_group("test_quantize")
 
 
 def tiny_model(seed: int = 0) -> LengthAdaptiveForQuestionAnswering:
