@@ -30,6 +30,20 @@ def test_an_unknown_serving_engine_fails_before_any_row(tmp_path, tiny_checkpoin
     assert capsys.readouterr().err.strip().startswith("error: --backend 'nosuch': unknown serving engine")
 
 
+def test_questions_only_flags_are_refused_for_the_padded_table(tmp_path, tiny_checkpoint, capsys):
+    """Before: with the default --table padded, --qala-backend and --pad-multiple were accepted and did nothing."""
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=out, model=tiny_checkpoint))
+    for flags, name in ((["--qala-backend", "eager"], "--qala-backend"), (["--pad-multiple", "32"], "--pad-multiple")):
+        assert bench_cli.main([str(recipe), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {name} applies to --table questions or all, not to --table padded"
+        assert bench_cli.main([str(recipe), "--table", "padded", *flags]) == 2
+        assert name in capsys.readouterr().err
+    assert not out.exists()  # refused before the lock and the first row
+
+
 def test_quiet_mode_hides_the_tokenizers_indexing_errors_line(caplog):
     """qala says a long question is too long in one line; transformers' own warning is -v only."""
     logger = logging.getLogger("transformers.tokenization_utils_base")

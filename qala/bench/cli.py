@@ -463,6 +463,11 @@ def _main(args: argparse.Namespace, recipe: Any) -> int:
 
     # Before the lock and the first row: a bad option fails at once, not after the GEMM peak and 12 rows.
     check_positive(pad_multiple=args.pad_multiple)
+    # The padded table runs load_model rows on windows already padded to max_seq_length: these flags would
+    # change nothing there, and a flag that silently does nothing reads as applied.
+    for flag, value in (("--qala-backend", args.qala_backend), ("--pad-multiple", args.pad_multiple)):
+        if value and args.table == "padded":
+            raise ValueError(f"{flag} applies to --table questions or all, not to --table padded")
     for name in args.qala_backend:
         check_engine(name, "--qala-backend")
     with output_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
