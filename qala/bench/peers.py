@@ -114,6 +114,8 @@ def onnx_model(spec: Mapping[str, Any], work_dir: Path, *, fused: bool = False) 
 
     if spec.get("length_config") is not None:
         return _onnx_adaptive(spec, work_dir)
+    # The settings of qala's ORT rows too (qala.quantize.onnx): ORT_ENABLE_ALL (InferenceSession's default) on
+    # the row's threads; INT8 = quantize_dynamic with QInt8 weights per channel (its own default: per tensor).
     path, config, facts = _plain_export(spec, work_dir)
     if fused:
         fused_path = work_dir / "model.fused.onnx"
