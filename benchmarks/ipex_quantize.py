@@ -8,17 +8,12 @@
 
 Quantizes through Intel Neural Compressor's IPEX path (qala.quantize.ipex.IpexStaticQA), once per length
 configuration: full length, and each keep ratio r as the padded-384 absolute configuration
-constant_ratio_length_config(r, layers, 384) (the paper's mode; inputs padded to 384). Calibration
-takes the training file's windows chosen as qala.tune does (qala.tune.calibration_batches: questions
-shuffled with the seed, the first `--calibration-samples` windows padded to 384, batches of
-`--calibration-batch-size`); dev is never seen before scoring. Scores fp32 and INT8 on the whole dev
-file in this process (torch 2.8) with qala.evaluate.evaluate_features.
-
-Writes OUT (default benchmarks/results/ipex_squad_reference.json: EM/F1 per configuration, engine
-"ipex", versions, CPU) and the calibrated qconf summaries (default
-runs/ipex_reference/ipex_calibration.json, about 0.7 MB per configuration, not committed), which the
-benchmark's IPEX rows load with qala.quantize.ipex.timing_callable so that they time the model scored
-here. No latency is measured: timings belong to the benchmark harness.
+constant_ratio_length_config(r, layers, 384) (the paper's mode). Calibration takes the training windows
+qala.tune does (qala.tune.calibration_batches); dev is never seen before scoring. Scores fp32 and INT8 on
+the whole dev file (qala.evaluate.evaluate_features). Writes OUT (default
+benchmarks/results/ipex_squad_reference.json) and the qconf summaries (default
+runs/ipex_reference/ipex_calibration.json, not committed) that the benchmark's IPEX rows load, so that they
+time the model scored here. No latency is measured here: timings belong to the benchmark harness.
 """
 
 from __future__ import annotations
@@ -104,12 +99,8 @@ def configurations(args: argparse.Namespace, model: Any) -> list[tuple[str, list
     from qala.model import constant_ratio_length_config
 
     seq, items = model.qala_config.max_seq_length, [x.strip() for x in args.configs.split(",") if x.strip()]
-    return [
-        ("full", None)
-        if x == "full"
-        else (f"keep {float(x)}", constant_ratio_length_config(float(x), model.num_layers, seq))
-        for x in items
-    ]
+    ratio = {x: constant_ratio_length_config(float(x), model.num_layers, seq) for x in items if x != "full"}
+    return [("full", None) if x == "full" else (f"keep {float(x)}", ratio[x]) for x in items]
 
 
 def score(model, examples, features, length_config, batch_size: int) -> dict[str, Any]:
@@ -119,12 +110,8 @@ def score(model, examples, features, length_config, batch_size: int) -> dict[str
     metrics, _ = evaluate_features(
         model, examples, features, length_config=length_config, batch_size=batch_size, progress=False
     )
-    return {
-        "exact_match": round(metrics["exact_match"], 2),
-        "f1": round(metrics["f1"], 2),
-        "n": metrics["n"],
-        "seconds": round(metrics["seconds"], 1),
-    }
+    rounded = {"exact_match": round(metrics["exact_match"], 2), "f1": round(metrics["f1"], 2)}
+    return {**rounded, "n": metrics["n"], "seconds": round(metrics["seconds"], 1)}
 
 
 def score_config(args, model, qa, scored: dict[str, Any], name: str, lengths: list[int] | None) -> dict[str, Any]:
@@ -161,17 +148,9 @@ def build_report(args, rows: list[dict[str, Any]], summaries: Path, questions: i
         "seconds": "wall time of scoring / calibration, including graph builds, on whatever else the machine ran: "
         "not a speed measurement (the benchmark harness times IPEX rows)",
     }
-    return {
-        "engine": "ipex",
-        "model": str(args.model),
-        "dev": str(args.dev),
-        "questions": questions,
-        "method": method,
-        "rows": rows,
-        "summaries_file": str(summaries),
-        "summaries_sha256": file_sha256(summaries),
-        "environment": env,
-    }
+    report = {"engine": "ipex", "model": str(args.model), "dev": str(args.dev), "questions": questions}
+    report.update(method=method, rows=rows, summaries_file=str(summaries), summaries_sha256=file_sha256(summaries))
+    return {**report, "environment": env}
 
 
 def add_loss(row: dict[str, Any]) -> None:
@@ -228,13 +207,9 @@ def merge_calibrations(files: list[str], out: str) -> None:
 
 
 def calibration_record(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "file": str(args.train),
-        "windows": args.calibration_samples,
-        "batch_size": args.calibration_batch_size,
-        "seed": args.seed,
-        "selection": "qala.tune's: questions shuffled with the seed, first windows padded to 384, full length",
-    }
+    record = {"file": str(args.train), "windows": args.calibration_samples, "batch_size": args.calibration_batch_size}
+    selection = "qala.tune's: questions shuffled with the seed, first windows padded to 384, full length"
+    return {**record, "seed": args.seed, "selection": selection}
 
 
 if __name__ == "__main__":

@@ -3,27 +3,17 @@
     python benchmarks/serve_load.py --model runs/quickstart/int8_static/model --p95-ms 50 \
         --rates 5,10,20,40,80 --seconds 30 --max-requests 2000 --out benchmarks/results/serve_load
 
-For each mode (fixed: no target, every request at the most accurate configuration = full length;
-adaptive: --p95-ms T), the script starts the server on 127.0.0.1 in a subprocess, waits for /healthz
-(the model loads and warms there), then for each offered rate sends real SQuAD dev questions
-(../shared/data/squad-v1.1/dev.json) as an open-loop Poisson stream, bounded by --seconds and
---max-requests per rate, waits at most --drain-s for the answers still out, and records throughput
-(answers per second), p50/p95/p99 latency of the answers seen by the client, the requests refused (503:
-shed on arrival because their predicted completion was past the server's shed threshold, or a full
-queue; both with Retry-After), timed out (504) and failed otherwise (other statuses, transport errors),
-each counted apart, and the F1 of the answers given (unanswered questions count as missing, not as 0,
-and are reported apart). The adaptive server sheds past 2x --p95-ms (qala.serve's default); --shed-ms
-gives both modes that threshold instead (0: no shedding).
-Before the servers, it measures the in-process batched throughput of the same model and engine
-(QalaModel.answer_batch in batches of --max-batch) for the "served >= 0.9x in-process" goal.
-Writes results.json (with CPU, versions, date and the command) and p95_f1.png beside it.
+Per mode (fixed: full length; adaptive: --p95-ms T) the server runs on 127.0.0.1 in a subprocess; per
+offered rate, SQuAD dev questions go out as an open-loop Poisson stream (bounded by --seconds and
+--max-requests, --drain-s for answers still out). Recorded: answers/s, client-side p50/p95/p99, refused
+(503: shed or full queue), timed out (504) and other failures apart, F1 of the answers given (unanswered
+ones reported apart). The adaptive server sheds past 2x --p95-ms; --shed-ms sets both modes' threshold
+(0: none). First, the in-process throughput of QalaModel.answer_batch (the "served >= 0.9x" goal).
+Writes results.json (CPU, versions, date, command) and p95_f1.png.
 
-Why not locust: its workers are gevent greenlets (monkey-patching, not asyncio), and its users are
-closed-loop (the next request waits for the last answer), so under overload the offered rate drops to
-what the server sustains and queueing delay goes unmeasured (coordinated omission). An open-loop
-generator sends at the offered rate whatever the server does; asyncio + httpx (already in the serve
-extra) does that in ~60 lines, and one client process at these rates (<= a few hundred per second)
-is not the bottleneck.
+Why not locust: its users are closed-loop (the next request waits for the last answer), so under overload
+the offered rate drops to what the server sustains and queueing delay goes unmeasured (coordinated
+omission); an open-loop asyncio + httpx sender sends at the offered rate whatever the server does.
 """
 
 from __future__ import annotations
@@ -55,12 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (with frontier.json) to serve")
     p.add_argument("--p95-ms", type=float, required=True, help="the adaptive mode's latency target")
-    p.add_argument(
-        "--shed-ms",
-        type=float,
-        default=None,
-        help="the servers' --shed-ms, both modes (default: adaptive sheds at 2x --p95-ms, fixed never; 0: no shedding)",
-    )
+    p.add_argument("--shed-ms", type=float, help="the servers' --shed-ms, both modes (default: adaptive 2x --p95-ms)")
     p.add_argument("--rates", default="5,10,20,40,80", help="offered loads, requests per second")
     p.add_argument("--seconds", type=float, default=30.0, help="sending time per rate (bound)")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per rate (bound)")
@@ -108,20 +93,17 @@ def in_process_throughput(args: argparse.Namespace, questions: list[dict[str, An
     from qala.answer import QalaModel
 
     model = QalaModel.from_pretrained(args.model, threads=args.threads, backend=args.engine)
-    sample = questions[: args.in_process_questions]
-    warm = sample[: args.max_batch]
-    model.answer_batch([q["question"] for q in warm], [q["context"] for q in warm])
-    started = time.perf_counter()
-    for i in range(0, len(sample), args.max_batch):
-        chunk = sample[i : i + args.max_batch]
+    sample, b = questions[: args.in_process_questions], args.max_batch
+
+    def answer(chunk: list[dict[str, Any]]) -> None:
         model.answer_batch([q["question"] for q in chunk], [q["context"] for q in chunk])
+
+    answer(sample[:b])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(sample), b):
+        answer(sample[i : i + b])
     seconds = time.perf_counter() - started
-    return {
-        "questions": len(sample),
-        "batch": args.max_batch,
-        "seconds": seconds,
-        "answers_per_s": len(sample) / seconds,
-    }
+    return {"questions": len(sample), "batch": b, "seconds": seconds, "answers_per_s": len(sample) / seconds}
 
 
 @contextlib.contextmanager
@@ -241,12 +223,12 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
 
 
 def plot(results: dict[str, Any], path: Path, target: float) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qala.bench.report import save_figure
 
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 7))
+    fig = Figure(figsize=(7, 7))  # the Figure API: no pyplot state
+    top, bottom = fig.subplots(2, 1, sharex=True)
     for mode, rows in results["modes"].items():
         rates = [r["offered_rps"] for r in rows]
         top.plot(rates, [r["p95_ms"] for r in rows], marker="o", label=mode)
@@ -259,8 +241,7 @@ def plot(results: dict[str, Any], path: Path, target: float) -> None:
     bottom.set_xlabel("offered load (requests/s)")
     bottom.legend()
     fig.suptitle(f"qala.serve on {results['environment'].get('cpu', 'CPU')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,17 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("server_commands", {})[mode] = shlex.join(command)
             rows = []
             for rate in rates:
-                raw = asyncio.run(
-                    open_loop(
-                        f"http://127.0.0.1:{port}",
-                        questions,
-                        rate,
-                        args.seconds,
-                        args.max_requests,
-                        args.drain_s,
-                        args.seed,
-                    )
-                )
+                bounds = (args.seconds, args.max_requests, args.drain_s, args.seed)
+                raw = asyncio.run(open_loop(f"http://127.0.0.1:{port}", questions, rate, *bounds))
                 rows.append(summarize(raw, by_id, rate))
                 print(json.dumps({"mode": mode, **rows[-1]}), flush=True)
                 time.sleep(1.0)  # let the queue drain between rates

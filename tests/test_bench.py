@@ -211,7 +211,7 @@ def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir, monkeypatch):
             "benchmark.f1={'QuaLA-MiniLM/fp32/lc-60-50': 29.5}",
         ],
     )
-    rows, notes = plan.plan_rows(recipe, recipe.benchmark)
+    rows, notes = plan.plan_rows(recipe)
     by_id = {r["id"]: r for r in rows}
     dyn = rows[1]
     assert dyn["id"] == plan.row_id("Dynamic-TinyBERT", "fp32", dyn["length_config"])

@@ -1,4 +1,4 @@
-"""The real-questions table (qala.bench.questions): planning, the end-to-end measurement, engines, the JSON.
+"""The real-questions table (worker.measure_questions): planning, the end-to-end measurement, engines, the JSON.
 
 Tiny models (2 layers, hidden 32) on the packaged SQuAD sample; nothing here asserts a timing.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForQuestionAnswering, BertConfig
 
-from qala.bench import cli, peers, plan, questions
+from qala.bench import cli, peers, plan, worker
 from qala.bench.peers import onnx_model
 from qala.model import kept_per_layer, macs_per_sample
 from qala.recipe import load_recipe
@@ -104,7 +104,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
         ],
     )
     monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
-    rows, notes = plan.plan_question_rows(recipe, recipe.benchmark)
+    rows, notes = plan.plan_rows(recipe, "questions")
     ids = [r["id"] for r in rows]
     assert ids[:2] == ["transformers/BERT-base/fp32/full/b1", "transformers/BERT-base/fp32/full/b32"]
     assert {
@@ -140,7 +140,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": configs}))
     monkeypatch.setattr(plan, "IPEX_PYTHON", python)
     monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
-    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, pad_multiple=64)
+    rows, _ = plan.plan_rows(recipe, "questions", pad_multiple=64)
     by_id = {r["id"]: r for r in rows}
     ipex = [r for r in rows if r["engine"] == "ipex"]
     assert [r["id"] for r in ipex] == [
@@ -173,7 +173,7 @@ def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_d
         return recorded, facts
 
     monkeypatch.setitem(peers.ENGINES, "qala", spy)
-    result = questions.measure_questions(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
+    result = worker.measure_questions(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
     assert seen and all(bool(mask[:, -1].any()) for mask in seen)  # the last position is some window's token
     assert result["questions"] == 5 and result["requests"] == 3 and result["windows"] >= 5
     assert result["real_tokens"] <= result["padded_positions"]
@@ -183,12 +183,12 @@ def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_d
 
 
 def test_same_answers_through_qala_and_transformers_and_a_ratio_row(tmp_path, model_dir):  # noqa: F811
-    full = questions.measure_questions(spec_for(model_dir, tmp_path))
-    plain = questions.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
+    full = worker.measure_questions(spec_for(model_dir, tmp_path))
+    plain = worker.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
     assert full["f1"] == plain["f1"] and full["exact_match"] == plain["exact_match"]
-    ratio = questions.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
+    ratio = worker.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
     assert ratio["gmacs_real_tokens"] < full["gmacs_real_tokens"] and ratio["f1"] is not None
-    random = questions.measure_questions(
+    random = worker.measure_questions(
         spec_for(model_dir, tmp_path, engine="transformers", path=None, arch=TINY_ARCH, f1_note="speed only")
     )
     assert random["f1"] is None and random["ms_p50"] > 0
@@ -197,20 +197,20 @@ def test_same_answers_through_qala_and_transformers_and_a_ratio_row(tmp_path, mo
 def test_real_token_macs_follow_the_row_configuration():
     config = BertConfig(**TINY_ARCH, num_hidden_layers=2)
     full = {"length_config": None, "length_mode": None}
-    assert questions.real_token_macs(config, full, [10, 30]) == macs_per_sample(config, None, 10) + macs_per_sample(
+    assert worker.real_token_macs(config, full, [10, 30]) == macs_per_sample(config, None, 10) + macs_per_sample(
         config, None, 30
     )
     ratio = {"length_config": [0.7, 0.5], "length_mode": "ratio"}
-    assert questions.real_token_macs(config, ratio, [10]) == macs_per_sample(config, kept_per_layer([0.7, 0.5], 10), 10)
+    assert worker.real_token_macs(config, ratio, [10]) == macs_per_sample(config, kept_per_layer([0.7, 0.5], 10), 10)
     absolute = {"length_config": [20, 8], "length_mode": "absolute"}
-    assert questions.real_token_macs(config, absolute, [30]) == macs_per_sample(config, [20, 8], 30)
+    assert worker.real_token_macs(config, absolute, [30]) == macs_per_sample(config, [20, 8], 30)
 
 
 def test_pad_to_multiple():
     inputs = {"input_ids": torch.ones(2, 37, dtype=torch.long), "attention_mask": torch.ones(2, 37, dtype=torch.long)}
-    padded = questions.pad_to_multiple(inputs, 32, pad_id=0)
+    padded = worker.pad_to_multiple(inputs, 32, pad_id=0)
     assert padded["input_ids"].shape == (2, 64) and int(padded["attention_mask"][:, 37:].sum()) == 0
-    assert questions.pad_to_multiple(inputs, None) is inputs and questions.pad_to_multiple(inputs, 1) is inputs
+    assert worker.pad_to_multiple(inputs, None) is inputs and worker.pad_to_multiple(inputs, 1) is inputs
 
 
 def peer_inputs() -> list[dict]:
@@ -273,16 +273,14 @@ def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     calibration = {"data": "package://qala/samples/squad_sample_train.json", "windows": 8}
-    plain = questions.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
-    peer = questions.measure_questions(spec_for(model_dir, tmp_path, engine="openvino"))
-    bucketed = questions.measure_questions(spec_for(model_dir, tmp_path, backend="openvino"))
+    plain = worker.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
+    peer = worker.measure_questions(spec_for(model_dir, tmp_path, engine="openvino"))
+    bucketed = worker.measure_questions(spec_for(model_dir, tmp_path, backend="openvino"))
     assert peer["f1"] == plain["f1"] == bucketed["f1"] and bucketed["compiled_models"] > 0
-    ratio = questions.measure_questions(
+    ratio = worker.measure_questions(
         spec_for(model_dir, tmp_path, backend="openvino", length_config=[0.7, 0.4], length_mode="ratio")
     )
-    reference = questions.measure_questions(
-        spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio")
-    )
+    reference = worker.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
     assert ratio["f1"] == reference["f1"]
     # max_seq_length 96: a training-sample question is too long for 64-token windows with doc_stride 32.
     window = {"max_seq_length": 96, "doc_stride": 32, "calibration": calibration, "dtype": "int8"}
@@ -290,7 +288,7 @@ def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
         spec_for(model_dir, tmp_path, engine="openvino", **window),
         spec_for(model_dir, tmp_path, backend="openvino-int8", **window),
     ):
-        row = questions.measure_questions(spec)
+        row = worker.measure_questions(spec)
         assert row["f1"] is not None and "nncf" in row["quantization"]
 
 
@@ -365,17 +363,15 @@ def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: 
     # what this test is about.
     overrides = [f"benchmark.int8_model={model_dir}", "benchmark.ipex=false"]
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
-    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, qala_backends=["eager", "compile-dynamic"])
+    rows, _ = plan.plan_rows(recipe, "questions", qala_backends=["eager", "compile-dynamic"])
     qala = [r["id"] for r in rows if r["engine"] == "qala"]
     assert qala == ["qala:eager/MiniLM/fp32/full/b2", "qala:compile-dynamic/MiniLM/fp32/full/b2"] + [
         "qala:eager/MiniLM/int8/full/b2",
         "qala:compile-dynamic/MiniLM/int8/full/b2",
     ]
     pytest.importorskip("qala.quantize.engines")
-    eager = questions.measure_questions(spec_for(model_dir, tmp_path, backend="eager"))
-    assert (
-        eager["backend"] == "eager" and eager["f1"] == questions.measure_questions(spec_for(model_dir, tmp_path))["f1"]
-    )
+    eager = worker.measure_questions(spec_for(model_dir, tmp_path, backend="eager"))
+    assert eager["backend"] == "eager" and eager["f1"] == worker.measure_questions(spec_for(model_dir, tmp_path))["f1"]
 
 
 def test_qala_rows_run_a_requests_windows_in_length_groups(tmp_path, model_dir):  # noqa: F811
@@ -397,7 +393,7 @@ def test_qala_rows_run_a_requests_windows_in_length_groups(tmp_path, model_dir):
             out = model(**batch)
         return out.start_logits.numpy(), out.end_logits.numpy()
 
-    start, end = questions.grouped(predict)(inputs)
+    start, end = worker.grouped(predict)(inputs)
     assert sum(rows for (rows, _), _ in calls) == len(lengths) and len(calls) > 1
     for (_, cut), real in calls:
         assert cut == max(real) and cut - min(real) < 32, real  # each window padded by < 32 positions
@@ -406,7 +402,7 @@ def test_qala_rows_run_a_requests_windows_in_length_groups(tmp_path, model_dir):
     for b, n in enumerate(lengths):
         assert abs(start[b, :n] - whole_start[b, :n]).max() < 1e-4 and abs(end[b, :n] - whole_end[b, :n]).max() < 1e-4
     # Padded to a row's multiple (compiled rows): every group's width is a multiple, never past the batch.
-    assert [cut for _, cut in questions.length_groups(inputs, multiple=32)] == [32, 64, 96, 100]
+    assert [cut for _, cut in worker.length_groups(inputs, multiple=32)] == [32, 64, 96, 100]
 
 
 def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # noqa: F811
@@ -423,7 +419,7 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     assert recipe.benchmark.int8_model is None
     backends = ["eager", "onnxruntime-int8", "openvino-int8"]
-    rows, _ = plan.plan_question_rows(recipe, recipe.benchmark, qala_backends=backends)
+    rows, _ = plan.plan_rows(recipe, "questions", qala_backends=backends)
     int8 = {r["id"]: r for r in rows if r["engine"] == "qala" and r["dtype"] == "int8"}
     assert set(int8) == {
         "qala:onnxruntime-int8/MiniLM/int8/full/b2",
@@ -439,7 +435,7 @@ def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, mon
     ids = {}
     for value in ("true", "false"):
         recipe = load_recipe(write_recipe(tmp_path, model_dir), ["benchmark.ipex=false", f"benchmark.openvino={value}"])
-        rows, _ = plan.plan_question_rows(recipe, recipe.benchmark)
+        rows, _ = plan.plan_rows(recipe, "questions")
         ids[value] = {r["id"] for r in rows if r["engine"] == "openvino"}
     # benchmark.onnxruntime is false in this recipe: the OpenVINO peers follow their own key.
     assert ids["true"] == {"openvino/MiniLM/fp32/full/b2", "openvino/MiniLM/int8/full/b2"} and not ids["false"]

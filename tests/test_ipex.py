@@ -275,7 +275,7 @@ def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, 
         "benchmark.baselines=[]",
     ]
     recipe = load_recipe(write_recipe(tmp_path, model), overrides)
-    rows, notes = plan.plan_rows(recipe, recipe.benchmark)
+    rows, notes = plan.plan_rows(recipe)
     by_id = {r["id"]: r for r in rows}
     assert list(by_id) == [
         "MiniLM/fp32/full",

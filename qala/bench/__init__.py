@@ -2,10 +2,9 @@
 
     python -m qala.bench RECIPE.yaml [key.sub=value ...] [--resume] [--table padded|questions|all]
 
-plan.py       the rows of both tables, published F1 of the baselines, the frontier pick
+plan.py       one planner for both tables (engine x model x configuration x batch), published F1, the frontier pick
 cli.py        one harness for both tables (resume, time budget, GEMM peak, core sweep) and the command line
-worker.py     one row in its own process: `python -m qala.bench.worker SPEC OUT`; padded rows measured here
-questions.py  one real-questions row: end to end per question, unpadded windows, F1 on the same questions
+worker.py     one row in its own process: `python -m qala.bench.worker SPEC OUT`; both tables measured here
 peers.py      how a row runs, by engine name: qala's engines, random-weight baselines, transformers, ONNX
               Runtime, OpenVINO, IPEX
 roofline.py   the GEMM peak, fp32 and INT8, the best of the engines the rows use

@@ -1,16 +1,12 @@
 """How a benchmark row runs, in either table: qala's own engines and the peers it is compared with, by name.
 
 A row's engine (ENGINES) builds (predict, facts) from the row spec, its work folder and an example batch
-(engines that trace a graph per shape build the first one from it); predict(inputs) returns the (start,
-end) logits as numpy arrays [windows, positions]. facts["warm_every_shape"]: the engine builds something
-per input shape (torch.compile, IPEX's traced graphs), so every request shape is run once before timing.
-
-The peers: published architectures with random weights, plain transformers, and what a user would run
-the same checkpoint with: ONNX Runtime (fp32 and dynamic INT8, plain or through ORT's transformer
-fusions), OpenVINO (fp32 and NNCF INT8), all on transformers' plain ONNX export made by qala.quantize.onnx
-(the one exporter and session builder of qala's engines too), and IPEX 2.8 (in its own environment).
-Every import of a peer's library is local, so a worker in another environment (IPEX's torch 2.8)
-imports only what its row needs.
+(engines that trace per shape build the first graph from it); predict(inputs) returns (start, end) logits
+as numpy arrays [windows, positions]. facts["warm_every_shape"]: the engine builds something per input
+shape, so every request shape is run once before timing. Peers: published architectures on random
+weights, plain transformers, ONNX Runtime (plain or fused, fp32 or dynamic INT8) and OpenVINO (fp32 or
+NNCF INT8) on transformers' plain ONNX export (qala.quantize.onnx, the exporter of qala's engines too),
+and IPEX 2.8. Every peer library is imported locally: a worker in IPEX's environment imports only its own.
 """
 
 from __future__ import annotations
@@ -118,6 +114,8 @@ def onnx_model(spec: Mapping[str, Any], work_dir: Path, *, fused: bool = False) 
 
     if spec.get("length_config") is not None:
         return _onnx_adaptive(spec, work_dir)
+    # The settings of qala's ORT rows too (qala.quantize.onnx): ORT_ENABLE_ALL (InferenceSession's default) on
+    # the row's threads; INT8 = quantize_dynamic with QInt8 weights per channel (its own default: per tensor).
     path, config, facts = _plain_export(spec, work_dir)
     if fused:
         fused_path = work_dir / "model.fused.onnx"

@@ -1,9 +1,6 @@
-"""What a benchmark run reports: batch summaries, derived columns, markdown tables and plots.
-
-Two tables: the padded one (windows padded to max_seq_length, the paper's view: speedups against
-BERT-base, % of GEMM peak) and the real-questions one (end to end per question, unpadded windows;
-qala.bench.questions). Plots use matplotlib's Figure API (no pyplot state), as qala.search does.
-The tables quoted in README.md and docs/ are generated here from the result files, never typed:
+"""What a benchmark run reports: batch summaries, derived columns, markdown tables and plots of both tables
+(padded: speedups against BERT-base, % of GEMM peak; real questions: per question, end to end). The tables
+quoted in README.md and docs/ are generated here from the result files, never typed:
 
     python -m qala.bench.report questions [FILE] [--all]     # the headline table of a real_questions.json
     python -m qala.bench.report int8 OUT NAME=report.json ... [--sensitivity FILE] [note:NAME=TEXT ...]
@@ -122,11 +119,7 @@ def format_questions_table(document: Mapping[str, Any]) -> str:
         fraction = row.get("int8_peak_fraction")
         cells = [engine, row["name"], row["dtype"], slug, str(row["batch_size"]), fmt(row.get("f1"), 2)]
         cells += [fmt(row.get("ms_p50"), 2), fmt(row.get("ms_p90"), 2), fmt(row.get("questions_per_s"), 1)]
-        cells += [
-            fmt(row.get("achieved_gmacs_per_s"), 1),
-            fmt(fraction * 100 if fraction is not None else None, 1, "%"),
-        ]
-        lines.append(cells)
+        lines.append(cells + [fmt(row.get("achieved_gmacs_per_s"), 1), fmt(fraction and fraction * 100, 1, "%")])
     m = document.get("method", {})
     notes = ["", m.get("summary", "")] if m.get("summary") else []
     return "\n".join(_markdown(QUESTIONS_HEADER, lines) + notes + _failures(document["rows"])) + "\n"
@@ -156,29 +149,43 @@ def save_figure(fig: Any, path: str | Path) -> None:
     fig.savefig(str(path), dpi=120)
 
 
-def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
-    """F1 versus speedup (largest batch) of every row that has both; False when there is nothing to plot."""
-    last = str(document["method"]["batch_sizes"][-1])
-    points = [
-        (r["speedup_vs_bert_base"][last], r["f1"], r)
-        for r in document["rows"]
-        if r.get("status") == "ok" and r.get("f1") is not None and (r.get("speedup_vs_bert_base") or {}).get(last)
-    ]
-    if not points:
+def _scatter(path: str | Path, groups: Sequence[tuple[str, str, list]], xlabel: str, ylabel: str, size: int) -> bool:
+    """Log-x scatter of (label, marker, [(x, y, annotation), ...]) groups; False when there is nothing to plot."""
+    groups = [g for g in groups if g[2]]
+    if not groups:
         return False
     fig, ax = figure()
-    for dtype, marker in (("fp32", "o"), ("int8", "s")):
-        chosen = [(x, y) for x, y, r in points if r["dtype"] == dtype]
-        if chosen:
-            ax.scatter([x for x, _ in chosen], [y for _, y in chosen], marker=marker, label=dtype)
-    for x, y, r in points:
-        ax.annotate(r["name"] + (" *" if r.get("f1_published") else ""), (x, y), fontsize=7)
+    for label, marker, points in groups:
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], marker=marker, label=label)
+        for x, y, text in points:
+            ax.annotate(text, (x, y), fontsize=size)
     ax.set_xscale("log")
-    ax.set_xlabel(f"throughput speedup vs BERT-base fp32, batch {last}")
-    ax.set_ylabel("SQuAD F1 (* published)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     save_figure(fig, path)
     return True
+
+
+def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
+    """F1 versus speedup (largest batch) of every row that has both."""
+    last = str(document["method"]["batch_sizes"][-1])
+    rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
+    rows = [r for r in rows if (r.get("speedup_vs_bert_base") or {}).get(last)]
+    groups = [
+        (
+            dtype,
+            marker,
+            [
+                (r["speedup_vs_bert_base"][last], r["f1"], r["name"] + (" *" if r.get("f1_published") else ""))
+                for r in rows
+                if r["dtype"] == dtype
+            ],
+        )
+        for dtype, marker in (("fp32", "o"), ("int8", "s"))
+    ]
+    xlabel = f"throughput speedup vs BERT-base fp32, batch {last}"
+    return _scatter(path, groups, xlabel, "SQuAD F1 (* published)", 7)
 
 
 def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> bool:
@@ -189,14 +196,11 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
     for row_id in dict.fromkeys(s["row"] for s in sweep):
         for n in sorted({s["ninstances"] for s in sweep if s["row"] == row_id}):
             runs = sorted(
-                (s for s in sweep if s["row"] == row_id and s["ninstances"] == n), key=lambda s: s["total_cores"]
+                (s for s in sweep if (s["row"], s["ninstances"]) == (row_id, n)), key=lambda s: s["total_cores"]
             )
-            ax.plot(
-                [s["total_cores"] for s in runs],
-                [s["total_samples_per_s"] for s in runs],
-                "o-" if n == 1 else "s--",
-                label=f"{row_id} ({n} instance{'s' if n > 1 else ''})",
-            )
+            label = f"{row_id} ({n} instance{'s' if n > 1 else ''})"
+            x, y = [s["total_cores"] for s in runs], [s["total_samples_per_s"] for s in runs]
+            ax.plot(x, y, "o-" if n == 1 else "s--", label=label)
     ax.set_xlabel("cores")
     ax.set_ylabel(f"samples/s, batch {document['core_sweep']['batch_size']}")
     ax.legend(fontsize=7)
@@ -207,23 +211,15 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
 def plot_questions(document: Mapping[str, Any], path: str | Path) -> bool:
     """F1 versus questions/s of the real-questions rows that have an F1, one marker per batch size."""
     rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
-    if not rows:
-        return False
-    fig, ax = figure()
-    for batch, marker in zip(sorted({r["batch_size"] for r in rows}), "osD^v", strict=False):
-        chosen = [r for r in rows if r["batch_size"] == batch]
-        ax.scatter(
-            [r["questions_per_s"] for r in chosen], [r["f1"] for r in chosen], marker=marker, label=f"batch {batch}"
-        )
-        for r in chosen:
-            label = f"{r['engine']} {r['dtype']} {config_slug(r.get('length_config'), r.get('length_mode') or '')}"
-            ax.annotate(label, (r["questions_per_s"], r["f1"]), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("questions/s, end to end (tokenization, all windows, post-processing)")
-    ax.set_ylabel(f"F1 on the same {document['method'].get('questions', '')} questions")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return True
+
+    def point(r: Mapping[str, Any]) -> tuple[float, float, str]:
+        slug = config_slug(r.get("length_config"), r.get("length_mode") or "")
+        return r["questions_per_s"], r["f1"], f"{r['engine']} {r['dtype']} {slug}"
+
+    batches = zip(sorted({r["batch_size"] for r in rows}), "osD^v", strict=False)
+    groups = [(f"batch {b}", marker, [point(r) for r in rows if r["batch_size"] == b]) for b, marker in batches]
+    xlabel = "questions/s, end to end (tokenization, all windows, post-processing)"
+    return _scatter(path, groups, xlabel, f"F1 on the same {document['method'].get('questions', '')} questions", 6)
 
 
 # --------------------------------------------------------------------------- tables quoted in README.md and docs/

@@ -2,14 +2,14 @@
 
     python -m qala.bench.worker SPEC.json OUT        # OUT: a file, or a folder (OUT/worker-<pid>.json)
 
-The harness (qala.bench.cli) starts one worker per row, so peak resident memory is the row's own and
-no row inherits another's threads, allocator state or compiled graphs; torch's run_cpu launcher
-starts it per instance in the core sweep. A row may name another Python (`python` in its spec, e.g.
-the IPEX environment's): the worker then runs under that interpreter, so this module imports only
-what the row's kind needs.
-
-Spec kinds: "gemm_peak" (qala.bench.roofline), "real_questions" (qala.bench.questions), and the
-padded table's rows (KIND_ENGINES: the engine of qala.bench.peers each kind runs on).
+The harness (qala.bench.cli) starts one worker per row, so peak resident memory is the row's own and no row
+inherits another's threads, allocator state or compiled graphs; torch's run_cpu launcher starts it per
+instance in the core sweep. A row may name another Python (`python` in its spec, e.g. the IPEX
+environment's), so this module imports only what the row needs. Spec kinds: "gemm_peak"
+(qala.bench.roofline), a padded-table row (KIND_ENGINES: model calls on padded windows, every batch size)
+and "real_questions": the first `questions` questions answered in requests of `batch_size`, end to end
+(tokenization, every window unpadded, post-processing), each request timed; the answers of that same timed
+pass give the F1, and MACs are counted on real tokens (padding is work done but not counted).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from qala.utils import atomic_write_json, time_calls
 
 logger = logging.getLogger(__name__)
 
-# The padded table's row kinds (what bench.json records) and the engine each runs on.
+# The padded table's row kinds (what bench.json records) and the engine of qala.bench.peers each runs on.
 KIND_ENGINES = {
     "transformers": "transformers",  # random weights, a published shape
     "length_adaptive_random": "qala",  # random weights with qala's token dropping (Dynamic-TinyBERT)
@@ -39,6 +39,7 @@ KIND_ENGINES = {
     "onnxruntime": "onnxruntime",  # qala's adaptive graph at the row's length configuration
     "ipex": "ipex",
 }
+Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
 
 
 def load_inputs(path: str | Path) -> dict[str, Any]:
@@ -52,8 +53,7 @@ def make_batch(inputs: Mapping[str, Any], batch_size: int, start: int = 0) -> di
     """`batch_size` windows from `start`, tiling the windows when there are fewer."""
     import torch
 
-    n = inputs["input_ids"].size(0)
-    index = torch.tensor([(start + i) % n for i in range(batch_size)])
+    index = torch.tensor([(start + i) % inputs["input_ids"].size(0) for i in range(batch_size)])
     return {k: v.index_select(0, index).contiguous() for k, v in inputs.items()}
 
 
@@ -68,12 +68,10 @@ def measure(
     max_seconds: float,
     vary_inputs: bool = False,
 ) -> tuple[dict[str, Any], float]:
-    """Time `call(batch)` with qala.utils.time_calls; returns (summary, seconds of the first call, which
-    includes any compilation of this shape)."""
+    """Time `call(batch)`; (summary, seconds of the first call, which includes compiling this shape)."""
     from qala.bench.report import summarize
 
-    # Batch-1 latency cycles through different windows (real inputs differ in how many tokens are real);
-    # larger batches reuse one batch.
+    # Batch-1 latency cycles through different windows (real inputs differ in how many tokens are real).
     distinct = min(repeats, inputs["input_ids"].size(0)) if vary_inputs else 1
     batches = [make_batch(inputs, batch_size, start=i * batch_size) for i in range(distinct)]
     first = time_calls(lambda: call(batches[0]), warmup=0, repeats=1)[0]
@@ -97,25 +95,195 @@ def measure_padded_row(spec: Mapping[str, Any]) -> dict[str, Any]:
     inputs = load_inputs(spec["inputs"])
     started = time.perf_counter()
     # Engines that trace per shape (IPEX) build the first batch size's graph while loading.
-    example = make_batch(inputs, spec["batch_sizes"][0])
-    call, facts = ENGINES[KIND_ENGINES[spec["kind"]]](spec, Path(spec["work_dir"]), example)
+    call, facts = ENGINES[KIND_ENGINES[spec["kind"]]](
+        spec, Path(spec["work_dir"]), make_batch(inputs, spec["batch_sizes"][0])
+    )
     result: dict[str, Any] = {**facts, "load_seconds": round(time.perf_counter() - started, 2)}
     batches, first_call = {}, {}
     for b in spec["batch_sizes"]:
         latency = b == 1 and not spec.get("throughput_only")
-        summary, first = measure(
-            call,
-            inputs,
-            b,
-            warmup=spec["warmup"],
-            repeats=spec["latency_repeats"] if latency else spec["repeats"],
-            min_repeats=spec["min_repeats"],
-            max_seconds=spec["max_seconds_per_measurement"],
-            vary_inputs=latency,
-        )
-        batches[str(b)] = summary
+        repeats = spec["latency_repeats"] if latency else spec["repeats"]
+        timing = {"warmup": spec["warmup"], "min_repeats": spec["min_repeats"], "repeats": repeats}
+        timing.update(max_seconds=spec["max_seconds_per_measurement"], vary_inputs=latency)
+        batches[str(b)], first = measure(call, inputs, b, **timing)
         first_call[str(b)] = round(first, 3)
     return {**result, "batches": batches, "first_call_seconds": first_call}
+
+
+# --------------------------------------------------------------------------- real questions, end to end
+
+
+def length_groups(inputs: Mapping[str, Any], multiple: int | None = None) -> list[tuple[list[int], int]]:
+    """(rows, width) per call of a qala row: the request's windows sorted by real length and grouped per 32
+    tokens (qala.quantize.engines.length_batches), each group cut to its longest window (then padded to
+    `multiple`): a request of 32 questions pads each window by fewer than 32 positions, not to its longest."""
+    from qala.quantize.engines import length_batches
+
+    lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+    groups = []
+    for rows in length_batches(lengths, max_batch=len(lengths)):
+        longest = max(lengths[i] for i in rows)
+        padded = longest + (-longest % multiple if multiple and multiple > 1 else 0)
+        groups.append((rows, min(padded, inputs["input_ids"].size(1))))
+    return groups
+
+
+def grouped(predict: Predictor, multiple: int | None = None, pad_id: int = 0) -> Predictor:
+    """`predict` called once per length group (length_groups); the logits come back at the batch's rows and
+    positions (positions past a group's width: -1e4, padding, never an answer)."""
+    import numpy as np
+    import torch
+
+    def run(inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+        start, end = (np.full(tuple(inputs["input_ids"].shape), -1e4, dtype=np.float32) for _ in range(2))
+        for group, cut in length_groups(inputs, multiple):
+            index = torch.tensor(group)
+            s, e = predict(pad_to_multiple({k: v[index, :cut] for k, v in inputs.items()}, multiple, pad_id))
+            start[group, :cut], end[group, :cut] = s[:, :cut], e[:, :cut]
+        return start, end
+
+    return run
+
+
+def pad_to_multiple(inputs: dict[str, Any], multiple: int | None, pad_id: int = 0) -> dict[str, Any]:
+    """Right-pad a batch to a multiple of `multiple` positions (attention_mask 0 on the padding)."""
+    import torch.nn.functional as F
+
+    extra = -inputs["input_ids"].size(1) % multiple if multiple and multiple > 1 else 0
+    if not extra:
+        return inputs
+    return {k: F.pad(v, (0, extra), value=pad_id if k == "input_ids" else 0) for k, v in inputs.items()}
+
+
+def real_token_macs(config: Any, spec: Mapping[str, Any], lengths: Sequence[int]) -> int:
+    """MACs of windows at their real lengths under the row's configuration (qala.model.macs_per_sample)."""
+    from qala.model import kept_per_layer, macs_per_sample
+
+    values, ratio = spec.get("length_config"), spec.get("length_mode") == "ratio"
+    kept = [None if values is None else kept_per_layer(values, n) if ratio else list(values) for n in lengths]
+    return sum(macs_per_sample(config, k, n) for k, n in zip(kept, lengths, strict=True))
+
+
+def _requests(spec: Mapping[str, Any]) -> tuple[dict[str, list], list[dict[str, list]]]:
+    """(the row's questions as columns, those questions in requests of batch_size): the first N, in file order."""
+    from qala.data import load_squad
+    from qala.utils import resolve_model_path
+
+    examples = load_squad(resolve_model_path(spec["data"]), split=spec["data_split"])
+    n = min(spec["questions"] or len(examples), len(examples))
+    columns = examples.select(range(n)).with_format(None).select_columns(["id", "question", "context", "answers"])[:]
+    b = spec["batch_size"]
+    return columns, [{k: columns[k][i : i + b] for k in ("id", "question", "context")} for i in range(0, n, b)]
+
+
+def _survey(requests: Sequence[Mapping[str, Any]], featurize: Callable, call_shapes: Callable) -> tuple:
+    """An untimed pass over the tokenizer: (every call shape, one request's inputs per new call shape, every
+    window's real length, padded positions). Compiled graphs warm on those shapes before the clock starts (no
+    request may wait for a compile); the real lengths give the MACs."""
+    shapes: set[tuple[int, int]] = set()
+    warm, real_lengths, padded_positions = [], [], 0
+    for request in requests:
+        features, inputs = featurize(request)
+        calls = call_shapes(inputs)
+        if not set(calls) <= shapes:
+            warm.append(inputs)
+            shapes.update(calls)
+        real_lengths += [len(ids) for ids in features["input_ids"]]
+        padded_positions += sum(rows * width for rows, width in calls)
+    return shapes, warm, real_lengths, padded_positions
+
+
+def _answerer(spec: Mapping[str, Any]) -> tuple[Callable, Callable, Callable]:
+    """(featurize(request) -> (features, inputs), call_shapes(inputs), bind(predict) -> (predict, answer)):
+    windows unpadded (to the row's pad_to_multiple_of), in length groups for qala rows."""
+    from transformers import AutoTokenizer
+
+    from qala.data import postprocess_with_scores, prepare_eval_features
+    from qala.model import batch_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    pad_id, multiple = tokenizer.pad_token_id or 0, spec.get("pad_to_multiple_of")
+    window = {"max_seq_length": spec["max_seq_length"], "doc_stride": spec["doc_stride"]}
+    answers = {"n_best_size": spec["n_best_size"], "max_answer_length": spec["max_answer_length"]}
+
+    def featurize(request: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        features = prepare_eval_features(request, tokenizer, **window)
+        return features, pad_to_multiple(batch_inputs(features, pad_id=pad_id), multiple, pad_id)
+
+    def call_shapes(inputs: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+        if spec["engine"] != "qala":
+            return (tuple(inputs["input_ids"].shape),)
+        return tuple((len(rows), cut) for rows, cut in length_groups(inputs, multiple))
+
+    def bind(predict: Predictor) -> tuple[Predictor, Callable]:
+        predict = grouped(predict, multiple, pad_id) if spec["engine"] == "qala" else predict
+
+        def answer(request: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+            features, inputs = featurize(request)
+            return postprocess_with_scores(request, features, *predict(inputs), **answers)
+
+        return predict, answer
+
+    return featurize, call_shapes, bind
+
+
+def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One real-questions row: answer the questions request by request, each request timed; speed, F1, MACs."""
+    from transformers import AutoConfig, BertConfig
+
+    from qala.bench.peers import ENGINES
+    from qala.data import references_from, squad_metrics
+    from qala.utils import environment_info, latency_stats
+
+    if spec["engine"] not in ENGINES:
+        raise ValueError(f"unknown engine {spec['engine']!r}; expected one of {sorted(ENGINES)}")
+    columns, requests = _requests(spec)
+    featurize, call_shapes, bind = _answerer(spec)
+    shapes, warm, real_lengths, padded_positions = _survey(requests, featurize, call_shapes)
+    # The example is the request with the most windows: engines that compile per batch size warm up to it.
+    example = max(warm, key=lambda inputs: inputs["input_ids"].size(0))
+    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]), example)
+    if spec["engine"] == "qala":
+        facts = {**facts, "length_groups": "windows sorted by length, one call per 32-token group"}
+    predict, answer = bind(predict)
+    for request in requests[: spec.get("warmup", 1)]:
+        answer(request)
+    for inputs in warm if facts.get("warm_every_shape") else []:
+        predict(inputs)
+    predictions: dict[str, str] = {}
+    queue = iter(requests)
+    seconds = time_calls(
+        lambda: predictions.update({q: text for q, (text, _) in answer(next(queue)).items()}),
+        warmup=0,
+        repeats=len(requests),
+    )
+    stats = latency_stats([s / len(r["id"]) for s, r in zip(seconds, requests, strict=True)])
+    metrics = squad_metrics(predictions, references_from(columns))
+    n, total, scored = len(columns["id"]), sum(seconds), not spec.get("f1_note")  # f1_note: random weights
+    config = BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
+    macs = real_token_macs(config, spec, real_lengths)
+    return {
+        **facts,
+        "questions": n,
+        "requests": len(requests),
+        "windows": len(real_lengths),
+        "real_tokens": sum(real_lengths),
+        "padded_positions": padded_positions,
+        "shapes": len(shapes),
+        "untimed_warmup_requests": min(spec.get("warmup", 1), len(requests)),
+        "warmed_shapes": len(shapes) if facts.get("warm_every_shape") else 0,
+        "f1": round(metrics["f1"], 2) if scored else None,
+        "exact_match": round(metrics["exact_match"], 2) if scored else None,
+        "ms_p50": stats["p50_ms"],
+        "ms_p90": stats["p90_ms"],
+        "ms_p99": stats["p99_ms"],
+        "questions_per_s": round(n / total, 3),
+        "seconds": round(total, 3),
+        "gmacs_real_tokens": round(macs / 1e9, 3),
+        "achieved_gmacs_per_s": round(macs / total / 1e9, 3),
+        "python": sys.executable,
+        "worker_versions": environment_info()["versions"],
+    }
 
 
 def peak_rss_mb() -> float:
@@ -133,9 +301,7 @@ def run(spec_file: str | Path, out: str | Path) -> int:
     import torch
 
     spec = json.loads(Path(spec_file).read_text())
-    out = Path(out)
-    if out.is_dir():
-        out = out / f"worker-{os.getpid()}.json"
+    out = Path(out) / f"worker-{os.getpid()}.json" if Path(out).is_dir() else Path(out)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result: dict[str, Any] = {"id": spec["id"], "threads": torch.get_num_threads(), "pid": os.getpid()}
@@ -144,12 +310,8 @@ def run(spec_file: str | Path, out: str | Path) -> int:
         from qala.bench.roofline import gemm_peak
 
         result.update(gemm_peak(spec.get("threads"), spec.get("gemm_size", 2048)))
-    elif spec["kind"] == "real_questions":
-        from qala.bench.questions import measure_questions
-
-        result.update(measure_questions(spec))
     else:
-        result.update(measure_padded_row(spec))
+        result.update(measure_questions(spec) if spec["kind"] == "real_questions" else measure_padded_row(spec))
     result["peak_rss_mb"] = peak_rss_mb()
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out, result)

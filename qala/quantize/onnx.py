@@ -308,8 +308,9 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """The one ONNX Runtime CPU session of qala and the peers: all graph optimizations, `threads` intra-op
-    threads (default: torch's), one inter-op thread."""
+    """The one ONNX Runtime CPU session of qala and the peers: all graph optimizations (ORT_ENABLE_ALL, also
+    InferenceSession's default), `threads` intra-op threads (default: torch's), one inter-op thread (unused in
+    ORT's default sequential execution)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
