@@ -122,6 +122,22 @@ def test_span_selection_is_served_by_every_backend(model, backend, tmp_path):
     assert max_error(engine, model, window(40), {"keep_ratios": RATIOS}) > 0
 
 
+@needs_ov
+def test_openvino_int8_refuses_keep_configurations_of_a_span_selection_model(model, tmp_path):
+    # The CPU plugin's INT8 lowering of the span-ranked adaptive graph answered [CLS] on a real model (F1 9.48):
+    # refused with one line naming the engine and the configuration, before anything is quantized; full length
+    # (the plain graph) and the attention-ranked model still run.
+    span = copy.deepcopy(model)
+    span.qala_config.selection = "span"
+    engine = make_engine(span, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"'openvino-int8' cannot run keep configuration \[0.9, 0.6\]"):
+        engine(**window(9), keep_ratios=RATIOS)
+    assert not list(tmp_path.rglob("openvino-int8-*.xml"))  # nothing was quantized
+    assert engine.key(None, None) is None
+    attention = make_engine(model, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
+    assert attention.key(RATIOS, None) is not None
+
+
 def mixed_batch(lengths) -> tuple[list[dict], dict]:
     """Windows of several lengths, alone and right-padded into one batch."""
     rows = [window(n) for n in lengths]
