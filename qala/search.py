@@ -7,11 +7,11 @@ The search of the Length-Adaptive Transformer (Kim & Cho 2021, `evolution.py`), 
 `search` section. A gene is a length configuration: one kept length per layer, non-increasing, each
 between the recipe's lowest configuration (`min_keep_ratio` per layer) and full length. Generation 0
 is the two bounds, the constant-keep-ratio configurations, the recipe's `initial_genes` and
-`population_size` random genes; every
-later generation breeds `mutation_size` mutated and `crossover_size` crossed-over children of the
-current Pareto frontier. Only accepted children count: valid, never seen before, and with a cost
-between the costs of the lowest and the full configuration. The cost is analytic MACs
-(`macs_per_sample`) or latency measured here on the deployed backend (fp32, or the INT8 artifact).
+`population_size` random genes; every later generation breeds `mutation_size` mutated and
+`crossover_size` crossed-over children of the current Pareto frontier. Only accepted children count:
+valid, never seen before, and with a cost between the costs of the lowest and the full configuration.
+The cost is analytic MACs (`macs_per_sample`) or latency measured here on the deployed backend (fp32,
+or the INT8 artifact).
 
 OUTPUT_DIR/generation-N.json   checkpoint after each generation (every evaluated gene, population,
                                RNG state); a rerun resumes from the latest one, if it was written for
