@@ -239,6 +239,24 @@ def test_openvino_int8_runs_integer_kernels_and_tracks_pytorch(model, tmp_path):
 
 
 @needs_ov
+def test_openvino_runs_f32_unless_bf16_is_named(model, tmp_path):
+    # OpenVINO's CPU default is bf16 on hosts with AVX-512 BF16 or AMX: "openvino" must still be fp32 there.
+    import openvino as ov
+
+    fp32 = make_engine(model, "openvino", workdir=tmp_path)
+    assert not any(k.endswith(":bf16") for k in fp32.int8_precisions()), fp32.int8_precisions()
+    bf16 = make_engine(model, "openvino-bf16", workdir=tmp_path)
+    assert bf16.name == "openvino-bf16" and bf16.facts["inference_precision"] == "bf16"
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert any(k.endswith(":bf16") for k in bf16.int8_precisions()), bf16.int8_precisions()
+    scale = max(float(model(**window(n)).start_logits.abs().max()) for n in LENGTHS)
+    for n in LENGTHS:  # bf16 keeps 8 bits of mantissa: a few hundredths of the logit range
+        assert max_error(bf16, model, window(n), {}) < 0.05 * scale + 1e-3, n
+    with pytest.raises(ValueError, match="OpenVINO precision 'f16'"):
+        make_engine(model, "openvino", workdir=tmp_path, precision="f16")
+
+
+@needs_ov
 def test_openvino_buckets_warmup_paper_mode_and_refusals(model, tmp_path):
     engine = make_engine(model, "openvino", workdir=tmp_path, buckets=[16, 48], batch_sizes=[1, 2])
     report = engine.warmup(lengths=[10, 40], batch_sizes=[2], keep_ratios=[None, RATIOS])

@@ -175,9 +175,11 @@ def openvino_model(
         facts.update(
             quantization=f"{qov.NNCF_METHOD}, {len(feeds)} windows", nncf_seconds=round(time.perf_counter() - start, 1)
         )
-    compiled = qov.compile_model(model, threads=spec.get("threads"))
+    compiled = qov.compile_model(model, threads=spec.get("threads"))  # f32 where not INT8, whatever the CPU
     request = compiled.create_infer_request()
-    facts.update(size_bytes=path.stat().st_size, size_kind="onnx file (fp32)", openvino=ov.__version__)
+    facts.update(
+        size_bytes=path.stat().st_size, size_kind="onnx file (fp32)", openvino=ov.__version__, inference_precision="f32"
+    )
     if spec["dtype"] == "int8":
         facts["int8_layers"] = {k: v for k, v in qov.int8_precisions(compiled).items() if k.endswith(("u8", "i8"))}
 

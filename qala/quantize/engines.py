@@ -17,7 +17,9 @@ which a server calls once at load so that no request waits for a compile. Backen
 - "openvino" / "openvino-int8" (qala.quantize.openvino): static length buckets, one compiled model per
   (configuration, bucket, batch size); full length is the plain graph, a keep configuration the adaptive
   graph with static top-k widths per bucket. INT8 = NNCF post-training quantization on the calibration
-  windows passed in (`calibration=`; re-quantized by the engine, not INC's configuration).
+  windows passed in (`calibration=`; re-quantized by the engine, not INC's configuration). Layers that are
+  not INT8 run in f32 whatever OpenVINO's CPU default (bf16 where the CPU has AVX-512 BF16 or AMX);
+  "openvino-bf16" asks for bf16 by name (other logits than fp32: served only when named).
 
 An engine asked for a configuration it cannot run raises ValueError naming both.
 
@@ -325,6 +327,7 @@ BACKENDS: dict[str, Callable[..., Any]] = {
     "onnxruntime-int8": lambda model, **kw: _onnx_engine(model, int8=True, **kw),
     "openvino": lambda model, **kw: _openvino_engine(model, int8=False, **kw),
     "openvino-int8": lambda model, **kw: _openvino_engine(model, int8=True, **kw),
+    "openvino-bf16": lambda model, **kw: _openvino_engine(model, int8=False, precision="bf16", **kw),
 }
 
 
@@ -334,7 +337,7 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     Options go to the backend: compile-dynamic takes `backend` (torch.compile's) and `max_graphs`;
     onnxruntime* take `workdir` (exported files go to workdir/<model content hash>/; default a temporary
     folder), `threads` and `fused`; openvino* take `workdir`, `threads`, `buckets`, `batch_sizes`,
-    `max_seq_length` and (INT8) `calibration`, a list of windows {input_ids, attention_mask, token_type_ids}.
+    `max_seq_length`, `precision` ("f32"; "bf16" is the "openvino-bf16" backend) and (INT8) `calibration`, a list of windows {input_ids, attention_mask, token_type_ids}.
     The ONNX and OpenVINO backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize
     on their own.
     """

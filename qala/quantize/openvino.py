@@ -61,6 +61,7 @@ NNCF_METHOD = "nncf.quantize(model_type=TRANSFORMER), post-training, on the cali
 # Logits at positions a bucket does not cover (beyond a window's bucket, within the request's width):
 # padding, never an answer; a finite value so that no softmax over a row turns into NaN.
 OUTSIDE = -1e4
+PRECISIONS = ("f32", "bf16")
 
 Key = tuple[str, tuple[float, ...]] | None
 
@@ -93,16 +94,32 @@ def nncf_quantize(model: Any, items: Sequence[Mapping[str, np.ndarray]]) -> Any:
 
 
 def compile_model(
-    model: Any, *, threads: int | None = None, shape: Sequence[int] | None = None, cache_dir: Path | None = None
+    model: Any,
+    *,
+    threads: int | None = None,
+    shape: Sequence[int] | None = None,
+    cache_dir: Path | None = None,
+    precision: str = "f32",
 ) -> Any:
-    """Compile for the CPU; `shape` = (batch, length) reshapes every input statically first (a copy)."""
+    """Compile for the CPU; `shape` = (batch, length) reshapes every input statically first (a copy).
+
+    `precision` is the precision of the layers that are not INT8. It is set explicitly because OpenVINO's CPU
+    default follows the host: on CPUs with AVX-512 BF16 or AMX (Zen 4/5, Sapphire Rapids) it is bf16, which
+    gave logits 1e-3 away from PyTorch's fp32 (seen on Zen 5, OpenVINO 2026.4). "bf16" asks for that
+    deliberately ("openvino-bf16"), on a host whose CPU has the instructions."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     ov = require_openvino()
     core = ov.Core()
     if shape is not None:
         model = model.clone()
         model.reshape({port.get_any_name(): _input_shape(port.get_any_name(), shape, port) for port in model.inputs})
     threads = threads or torch.get_num_threads()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": precision,
+    }
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
     return core.compile_model(model, "CPU", config)
@@ -141,9 +158,15 @@ class OpenVinoEngine:
         max_seq_length: int | None = None,
         workdir: str | Path | None = None,
         threads: int | None = None,
+        precision: str = "f32",
     ) -> None:
         require_openvino()
-        self.name = "openvino-int8" if int8 else "openvino"
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if int8 and precision != "f32":
+            raise ValueError("openvino-int8 keeps its non-INT8 layers in f32 (precision='f32')")
+        self.name = "openvino-int8" if int8 else "openvino" if precision == "f32" else f"openvino-{precision}"
+        self.precision = precision
         if int8 and not calibration:
             raise ValueError(f"engine {self.name!r} needs calibration windows: make_engine(..., calibration=[...])")
         self.model, self.int8, self.threads = model, int8, threads
@@ -163,6 +186,7 @@ class OpenVinoEngine:
             "buckets": list(self.buckets),
             "batch_sizes": list(self.batch_sizes),
             "quantization": f"{NNCF_METHOD} (re-quantizes the fp32 model, not INC's configuration)" if int8 else None,
+            "inference_precision": precision,
         }
         if int8 and calibration_key is not None:
             self.facts["calibration"] = calibration_key
@@ -217,7 +241,11 @@ class OpenVinoEngine:
         if entry is None:
             start = time.perf_counter()
             compiled = compile_model(
-                self.base(key), threads=self.threads, shape=(batch, bucket), cache_dir=self.folder / "ov_cache"
+                self.base(key),
+                threads=self.threads,
+                shape=(batch, bucket),
+                cache_dir=self.folder / "ov_cache",
+                precision=self.precision,
             )
             entry = (compiled, compiled.create_infer_request())
             self._compiled[(key, bucket, batch)] = entry
