@@ -337,7 +337,8 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     Options go to the backend: compile-dynamic takes `backend` (torch.compile's) and `max_graphs`;
     onnxruntime* take `workdir` (exported files go to workdir/<model content hash>/; default a temporary
     folder), `threads` and `fused`; openvino* take `workdir`, `threads`, `buckets`, `batch_sizes`,
-    `max_seq_length`, `precision` ("f32"; "bf16" is the "openvino-bf16" backend) and (INT8) `calibration`, a list of windows {input_ids, attention_mask, token_type_ids}.
+    `max_seq_length`, `precision` ("f32"; "bf16" is the "openvino-bf16" backend) and (INT8) `calibration`,
+    a list of windows {input_ids, attention_mask, token_type_ids}.
     The ONNX and OpenVINO backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize
     on their own.
     """
