@@ -120,7 +120,10 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     assert {"onnxruntime-fused/MiniLM/fp32/full/b1", "onnxruntime-fused/MiniLM/int8/full/b32"} <= set(ids)
     openvino = plan.openvino_available()
     assert ("openvino/MiniLM/int8/full/b1" in ids) == openvino
-    assert len(ids) == len(set(ids)) == 20 + 4 * openvino
+    # OpenVINO bf16 too where bf16 is OpenVINO's CPU default (AVX-512 BF16 or AMX): what a plain user run gets.
+    bf16 = openvino and plan.openvino_bf16_native()
+    assert ("openvino/MiniLM/bf16/full/b32" in ids) == bf16
+    assert len(ids) == len(set(ids)) == 20 + 4 * openvino + 2 * bf16
     by_id = {r["id"]: r for r in rows}
     assert by_id["qala/QuaLA-MiniLM/int8/kr-0.9-0.6/b1"]["length_mode"] == "ratio"
     assert by_id["qala/QuaLA-MiniLM/int8/lc-60-50/b1"]["length_mode"] == "absolute"
@@ -265,6 +268,9 @@ def test_openvino_peer_fp32_equals_transformers_and_int8_runs_integer_layers(tmp
     int8_call, int8_facts = openvino_model({**spec, "dtype": "int8"}, tmp_path / "ov8", calibration)
     assert int8_call(peer_inputs()[1])[0].shape == (3, 50)
     assert "nncf" in int8_facts["quantization"] and int8_facts["int8_layers"]
+    bf16_call, bf16_facts = openvino_model({**spec, "dtype": "bf16"}, tmp_path / "ov16")
+    assert bf16_facts["inference_precision"] == "bf16" and facts["inference_precision"] == "f32"
+    assert bf16_call(peer_inputs()[1])[0].shape == (3, 50)
 
 
 def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
@@ -432,6 +438,7 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
 
 def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(plan, "openvino_available", lambda: True)
+    monkeypatch.setattr(plan, "openvino_bf16_native", lambda: False)
     ids = {}
     for value in ("true", "false"):
         recipe = load_recipe(write_recipe(tmp_path, model_dir), ["benchmark.ipex=false", f"benchmark.openvino={value}"])

@@ -199,6 +199,14 @@ def openvino_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf", "onnx"))
 
 
+def openvino_bf16_native() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX): there bf16 is its default
+    precision, so a user's plain OpenVINO run is bf16 and the table has that row too."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def ipex_row(model_dir: str) -> dict[str, Any]:
     """The fields of an IPEX row: the fp32 model, the environment's python and the calibration it loads."""
     return {"path": model_dir, "python": str(IPEX_PYTHON.absolute()), "ipex_summaries": str(IPEX_SUMMARIES.absolute())}
@@ -366,7 +374,8 @@ def _baselines(add: Callable[..., None], bench: Any, seq: int, padded: bool) -> 
 
 def _question_peers(add: Callable[..., None], bench: Any, model_dir: str, notes: dict[str, Any]) -> None:
     """The model through transformers (sdpa), and peers on transformers' plain ONNX export (ONNX Runtime plain and
-    fused, OpenVINO with dynamic shapes, INT8 by NNCF), fp32 and INT8; missing libraries are said in the notes."""
+    fused, OpenVINO with dynamic shapes, INT8 by NNCF), fp32 and INT8, and OpenVINO bf16 where that is its
+    CPU default; missing libraries are said in the notes."""
     add("MiniLM", "transformers", "fp32", path=model_dir, attn_implementation="sdpa")
     peers = [
         ("onnxruntime", ["onnxruntime", "onnxruntime-fused"], onnxruntime_available, ONNX_MISSING),
@@ -377,6 +386,8 @@ def _question_peers(add: Callable[..., None], bench: Any, model_dir: str, notes:
             notes[key] = {"status": "skipped", "reason": missing}
         for engine, dtype in [(e, d) for e in engines for d in ("fp32", "int8")] if installed() else ():
             add("MiniLM", engine, dtype, path=model_dir)
+        if key == "openvino" and installed() and openvino_bf16_native():
+            add("MiniLM", "openvino", "bf16", path=model_dir)
 
 
 def _qala_runs(
@@ -391,9 +402,10 @@ def _qala_runs(
     shapes: no buckets unless asked), or load_model (INT8 compiled per shape, bucketed on unpadded windows)."""
     named = [{"backend": name, "pad_to_multiple_of": pad_multiple} for name in backends]
     # An engine that quantizes (onnxruntime-int8) cannot run an fp32 row; an exported-graph engine without -int8
-    # (onnxruntime, openvino) runs an INT8 artifact's fp32 source, so no INT8 row.
+    # (onnxruntime, openvino, openvino-bf16) runs an INT8 artifact's fp32 source, so no INT8 row.
     fp32 = [w for w in named if not w["backend"].endswith("-int8")] or [{}]
-    int8 = [w for w in named if w["backend"] not in ("onnxruntime", "openvino")] or [{"compiled": bench.compile_int8}]
+    exported_float = ("onnxruntime", "openvino", "openvino-bf16")
+    int8 = [w for w in named if w["backend"] not in exported_float] or [{"compiled": bench.compile_int8}]
     if not named and not padded:
         int8[0]["pad_to_multiple_of"] = (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None
     runs = [("fp32", {"path": model_dir, **way}) for way in fp32 if model_dir]
