@@ -390,12 +390,13 @@ class QalaModel:
         if len(questions) != len(contexts):
             raise ValueError(f"got {len(questions)} questions and {len(contexts)} contexts")
         for i, (question, context) in enumerate(zip(questions, contexts, strict=True)):
-            _check_text(question, f"question {i}")
-            _check_text(context, f"context {i}")
+            # Named 1-based, "question #1", as the windows' ids below: "question 0" read as a count on the CLI.
+            _check_text(question, f"question #{i + 1}")
+            _check_text(context, f"context #{i + 1}")
         if not questions:
             return []
         examples = {
-            "id": [str(i) for i in range(len(questions))],
+            "id": [f"#{i + 1}" for i in range(len(questions))],
             "question": list(questions),
             "context": list(contexts),
         }

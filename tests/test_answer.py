@@ -262,13 +262,13 @@ def test_served_batches_are_unpadded_and_bounded(tmp_path, tiny_checkpoint, monk
 def test_empty_inputs_and_context_files(tmp_path, tiny_checkpoint, capsys):
     model_dir = write_model_dir(tmp_path, tiny_checkpoint)
     model = QalaModel.from_pretrained(model_dir)
-    with pytest.raises(ValueError, match="question 0: only whitespace; expected a non-blank string"):
+    with pytest.raises(ValueError, match="question #1: only whitespace; expected a non-blank string"):
         model.answer("  ", CONTEXT)
-    with pytest.raises(ValueError, match="context 0: empty; expected a non-blank string"):
+    with pytest.raises(ValueError, match="context #1: empty; expected a non-blank string"):
         model.answer(QUESTION, "")
-    with pytest.raises(ValueError, match="context 1: only whitespace"):
+    with pytest.raises(ValueError, match="context #2: only whitespace"):
         model.answer_batch([QUESTION, QUESTION], [CONTEXT, "\n\t \u00a0"])
-    with pytest.raises(ValueError, match="question 0: expected a non-blank string, got NoneType"):
+    with pytest.raises(ValueError, match="question #1: expected a non-blank string, got NoneType"):
         model.answer(None, CONTEXT)
     capsys.readouterr()  # what loading the model printed
     for blank, option in (
@@ -338,7 +338,7 @@ def test_a_question_longer_than_the_window_is_one_line(tmp_path, tiny_checkpoint
     assert qa.main(["--model", str(model_dir), "--question", question, "--context", CONTEXT]) == 2
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]  # after what loading the model printed
-    assert "Traceback" not in err and line.startswith("error: question 0 is ")
+    assert "Traceback" not in err and line.startswith("error: question #1 is ")
     assert "longer than the window: max_seq_length=64" in line
 
 
