@@ -234,11 +234,14 @@ class QalaModel:
         backend: str | None = None,
         compile: bool = True,
         calibration_data: str | Path | None = None,
+        warm: bool = True,
     ) -> QalaModel:
         """Load the model (fp32 or INT8), its tokenizer and frontier.json, and the serving engine: `engine`
         by name (`backend` is its older alias; `compile=False` forces "eager"), or None: the engine recorded
         as fastest on this host by a calibration (QalaModel.calibrate), else DEFAULT_ENGINE. The engine is
-        warmed for every shape and configuration it serves, so no request waits for a compile. Each
+        warmed for every shape and configuration it serves, so no request waits for a compile; `warm=False`
+        builds a shape on its first call instead (the one-shot CLI: one question needs one or two of the 48
+        OpenVINO graphs, and warming them all took 6.9 s of a 13.3 s cold start, cached, on Zen 5). Each
         configuration's cost model comes from latencies on this host, per engine (cached in
         latency_<host>.json; measured when the cache is for other weights, threads or lengths, lacks this
         engine or a configuration, or with `remeasure`). An engine of CALIBRATED_ENGINES calibrates on
@@ -278,9 +281,10 @@ class QalaModel:
             doc_stride = int(frontier.get("doc_stride", 128))
             options.update(_calibration_options(calibration, tokenizer, seq_length, doc_stride, model_hash))
         served = make_engine(model, engine, **options)
-        warm_for_serving(
-            served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]
-        )
+        if warm:
+            warm_for_serving(
+                served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]
+            )
         costs = None if remeasure else cache.costs(engine, wanted)
         if costs is None:
             costs = cache.measure(engine, served, tokenizer, points, kind=kind, repeats=latency_repeats)
@@ -850,6 +854,7 @@ def _answer(args) -> int:
         remeasure=args.remeasure,
         engine=engine,
         calibration_data=args.calibration_data,
+        warm=False,  # one question: build only the shapes it needs
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the logger already reports a budget nothing fits

@@ -583,6 +583,11 @@ def test_openvino_int8_is_served_on_calibration_data_and_its_quantization_is_cac
     again = QalaModel.from_pretrained(model_dir, engine="openvino-int8", calibration_data=TRAIN_SAMPLE)
     assert again.answer(QUESTION, CONTEXT)["answer"] == first["answer"]
     assert again.answer(QUESTION, CONTEXT)["score"] == pytest.approx(first["score"], abs=1e-4)
+    # warm=False (the one-shot CLI) compiles nothing at load, then only the shapes its question needs.
+    lazy = QalaModel.from_pretrained(model_dir, engine="openvino-int8", calibration_data=TRAIN_SAMPLE, warm=False)
+    assert not lazy.model._compiled and len(again.model._compiled) > 2
+    assert lazy.answer(QUESTION, CONTEXT)["answer"] == first["answer"]
+    assert len(lazy.model._compiled) == 1  # one window: one (configuration, bucket, batch size)
     # The model's recipe.yaml naming the same file calibrates the same way (the cache holds); said so.
     (model_dir / "recipe.yaml").write_text(f"data:\n  train: {TRAIN_SAMPLE}\n")
     from_recipe = QalaModel.from_pretrained(model_dir, engine="openvino-int8")
