@@ -264,6 +264,10 @@ def test_openvino_buckets_warmup_paper_mode_and_refusals(model, tmp_path):
     rows, batch = mixed_batch((10, 40, 12))
     engine(**batch, keep_ratios=RATIOS)
     assert len(engine._compiled) == 8  # nothing compiled after the warm-up
+    # The compiled-blob cache holds no weights for float graphs: every blob is smaller than the model file
+    # (with weights: 380 KB blobs beside a 272 KB file; without: at most 224 KB).
+    blobs = [b.stat().st_size for b in (engine.folder / "ov_cache").glob("*.blob")]
+    assert len(blobs) == 8 and max(blobs) < (engine.folder / "plain.onnx").stat().st_size, blobs
     # Full length has no selection op; a keep configuration's graph has it (and its widths are static).
     plain = {op.get_type_name() for op in engine.base(None).get_ops()}
     adaptive = {op.get_type_name() for op in engine.base(engine.key(RATIOS, None)).get_ops()}
