@@ -37,7 +37,13 @@ def window(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def configs(n: int) -> list[dict]:
-    return [{}, {"keep_ratios": RATIOS}, {"length_config": kept_per_layer([0.7, 0.5], n)}]
+    # [1.0, 0.6]: OpenVINO's static graph skips the selection at the leading full layer; the logits must not move.
+    return [
+        {},
+        {"keep_ratios": RATIOS},
+        {"length_config": kept_per_layer([0.7, 0.5], n)},
+        {"keep_ratios": [1.0, 0.6]},
+    ]
 
 
 def max_error(engine, reference, inputs: dict, config: dict) -> float:
@@ -272,6 +278,11 @@ def test_openvino_buckets_warmup_paper_mode_and_refusals(model, tmp_path):
     plain = {op.get_type_name() for op in engine.base(None).get_ops()}
     adaptive = {op.get_type_name() for op in engine.base(engine.key(RATIOS, None)).get_ops()}
     assert "TopK" not in plain and "TopK" in adaptive
+
+    def top_ks(ratios):
+        return sum(op.get_type_name() == "TopK" for op in engine.base(engine.key(ratios, None)).get_ops())
+
+    assert 0 < top_ks([1.0, 0.6]) < top_ks(RATIOS)  # no selection op at the leading layer that keeps everything
     # Paper mode: one bucket of max_seq_length, windows padded to it by the caller: the same path.
     paper = make_engine(model, "openvino", workdir=tmp_path, buckets=[64])
     padded = {k: torch.nn.functional.pad(v, (0, 64 - v.size(1))) for k, v in batch.items()}

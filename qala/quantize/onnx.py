@@ -184,13 +184,20 @@ class AdaptiveGraph(nn.Module):
     """qala's length-adaptive forward with every length decision made from tensors (one trace, all inputs).
 
     Same arithmetic as LengthAdaptiveForQuestionAnswering.forward given the same per-row counts (selection
-    at every layer; keeping all of a row's tokens is an identity selection on its real positions).
+    at every layer; keeping all of a row's tokens is an identity selection on its real positions). With static
+    `widths` (OpenVINO), the leading layers at keep ratio 1.0 skip the selection altogether.
     """
 
     def __init__(self, model: LengthAdaptiveForQuestionAnswering, widths: Widths | None = None) -> None:
         super().__init__()
         self.model = model
         self.widths = widths
+        # Leading layers whose static width keeps every position (ratio 1.0, no cap): no selection op runs there.
+        self.full_prefix = 0
+        while widths is not None and self.full_prefix < len(widths.shares):
+            if widths.shares[self.full_prefix] < 1.0 or widths.caps[self.full_prefix] is not None:
+                break
+            self.full_prefix += 1
 
     def width(self, i: int, kept: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         if self.widths is None:
@@ -214,6 +221,11 @@ class AdaptiveGraph(nn.Module):
         carried = torch.ones_like(mask)
         for i, layer in enumerate(backbone.encoder.layer):
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+            if i < self.full_prefix:
+                # Keep ratio 1.0 with nothing dropped before: every row keeps all its real tokens, an identity
+                # selection, so the layer runs as in the plain graph (no scores, top-k, gathers or restore).
+                hidden = layer.feed_forward_chunk(layer.attention(hidden, additive_mask)[0])
+                continue
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
             kept_i = torch.minimum(kept[:, i], mask.sum(dim=1))
             restored = _restore(restored, positions, hidden, carried)
