@@ -208,14 +208,14 @@ class OpenVinoEngine:
                 "are static per configuration; use 'eager', 'compile-dynamic' or 'onnxruntime'"
             )
         key = length_key(self.num_layers, keep_ratios, length_config, self.max_seq_length)
-        if self.int8 and key is not None and self.model.qala_config.selection == "span":
-            # Measured on a span-trained model (docs/engines.md, "Known bug"): the NNCF IR is right, but the CPU
-            # plugin's INT8 lowering of the adaptive graph with span ranking predicts [CLS] (F1 9.48 vs 79.11 in
-            # ONNX Runtime INT8). Refused rather than served wrong until that is fixed.
+        if self.int8 and key is not None:
+            # Measured on real models (docs/engines.md, "Known bug"): the NNCF IR is right, but the CPU plugin's INT8
+            # lowering of the adaptive graph predicts [CLS]: F1 9.48 vs 79.11 in ONNX Runtime INT8 on a span-ranked
+            # model, 9.46 vs 75.96 on the attention-ranked reference model. Refused rather than served wrong.
             raise ValueError(
-                f"engine {self.name!r} cannot run keep configuration {list(key[1])} of a span-selection model: "
-                "OpenVINO's INT8 lowering of that graph answers wrongly (docs/engines.md); use 'onnxruntime-int8' "
-                "or 'openvino'"
+                f"engine {self.name!r} cannot run keep configuration [{', '.join(f'{v:g}' for v in key[1])}]: "
+                "OpenVINO's INT8 lowering of the length-adaptive graph answers wrongly (docs/engines.md); use "
+                "'onnxruntime-int8', 'openvino' or 'openvino-bf16', or full length"
             )
         return key
 
@@ -347,7 +347,8 @@ class OpenVinoEngine:
         """Compile every (configuration, bucket of `lengths`, batch size) ahead (default: every bucket, full
         length plus the model's own keep ratios), so that no request waits for a compile."""
         buckets = sorted({bucket_of(int(n), self.buckets) for n in lengths}) if lengths else list(self.buckets)
-        configs = list(keep_ratios) if keep_ratios is not None else [None, self.model.qala_config.keep_ratios]
+        default = [None] if self.int8 else [None, self.model.qala_config.keep_ratios]  # INT8: full length only
+        configs = list(keep_ratios) if keep_ratios is not None else default
         keys = {self.key(c, None) for c in configs} | {self.key(None, c) for c in length_configs}
         sizes = sorted({s for s in self.batch_sizes if s <= max(batch_sizes)} | {1})
         start, before = time.perf_counter(), len(self._compiled)
