@@ -425,15 +425,14 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     assert recipe.benchmark.int8_model is None
     backends = ["eager", "onnxruntime-int8", "openvino-int8"]
-    rows, notes = plan.plan_rows(recipe, "questions", qala_backends=backends)
+    rows, _ = plan.plan_rows(recipe, "questions", qala_backends=backends)
     int8 = {r["id"]: r for r in rows if r["engine"] == "qala" and r["dtype"] == "int8"}
-    # openvino-int8 runs full length only (it refuses keep configurations): no frontier row, said in the notes.
     assert set(int8) == {
         "qala:onnxruntime-int8/MiniLM/int8/full/b2",
         "qala:openvino-int8/MiniLM/int8/full/b2",
         "qala:onnxruntime-int8/QuaLA-MiniLM/int8/kr-0.9-0.6/b2",
+        "qala:openvino-int8/QuaLA-MiniLM/int8/kr-0.9-0.6/b2",
     }
-    assert notes["full_length_only"]["engines"] == ["openvino-int8"]
     assert all(r["path"] == str(model_dir) for r in int8.values())
 
 

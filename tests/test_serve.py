@@ -529,8 +529,6 @@ def test_cli_refuses_bad_options_before_loading(model_dir, capsys, argv, message
 def test_openvino_int8_is_served_with_its_calibration_source_in_healthz(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(qa, "CALIBRATION_WINDOWS", 16)  # a quick quantization of the tiny model
     served = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    # openvino-int8 runs full length only (it refuses keep configurations, docs/engines.md): no frontier here.
-    (served / "frontier.json").unlink()
     train = REPO / "qala" / "samples" / "squad_sample_train.json"
     service = Service.load(ServeConfig(model=str(served), engine="openvino-int8", calibration_data=str(train)))
     try:

@@ -260,13 +260,8 @@ def plan_rows(
     for dtype, way in ways:
         add("MiniLM", "qala", dtype, **way, **(full_f1[dtype] if padded else {}))
     chosen = _chosen_points(bench, seq, fp32_f1, notes, padded)
-    from qala.quantize.engines import FULL_LENGTH_ONLY
-
-    if chosen and (skipped := sorted({w["backend"] for _, w in ways if w.get("backend") in FULL_LENGTH_ONLY})):
-        notes["full_length_only"] = {"engines": skipped, "why": "they refuse keep configurations (docs/engines.md)"}
     for point in chosen:
-        frontier_ways = [(d, w) for d in bench.frontier_dtypes for d2, w in ways if d2 == d]
-        for dtype, way in [(d, w) for d, w in frontier_ways if w.get("backend") not in FULL_LENGTH_ONLY]:
+        for dtype, way in [(d, w) for d in bench.frontier_dtypes for d2, w in ways if d2 == d]:
             f1 = measured(point.get(f"f1_{dtype}"), point["source"]) if padded else {}
             add("QuaLA-MiniLM", "qala", dtype, *reversed(point_setting(point)), **way, **f1)
     configs = [None] + [list(p["length_config"]) for p in chosen] if padded else None

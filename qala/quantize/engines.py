@@ -320,10 +320,6 @@ def _fp32_model(model: LengthAdaptiveForQuestionAnswering) -> LengthAdaptiveForQ
     return fp32.eval()
 
 
-# Engines that run full length only and refuse every keep configuration (qala.quantize.openvino: OpenVINO's INT8
-# lowering of the adaptive graph answers wrongly): planners leave their keep-configuration rows out.
-FULL_LENGTH_ONLY = ("openvino-int8",)
-
 BACKENDS: dict[str, Callable[..., Any]] = {
     "eager": lambda model, **kw: EagerEngine(model, **kw),
     "compile-dynamic": lambda model, **kw: DynamicCompiledEngine(model, **kw),
