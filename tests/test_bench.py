@@ -477,3 +477,10 @@ def test_peak_memory_is_the_workers_own_not_its_parents():
     code = "from qala.bench.worker import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert float(out.stdout) < 200 and len(big) > 0
+
+
+def test_headline_table_names_a_qala_row_without_a_serving_backend():
+    # A qala row with no --qala-backend runs load_model: the table named it by a backend it does not have (KeyError).
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "openvino_int8_keep_zen5" / "real_questions.json"
+    table = report.format_headline_table(json.loads(path.read_text()), path)
+    assert "| qala (load_model) | fp32 | full |" in table and "| qala `openvino-int8` | int8 | full |" in table

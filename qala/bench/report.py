@@ -237,7 +237,10 @@ def _date_of(document: Mapping[str, Any], path: Path) -> str:
 
 
 def _what_runs(row: Mapping[str, Any]) -> str:
-    engine = f"qala `{row['backend']}`" if row["engine"] == "qala" else ENGINE_NAMES.get(row["engine"], row["engine"])
+    if row["engine"] == "qala":  # a row without a serving backend runs load_model (eager fp32, compiled INT8)
+        engine = f"qala `{row['backend']}`" if row.get("backend") else "qala (load_model)"
+    else:
+        engine = ENGINE_NAMES.get(row["engine"], row["engine"])
     if row.get("attn_implementation"):
         engine += f" ({row['attn_implementation']})"
     if row["name"] == "BERT-base":
