@@ -1,6 +1,7 @@
 """The keep-ratio curve of trained models on real, unpadded windows: benchmarks/results/ratio_training.json + .png.
 
     python benchmarks/ratio_training.py VARIANT STEP EPOCH MODEL_DIR [--recipe R.yaml] [--shipped]
+        [--weights CHECKPOINT/model.safetensors] [--device cuda] [--out FILE]
     python benchmarks/ratio_training.py --plot-only
 
 Each call scores one model (a variant's checkpoint or final model) on the whole evaluation file at
@@ -9,7 +10,8 @@ and appends one row per ratio: {"variant", "step", "epoch", "keep_ratio", "f1", 
 macs_ratio is that configuration's MACs (qala.model.macs_per_sample) summed over the real dev windows over
 the same sum at full length. `--shape 1,1,0.9,0.5,0.3,0.2` also scores that per-layer configuration (a row
 with keep_ratio null and its keep_ratios). Rows already present for (variant, step) are kept, not measured
-again.
+again. `--weights` scores a training checkpoint (the Trainer's model.safetensors) in MODEL_DIR's configuration;
+`--device` runs the model there (a GPU session scores every epoch's checkpoint in seconds).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
+
+from safetensors.torch import load_model as load_weights
 
 from qala.data import load_squad, windows
 from qala.evaluate import evaluate_features
@@ -45,11 +49,16 @@ def score(
     selection: str | None = None,
     keeps: tuple[float, ...] = KEEP_RATIOS,
     shapes: tuple[tuple[float, ...], ...] = (),
+    weights: str | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """One row per constant keep ratio of `keeps` and per configuration of `shapes` (per-layer keep ratios);
     `eval_json`: take the constant rows' EM/F1 from qala.train's eval.json of this model (its stage scored
     the same keep ratios on the same file at the end of training) instead of evaluating again."""
     model = load_model(model_dir)
+    if weights:
+        load_weights(model, weights)
+    model.to(device)
     if selection:
         model.qala_config.selection = selection
     tokenizer = load_tokenizer(model_dir)
@@ -81,18 +90,26 @@ def score(
 
 
 def plot(document: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     from qala.bench.report import figure, save_figure
 
     fig, ax = figure((6, 4))
+    ax.set_prop_cycle(color=[plt.cm.tab20(i / 19) for i in range(20)])  # more variants than the default 10 colours
     curves: dict[str, list] = {}
-    for row in (r for r in document["rows"] if r["keep_ratio"] is not None):  # shapes are not curves
+    # One curve per variant, its last checkpoint, plus the shipped checkpoint: a GPU run scores every epoch.
+    last: dict[str, int] = {}
+    for row in document["rows"]:
+        last[row["variant"]] = max(last.get(row["variant"], 0), row["step"])
+    shown = {(v, step) for v, step in last.items()} | {(document.get("shipped"), document.get("shipped_step"))}
+    for row in (r for r in document["rows"] if r["keep_ratio"] is not None and (r["variant"], r["step"]) in shown):
         curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
     for name, points in curves.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xlabel("MACs on real dev windows / full length")
     ax.set_ylabel("F1, whole dev.json, unpadded")
-    ax.set_title(f"Keep-ratio curves ({document['cpu']})", fontsize=9)
+    ax.set_title("Keep-ratio curves (each variant's CPU or GPU: ratio_training.json)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -116,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also score these per-layer keep ratios, e.g. 1,1,0.9,0.5,0.3,0.2 (repeatable)",
     )
+    parser.add_argument("--weights", help="a checkpoint's model.safetensors to score in MODEL_DIR's configuration")
+    parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the results file (default {OUT})")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args(argv)
     environment = environment_info()
-    document = json.loads(OUT.read_text()) if OUT.is_file() else {"cpu": environment["cpu"], "rows": []}
+    out = args.out
+    document = json.loads(out.read_text()) if out.is_file() else {"cpu": environment["cpu"], "rows": []}
     if not args.plot_only:
         if None in (args.variant, args.step, args.epoch, args.model_dir):
             parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
@@ -130,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         variants = document.setdefault("variants", {})
         entry = variants.setdefault(args.variant, {})
         if keeps or shapes:
-            for row in score(args.model_dir, args.data, args.eval_json, args.selection, keeps, shapes):
+            rows = score(
+                args.model_dir, args.data, args.eval_json, args.selection, keeps, shapes, args.weights, args.device
+            )
+            for row in rows:
                 document["rows"].append({"variant": args.variant, "step": args.step, "epoch": args.epoch, **row})
             # Variants are scored in different sessions, on whatever CPU the session had.
             entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())
+            if args.device != "cpu":
+                entry["device"] = environment.get("cuda") or args.device
         entry.update({k: v for k, v in {"recipe": args.recipe, "windows_per_s": args.windows_per_s}.items() if v})
         entry["model_dir"] = args.model_dir
         # The rule the rows were scored with: --selection, else the one the model directory records.
@@ -146,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             document["windows_per_s"] = args.windows_per_s
         document["data"] = args.data
         document["environment"] = environment
-        atomic_write_json(OUT, document)
-    plot(document, OUT.with_suffix(".png"))
+        atomic_write_json(out, document)
+    plot(document, out.with_suffix(".png"))
     return 0
 
 

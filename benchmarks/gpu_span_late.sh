@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Late-drop training on a lent GPU (issue 19): two variants of recipes/reference_span_gpu*.yaml side by side
+# on the one GPU, every epoch's checkpoint scored on the whole dev file (benchmarks/ratio_training.py --weights),
+# the best checkpoint sent back as a qala model directory. Prepared here, run there:
+#
+#   bash ../shared/tools/gpu-pack ../shared/models/minilm-lat-squad-offline      # .gpu/model = the reference
+#   device run: source .gpu/setup.sh && bash benchmarks/gpu_span_late.sh          (carry [".gpu"])
+#   (gpu-pack gzips nothing: `gzip -9 .gpu/data/squad-v1.1/*.json` here and `gunzip` there keep the tree
+#   under the 64 MiB a call carries; then VARIANTS=second from runs/span_gpu_b64_e6, the first run's export)
+#   here:       bash ../shared/tools/gpu-unpack FILES_AT runs/span_gpu_best  (then qala.utils.write_manifest: weights came back fp16-rounded)
+#               + $FILES_AT/ratio_training.json holds the rows of every variant and epoch
+#
+# Bounded: training stops after TRAIN_S seconds (the epoch checkpoints so far are scored), scoring after
+# EVAL_S. The best checkpoint: highest F1 at [0.95,0.8,0.6,0.4,0.3,0.2] (0.58x MACs) among those whose full
+# length stays within 1% of the reference's 71.18. EXTRA/DATA/MODEL override for a CPU dry run.
+set -uo pipefail
+TRAIN_S=${TRAIN_S:-290}
+EVAL_S=${EVAL_S:-140}
+MODEL=${MODEL:-.gpu/model}
+DATA=${DATA:-../shared/data/squad-v1.1/dev.json}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:?set by the device tool}
+EXTRA=${EXTRA:-}
+FULL_MIN=${FULL_MIN:-70.47}  # 1% below the reference's 71.18
+work=${WORK:-/tmp/span_gpu}
+rm -rf "$work" && mkdir -p "$work/eval"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"
+
+# Each variant: its recipe and overrides. VARIANTS=first (from the reference): recipes/reference_span_gpu.yaml
+# (batch 64, lr 1e-4, 8 epochs) and, beside it, the batch 32 / lr 5e-5 / 5 epochs of the CPU recipes.
+# VARIANTS=second: recipes/reference_span_gpu_cont.yaml (four sandwich draws) from the first run's epoch-6
+# checkpoint packed as .gpu/model, and beside it the same with two draws for 8 epochs.
+first=recipes/reference_span_gpu.yaml
+second=recipes/reference_span_gpu_cont.yaml
+if [ "${VARIANTS:-first}" = first ]; then
+  declare -A variant=([late-b64]="$first"
+    [late]="$first train.lengthdrop.training_args.per_device_train_batch_size=32
+      train.lengthdrop.training_args.learning_rate=5e-5 train.lengthdrop.training_args.num_train_epochs=5")
+else
+  declare -A variant=([cont-b64-s4]="$second"
+    [cont-b64]="$second train.lengthdrop.num_sandwich=2 train.lengthdrop.training_args.num_train_epochs=8")
+fi
+for v in "${!variant[@]}"; do
+  # shellcheck disable=SC2086  # overrides are separate words
+  timeout "$TRAIN_S" python3 -m qala.train ${variant[$v]} run.output_dir="$work/$v" \
+    model.name_or_path="$MODEL" model.teacher="$MODEL" $EXTRA >"$work/train_$v.log" 2>&1 &
+done
+wait
+for v in "${!variant[@]}"; do echo "== $v"; grep -E "train_runtime|samples_per_second|keep_|full|Error|error" "$work/train_$v.log" | tail -12; done
+
+# One scoring process per checkpoint, all at once: the GPU is idle between the post-processing on the CPU.
+shapes=(--shape 1,1,0.9,0.5,0.3,0.2 --shape 1,0.9,0.7,0.45,0.3,0.2 --shape 1,0.85,0.6,0.4,0.25,0.15
+  --shape 0.95,0.8,0.6,0.4,0.3,0.2 --shape 0.95,0.8075,0.56525,0.33915,0.20349,0.122094)
+for checkpoint in "$work"/*/lengthdrop/checkpoints/checkpoint-*; do
+  [ -f "$checkpoint/trainer_state.json" ] || continue
+  v=$(basename "$(dirname "$(dirname "$(dirname "$checkpoint")")")")
+  step=${checkpoint##*-}
+  epoch=$(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['epoch'], 2))" "$checkpoint/trainer_state.json")
+  OMP_NUM_THREADS=1 timeout "$EVAL_S" python3 benchmarks/ratio_training.py "gpu-$v" "$step" "$epoch" "$MODEL" \
+    --weights "$checkpoint/model.safetensors" --selection span --device "$DEVICE" --data "$DATA" \
+    --recipe "$(echo ${variant[$v]})" --out "$work/eval/$v-$step.json" "${shapes[@]}" \
+    >"$work/eval/$v-$step.log" 2>&1 &
+done
+wait
+tail -n 3 "$work"/eval/*.log
+
+# Every scored row into one copy of the results file; the best checkpoint out as a model directory.
+python3 - "$work" "$MODEL" "$OUT" "$FULL_MIN" "${!variant[@]}" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+from safetensors.torch import load_model as load_weights
+from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.quantize.load import load_tokenizer
+from qala.utils import write_manifest
+
+work, start, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+document = json.loads(Path("benchmarks/results/ratio_training.json").read_text())
+for part in sorted((work / "eval").glob("*.json")):
+    scored = json.loads(part.read_text())
+    document["rows"] += scored["rows"]
+    document["variants"].update(scored["variants"])
+(out / "ratio_training.json").write_text(json.dumps(document, indent=1))
+goal = [0.95, 0.8, 0.6, 0.4, 0.3, 0.2]
+best = None
+mine = {f"gpu-{name}" for name in sys.argv[5:]}  # this run's variants: earlier runs' stages are not here
+for key in {(r["variant"], r["step"]) for r in document["rows"] if r["variant"] in mine}:
+    rows = [r for r in document["rows"] if (r["variant"], r["step"]) == key]
+    full = next((r["f1"] for r in rows if r["keep_ratio"] == 1.0), 0)
+    shaped = next((r["f1"] for r in rows if r.get("keep_ratios") == goal), 0)
+    print(key, "full", full, "at 0.58x", shaped, flush=True)
+    if full >= float(sys.argv[4]) and (best is None or shaped > best[0]):
+        best = (shaped, key)
+if best is None:
+    sys.exit(f"no checkpoint kept full length at or above {sys.argv[4]} F1")
+variant, step = best[1]
+print("best", best, flush=True)
+stage = work / variant.removeprefix("gpu-") / "lengthdrop"
+model = LengthAdaptiveForQuestionAnswering.from_pretrained(start)
+load_weights(model, str(stage / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"))
+model.qala_config.selection = "span"
+model.qala_config.length_config = None
+dest = work / "best"
+model.save_pretrained(dest)
+load_tokenizer(start).save_pretrained(dest)
+shutil.copy(work / variant.removeprefix("gpu-") / "recipe.yaml", dest / "recipe.yaml")
+finished = stage / "model" / "training_info.json"  # absent when the time limit stopped the stage
+info = json.loads(finished.read_text()) if finished.is_file() else {"stopped_by": "TRAIN_S time limit"}
+(dest / "training_info.json").write_text(json.dumps({**info, "checkpoint": {"variant": variant, "step": step}}))
+write_manifest(dest, format="qala-fp32")
+PY
+for v in "${!variant[@]}"; do tail -n 60 "$work/train_$v.log" >"$OUT/train_$v.log"; done
+[ -d "$work/best" ] && bash .gpu/send-back.sh "$work/best"
+ls -la "$OUT"
