@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -128,20 +129,51 @@ def test_span_selection_is_served_by_every_backend(model, backend, tmp_path):
     assert max_error(engine, model, window(40), {"keep_ratios": RATIOS}) > 0
 
 
+def test_int8_verdict_refuses_answers_unlike_fp32():
+    from qala.quantize.openvino import int8_verdict
+
+    fp32 = [(5, 7)] * 10
+    assert int8_verdict(fp32, fp32) == {"windows": 10, "agree": 10, "cls_where_fp32_not": 0, "ok": True}
+    # The fused-attention bug's symptom: [CLS] where fp32 answered a span (2 of 10 is over MAX_FALSE_CLS).
+    assert not int8_verdict(fp32, [(0, 0)] * 2 + [(5, 7)] * 8)["ok"]
+    assert not int8_verdict(fp32, [(5, 8)] * 6 + [(5, 7)] * 4)["ok"]  # agreement under half
+    assert int8_verdict(fp32, [(5, 8)] * 4 + [(5, 7)] * 6)["ok"]
+
+
 @needs_ov
-def test_openvino_int8_refuses_keep_configurations_of_a_span_selection_model(model, tmp_path):
-    # The CPU plugin's INT8 lowering of the span-ranked adaptive graph answered [CLS] on a real model (F1 9.48):
-    # refused with one line naming the engine and the configuration, before anything is quantized; full length
-    # (the plain graph) and the attention-ranked model still run.
+def test_openvino_int8_checks_each_keep_configuration_against_fp32(model, tmp_path, monkeypatch):
+    # Every INT8 keep configuration is compared with the fp32 model on calibration windows once, when it is
+    # quantized, and refused if it answers unlike it (one line naming the engine and the configuration); the
+    # verdict is kept beside the IR, so a later engine neither re-checks nor serves a refused graph.
+    from qala.quantize import openvino
+
     span = copy.deepcopy(model)
     span.qala_config.selection = "span"
-    engine = make_engine(span, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
-    with pytest.raises(ValueError, match=r"'openvino-int8' cannot run keep configuration \[0.9, 0.6\]"):
-        engine(**window(9), keep_ratios=RATIOS)
-    assert not list(tmp_path.rglob("openvino-int8-*.xml"))  # nothing was quantized
-    assert engine.key(None, None) is None
+    engine = make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "ok")
+    engine(**window(9), keep_ratios=RATIOS)  # span-ranked models are served now that every graph is checked
+    (record,) = (tmp_path / "ok").rglob("openvino-int8-*.check.json")
+    verdict = json.loads(record.read_text())
+    assert list(engine.facts["int8_checks"].values()) == [verdict]
+    assert verdict["ok"] and verdict["windows"] == len(calibration())
+
+    def broken(fp32, int8):
+        return {"windows": len(fp32), "agree": 0, "cls_where_fp32_not": len(fp32), "ok": False}
+
+    monkeypatch.setattr(openvino, "int8_verdict", broken)
+    again = make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "ok")
+    again(**window(9), keep_ratios=RATIOS)  # the saved verdict, not `broken`
+    refused = make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "bad")
+    message = r"'openvino-int8' cannot run keep configuration \[0.9, 0.6\]: its INT8 graph answered unlike the fp32"
+    with pytest.raises(ValueError, match=message):
+        refused(**window(9), keep_ratios=RATIOS)
+    monkeypatch.setattr(openvino, "int8_verdict", lambda *a: pytest.fail("the saved verdict is read, not redone"))
+    with pytest.raises(ValueError, match=message):
+        make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "bad")(
+            **window(9), keep_ratios=RATIOS
+        )
+    refused(**window(9))  # full length (the plain graph) is not a keep configuration
+    monkeypatch.undo()
     attention = make_engine(model, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
-    assert attention.key(RATIOS, None) is not None
     # An attention-ranked INT8 adaptive graph exports each selecting layer's attention scores as an extra output:
     # that stops the CPU plugin's attention fusion that fed the significance wrong values (_pin_attention_scores).
     outputs = [port.get_any_name() for port in attention.base(attention.key(RATIOS, None)).outputs]
