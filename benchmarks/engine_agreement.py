@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from qala.data import calibration_windows, load_squad, windows
-from qala.model import parse_keep_ratios
+from qala.model import MODEL_INPUTS, parse_keep_ratios
 from qala.quantize.engines import make_engine
 from qala.quantize.load import load_model, load_tokenizer
 from qala.recipe import DataConfig
 from qala.utils import atomic_write_json, environment_info
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     features = windows(examples, tokenizer, data, train=False, padded=False)
     rows = [{k: torch.tensor([features[i][k]]) for k in MODEL_INPUTS} for i in range(min(args.windows, len(features)))]
 
-    options: dict = {"workdir": args.workdir}
+    # Exported engines keep their ONNX files and IR in a work folder; the PyTorch ones take none.
+    options: dict = {"workdir": args.workdir} if args.backend.startswith(("onnxruntime", "openvino")) else {}
     if args.backend == "openvino-int8":
         options["calibration"] = calibration_windows(
             args.calibration, tokenizer, count=300, max_seq_length=384, doc_stride=128
