@@ -172,6 +172,14 @@ def test_openvino_int8_checks_each_keep_configuration_against_fp32(model, tmp_pa
             **window(9), keep_ratios=RATIOS
         )
     refused(**window(9))  # full length (the plain graph) is not a keep configuration
+    (bad,) = (tmp_path / "bad").rglob("openvino-int8-*.check.json")
+    bad.write_text("{not json")  # a damaged verdict is measured again (here by `broken`'s stand-in), not trusted
+    monkeypatch.setattr(openvino, "int8_verdict", broken)
+    with pytest.raises(ValueError, match=message):
+        make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "bad")(
+            **window(9), keep_ratios=RATIOS
+        )
+    assert json.loads(bad.read_text())["ok"] is False
     monkeypatch.undo()
     attention = make_engine(model, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
     # An attention-ranked INT8 adaptive graph exports each selecting layer's attention scores as an extra output:

@@ -249,6 +249,8 @@ class OpenVinoEngine:
                 logger.info("%s: quantizing %s with NNCF on %d windows", self.name, slug, len(self.calibration))
                 model = nncf_quantize(read_model(onnx_path), self._calibration_feeds(key))
                 _save_ir(model, ir)
+                # A verdict left from an earlier IR of this name is not this IR's: check it again.
+                ir.with_suffix(".check.json").unlink(missing_ok=True)
                 self.compile_seconds[f"nncf {slug}"] = round(time.perf_counter() - start, 2)
         if self.int8 and key is not None:
             _pin_attention_scores(model)
@@ -259,7 +261,15 @@ class OpenVinoEngine:
     def _check_int8(self, model: Any, key: Key, record: Path) -> None:
         """Refuse an INT8 keep configuration that answers unlike the fp32 model (see CHECK_WINDOWS); the verdict is
         computed once per quantized IR and kept beside it."""
-        verdict = json.loads(record.read_text()) if record.is_file() else None
+        verdict = None
+        if record.is_file():
+            try:
+                verdict = json.loads(record.read_text())
+                verdict = verdict if isinstance(verdict, dict) and isinstance(verdict.get("ok"), bool) else None
+            except json.JSONDecodeError:
+                pass
+            if verdict is None:
+                logger.warning("%s: not a verdict (damaged or edited), checking %s again", record, key_slug(key))
         if verdict is None:
             start = time.perf_counter()
             request = compile_model(model, threads=self.threads, precision=self.precision).create_infer_request()
