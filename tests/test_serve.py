@@ -226,6 +226,28 @@ def test_the_cost_model_is_corrected_by_measured_batch_times(model, model_dir, m
     assert f"qala_cost_scale {service.cost_scale}" in service.metrics.exposition()[0].decode()
 
 
+def test_the_planning_target_follows_the_p95_delivered(model, model_dir):
+    # Requests that waited 1 s against a 400 ms target: the delivered p95 is over it, so the service plans to
+    # less than the target (and says so); once fresh requests are answered well within it, back to the target.
+    # (A target far above a tiny batch's time, so that a busy test machine cannot make fresh requests late.)
+    service = make_service(model, model_dir, p95_ms=400, calibrate=True)
+    late = time.monotonic() - 1.0
+    for _ in range(3):
+        service.run_batch([Item(QUESTION, CONTEXT, arrival=late) for _ in range(8)])
+    assert 0.5 <= service.target_scale < 1.0
+    lowered = service.target_scale
+    answer = service.run_batch([Item(QUESTION, CONTEXT)])[0]
+    assert answer["target_scale"] == round(lowered, 4) and answer["slot_ms"] <= round(400 * lowered, 3)
+    assert f"qala_target_scale {service.target_scale}" in service.metrics.exposition()[0].decode()
+    for _ in range(30):  # 240 fresh requests push the late ones out of the window the p95 is read from
+        service.run_batch([Item(QUESTION, CONTEXT) for _ in range(8)])
+    assert service.target_scale == 1.0
+    # Without a target nothing is followed.
+    plain = make_service(model, model_dir, calibrate=True)
+    plain.run_batch([Item(QUESTION, CONTEXT, arrival=late) for _ in range(24)])
+    assert plain.target_scale == 1.0
+
+
 def test_a_batch_is_answered_with_one_configuration_within_its_shared_budget(model, model_dir):
     # A short and a long (several windows) question in one batch: a budget per question gave them different
     # configurations (two sets of forward passes); the batch's budget gives both one.

@@ -147,29 +147,21 @@ def build_app(service: Service, batcher: Batcher) -> FastAPI:
         metrics.errors.labels(kind=error.kind).inc()
         return error.response()
 
-    @app.middleware("http")
-    async def instrument(request: Request, call_next):
-        started = time.perf_counter()
-        route = request.url.path if request.url.path in ROUTES else "other"
-        size = request.headers.get("content-length")
-        limit = config.max_batch_items * (4 * config.max_context_chars + 4096)  # UTF-8 and JSON escapes
-        if size is not None and size.isdigit() and int(size) > limit:
-            response = refuse(ServeError(413, "too_large", f"body: {size} bytes, over the limit of {limit}", "body"))
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        metrics.latency.labels(route=route).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(Instrument, config=config, metrics=metrics, refuse=refuse)
     _add_error_handlers(app, refuse)
 
-    @app.post("/answer", openapi_extra=_json_body(AnswerRequest))
-    async def answer(http: Request) -> dict[str, Any]:
+    # The answer routes return JSONResponse themselves: a returned dict goes through FastAPI's response
+    # validation and jsonable_encoder, pure-Python passes over every field. With Instrument below, that took
+    # the app's CPU per request (an in-process client included, a stub model) from 0.81 to 0.41 ms on 2 cores
+    # of an AMD EPYC Zen 5 (2026-12-05): time the model thread no longer shares.
+    @app.post("/answer", openapi_extra=_json_body(AnswerRequest), response_class=JSONResponse)
+    async def answer(http: Request) -> JSONResponse:
         """The answer to one question: the QalaModel.answer fields and the configuration chosen."""
-        return await _answer_item(batcher, config, _item_of(config, await read_body(http, AnswerRequest)))
+        item = _item_of(config, await read_body(http, AnswerRequest))
+        return JSONResponse(await _answer_item(batcher, config, item))
 
-    @app.post("/answer/batch", openapi_extra=_json_body(AnswerBatchRequest))
-    async def answer_batch(http: Request) -> dict[str, Any]:
+    @app.post("/answer/batch", openapi_extra=_json_body(AnswerBatchRequest), response_class=JSONResponse)
+    async def answer_batch(http: Request) -> JSONResponse:
         """Answers to several questions; each is batched and adapted like a request of its own."""
         request = await read_body(http, AnswerBatchRequest)
         if len(request.requests) > config.max_batch_items:
@@ -186,7 +178,7 @@ def build_app(service: Service, batcher: Batcher) -> FastAPI:
             for i, item in enumerate(items)
         ]
         try:
-            return {"answers": list(await asyncio.gather(*tasks))}
+            return JSONResponse({"answers": list(await asyncio.gather(*tasks))})
         finally:
             for task in tasks:
                 task.cancel()
@@ -201,6 +193,41 @@ def build_app(service: Service, batcher: Batcher) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
+
+
+class Instrument:
+    """Counts and times every request by route and status, and refuses a body over the size limit (413)
+    before it is read. A plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware) runs each
+    request through an extra task and memory streams."""
+
+    def __init__(self, app: Any, config: ServeConfig, metrics: Any, refuse: Callable[[ServeError], JSONResponse]):
+        self.app, self.metrics, self.refuse = app, metrics, refuse
+        self.limit = config.max_batch_items * (4 * config.max_context_chars + 4096)  # UTF-8 and JSON escapes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # what the client gets if the app raises before it starts a response
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        size = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        try:
+            if size.isdigit() and int(size) > self.limit:
+                error = ServeError(413, "too_large", f"body: {size} bytes, over the limit of {self.limit}", "body")
+                await self.refuse(error)(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.latency.labels(route=route).observe(time.perf_counter() - started)
 
 
 def _add_error_handlers(app: FastAPI, refuse: Callable[[ServeError], JSONResponse]) -> None:
