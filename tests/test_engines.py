@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,6 +266,32 @@ def test_onnxruntime_full_length_runs_the_fused_plain_graph(model, tmp_path):
     assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= operator_types(engine.facts["plain_graph"])
     assert "TopK" not in operator_types(engine.facts["plain_graph"])
     assert engine.facts["fused_operators"]["Attention"] == model.num_layers
+
+
+@needs_ort
+def test_onnxruntime_skips_the_selection_at_leading_full_layers(model, tmp_path):
+    # A configuration that starts at ratio 1.0 runs a graph whose leading layers have no selection ops (one file
+    # per count of such layers); the logits stay PyTorch's, for a list and for per-row ratios in a padded batch.
+    from qala.quantize.onnx import full_prefix
+
+    assert (full_prefix([1.0, 0.6]), full_prefix([0.9, 0.6]), full_prefix([1.0, 1.0])) == (1, 0, 2)
+    assert full_prefix(torch.tensor([[1.0, 0.6], [0.8, 0.6]], dtype=torch.float64)) == 0
+    engine = make_engine(model, "onnxruntime", workdir=tmp_path)
+    assert max_error(engine, model, window(23), {"keep_ratios": [1.0, 0.6]}) < FP32_TOLERANCE
+    assert max_error(engine, model, window(23), {"keep_ratios": RATIOS}) < FP32_TOLERANCE
+    prefixed, every = engine.facts["adaptive.prefix1_graph"], engine.facts["adaptive_graph"]
+    assert Path(prefixed).name == "adaptive.prefix1.onnx"
+    import onnx
+
+    def topks(path: str) -> int:
+        return sum(node.op_type == "TopK" for node in onnx.load(path).graph.node)
+
+    # Two TopK per selecting layer (the top-k, then the sort back to input order).
+    assert (topks(every), topks(prefixed)) == (2 * model.num_layers, 2 * (model.num_layers - 1))
+    # Per-row ratios whose first column is 1.0 for every row, rows of different real lengths.
+    batch = {k: torch.cat([window(23)[k], torch.nn.functional.pad(window(15)[k], (0, 8))]) for k in window(23)}
+    per_row = torch.tensor([[1.0, 0.6], [1.0, 0.4]], dtype=torch.float64)
+    assert max_error(engine, model, batch, {"keep_ratios": per_row}) < FP32_TOLERANCE
 
 
 def calibration(n: int = 6) -> list[dict]:

@@ -184,16 +184,20 @@ class AdaptiveGraph(nn.Module):
     """qala's length-adaptive forward with every length decision made from tensors (one trace, all inputs).
 
     Same arithmetic as LengthAdaptiveForQuestionAnswering.forward given the same per-row counts (selection
-    at every layer; keeping all of a row's tokens is an identity selection on its real positions). With static
-    `widths` (OpenVINO), the leading layers at keep ratio 1.0 skip the selection altogether.
+    at every layer; keeping all of a row's tokens is an identity selection on its real positions). The leading
+    layers at keep ratio 1.0 skip the selection altogether: with static `widths` (OpenVINO) those the widths
+    say; with dynamic widths (ONNX Runtime) the first `full_prefix`, one graph per prefix (the caller feeds
+    only configurations whose first `full_prefix` ratios are 1.0 for every row).
     """
 
-    def __init__(self, model: LengthAdaptiveForQuestionAnswering, widths: Widths | None = None) -> None:
+    def __init__(
+        self, model: LengthAdaptiveForQuestionAnswering, widths: Widths | None = None, full_prefix: int = 0
+    ) -> None:
         super().__init__()
         self.model = model
         self.widths = widths
         # Leading layers whose static width keeps every position (ratio 1.0, no cap): no selection op runs there.
-        self.full_prefix = 0
+        self.full_prefix = full_prefix if widths is None else 0
         while widths is not None and self.full_prefix < len(widths.shares):
             if widths.shares[self.full_prefix] < 1.0 or widths.caps[self.full_prefix] is not None:
                 break
@@ -245,10 +249,13 @@ class AdaptiveGraph(nn.Module):
         return logits[..., 0], logits[..., 1]
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, graph: str = "plain", widths: Widths | None = None) -> Path:
+def export_onnx(
+    model: nn.Module, path: str | Path, *, graph: str = "plain", widths: Widths | None = None, full_prefix: int = 0
+) -> Path:
     """Export `graph` ("plain" or "adaptive", see the module doc) of the fp32 `model` to `path`.
 
     Dynamic batch and sequence axes. `model`: a qala model, or (plain only) any transformers QA model.
+    `widths` / `full_prefix`: the adaptive graph's static widths, or its leading layers without selection.
     """
     require_onnxruntime()
     if graph not in ("plain", "adaptive"):
@@ -268,7 +275,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, graph: str = "plain", wid
     else:
         if not isinstance(model, LengthAdaptiveForQuestionAnswering):
             raise ValueError("the adaptive graph needs a qala LengthAdaptiveForQuestionAnswering model")
-        wrapper, names = AdaptiveGraph(model, widths), ADAPTIVE_INPUTS
+        wrapper, names = AdaptiveGraph(model, widths, full_prefix), ADAPTIVE_INPUTS
         example += (kept_table(example[1], model.num_layers, keep_ratios=[0.5] * model.num_layers),)
         axes["kept"] = {0: "batch"}
     with torch.no_grad():
@@ -392,7 +399,8 @@ class OnnxEngine:
 
     Full length (no configuration, ratios all 1.0): the plain graph, fused by ORT's transformer optimizer
     (INT8: that fused graph quantized). A keep configuration: the adaptive graph with dynamic widths (one
-    file for every length and configuration; per-row [batch, layers] ratios too).
+    file for every length and configuration; per-row [batch, layers] ratios too), one per count of leading
+    layers at ratio 1.0, which run without selection (at most one file per layer).
     """
 
     def __init__(
@@ -421,7 +429,8 @@ class OnnxEngine:
     def _file(self, graph: str) -> Path:
         fp32 = self.folder / f"{graph}.onnx"
         if not fp32.is_file():
-            export_onnx(self.model, fp32, graph=graph)
+            kind, _, prefix = graph.partition(".prefix")
+            export_onnx(self.model, fp32, graph=kind, full_prefix=int(prefix or 0))
         path = fp32
         if graph == "plain" and self.fused:
             path = self.folder / "plain.fused.onnx"
@@ -461,7 +470,8 @@ class OnnxEngine:
         per_row = isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2
         if per_row or length_key(self.num_layers, None if per_row else keep_ratios, length_config) is not None:
             feeds["kept"] = kept_table(attention_mask, self.num_layers, keep_ratios, length_config).numpy()
-            session = self.session("adaptive")
+            prefix = 0 if length_config is not None else full_prefix(keep_ratios)
+            session = self.session("adaptive" if prefix == 0 else f"adaptive.prefix{prefix}")
         else:
             session = self.session("plain")
         start, end = session.run(list(OUTPUT_NAMES), feeds)
@@ -474,6 +484,13 @@ class OnnxEngine:
             ids = (torch.arange(int(n)) % 7 + 1)[None, :]
             self(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
         return {"warmup_seconds": time.perf_counter() - start}
+
+
+def full_prefix(keep_ratios: Sequence[float] | torch.Tensor) -> int:
+    """How many leading layers keep ratio 1.0 (in every row, for a [batch, layers] tensor)."""
+    table = torch.as_tensor(keep_ratios, dtype=torch.float64)
+    full = (table.reshape(-1, table.size(-1)) >= 1.0).all(dim=0).tolist()
+    return full.index(False) if False in full else len(full)
 
 
 def numpy_feeds(inputs: Mapping[str, Any], names: Sequence[str]) -> dict[str, np.ndarray]:
