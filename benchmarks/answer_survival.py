@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from qala.data import featurize, load_squad
-from qala.model import constant_keep_ratios
+from qala.model import batch_inputs, constant_keep_ratios
 from qala.quantize.load import load_model, load_tokenizer
 from qala.utils import atomic_write_json, environment_info
 
@@ -37,10 +36,7 @@ def measure(model_dir: str, data_file: str, keep: float, questions: int, batch_s
     counts |= {"start_correct_full": 0, "start_correct_dropped": 0}
     for i in range(0, len(windows), batch_size):
         rows = windows[i : i + batch_size]
-        inputs = {
-            name: pad_sequence([torch.tensor(x) for x in rows[name]], batch_first=True)
-            for name in ("input_ids", "attention_mask", "token_type_ids")
-        }
+        inputs = batch_inputs(rows)
         start, end = torch.tensor(rows["start_positions"]), torch.tensor(rows["end_positions"])
         padding = inputs["attention_mask"] == 0
         with torch.no_grad():

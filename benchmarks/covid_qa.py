@@ -52,21 +52,12 @@ def main() -> int:
     metrics = json.loads(child.stdout.strip().splitlines()[-1])
     # The largest resident set of any waited-for child (KiB on Linux): the evaluation is the only one.
     peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    result = {
-        "data": str(args.data),
-        "model": str(args.model),
-        "command": " ".join(command[1:]),
-        "questions_in_file": count_questions(args.data),
-        "questions_kept": metrics["n"],
-        "windows": metrics["windows"],
-        "exact_match": round(metrics["exact_match"], 2),
-        "f1": round(metrics["f1"], 2),
-        "evaluate_seconds": metrics["seconds"],  # predictions and scoring, as qala.evaluate reports them
-        "wall_seconds": round(wall, 1),  # the whole command: imports, loading, featurizing, predicting
-        "peak_rss_mib": round(peak_rss_mib),
-        "batch_size": args.batch_size,
-        "environment": environment_info(),
-    }
+    result = {"data": str(args.data), "model": str(args.model), "command": " ".join(command[1:])}
+    result.update(questions_in_file=count_questions(args.data), questions_kept=metrics["n"], windows=metrics["windows"])
+    result.update(exact_match=round(metrics["exact_match"], 2), f1=round(metrics["f1"], 2))
+    # evaluate_seconds: predictions and scoring, as qala.evaluate reports them; wall_seconds: the whole command.
+    result.update(evaluate_seconds=metrics["seconds"], wall_seconds=round(wall, 1), peak_rss_mib=round(peak_rss_mib))
+    result.update(batch_size=args.batch_size, environment=environment_info())
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=1))
     return 0

@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# Late-drop training on a lent GPU (issue 19): two variants of recipes/reference_span_gpu*.yaml side by side
-# on the one GPU, every epoch's checkpoint scored on the whole dev file (benchmarks/ratio_training.py --weights),
-# the best checkpoint sent back as a qala model directory. Prepared here, run there:
-#
-#   bash ../shared/tools/gpu-pack ../shared/models/minilm-lat-squad-offline      # .gpu/model = the reference
-#   device run: source .gpu/setup.sh && bash benchmarks/gpu_span_late.sh          (carry [".gpu"])
-#   (gpu-pack gzips nothing: `gzip -9 .gpu/data/squad-v1.1/*.json` here and `gunzip` there keep the tree
-#   under the 64 MiB a call carries; then VARIANTS=second from runs/span_gpu_b64_e6, the first run's export)
-#   here:       bash ../shared/tools/gpu-unpack FILES_AT runs/span_gpu_best  (then qala.utils.write_manifest: weights came back fp16-rounded)
-#               + $FILES_AT/ratio_training.json holds the rows of every variant and epoch
-#
-# Bounded: training stops after TRAIN_S seconds (the epoch checkpoints so far are scored), scoring after
-# EVAL_S. The best checkpoint: highest F1 at [0.95,0.8,0.6,0.4,0.3,0.2] (0.58x MACs) among those whose full
-# length stays within 1% of the reference's 71.18. EXTRA/DATA/MODEL override for a CPU dry run.
+# Late-drop training on a lent GPU (issue 19): two variants of recipes/reference_span_gpu*.yaml side by side, every
+# epoch's checkpoint scored on the whole dev file (benchmarks/ratio_training.py --weights), the best one sent back.
+#   here:  bash ../shared/tools/gpu-pack ../shared/models/minilm-lat-squad-offline; gzip -9 .gpu/data/squad-v1.1/*.json
+#   there: source .gpu/setup.sh && gunzip .gpu/data/squad-v1.1/*.gz && bash benchmarks/gpu_span_late.sh  (carry .gpu)
+#          VARIANTS=second continues from the first run's export (runs/span_gpu_b64_e6 packed as .gpu/model)
+#   back:  bash ../shared/tools/gpu-unpack FILES_AT runs/span_gpu_best; qala.utils.write_manifest (fp16-rounded);
+#          $FILES_AT/ratio_training.json holds every variant's and epoch's rows
+# Training stops after TRAIN_S seconds, scoring after EVAL_S. Best: highest F1 at [0.95,0.8,0.6,0.4,0.3,0.2]
+# (0.58x MACs) among checkpoints whose full length stays within 1% of the reference's 71.18 (FULL_MIN).
 set -uo pipefail
 TRAIN_S=${TRAIN_S:-290}
 EVAL_S=${EVAL_S:-140}
@@ -27,10 +22,8 @@ rm -rf "$work" && mkdir -p "$work/eval"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda')"
 
-# Each variant: its recipe and overrides. VARIANTS=first (from the reference): recipes/reference_span_gpu.yaml
-# (batch 64, lr 1e-4, 8 epochs) and, beside it, the batch 32 / lr 5e-5 / 5 epochs of the CPU recipes.
-# VARIANTS=second: recipes/reference_span_gpu_cont.yaml (four sandwich draws) from the first run's epoch-6
-# checkpoint packed as .gpu/model, and beside it the same with two draws for 8 epochs.
+# first: reference_span_gpu.yaml (batch 64, lr 1e-4, 8 epochs) beside batch 32 / lr 5e-5 / 5 epochs;
+# second: reference_span_gpu_cont.yaml (four sandwich draws) beside two draws for 8 epochs.
 first=recipes/reference_span_gpu.yaml
 second=recipes/reference_span_gpu_cont.yaml
 if [ "${VARIANTS:-first}" = first ]; then
@@ -49,7 +42,7 @@ done
 wait
 for v in "${!variant[@]}"; do echo "== $v"; grep -E "train_runtime|samples_per_second|keep_|full|Error|error" "$work/train_$v.log" | tail -12; done
 
-# One scoring process per checkpoint, all at once: the GPU is idle between the post-processing on the CPU.
+# One scoring process per checkpoint, all at once: the GPU idles during post-processing on the CPU.
 shapes=(--shape 1,1,0.9,0.5,0.3,0.2 --shape 1,0.9,0.7,0.45,0.3,0.2 --shape 1,0.85,0.6,0.4,0.25,0.15
   --shape 0.95,0.8,0.6,0.4,0.3,0.2 --shape 0.95,0.8075,0.56525,0.33915,0.20349,0.122094)
 for checkpoint in "$work"/*/lengthdrop/checkpoints/checkpoint-*; do

@@ -375,6 +375,25 @@ class QalaModel:
             logger.warning(message)
         return chosen
 
+    def _logits(
+        self, features: dict[str, list[Any]], groups: dict[FrontierPoint, list[int]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Start and end logits of every window: each group's windows run at its configuration, batched by length
+        (length_batches, at most max_batch_windows a call)."""
+        starts: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
+        ends: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
+        for point, rows in groups.items():
+            lengths = [len(features["input_ids"][j]) for j in rows]
+            for batch in length_batches(lengths, self.max_batch_windows):
+                chosen_rows = [rows[b] for b in batch]
+                group = {k: [features[k][j] for j in chosen_rows] for k in MODEL_INPUTS if k in features}
+                group_starts, group_ends = predict_logits(
+                    self.model, group, batch_size=len(batch), progress=False, **point.model_kwargs()
+                )
+                for j, start_logits, end_logits in zip(chosen_rows, group_starts, group_ends, strict=True):
+                    starts[j], ends[j] = start_logits, end_logits
+        return starts, ends
+
     def answer_batch(
         self,
         questions: Sequence[str],
@@ -416,22 +435,10 @@ class QalaModel:
             by_question.setdefault(qid, []).append(j)
         tokens_of = {qid: [len(features["input_ids"][j]) for j in rows] for qid, rows in by_question.items()}
         chosen = self._choose_points(tokens_of, budget_ms, batch_budget_ms)
-        starts: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
-        ends: list[np.ndarray] = [np.empty(0)] * len(features["input_ids"])
-        # One configuration per group of questions; within it, windows batched by length.
-        groups: dict[FrontierPoint, list[int]] = {}
+        groups: dict[FrontierPoint, list[int]] = {}  # the windows of each chosen configuration
         for qid, rows in by_question.items():
             groups.setdefault(chosen[qid][0], []).extend(rows)
-        for point, rows in groups.items():
-            lengths = [len(features["input_ids"][j]) for j in rows]
-            for batch in length_batches(lengths, self.max_batch_windows):
-                chosen_rows = [rows[b] for b in batch]
-                group = {k: [features[k][j] for j in chosen_rows] for k in MODEL_INPUTS if k in features}
-                group_starts, group_ends = predict_logits(
-                    self.model, group, batch_size=len(batch), progress=False, **point.model_kwargs()
-                )
-                for j, start_logits, end_logits in zip(chosen_rows, group_starts, group_ends, strict=True):
-                    starts[j], ends[j] = start_logits, end_logits
+        starts, ends = self._logits(features, groups)
         scored = postprocess_with_scores(
             examples, features, starts, ends, n_best_size=self.n_best_size, max_answer_length=self.max_answer_length
         )

@@ -309,7 +309,8 @@ class QuantizationConfig:
     model: str | None = None
     output_dir: str | None = None  # null: run.output_dir/int8_<approach> (the artifact goes to OUTPUT_DIR/model)
     approach: Literal["static", "dynamic", "qat"] = "static"
-    backend: Literal["pt2e", "ipex"] = "pt2e"  # ipex: retired IPEX 2.8, needs torch 2.8 (see README)
+    # The quantizer, by name (qala.tune.QUANTIZERS). ipex: the retired IPEX 2.8, torch 2.8 only (docs/int8.md).
+    backend: Literal["pt2e", "ipex"] = "pt2e"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     # Where tuning measures F1 (None: full length); the report also scores eval_keep_ratios.
@@ -467,8 +468,12 @@ class BenchmarkConfig:
     onnxruntime: bool = True  # ONNX Runtime fp32 + dynamic INT8 peers of `model`, plain and fused (extra `onnx`)
     # OpenVINO fp32 + NNCF INT8 peers of `model` on its plain ONNX export, dynamic shapes (extra `onnx`).
     openvino: bool = True
-    # IPEX 2.8 INT8 peer: needs its own torch 2.8 environment (README); recorded as skipped with the reason.
-    ipex: bool = True
+    # IPEX 2.8 INT8 rows. IPEX is retired and imports only with torch 2.8, so it runs in its own environment
+    # (bash benchmarks/ipex_env.sh) on the calibration benchmarks/ipex_quantize.py wrote. These name them, so IPEX
+    # rows are planned because the recipe asks, never because files happen to exist; null: no IPEX rows.
+    ipex_python: str | None = None  # that environment's interpreter, e.g. .venv-ipex/bin/python
+    ipex_calibration: str | None = None  # its qconf summaries, e.g. runs/ipex_reference/ipex_calibration.json
+    ipex_scores: str | None = None  # its whole-dev F1 (padded rows), e.g. benchmarks/results/ipex_squad_reference.json
     gemm_peak: bool = True  # measure this CPU's fp32 and INT8 GEMM peak (the roofline)
     gemm_size: int = 2048  # the peak's square matrices (size x size times size x size)
     core_sweep: bool = True  # throughput versus cores and instances through torch.backends.xeon.run_cpu
@@ -513,6 +518,8 @@ class BenchmarkConfig:
         unknown = sorted(set(self.baseline_configs) - set(BASELINES))
         if unknown:
             problems.append(f"baseline_configs: unknown baselines {unknown}, expected some of {list(BASELINES)}")
+        if bool(self.ipex_python) != bool(self.ipex_calibration):
+            problems.append("ipex_python, ipex_calibration: IPEX rows need both (or neither: no IPEX rows)")
         if problems:
             raise FieldProblems(problems)
 
@@ -812,7 +819,7 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         problems += check_training_args(stage.training_args, f"train.{name}.training_args")
     problems += check_training_args(recipe.quantization.qat.training_args, "quantization.qat.training_args")
     b = recipe.benchmark
-    for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report"):
+    for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report", "ipex_python", "ipex_calibration"):
         if getattr(b, key):
             problems += _check_exists(f"benchmark.{key}", getattr(b, key))
     return problems

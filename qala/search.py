@@ -27,7 +27,6 @@ The frontier is also copied into the searched model directory (search.install_fr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -49,7 +48,7 @@ from qala.evaluate import evaluate_features
 from qala.model import batch_inputs, constant_ratio_length_config, kept_per_layer, macs_per_sample
 from qala.quantize.load import load_model, load_tokenizer, model_kind
 from qala.recipe import DataConfig, Recipe, SearchConfig, fingerprint, load_recipe
-from qala.stage import stored_record
+from qala.stage import is_main_process, stage_inputs, stage_lock, stored_record, write_recipe
 from qala.utils import (
     MANIFEST_NAME,
     atomic_write_json,
@@ -59,7 +58,6 @@ from qala.utils import (
     examples_hash,
     latency_stats,
     median_latency_ms,
-    output_lock,
     resolve_model_path,
     time_calls,
 )
@@ -277,7 +275,7 @@ class GeneEvaluator:
                     continue  # the half-written last line of a killed run
                 if record.pop("fingerprint", None) == fingerprint:
                     self.cache.setdefault(tuple(record["gene"]), {}).update(record)
-        self.is_writer = (_distributed() or (0, 1))[0] == 0
+        self.is_writer = is_main_process()
 
     def _write(self, record: dict[str, Any]) -> None:
         self.cache.setdefault(tuple(record["gene"]), {}).update(record)
@@ -553,17 +551,15 @@ def search_inputs(recipe: Recipe, search: SearchConfig, *, model: str, eval_data
     settings = dataclasses.asdict(search)
     for key in ("iterations", "output_dir", "install_frontier", "latency_repeats", "latency_warmup", "seed"):
         settings.pop(key)
-    return json.loads(
-        json.dumps(  # as it reads back from a checkpoint
-            {
-                "search": settings,
-                "seed": search.seed if search.seed is not None else recipe.run.seed,
-                "data": dataclasses.asdict(recipe.data),
-                "eval": recipe.eval.evaluate_kwargs(),
-                "model": model,
-                "eval_data": eval_data,
-            }
-        )
+    return stage_inputs(
+        {
+            "search": settings,
+            "seed": search.seed if search.seed is not None else recipe.run.seed,
+            "data": dataclasses.asdict(recipe.data),
+            "eval": recipe.eval.evaluate_kwargs(),
+            "model": model,
+            "eval_data": eval_data,
+        }
     )
 
 
@@ -596,14 +592,13 @@ def backbone_config(model: Any, model_dir: str | Path) -> Any:
 def run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The recipe's search end to end; returns the frontier document (also written as frontier.json)."""
     check_install_targets(search.model, install_into)  # before the lock and the search, not after them
-    # Rank 0 holds the output folder's lock for the whole run; it alone writes there.
-    with output_lock(search.output_dir) if (_distributed() or (0, 1))[0] == 0 else contextlib.nullcontext():
+    with stage_lock(search.output_dir):  # rank 0 alone writes there
         return _run(recipe, search, install_into=install_into)
 
 
 def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | Path]) -> dict[str, Any]:
     started = time.perf_counter()
-    rank = (_distributed() or (0, 1))[0]
+    writer = is_main_process()
     out = Path(search.output_dir)
     if search.latency_threads:
         torch.set_num_threads(search.latency_threads)
@@ -625,8 +620,8 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
     sub_examples, sub_features = question_subset(examples, features, search.eval_samples, seed)
     sample_inputs = _cost_windows(features, search.latency_windows, seed)
     sample_lengths = [int(x["input_ids"].size(1)) for x in sample_inputs]
-    if rank == 0:  # once model and data have loaded: a start that fails at once leaves the last run's record
-        atomic_write_text(out / "recipe.yaml", dataclasses.replace(recipe, search=search).to_yaml())
+    if writer:
+        write_recipe(out, dataclasses.replace(recipe, search=search))
 
     def score(gene: Gene, examples_, features_) -> float:
         config_ = gene_config(gene, ratio_mode)
@@ -674,7 +669,7 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
         },
         "environment": environment_info(),
     }
-    if rank == 0:
+    if writer:
         targets = [*([model_dir] if search.install_frontier else []), *map(Path, install_into)]
         _write_frontier(out, document, list(state.genes.values()), targets)
     return document
@@ -963,7 +958,7 @@ def _main(args, recipe: Recipe) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend="gloo")
             started_group = True
-        is_main = (_distributed() or (0, 1))[0] == 0
+        is_main = is_main_process()
         document = run(recipe, search, install_into=args.install_into)
     finally:
         if started_group:

@@ -58,6 +58,7 @@ from qala.model import (
 from qala.quantize.artifact import check_finite
 from qala.quantize.load import load_tokenizer
 from qala.recipe import Recipe, RecipeError, StageConfig, changed_keys, fingerprint, make_training_arguments
+from qala.stage import stage_lock, stored_record, write_recipe
 from qala.utils import (
     IntegrityError,
     atomic_directory,
@@ -67,7 +68,6 @@ from qala.utils import (
     environment_info,
     examples_hash,
     new_file_mode,
-    output_lock,
     resolve_model_path,
     write_manifest,
 )
@@ -443,8 +443,7 @@ def run(recipe: Recipe, *, resume: bool = False, force_resume: bool = False) -> 
     Holds run.output_dir's lock throughout (on the main process of a distributed run).
     `force_resume` continues checkpoints started with another recipe or other inputs.
     """
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    with output_lock(recipe.run.output_dir) if main_process else contextlib.nullcontext():
+    with stage_lock(recipe.run.output_dir):
         return _run_stages(recipe, resume=resume or force_resume, force=force_resume)
 
 
@@ -501,24 +500,23 @@ def _run_stages(recipe: Recipe, *, resume: bool, force: bool) -> dict[str, Any]:
         source, source_hash = str(stage_dir / "model"), content_hash(stage_dir / "model")
         info["eval"] = _evaluate_stage(recipe, stage_dir, source_hash, eval_data, eval_examples, eval_features)
         results[stage_name] = info
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())  # also written when a stage starts training
+    write_recipe(out, recipe)  # also written when a stage starts training
     return results
 
 
 def _finished(stage_dir: Path, fingerprint: str, recipe: Recipe, inputs: dict[str, str]) -> dict[str, Any] | None:
-    path = stage_dir / "model" / TRAINING_INFO
-    if path.is_file():
-        info = json.loads(path.read_text())
-        if info.get("fingerprint") == fingerprint:
-            return info
+    """The training_info.json of the stage's model when it was trained for this fingerprint, else None."""
+
+    def changes(info: dict[str, Any]) -> list[str]:  # the fingerprint covers recipe sections: name those too
         recorded = {"inputs": info.get("inputs")}
         with contextlib.suppress(OSError, yaml.YAMLError):
             recorded["recipe"] = yaml.safe_load((stage_dir / "model" / "recipe.yaml").read_text())
-        changes = stage_changes(recorded, recipe, stage_dir.name, inputs)
-        logger.warning(
-            "%s was trained from another recipe or inputs (%s): training it again", stage_dir, "; ".join(changes)
-        )
-    return None
+        return stage_changes(recorded, recipe, stage_dir.name, inputs)
+
+    info, why = stored_record(stage_dir / "model" / TRAINING_INFO, inputs, fingerprint=fingerprint, changes=changes)
+    if why is not None:
+        logger.warning("%s was trained from another recipe or inputs (%s): training it again", stage_dir, why)
+    return info
 
 
 def _train_stage(
@@ -538,10 +536,9 @@ def _train_stage(
 ) -> dict[str, Any]:
     checkpoints = stage_dir / "checkpoints"
     last, forced = _resume_point(recipe, stage_name, stage_dir, fingerprint, inputs, resume=resume, force=force)
-    # The stage starts for real (inputs loaded, resume checked): only now are the run's and stage's records
-    # replaced, so a start that fails at once (a bad path, a refused resume) leaves the last run's.
-    atomic_write_text(stage_dir / "recipe.yaml", recipe.to_yaml())
-    atomic_write_text(stage_dir.parent / "recipe.yaml", recipe.to_yaml())
+    # The stage starts for real (inputs loaded, resume checked): only now are the run's and stage's records replaced.
+    write_recipe(stage_dir, recipe)
+    write_recipe(stage_dir.parent, recipe)
 
     model, saved_attention_dropout = _stage_start_model(recipe, stage, source)
     args = make_training_arguments(stage.training_args, output_dir=str(checkpoints), seed=recipe.run.seed)
@@ -692,12 +689,11 @@ def _evaluate_stage(
     e = recipe.eval
     path = stage_dir / EVAL_NAME
     key = {"model": model_hash, "eval_data": eval_data, "eval": recipe.fingerprint("eval", "data")}
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
-        changes = changed_keys(cached.get("key") or {}, key, "key")
-        logger.info("%s: scored for other inputs (%s), scoring again", path, "; ".join(changes))
+    cached, why = stored_record(path, key, field="key")
+    if cached is not None:
+        return cached
+    if why is not None:
+        logger.info("%s: scored for other inputs (%s), scoring again", path, why)
     # On the device the stage trained on (the Trainer's choice: a GPU when there is one), not always
     # the CPU: a whole-dev pass per length configuration took 46 s on 16 CPU cores, ~1 s on an H100.
     stage = getattr(recipe.train, stage_dir.name)

@@ -9,6 +9,8 @@ approach static   post-training static INT8 (INC 3.x StaticQuantConfig, PT2E + X
 approach dynamic  INC DynamicQuantConfig (activation scales computed per call); tuned the same way.
 approach qat      quantization-aware training (torchao prepare_qat_pt2e, the same X86 quantizer),
                   trained with the LengthDrop sandwich so the INT8 model stays length-adaptive.
+The quantizer is chosen by the recipe's quantization.backend, by name (QUANTIZERS): "pt2e" is the one
+above; an optional backend lives in its own module, imported only when a recipe names it.
 
 Writes OUTPUT_DIR/model (the INT8 artifact), OUTPUT_DIR/trials/trial-N.json (one per trial; a rerun
 skips trials already scored for the same inputs), OUTPUT_DIR/fp32_eval_cache.json (the fp32 model's
@@ -27,11 +29,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import random
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -47,18 +51,16 @@ from qala.model import (
     sample_length_config,
 )
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
-from qala.quantize.ipex import IpexUnavailableError
 from qala.quantize.load import load_model, load_tokenizer
 from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments
-from qala.stage import stored_record
+from qala.stage import stage_inputs, stage_lock, stored_record, write_recipe
 from qala.utils import (
+    BackendUnavailableError,
     atomic_write_json,
-    atomic_write_text,
     content_hash,
     environment_info,
     examples_hash,
     median_latency_ms,
-    output_lock,
     resolve_model_path,
 )
 
@@ -66,6 +68,12 @@ logger = logging.getLogger(__name__)
 
 EXIT_GOAL_NOT_MET = 3
 FP32_CACHE_NAME = "fp32_eval_cache.json"
+# quantization.backend -> the module that quantizes for it, imported only when a recipe names it (an optional
+# backend's library may need an environment of its own). Each has check_recipe(recipe), run before model and
+# data load; quantize_and_score(tuner, out) -> (report, exit status), which writes OUTPUT_DIR/report.json; and
+# ARTIFACT_NAME, the summary's name for what it saved. "pt2e" is this module.
+QUANTIZERS = {"pt2e": __name__, "ipex": "qala.quantize.ipex"}
+ARTIFACT_NAME = "INT8 artifact"
 
 
 def calibration_batches(recipe: Recipe, tokenizer, num_layers: int) -> list[dict[str, Any]]:
@@ -102,11 +110,6 @@ def batches_hash(batches: list[dict[str, Any]]) -> str:
             else:
                 digest.update(f"{name}{json.dumps(value)}".encode())
     return digest.hexdigest()[:16]
-
-
-def _plain(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples as lists), so that a stored record compares equal."""
-    return json.loads(json.dumps(value))
 
 
 # The INC local-config name that stands for the word-embedding table: a local config with int8 weights
@@ -203,7 +206,7 @@ class Tuner:
         )
         self.calibration = calibration_batches(recipe, self.tokenizer, self.fp32.num_layers)
         # What the fp32 scores and the trials depend on, by content (hashed once per run); stored with each.
-        self.fp32_inputs = _plain(
+        self.fp32_inputs = stage_inputs(
             {
                 "model": content_hash(model_dir),
                 "eval_data": examples_hash(examples),
@@ -213,7 +216,7 @@ class Tuner:
                 "quantization": {"tuning": {"eval_samples": q.tuning.eval_samples}},
             }
         )
-        self.inputs = _plain(
+        self.inputs = stage_inputs(
             {
                 **self.fp32_inputs,
                 "calibration_batches": batches_hash(self.calibration),
@@ -399,7 +402,7 @@ class Tuner:
         """F1/EM on the whole eval file and latency, fp32 vs INT8, at full length and each keep ratio.
 
         `int8` is a converted model (timed through CompiledQA) or, with compiled=False, any callable
-        already fit for timing (the IPEX backend's traced graphs).
+        already fit for timing (another backend's graphs, traced per padded length configuration).
         """
         configs: dict[str, list[int] | None] = {"full": None}
         for ratio in self.q.eval_keep_ratios:
@@ -408,7 +411,7 @@ class Tuner:
             )
         # The same ratios in units of each window's real length (model.py keep_ratios): scored, not timed
         # (their cost depends on each input's length, so one padded batch does not stand for them).
-        # Not for other backends' callables (IPEX traces one graph per padded length configuration).
+        # Not for other backends' callables: a graph traced per padded length configuration cannot follow them.
         ratios = {f"ratio_{r:g}": constant_keep_ratios(r, self.fp32.num_layers) for r in self.q.eval_keep_ratios}
         ratios = ratios if compiled is None else {}
         timed = CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
@@ -463,21 +466,34 @@ def read_report(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def run(recipe: Recipe) -> tuple[dict[str, Any], int]:
-    """Tune (or train, for QAT) and score; returns (report, exit status). Holds OUTPUT_DIR's lock throughout."""
-    with output_lock(recipe.quantization.output_dir):
-        return _run(recipe, Path(recipe.quantization.output_dir))
-
-
-def _run(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
+    """Quantize with the recipe's backend and score; returns (report, exit status). Holds OUTPUT_DIR's lock
+    throughout."""
     q = recipe.quantization
-    if q.backend == "ipex":
-        return _run_ipex(recipe, out)
+    quantizer = load_quantizer(q.backend)
+    with stage_lock(q.output_dir):
+        quantizer.check_recipe(recipe)  # a bad recipe or a missing library fails before model and data load
+        tuner = Tuner(recipe)
+        write_recipe(q.output_dir, recipe)
+        return quantizer.quantize_and_score(tuner, Path(q.output_dir))
+
+
+def load_quantizer(backend: str) -> ModuleType:
+    """The module of QUANTIZERS that quantizes for `backend`, imported now."""
+    return importlib.import_module(QUANTIZERS[backend])
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every config_set entry is a valid INC config (QAT has none)."""
+    q = recipe.quantization
     if q.approach != "qat":
-        for entry in q.tuning.config_set:  # fail on a bad entry before loading model and data
+        for entry in q.tuning.config_set:
             inc_config(q.approach, entry)
-    tuner = Tuner(recipe)
-    # Written once model and data have loaded: a start that fails at once leaves the last run's record.
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+
+
+def quantize_and_score(tuner: Tuner, out: Path) -> tuple[dict[str, Any], int]:
+    """qala's own backend: INC tuning over the config_set (or QAT), the INT8 artifact saved, then the whole-file
+    report; exit status EXIT_GOAL_NOT_MET when no trial met the goal."""
+    recipe, q = tuner.recipe, tuner.q
     if q.approach == "qat":
         int8, report = tuner.qat()
         config_record: dict[str, Any] = {"approach": "qat"}
@@ -508,42 +524,20 @@ def _run(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
     return report, EXIT_GOAL_NOT_MET if goal_met is False else 0
 
 
-def _run_ipex(recipe: Recipe, out: Path) -> tuple[dict[str, Any], int]:
-    """IPEX static INT8 (torch 2.8 environments only): scored and timed, one traced graph per shape.
-
-    What is kept is the calibration (OUTPUT_DIR/ipex_calibration.json: IPEX's qconf summary per length
-    configuration, JSON), from which qala.quantize.ipex.IpexStaticQA.from_summaries rebuilds the graphs;
-    IPEX's own artifacts are TorchScript archives, which qala does not load (they execute code).
-    """
-    from qala.quantize.ipex import IpexStaticQA, import_ipex
-
-    import_ipex()  # fails first, naming the torch/IPEX versions needed
-    if recipe.quantization.approach != "static":
-        raise RecipeError("quantization.backend", ["backend ipex supports approach static only"])
-    tuner = Tuner(recipe)
-    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
-    qa = IpexStaticQA(tuner.fp32, tuner.calibration)
-    report = {"final": tuner.final_report(qa, compiled=False)}
-    calibration = qa.save_summaries(out / "ipex_calibration.json", model=str(recipe.quantization.model))
-    report.update(
-        approach="static",
-        backend="ipex",
-        artifact=str(calibration),
-        artifact_bytes=calibration.stat().st_size,
-        environment=environment_info(),
-    )
-    atomic_write_json(out / "report.json", report)
-    return report, 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(
         "python -m qala.tune", __doc__, "YAML recipe with a quantization section, e.g. recipes/squad_int8.yaml"
     )
-    return run_main(parser, argv, lambda args, recipe: _summary(*run(recipe)), errors=(IpexUnavailableError,))
+    # An optional backend's library missing or unfit here: its message says what to install.
+    return run_main(parser, argv, _main, errors=(BackendUnavailableError,))
 
 
-def _summary(report: dict[str, Any], status: int) -> int:
+def _main(args, recipe: Recipe) -> int:
+    report, status = run(recipe)
+    return _summary(report, status, load_quantizer(recipe.quantization.backend).ARTIFACT_NAME)
+
+
+def _summary(report: dict[str, Any], status: int, artifact_name: str) -> int:
     chosen = report.get("chosen")
     if chosen:
         print(
@@ -557,8 +551,7 @@ def _summary(report: dict[str, Any], status: int) -> int:
             f"batch-1 ms fp32 {lat.get('fp32_eager', {}).get('median_ms', float('nan')):.1f} "
             f"int8 {lat.get('int8', {}).get('median_ms', float('nan')):.1f}"
         )
-    what = "IPEX calibration" if report.get("backend") == "ipex" else "INT8 artifact"
-    print(f"{what}: {report['artifact']} ({report['artifact_bytes'] / 1e6:.1f} MB on disk)")
+    print(f"{artifact_name}: {report['artifact']} ({report['artifact_bytes'] / 1e6:.1f} MB on disk)")
     if status == EXIT_GOAL_NOT_MET:
         print(
             f"goal NOT met: no trial within {report['tolerable_loss']:.2%} relative F1; kept the best one",

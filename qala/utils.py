@@ -360,6 +360,11 @@ def examples_hash(examples: Any) -> str:
     return hashlib.sha256(json.dumps(columns, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class BackendUnavailableError(ImportError):
+    """An optional backend's library is missing or unfit here (qala.quantize.ipex); the message says what to
+    install. Entry points report it in one line, exit 2; any other ImportError stays a traceback (a bug)."""
+
+
 class OutputInUseError(OSError):
     """Another qala run holds the output folder's lock."""
 

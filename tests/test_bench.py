@@ -188,8 +188,7 @@ def test_dynamic_tinybert_configuration_matches_the_published_speedup_in_macs():
     assert abs(speedup - plan.DYNAMIC_TINYBERT_SPEEDUP) < 0.1 and 0.8 < ratio < 0.9
 
 
-def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir, monkeypatch):
-    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-ipex-python")  # this checkout may have .venv-ipex
+def test_plan_rows_ids_macs_f1_and_frontier(tmp_path, model_dir):
     frontier = {
         "backend": "int8",
         "max_seq_length": 64,
@@ -312,7 +311,6 @@ def fake_worker(fail=(), calls=None):
 
 
 def test_partial_results_resume_and_time_budget(tmp_path, model_dir, monkeypatch):
-    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-ipex-python")  # this checkout may have .venv-ipex
     path = write_recipe(tmp_path, model_dir)
     path.write_text(path.read_text().replace("gemm_peak: false", "gemm_peak: true"))
     out = tmp_path / "out"
@@ -347,10 +345,8 @@ def test_partial_results_resume_and_time_budget(tmp_path, model_dir, monkeypatch
 # call (the GEMM peak and one row saved) after touching MARKER.
 KILLED_BENCH = """
 import sys, time
-from pathlib import Path
-from qala.bench import cli, plan
+from qala.bench import cli
 from tests.test_bench import fake_worker
-plan.IPEX_PYTHON = Path(sys.argv[3])
 measure, calls = fake_worker(), []
 def measure_then_hang(spec, work_dir):
     calls.append(spec["id"])
@@ -364,8 +360,6 @@ sys.exit(cli.main([sys.argv[1]]))
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, model_dir, monkeypatch):
-    no_ipex = tmp_path / "no-ipex-python"
-    monkeypatch.setattr(plan, "IPEX_PYTHON", no_ipex)
     recipes = {}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
@@ -375,7 +369,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, mod
     assert cli.main([str(recipes["straight"])]) == 0
 
     marker = tmp_path / "in-row-2"
-    args = ["-c", KILLED_BENCH, str(recipes["killed"]), str(marker), str(no_ipex)]
+    args = ["-c", KILLED_BENCH, str(recipes["killed"]), str(marker)]
     kill_9_when(marker, args, "its third worker call")
     out = tmp_path / "killed" / "out"
     saved = json.loads((out / "bench.json").read_text())
@@ -397,8 +391,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, mod
 # ------------------------------------------------------------------ end to end (real workers)
 
 
-def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, monkeypatch, capsys):
-    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-ipex-python")  # this checkout may have .venv-ipex
+def test_end_to_end_on_tiny_models(tmp_path, model_dir, tiny_int8_artifact, capsys):
     extra = f"""\
   int8_model: {tiny_int8_artifact}
   compile_int8: false

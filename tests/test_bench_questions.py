@@ -39,7 +39,6 @@ benchmark:
   compile_int8: false
   onnxruntime: false
   openvino: false  # the OpenVINO peers are tested in-process (test_openvino_rows_answer_with_f1)
-  ipex: true
   gemm_peak: true
   gemm_size: 64
   core_sweep: false
@@ -80,7 +79,7 @@ def spec_for(model: Path, tmp_path: Path, **extra) -> dict:
 # ------------------------------------------------------------------ planning
 
 
-def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypatch):  # noqa: F811
+def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir):  # noqa: F811
     frontier = {
         "backend": "int8",
         "max_seq_length": 64,
@@ -91,19 +90,16 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
         ],
     }
     (tmp_path / "frontier.json").write_text(json.dumps(frontier))
-    recipe = load_recipe(
-        write_recipe(tmp_path, model_dir),
-        [
-            f"benchmark.int8_model={model_dir}",
-            f"benchmark.frontier={tmp_path}/frontier.json",
-            "benchmark.frontier_dtypes=[int8]",
-            "benchmark.batch_sizes=[1, 32]",
-            "benchmark.onnxruntime=true",
-            "benchmark.openvino=true",
-            "benchmark.compile_int8=true",
-        ],
-    )
-    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
+    overrides = [
+        f"benchmark.int8_model={model_dir}",
+        f"benchmark.frontier={tmp_path}/frontier.json",
+        "benchmark.frontier_dtypes=[int8]",
+        "benchmark.batch_sizes=[1, 32]",
+        "benchmark.onnxruntime=true",
+        "benchmark.openvino=true",
+        "benchmark.compile_int8=true",
+    ]
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     rows, notes = plan.plan_rows(recipe, "questions")
     ids = [r["id"] for r in rows]
     assert ids[:2] == ["transformers/BERT-base/fp32/full/b1", "transformers/BERT-base/fp32/full/b32"]
@@ -134,15 +130,15 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir, monkeypa
     assert all(r["questions"] == 4 and r["python"] is None for r in rows)
     assert notes["ipex"]["status"] == "skipped" and "ipex_quantize.py" in notes["ipex"]["build_command"]
 
-    # With the IPEX environment and its calibration present, IPEX rows run under that environment's python:
-    # full length unpadded, each calibrated absolute configuration padded to max_seq_length, with qala's INT8
-    # rows at that configuration on the same padded windows.
+    # With the recipe naming the IPEX environment and its calibration, IPEX rows run under that environment's
+    # python: full length unpadded, each calibrated absolute configuration padded to max_seq_length, with qala's
+    # INT8 rows at that configuration on the same padded windows.
     python, summaries = tmp_path / "python", tmp_path / "ipex_calibration.json"
     python.write_text("")
     configs = [{"length_config": None}, {"length_config": [40, 20]}]
     summaries.write_text(json.dumps({"format": "qala-ipex-qconf/1", "configs": configs}))
-    monkeypatch.setattr(plan, "IPEX_PYTHON", python)
-    monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
+    overrides += [f"benchmark.ipex_python={python}", f"benchmark.ipex_calibration={summaries}"]
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     rows, _ = plan.plan_rows(recipe, "questions", pad_multiple=64)
     by_id = {r["id"]: r for r in rows}
     ipex = [r for r in rows if r["engine"] == "ipex"]
@@ -311,7 +307,6 @@ def test_a_row_runs_under_its_own_python_and_a_missing_one_fails_cleanly(tmp_pat
 
 
 def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_artifact, monkeypatch, capsys):  # noqa: F811
-    monkeypatch.setattr(plan, "IPEX_PYTHON", tmp_path / "no-such-python")
     path = write_recipe(tmp_path, model_dir)
     overrides = [f"benchmark.int8_model={tiny_int8_artifact}"]
     assert cli.main([str(path), "--table", "questions", *overrides]) == 0, capsys.readouterr().err
@@ -365,9 +360,7 @@ def test_shipped_questions_recipe_loads(monkeypatch):
 
 
 def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: F811
-    # benchmark.ipex=false: the IPEX rows (planned when this checkout has .venv-ipex and a calibration) are not
-    # what this test is about.
-    overrides = [f"benchmark.int8_model={model_dir}", "benchmark.ipex=false"]
+    overrides = [f"benchmark.int8_model={model_dir}"]
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     rows, _ = plan.plan_rows(recipe, "questions", qala_backends=["eager", "compile-dynamic"])
     qala = [r["id"] for r in rows if r["engine"] == "qala"]
@@ -420,7 +413,7 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
         "frontier": [{"keep_ratios": [0.9, 0.6], "f1": 20.0, "cost": 1.0}],
     }
     (tmp_path / "frontier.json").write_text(json.dumps(frontier))
-    overrides = ["benchmark.ipex=false", f"benchmark.frontier={tmp_path}/frontier.json"]
+    overrides = [f"benchmark.frontier={tmp_path}/frontier.json"]
     overrides.append("benchmark.frontier_dtypes=[int8]")
     recipe = load_recipe(write_recipe(tmp_path, model_dir), overrides)
     assert recipe.benchmark.int8_model is None
@@ -441,7 +434,7 @@ def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, mon
     monkeypatch.setattr(plan, "openvino_bf16_native", lambda: False)
     ids = {}
     for value in ("true", "false"):
-        recipe = load_recipe(write_recipe(tmp_path, model_dir), ["benchmark.ipex=false", f"benchmark.openvino={value}"])
+        recipe = load_recipe(write_recipe(tmp_path, model_dir), [f"benchmark.openvino={value}"])
         rows, _ = plan.plan_rows(recipe, "questions")
         ids[value] = {r["id"] for r in rows if r["engine"] == "openvino"}
     # benchmark.onnxruntime is false in this recipe: the OpenVINO peers follow their own key.

@@ -222,7 +222,7 @@ def test_without_ipex_every_entry_point_names_the_environment_script():
 # ------------------------------------------------------------------ the padded table's IPEX rows (no IPEX needed)
 
 
-def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, monkeypatch, tiny_checkpoint):
+def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, tiny_checkpoint):
     """With a ratio-unit frontier, the padded table takes the absolute configurations qala.tune scored (both F1s
     from its report); IPEX rows run at full length and at each of those it was calibrated for, under the IPEX
     environment's python, with the whole-dev F1 benchmarks/ipex_quantize.py measured."""
@@ -263,9 +263,6 @@ def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, 
             }
         )
     )
-    monkeypatch.setattr(plan, "IPEX_PYTHON", python)
-    monkeypatch.setattr(plan, "IPEX_SUMMARIES", summaries)
-    monkeypatch.setattr(plan, "IPEX_SCORES", scores)
     model = tmp_path / "model"
     LengthAdaptiveForQuestionAnswering.from_pretrained(str(tiny_checkpoint)).save_pretrained(model)
     overrides = [
@@ -273,6 +270,9 @@ def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, 
         f"benchmark.int8_report={tmp_path / 'report.json'}",
         f"benchmark.frontier={tmp_path / 'frontier.json'}",
         "benchmark.baselines=[]",
+        f"benchmark.ipex_python={python}",
+        f"benchmark.ipex_calibration={summaries}",
+        f"benchmark.ipex_scores={scores}",
     ]
     recipe = load_recipe(write_recipe(tmp_path, model), overrides)
     rows, notes = plan.plan_rows(recipe)
@@ -315,3 +315,56 @@ def test_tune_with_backend_ipex_runs_end_to_end_in_the_ipex_environment(tmp_path
     assert all(0 <= row["int8"]["f1"] <= 100 for row in report["final"]["rows"].values())
     assert calibrated_length_configs(report["artifact"]) == [None, [64, 32]]
     assert "IPEX calibration" in proc.stdout
+
+
+# ------------------------------------------------------------------ qala.tune's IPEX quantizer, by name (no IPEX)
+
+
+def test_tune_with_backend_ipex_without_ipex_says_what_to_install(tmp_path, tiny_checkpoint, capsys):
+    """quantization.backend=ipex where IPEX is missing: one line naming the environment script, exit 2, before
+    model and data load (nothing written but the lock)."""
+    from qala.quantize import ipex
+    from qala.tune import main as tune_main
+    from tests.test_tune import write_recipe
+
+    installed, _ = ipex.ipex_status()
+    if installed is not None and torch.__version__.startswith(ipex.REQUIRED_MINOR):
+        pytest.skip("IPEX is usable in this interpreter; the error path is for environments without it")
+    assert tune_main([str(write_recipe(tmp_path, tiny_checkpoint)), "quantization.backend=ipex"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bash benchmarks/ipex_env.sh" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "static" / "int8").iterdir()) == [".lock"]
+
+
+def test_tune_runs_the_quantizer_its_backend_names(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """qala.tune picks qala.quantize.ipex by the recipe's backend name and hands it its Tuner: the report, the
+    summary line and the kept calibration are the IPEX quantizer's (IPEX itself stubbed by the fp32 model)."""
+    from qala.quantize import ipex
+    from qala.tune import main as tune_main
+    from tests.test_tune import write_recipe
+
+    class FakeIpexQA:  # the fp32 model behind IpexStaticQA's interface
+        def __init__(self, model, calibration):
+            self.model, self.calibration = model, list(calibration)
+
+        def __call__(self, length_config=None, keep_ratios=None, **inputs):
+            assert keep_ratios is None, "IPEX rows take absolute length configurations only"
+            return self.model(**inputs, length_config=length_config)
+
+        def save_summaries(self, path, **record):
+            Path(path).write_text(json.dumps({"format": ipex.QCONF_FORMAT, **record, "configs": []}))
+            return Path(path)
+
+    monkeypatch.setattr(ipex, "import_ipex", lambda: None)
+    monkeypatch.setattr(ipex, "IpexStaticQA", FakeIpexQA)
+    assert tune_main([str(write_recipe(tmp_path, tiny_checkpoint)), "quantization.backend=ipex"]) == 0
+    out = tmp_path / "static" / "int8"
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == "ipex" and report["artifact"] == str(out / "ipex_calibration.json")
+    assert set(report["final"]["rows"]) == {"full", "keep_0.5"}  # no ratio rows: not traceable
+    assert (out / "recipe.yaml").is_file() and not (out / "model").exists()
+    assert "IPEX calibration: " in capsys.readouterr().out
+    # Approach static only, refused before anything loads.
+    recipe = write_recipe(tmp_path, tiny_checkpoint, approach="dynamic")
+    assert tune_main([str(recipe), "quantization.backend=ipex"]) == 2
+    assert "backend ipex supports approach static only" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Run state shared by every stage: one run per output folder (the lock), content hashes, what-changed lines."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from qala.bench import cli as bench_cli
 from qala.recipe import changed_keys
 from qala.search import main as search_main
+from qala.stage import stage_lock, stored_record
 from qala.train import main as train_main
 from qala.tune import main as tune_main
 from qala.utils import OutputInUseError, content_hash, output_lock
@@ -126,3 +128,31 @@ def test_changed_keys_names_each_changed_leaf():
     ]
     assert changed_keys(old, old) == []
     assert changed_keys({"model": "abc"}, {"model": "def"}, "inputs") == ["inputs.model: abc -> def"]
+
+
+def test_only_the_main_process_takes_the_stage_lock(tmp_path, monkeypatch):
+    with output_lock(tmp_path / "out"):
+        monkeypatch.setenv("RANK", "1")  # another rank of a torchrun run: it writes nothing there, takes no lock
+        with stage_lock(tmp_path / "out"):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(OutputInUseError), stage_lock(tmp_path / "out"):
+            pass
+
+
+def test_a_stored_record_is_reused_only_for_the_same_inputs(tmp_path):
+    path = tmp_path / "record.json"
+    assert stored_record(path, {"model": "a"}) == (None, None)
+    path.write_text(json.dumps({"inputs": {"model": "a", "seed": 1}, "scores": {}}))
+    assert stored_record(path, {"model": "a", "seed": 1})[0]["scores"] == {}
+    assert stored_record(path, {"model": "b", "seed": 1}) == (None, "model: a -> b")
+    # By fingerprint (train's stages, search's checkpoints), inputs under another name (train's eval.json "key"),
+    # and what changed said by the caller where the fingerprint covers more than the recorded inputs.
+    path.write_text(json.dumps({"fingerprint": "f1", "key": {"model": "a"}}))
+    assert stored_record(path, {"model": "b"}, field="key") == (None, "model: a -> b")
+    assert stored_record(path, {"model": "b"}, fingerprint="f1")[0]["fingerprint"] == "f1"
+    assert stored_record(path, {}, fingerprint="f2", changes=lambda record: ["lr: 1 -> 2", "seed: 1 -> 2"]) == (
+        None,
+        "lr: 1 -> 2; seed: 1 -> 2",
+    )
+    assert stored_record(path, {"model": "b"}, fingerprint="f2") == (None, "no record of its inputs")

@@ -6,8 +6,8 @@
 roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, throughput_vs_cores.png).
 `questions`: real questions end to end on unpadded windows (OUTPUT_DIR/real_questions.json, .md, .png).
 Both tables run through one Harness: a killed run keeps every row it finished; `--resume` skips rows
-already measured for the same inputs (settings, row spec, and by content the models measured). One run
-per OUTPUT_DIR at a time.
+already measured for the same inputs (settings, row spec, and by content the models). One run per
+OUTPUT_DIR at a time.
 """
 
 from __future__ import annotations
@@ -40,11 +40,6 @@ TABLES = {
 }
 
 
-def worker_command(spec_file: str | Path, out: str | Path, python: str | None = None) -> list[str]:
-    """`PYTHON -m qala.bench.worker SPEC OUT`; PYTHON is the row's own interpreter when it names one."""
-    return [python or sys.executable, "-m", "qala.bench.worker", str(spec_file), str(out)]
-
-
 def _tail(text: str, lines: int = 15) -> str:
     """The last lines of a worker's stderr, the exception line first (tables show an error's start)."""
     kept = [line for line in text.splitlines() if line.strip() and "Failed to load" not in line]
@@ -63,7 +58,8 @@ def run_worker(spec: Mapping[str, Any], work_dir: Path) -> dict[str, Any]:
     spec_file, out_file = work_dir / "spec.json", work_dir / "result.json"
     atomic_write_json(spec_file, spec)
     out_file.unlink(missing_ok=True)
-    proc = subprocess.run(worker_command(spec_file, out_file, python), capture_output=True, text=True)
+    command = [python or sys.executable, "-m", "qala.bench.worker", str(spec_file), str(out_file)]
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0 or not out_file.is_file():
         return {"status": "failed", "error": _tail(proc.stderr) or f"exit status {proc.returncode}"}
     return {"status": "ok", **json.loads(out_file.read_text())}
@@ -98,15 +94,7 @@ def run_cpu_command(
     switches = {"--disable-numactl": numactl, "--disable-iomp": iomp, "--use-default-allocator": allocator}
     cmd += [flag for flag, found in switches.items() if not found]
     # run_cpu's own -m refuses any program not ending in .py, so the interpreter is the program instead.
-    return cmd + ["--no-python", *worker_command(spec_file, out_dir, python)]
-
-
-def cpu_flags() -> list[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(line.split(":", 1)[1].split())
-    return []
+    return cmd + ["--no-python", python or sys.executable, "-m", "qala.bench.worker", str(spec_file), str(out_dir)]
 
 
 def environment() -> dict[str, Any]:
@@ -118,7 +106,8 @@ def environment() -> dict[str, Any]:
         import onnxruntime
 
         env["versions"]["onnxruntime"] = onnxruntime.__version__
-    return {**env, "cpu_flags": cpu_flags()}
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {**env, "cpu_flags": sorted(flags.partition(":")[2].split())}
 
 
 def _slug(text: str) -> str:
@@ -248,56 +237,45 @@ def write_inputs(recipe: Any, bench: Any, path: Path) -> int:
     tokenizer = load_tokenizer(bench.model or bench.int8_model or recipe.model.tokenizer or recipe.model.name_or_path)
     data = dataclasses.replace(recipe.data, max_eval_samples=recipe.data.max_eval_samples or bench.windows)
     tensors = batch_inputs(windows(load_split(data, "eval"), tokenizer, data, train=False)[: bench.windows])
-    if "token_type_ids" not in tensors:
-        tensors["token_type_ids"] = torch.zeros_like(tensors["input_ids"])
+    tensors.setdefault("token_type_ids", torch.zeros_like(tensors["input_ids"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return tensors["input_ids"].size(0)
 
 
-def _method(recipe: Any, table: str, threads: int, windows: int | None) -> dict[str, Any]:
+def _method(recipe: Any, padded: bool, threads: int, windows: int | None) -> dict[str, Any]:
     """How a table's rows were measured, as its result file records it."""
-    b = recipe.benchmark
-    if table == "padded":
-        method = {"windows": windows, "data": recipe.data.eval, "seq_length": recipe.data.max_seq_length}
-        method.update(batch_sizes=list(b.batch_sizes), threads=threads, instances=1)
+    b, d = recipe.benchmark, recipe.data
+    method = {"data": d.eval, "batch_sizes": list(b.batch_sizes), "threads": threads}
+    if padded:
         return (
             method
-            | {key: getattr(b, key) for key in plan.TIMING}
+            | {"windows": windows, "seq_length": d.max_seq_length, "instances": 1}
             | {
+                **{key: getattr(b, key) for key in plan.TIMING},
                 "statistic": "qala.utils.time_calls / latency_stats: median of timed calls per batch size; batch-1 "
                 "latency p50/p90/p99 over latency_repeats calls cycling through the windows; throughput = batch / "
                 "median; one worker process per row",
                 "peak_memory": "VmHWM of the row's worker process (imports, model load, compilation and runs)",
             }
         )
-    questions = recipe.data.max_eval_samples
-    return {
-        "questions": questions if questions is not None else "all",
-        "data": recipe.data.eval,
-        "batch_sizes": list(b.batch_sizes),
-        "threads": threads,
+    summary = (
+        f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
+        f"windows unpadded and batched to the longest window of the request (qala rows: sorted by length, "
+        f"one call per 32-token group); {threads} threads, one worker process per row; ms/question = request "
+        f"time / its questions; questions/s = questions / summed request time; F1 from the answers of the timed "
+        f"pass; GMAC/s on real tokens against the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed "
+        "requests, plus every request shape once for compiled rows."
+    )
+    return {"questions": d.max_eval_samples if d.max_eval_samples is not None else "all", **method} | {
         "warmup": b.warmup,
-        "summary": (
-            f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
-            f"windows unpadded and batched to the longest window of the request (qala rows: sorted by length, "
-            f"one call per 32-token group); {threads} threads, one "
-            f"worker process per row; ms/question = request time / its questions; questions/s = questions / "
-            f"summed request time; F1 from the answers of the timed pass; GMAC/s on real tokens against "
-            f"the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed requests, plus every request shape "
-            "once for compiled rows."
-        ),
+        "summary": summary,
         "timer": "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats",
     }
 
 
 def run_table(
-    recipe: Any,
-    table: str = "padded",
-    *,
-    resume: bool = False,
-    pad_multiple: int | None = None,
-    qala_backends: Sequence[str] = (),
+    recipe: Any, table: str = "padded", *, resume: bool = False, pad_multiple: int | None = None, qala_backends=()
 ) -> dict[str, Any]:
     """One table: plan, GEMM peak, one worker per row, the core sweep (padded), the result file, table and plots."""
     from qala.bench.peers import RANDOM_WEIGHTS_SEED
@@ -309,11 +287,11 @@ def run_table(
     n = write_inputs(recipe, b, inputs) if padded else None
     rows, notes = plan.plan_rows(recipe, table, pad_multiple=pad_multiple, qala_backends=qala_backends)
     if padded:
-        h.document.update(environment=env, method=_method(recipe, table, threads, n), core_sweep=None)
+        h.document.update(environment=env, method=_method(recipe, padded, threads, n), core_sweep=None)
         h.document.update(peers=notes, budget_exhausted=False)
     else:  # "cpu" first: machines differ between sessions, and every figure is for this one
         h.document = {"cpu": env["cpu"], **h.document, "versions": env["versions"], "environment": env}
-        h.document.update(method=_method(recipe, table, threads, None), notes=notes)
+        h.document.update(method=_method(recipe, padded, threads, None), notes=notes)
         h.document["seeds"] = {"random_weights": RANDOM_WEIGHTS_SEED, "run": recipe.run.seed}
         h.document["seeds"]["questions"] = "the first N questions of the file, in order (no sampling)"
     if b.gemm_peak:

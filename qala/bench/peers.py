@@ -1,12 +1,12 @@
 """How a benchmark row runs, in either table: qala's own engines and the peers it is compared with, by name.
 
-A row's engine (ENGINES) builds (predict, facts) from the row spec, its work folder and an example batch
-(engines that trace per shape build the first graph from it); predict(inputs) returns (start, end) logits
-as numpy arrays [windows, positions]. facts["warm_every_shape"]: the engine builds something per input
-shape, so every request shape is run once before timing. Peers: published architectures on random
-weights, plain transformers, ONNX Runtime (plain or fused, fp32 or dynamic INT8) and OpenVINO (fp32 or
-NNCF INT8) on transformers' plain ONNX export (qala.quantize.onnx, the exporter of qala's engines too),
-and IPEX 2.8. Every peer library is imported locally: a worker in IPEX's environment imports only its own.
+ENGINES[name](spec, work folder, example batch) -> (predict, facts); predict(inputs) returns (start, end)
+logits as numpy arrays [windows, positions]; engines that trace per shape build the first graph from the
+example. facts["warm_every_shape"]: the engine builds something per input shape, so every request shape is
+run once before timing. Peers: published architectures on random weights, plain transformers, ONNX Runtime
+(plain or fused, fp32 or dynamic INT8) and OpenVINO (fp32, bf16 or NNCF INT8) on transformers' plain ONNX
+export (qala.quantize.onnx, the exporter of qala's engines too), and IPEX 2.8. Peer libraries are imported
+locally: a worker in IPEX's environment imports only its own.
 """
 
 from __future__ import annotations
@@ -29,37 +29,29 @@ Predictor = Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray]]
 Engine = Callable[[Mapping[str, Any], Path, Mapping[str, Any]], tuple[Predictor, dict[str, Any]]]
 
 
-def call_model(model: Callable[..., Any], inputs: Mapping[str, Any], **length: Any) -> Any:
-    """One inference call of a torch model (eager module or CompiledQA) without autograd.
-
-    `length` is what the call keeps: length_config=[...] (absolute), keep_ratios=[...] (relative), or
-    nothing (full length); None values are dropped so plain transformers models get no extra argument.
-    """
+def _torch_predictor(model: Callable[..., Any], **length: Any) -> Predictor:
+    """predict(inputs) of a torch model (eager module, CompiledQA or a serving engine) without autograd, at
+    `length`: length_config=[...] (absolute), keep_ratios=[...] (relative), or nothing (full length)."""
     import torch
 
-    kwargs = {k: v for k, v in length.items() if v is not None}
-    with torch.no_grad():
-        return model(**inputs, **kwargs)
+    def predict(inputs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            out = model(**inputs, **length)
+        return out.start_logits.float().numpy(), out.end_logits.float().numpy()
 
-
-def _logits(out: Any) -> tuple[np.ndarray, np.ndarray]:
-    return out.start_logits.float().numpy(), out.end_logits.float().numpy()
+    return predict
 
 
 def _length_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The model call's length argument: keep_ratios (relative), length_config (absolute), or none."""
     if spec.get("length_config") is None:
         return {}
-    key = "keep_ratios" if spec.get("length_mode") == "ratio" else "length_config"
-    return {key: list(spec["length_config"])}
+    return {"keep_ratios" if spec.get("length_mode") == "ratio" else "length_config": list(spec["length_config"])}
 
 
-def random_model(arch: Mapping[str, Any], *, length_adaptive: bool, attn_implementation: str | None = None) -> Any:
-    """A randomly initialised BERT QA model of the given shape (BERT-base, TinyBERT-6L, Dynamic-TinyBERT).
-
-    `length_adaptive` wraps it in qala's token-dropping model (Dynamic-TinyBERT's mechanism);
-    otherwise it is transformers' own BertForQuestionAnswering.
-    """
+def _random_model(arch: Mapping[str, Any], length: Mapping[str, Any], attn: str | None) -> tuple[Predictor, dict]:
+    """A seeded random BERT QA model of a published shape: qala's token-dropping model when attn is None
+    (Dynamic-TinyBERT's mechanism), else transformers' own BertForQuestionAnswering with that attention."""
     import torch
     from transformers import AutoModelForQuestionAnswering, BertConfig
 
@@ -67,22 +59,20 @@ def random_model(arch: Mapping[str, Any], *, length_adaptive: bool, attn_impleme
 
     config = BertConfig(**arch)
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
-    if length_adaptive:
-        return LengthAdaptiveForQuestionAnswering.from_config(config).eval()
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForQuestionAnswering.from_config(config, **kwargs).eval()
-
-
-def _random_predictor(model: Any, **length: Any) -> tuple[Predictor, dict[str, Any]]:
-    vocab = model.config.vocab_size
-
-    def predict(inputs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        # The tokenizer's ids may exceed a shrunk random vocabulary (tests); ids do not change the cost.
-        inputs = {**inputs, "input_ids": inputs["input_ids"].clamp(max=vocab - 1)}
-        return _logits(call_model(model, inputs, **length))
-
+    if attn is None:
+        model = LengthAdaptiveForQuestionAnswering.from_config(config).eval()
+        attn = "eager (token selection reads attention probabilities)"
+    else:
+        model = AutoModelForQuestionAnswering.from_config(config, attn_implementation=attn).eval()
+        attn = model.config._attn_implementation
+    predict, vocab = _torch_predictor(model, **length), config.vocab_size
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return predict, {"size_bytes": size, "size_kind": "parameter_bytes"}
+
+    def clamped(inputs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        # The tokenizer's ids may exceed a shrunk random vocabulary (tests); ids do not change the cost.
+        return predict({**inputs, "input_ids": inputs["input_ids"].clamp(max=vocab - 1)})
+
+    return clamped, {"attn_implementation": attn, "size_bytes": size, "size_kind": "parameter_bytes"}
 
 
 def transformers_model(path: str | Path, attn_implementation: str = "sdpa") -> Any:
@@ -98,63 +88,45 @@ def _plain_export(spec: Mapping[str, Any], work_dir: Path) -> tuple[Path, Any, d
     from qala.quantize.onnx import export_onnx
 
     model = transformers_model(spec["path"], attn_implementation="eager")
-    path = work_dir / "model.onnx"
     start = time.perf_counter()
-    export_onnx(model, path, graph="plain")
-    return path, model.config, {"export_seconds": round(time.perf_counter() - start, 2)}
+    export_onnx(model, work_dir / "model.onnx", graph="plain")
+    return work_dir / "model.onnx", model.config, {"export_seconds": round(time.perf_counter() - start, 2)}
 
 
-def onnx_model(spec: Mapping[str, Any], work_dir: Path, *, fused: bool = False) -> tuple[Predictor, dict[str, Any]]:
-    """(predict, facts) of the ONNX Runtime peer: the plain export (with `fused`, through ORT's transformer
-    optimizer), fp32 or dynamic INT8 of that graph. A row with a length_config (the padded table) runs qala's
-    adaptive graph at that configuration instead."""
+def onnx_model(
+    spec: Mapping[str, Any], work_dir: Path, example: Any = None, *, fused: bool | None = None
+) -> tuple[Predictor, dict[str, Any]]:
+    """(predict, facts) of the ONNX Runtime peer: the plain export (`fused`, default: engine onnxruntime-fused,
+    through ORT's transformer optimizer), fp32 or dynamic INT8 of that graph. A row with a length_config (the
+    padded table) runs qala's adaptive graph at that configuration instead."""
     import onnxruntime as ort
 
+    from qala.model import LengthAdaptiveForQuestionAnswering
     from qala.quantize import onnx as qonnx
 
+    if spec.get("length_mode") == "ratio":
+        raise ValueError(f"ONNX Runtime rows take full length or a length_config, no keep ratios: {spec['id']}")
+    int8, facts = spec["dtype"] == "int8", {"size_kind": "onnx file", "onnxruntime": ort.__version__}
     if spec.get("length_config") is not None:
-        return _onnx_adaptive(spec, work_dir)
+        model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(spec["path"])).eval()
+        engine = qonnx.OnnxEngine(model, int8=int8, workdir=work_dir, threads=spec.get("threads"))
+        engine.session("adaptive")
+        facts.update(size_bytes=Path(engine.facts["adaptive_graph"]).stat().st_size, graph="qala adaptive")
+        facts.update({"quantization": engine.facts["quantization"]} if int8 else {})
+        return _torch_predictor(engine, length_config=list(spec["length_config"])), facts
     # The settings of qala's ORT rows too (qala.quantize.onnx): ORT_ENABLE_ALL (InferenceSession's default) on
     # the row's threads; INT8 = quantize_dynamic with QInt8 weights per channel (its own default: per tensor).
-    path, config, facts = _plain_export(spec, work_dir)
-    if fused:
-        fused_path = work_dir / "model.fused.onnx"
-        facts["fused_operators"] = qonnx.optimize_onnx(path, fused_path, config)
-        path = fused_path
-    if spec["dtype"] == "int8":
-        int8_path = path.with_suffix(".int8.onnx")
-        qonnx.quantize_onnx(path, int8_path)
-        facts["quantization"] = qonnx.ORT_INT8_METHOD
-        path = int8_path
+    path, config, exported = _plain_export(spec, work_dir)
+    facts.update(exported)
+    if fused if fused is not None else spec.get("engine") == "onnxruntime-fused":
+        facts["fused_operators"] = qonnx.optimize_onnx(path, work_dir / "model.fused.onnx", config)
+        path = work_dir / "model.fused.onnx"
+    if int8:
+        qonnx.quantize_onnx(path, path.with_suffix(".int8.onnx"))
+        path, facts["quantization"] = path.with_suffix(".int8.onnx"), qonnx.ORT_INT8_METHOD
     session = qonnx.ort_session(path, spec.get("threads"))
-    names = [i.name for i in session.get_inputs()]
-    facts.update(size_bytes=path.stat().st_size, size_kind="onnx file", onnxruntime=ort.__version__)
-
-    def predict(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        start, end = session.run(None, qonnx.numpy_feeds(batch, names))
-        return start, end
-
-    return predict, facts
-
-
-def _onnx_adaptive(spec: Mapping[str, Any], work_dir: Path) -> tuple[Predictor, dict[str, Any]]:
-    from qala.model import LengthAdaptiveForQuestionAnswering
-    from qala.quantize.onnx import OnnxEngine
-
-    model = LengthAdaptiveForQuestionAnswering.from_pretrained(str(spec["path"])).eval()
-    engine = OnnxEngine(model, int8=spec["dtype"] == "int8", workdir=work_dir, threads=spec.get("threads"))
-    lengths = list(spec["length_config"])
-    engine.session("adaptive")
-    path = Path(engine.facts["adaptive_graph"])
-    facts = {"size_bytes": path.stat().st_size, "size_kind": "onnx file", "graph": "qala adaptive"}
-    if spec["dtype"] == "int8":
-        facts["quantization"] = engine.facts["quantization"]
-
-    def predict(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        out = engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, length_config=lengths)
-        return out.start_logits.numpy(), out.end_logits.numpy()
-
-    return predict, facts
+    names, facts["size_bytes"] = [i.name for i in session.get_inputs()], path.stat().st_size
+    return (lambda batch: tuple(session.run(None, qonnx.numpy_feeds(batch, names)))), facts
 
 
 def openvino_model(
@@ -172,19 +144,14 @@ def openvino_model(
         feeds = [{k: np.asarray(w[k], dtype=np.int64).reshape(1, -1) for k in MODEL_INPUTS} for w in calibration]
         start = time.perf_counter()
         model = qov.nncf_quantize(model, feeds)
-        facts.update(
-            quantization=f"{qov.NNCF_METHOD}, {len(feeds)} windows", nncf_seconds=round(time.perf_counter() - start, 1)
-        )
+        facts.update(quantization=f"{qov.NNCF_METHOD}, {len(feeds)} windows")
+        facts["nncf_seconds"] = round(time.perf_counter() - start, 1)
     # f32 where not INT8 whatever the CPU; a "bf16" row asks for bf16 (OpenVINO's own default on bf16 CPUs).
     precision = "bf16" if spec["dtype"] == "bf16" else "f32"
     compiled = qov.compile_model(model, threads=spec.get("threads"), precision=precision)
     request = compiled.create_infer_request()
-    facts.update(
-        size_bytes=path.stat().st_size,
-        size_kind="onnx file (fp32)",
-        openvino=ov.__version__,
-        inference_precision=precision,
-    )
+    facts.update(size_bytes=path.stat().st_size, size_kind="onnx file (fp32)", openvino=ov.__version__)
+    facts["inference_precision"] = precision
     if spec["dtype"] == "int8":
         facts["int8_layers"] = {k: v for k, v in qov.int8_precisions(compiled).items() if k.endswith(("u8", "i8"))}
 
@@ -206,13 +173,9 @@ def calibration_windows(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     wanted = spec.get("calibration") or {}
     if not wanted.get("data"):
         raise ValueError(f"row {spec['id']} quantizes with calibration but its spec names no calibration data")
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    window = {"max_seq_length": spec["max_seq_length"], "doc_stride": spec["doc_stride"]}
     return training_windows(
-        wanted["data"],
-        tokenizer,
-        count=wanted["windows"],
-        max_seq_length=spec["max_seq_length"],
-        doc_stride=spec["doc_stride"],
+        wanted["data"], AutoTokenizer.from_pretrained(spec["tokenizer"]), count=wanted["windows"], **window
     )
 
 
@@ -226,8 +189,7 @@ def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, 
 
     length = _length_kwargs(spec)
     if spec.get("arch"):
-        predict, facts = _random_predictor(random_model(spec["arch"], length_adaptive=True), **length)
-        return predict, {"attn_implementation": "eager (token selection reads attention probabilities)", **facts}
+        return _random_model(spec["arch"], length, None)
     # An engine that quantizes by itself (onnxruntime-int8) reads the fp32 model for an int8 row.
     expected = "fp32" if str(spec.get("backend", "")).endswith("-int8") else spec["dtype"]
     if model_kind(spec["path"]) != expected:
@@ -236,9 +198,8 @@ def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, 
         return _serving_engine(spec, work_dir, example, length)
     compiled = spec["dtype"] == "int8" and bool(spec.get("compiled"))
     model = load_model(spec["path"], compiled=compiled, expect=spec["dtype"])
-    facts = {"compiled": compiled, "warm_every_shape": compiled}
-    facts.update(size_bytes=directory_bytes(spec["path"]), size_kind="directory")
-    return (lambda inputs: _logits(call_model(model, inputs, **length))), facts
+    facts = {"compiled": compiled, "warm_every_shape": compiled, "size_kind": "directory"}
+    return _torch_predictor(model, **length), {**facts, "size_bytes": directory_bytes(spec["path"])}
 
 
 def _serving_engine(
@@ -247,81 +208,60 @@ def _serving_engine(
     """A qala row through a named engine of qala.quantize.engines (the one registry)."""
     from qala.quantize.engines import make_engine
 
-    backend = spec["backend"]
-    options: dict[str, Any] = {}
+    backend, options = spec["backend"], {}
     if backend.startswith(("onnxruntime", "openvino")):
         options.update(workdir=str(work_dir), threads=spec.get("threads"))
     if backend.startswith("openvino"):
-        options["max_seq_length"] = spec["max_seq_length"]
-        if spec.get("buckets"):
-            options["buckets"] = spec["buckets"]
-        if backend.endswith("-int8"):
-            options["calibration"] = calibration_windows(spec)
+        options.update(
+            max_seq_length=spec["max_seq_length"], **({"buckets": spec["buckets"]} if spec.get("buckets") else {})
+        )
+        options.update({"calibration": calibration_windows(spec)} if backend.endswith("-int8") else {})
     engine = make_engine(spec["path"], backend, **options)
     facts: dict[str, Any] = {"backend": backend, **getattr(engine, "facts", {})}
     if backend.startswith("openvino"):
         # Compile every (bucket, batch size) a request of up to `example`'s windows can split into, before timing.
-        ratios = [length["keep_ratios"]] if "keep_ratios" in length else [None]
         configs = [length["length_config"]] if "length_config" in length else []
-        warm = engine.warmup(
-            batch_sizes=[example["input_ids"].size(0)], keep_ratios=[] if configs else ratios, length_configs=configs
-        )
+        ratios = [] if configs else [length.get("keep_ratios")]
+        warm = engine.warmup(batch_sizes=[example["input_ids"].size(0)], keep_ratios=ratios, length_configs=configs)
         facts.update(warmup=warm, compiled_models=len(engine._compiled))
     # Every request shape is still run once before timing (qala.bench's rule for any engine that may build
     # per shape); an engine with dynamic shapes makes that cheap.
     facts["warm_every_shape"] = backend != "eager"
-    return (lambda inputs: _logits(call_model(engine, inputs, **length))), facts
+    return _torch_predictor(engine, **length), facts
 
 
 def _transformers_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     attn = spec.get("attn_implementation") or "sdpa"
     if spec.get("arch"):
-        model = random_model(spec["arch"], length_adaptive=False, attn_implementation=attn)
-        predict, facts = _random_predictor(model)
-        return predict, {"attn_implementation": model.config._attn_implementation, **facts}
-    model = transformers_model(spec["path"], attn_implementation=attn)
-    return (lambda inputs: _logits(call_model(model, inputs))), {"attn_implementation": attn}
-
-
-def _onnxruntime_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
-    if spec.get("length_mode") == "ratio":
-        raise ValueError(
-            f"ONNX Runtime rows take full length or an absolute length_config, not keep ratios ({spec['id']})"
-        )
-    return onnx_model(spec, work_dir, fused=spec.get("engine") == "onnxruntime-fused")
+        return _random_model(spec["arch"], {}, attn)
+    return _torch_predictor(transformers_model(spec["path"], attn)), {"attn_implementation": attn}
 
 
 def _openvino_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     if spec.get("length_config") is not None:
         raise ValueError(f"engine 'openvino' cannot run length_config {spec['length_config']}: full length only")
-    calibration = calibration_windows(spec) if spec["dtype"] == "int8" else []
-    return openvino_model(spec, work_dir, calibration)
+    return openvino_model(spec, work_dir, calibration_windows(spec) if spec["dtype"] == "int8" else [])
 
 
 def _ipex_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
-    # Runs under .venv-ipex/bin/python (torch 2.8, IPEX 2.8, qala installed with --no-deps): the INT8 model
-    # that benchmarks/ipex_quantize.py calibrated and scored, one frozen trace per (configuration, shape); a
+    # Runs under the recipe's benchmark.ipex_python (torch 2.8, IPEX 2.8, qala installed with --no-deps): the INT8
+    # model benchmarks/ipex_quantize.py calibrated and scored, one frozen trace per (configuration, shape); a
     # shape's first call builds its trace (never timed).
     from qala.quantize.ipex import timing_callable
 
     if spec.get("length_mode") == "ratio":
         raise ValueError("IPEX rows take absolute length configurations (traced top-k sizes), not keep ratios")
     call, facts = timing_callable(spec["path"], spec.get("length_config"), example, summaries=spec["ipex_summaries"])
-
-    def predict(inputs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        start, end = call(inputs)
-        return start.float().numpy(), end.float().numpy()
-
     size = {"size_bytes": directory_bytes(spec["path"]), "size_kind": "directory (fp32 model + calibration)"}
-    return predict, {**facts, "warm_every_shape": True, **size}
+    return (lambda inputs: tuple(t.float().numpy() for t in call(inputs))), {**facts, "warm_every_shape": True, **size}
 
 
 # Engines by name (never by import path): what a row spec's "engine" may say.
 ENGINES: dict[str, Engine] = {
     "qala": _qala_engine,
     "transformers": _transformers_engine,
-    "onnxruntime": _onnxruntime_engine,
-    "onnxruntime-fused": _onnxruntime_engine,
+    "onnxruntime": onnx_model,
+    "onnxruntime-fused": onnx_model,
     "openvino": _openvino_engine,
     "ipex": _ipex_engine,
 }

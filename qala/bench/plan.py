@@ -1,10 +1,10 @@
-"""What a benchmark run measures: one planner for both tables, published accuracy, the frontier pick.
+"""What a benchmark run measures: one planner of rows (engine x model x configuration x batch), published F1.
 
-A row is a cell of engine x model x configuration x batch, `padded` a property of the table: the padded
-table (windows padded to max_seq_length, the paper's view) times every batch size in one row, the
-real-questions table (unpadded windows, end to end) has one row per batch size. Planning reads files and
-configs only (no timing, no weights), so a plan can be checked in tests and --resume can tell which rows
-it already has.
+`padded` is a flag of the row: a padded row times model calls on windows padded to max_seq_length (the
+paper's view) at every batch size; an unpadded row answers real questions end to end at one batch size.
+Planning reads files and configs only (no timing, no weights), so a plan can be checked in tests and
+--resume can tell which rows it already has. Every input (models, frontier, reports, the IPEX environment)
+comes from the recipe: no row appears or vanishes because some file happens to be on disk.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_ID = "BERT-base/fp32/full"
-
 # The published shapes (BertConfig defaults are BERT-base). TinyBERT-6L is "6 layers, a hidden size of 768, a
 # feed forward size of 3072 and 12 heads" (Intel/dynamic_tinybert model card, quoting Guskin et al. 2021);
 # Dynamic-TinyBERT is that shape with token dropping.
@@ -49,18 +47,18 @@ PUBLISHED_F1: dict[str, dict[str, Any]] = {
 # Guskin et al. 2021 (arXiv 2111.09645): "up to 3.3x with <1% loss-drop"; no per-layer configuration is
 # published, so the row uses the constant keep ratio whose MACs come closest (dynamic_tinybert_length_config).
 DYNAMIC_TINYBERT_SPEEDUP = 3.3
-
-# IPEX needs torch 2.8 in its own environment; its rows time the calibration benchmarks/ipex_quantize.py wrote
-# (and take the whole-dev F1 it measured).
-IPEX_PYTHON = Path(".venv-ipex/bin/python")
-IPEX_SUMMARIES = Path("runs/ipex_reference/ipex_calibration.json")
-IPEX_SCORES = Path("benchmarks/results/ipex_squad_reference.json")
 # Compiled INT8 builds one graph per shape; padding to a multiple of this bounds the graphs (all warmed first).
 COMPILED_PAD_MULTIPLE = 32
 CALIBRATION_WINDOWS = 300  # training windows NNCF calibrates on (OpenVINO INT8 peer and openvino-int8)
 TIMING = ("warmup", "repeats", "latency_repeats", "min_repeats", "max_seconds_per_measurement")
 ONNX_MISSING = 'onnxruntime is not installed: pip install -e ".[onnx]"'
 OPENVINO_MISSING = 'openvino/nncf are not installed: pip install -e ".[onnx]"'
+IPEX_NOTE = {
+    "status": "skipped",
+    "reason": "IPEX is retired at 2.8 and runs in its own torch 2.8 environment: the recipe names none "
+    "(benchmark.ipex_python and benchmark.ipex_calibration are null)",
+    "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python benchmarks/ipex_quantize.py",
+}
 
 
 def baseline_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -76,9 +74,8 @@ def dynamic_tinybert_length_config(config: Any, reference: Any, seq_length: int)
     from qala.model import constant_ratio_length_config, macs_per_sample
 
     target = macs_per_sample(reference, None, seq_length) / DYNAMIC_TINYBERT_SPEEDUP
-    options = [
-        (r / 100, constant_ratio_length_config(r / 100, config.num_hidden_layers, seq_length)) for r in range(30, 101)
-    ]
+    layers = config.num_hidden_layers
+    options = [(r / 100, constant_ratio_length_config(r / 100, layers, seq_length)) for r in range(30, 101)]
     ratio, lengths = min(options, key=lambda o: abs(macs_per_sample(config, o[1], seq_length) - target))
     return lengths, ratio
 
@@ -110,6 +107,13 @@ def pick_frontier(
     return [points[i] for i in sorted(list(dict.fromkeys(candidates))[:n])]
 
 
+def frontier_full_f1(document: Mapping[str, Any] | None, seq_length: int | None) -> float | None:
+    """The full-length F1 a search scored on its own questions (a frontier point, or its keep-ratio curve's
+    keep 1.0), the reference for "within 1%" of its points; None when it has none."""
+    candidates = [*(document or {}).get("frontier", []), *(document or {}).get("keep_ratio_curve", [])]
+    return next((p["f1"] for p in candidates if p.get("f1") is not None and is_full_length(p, seq_length)), None)
+
+
 def config_slug(length_config: Sequence[float] | None, mode: str = "absolute") -> str:
     """'full', 'lc-300-260-...' (absolute) or 'kr-0.9-0.8-...' (ratios): the configuration part of a row id."""
     if length_config is None:
@@ -135,60 +139,9 @@ def bench_fingerprint(recipe: Any, table: str = "padded") -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def model_dirs(bench: Any) -> tuple[str | None, str | None]:
-    """(fp32 model directory, INT8 artifact directory) of the recipe, resolved; None where not given."""
-    from qala.utils import resolve_model_path
-
-    return tuple(resolve_model_path(path) if path else None for path in (bench.model, bench.int8_model))
-
-
-def measured_f1(bench: Any) -> tuple[float | None, float | None]:
-    """(fp32 F1, INT8 F1) at full length from train's eval.json and tune's report.json, via their readers."""
-    from qala.train import read_eval
-    from qala.tune import read_report
-
-    report = read_report(bench.int8_report) if bench.int8_report else None
-    int8 = report["full"]["int8"]["f1"] if report else None
-    if bench.fp32_eval:
-        return read_eval(bench.fp32_eval)["results"].get("full", {}).get("f1"), int8
-    # A model trained elsewhere has no eval.json: tune's report scored its fp32 model too.
-    return (report["full"]["fp32"]["f1"] if report else None), int8
-
-
 def measured(f1: float | None, source: str | None) -> dict[str, Any]:
     """A row's F1 fields for a measured figure (None: no number, and no source)."""
     return {"f1": f1, "f1_published": False, "f1_source": source if f1 is not None else None}
-
-
-def frontier_full_f1(document: Mapping[str, Any] | None, seq_length: int | None) -> float | None:
-    """The full-length F1 a search scored on its own questions (a frontier point, or its keep-ratio curve's
-    keep 1.0), the reference for "within 1%" of its points; None when it has none."""
-    candidates = [*(document or {}).get("frontier", []), *(document or {}).get("keep_ratio_curve", [])]
-    return next((p["f1"] for p in candidates if p.get("f1") is not None and is_full_length(p, seq_length)), None)
-
-
-def read_frontier_points(bench: Any) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(frontier document, its points) of the recipe's benchmark.frontier, or (None, [])."""
-    if not bench.frontier:
-        return None, []
-    from qala.search import read_frontier
-
-    document = read_frontier(bench.frontier)
-    return document, list(document.get("frontier", []))
-
-
-def report_points(bench: Any) -> list[dict[str, Any]]:
-    """The absolute configurations qala.tune scored, as frontier-like points with both F1s ("f1_fp32", "f1_int8")."""
-    if not bench.int8_report:
-        return []
-    from qala.tune import read_report
-
-    return [
-        {"length_config": row["length_config"], "f1": row["int8"]["f1"], "f1_fp32": row["fp32"]["f1"]}
-        | {"f1_int8": row["int8"]["f1"], "cost": sum(row["length_config"]), "source": f"{bench.int8_report} row {name}"}
-        for name, row in read_report(bench.int8_report).items()
-        if row.get("length_config") is not None
-    ]
 
 
 def onnxruntime_available() -> bool:
@@ -207,33 +160,6 @@ def openvino_bf16_native() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def ipex_row(model_dir: str) -> dict[str, Any]:
-    """The fields of an IPEX row: the fp32 model, the environment's python and the calibration it loads."""
-    return {"path": model_dir, "python": str(IPEX_PYTHON.absolute()), "ipex_summaries": str(IPEX_SUMMARIES.absolute())}
-
-
-def ipex_f1(length_config: Sequence[int] | None) -> tuple[float | None, str | None]:
-    """Whole-dev F1 of the IPEX INT8 model at `length_config` (padded to 384) from IPEX_SCORES, if measured."""
-    if not IPEX_SCORES.is_file():
-        return None, None
-    wanted = None if length_config is None else [int(n) for n in length_config]
-    for row in json.loads(IPEX_SCORES.read_text())["rows"]:
-        if row.get("length_config") == wanted and row.get("int8"):
-            return float(row["int8"]["f1"]), f"{IPEX_SCORES} ({row['config']}, whole dev, padded to 384)"
-    return None, None
-
-
-def ipex_note() -> dict[str, Any]:
-    """Why a table has no IPEX row (its environment or its calibration is missing)."""
-    env = f"{IPEX_PYTHON} exists" if IPEX_PYTHON.exists() else f"{IPEX_PYTHON}: no such environment here"
-    cal = f"{IPEX_SUMMARIES} exists" if IPEX_SUMMARIES.is_file() else f"{IPEX_SUMMARIES}: not calibrated yet"
-    return {
-        "status": "skipped",
-        "reason": f"IPEX is retired at 2.8 and needs torch 2.8 in its own environment; {env}; {cal}",
-        "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python benchmarks/ipex_quantize.py",
-    }
-
-
 # --------------------------------------------------------------------------- the one planner
 
 
@@ -242,20 +168,22 @@ def plan_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every row spec of a table ("padded" or "questions"), in order, and notes on what it was planned from.
 
-    Cells: the baselines (random weights), the model through plain transformers and the peers (questions), qala
-    at full length and at the chosen frontier points (each serving engine of `qala_backends`, else load_model
-    with INT8 compiled per shape), ONNX Runtime at each configuration (padded), IPEX (both).
+    Cells: the baselines (random weights), plain transformers and the peers (questions), qala at full length and
+    at the chosen frontier points (each serving engine of `qala_backends`, else load_model with INT8 compiled per
+    shape), ONNX Runtime at each configuration (padded), IPEX when the recipe names its environment.
     """
+    from qala.utils import resolve_model_path
+
     bench, seq, padded = recipe.benchmark, recipe.data.max_seq_length, table == "padded"
-    model_dir, int8_dir = model_dirs(bench)
+    model_dir, int8_dir = (resolve_model_path(p) if p else None for p in (bench.model, bench.int8_model))
     rows: list[dict[str, Any]] = []
     notes: dict[str, Any] = {}
-    add = (_padded_adder if padded else _questions_adder)(recipe, rows, model_dir or int8_dir)
+    add = _adder(recipe, rows, padded, model_dir or int8_dir)
     _baselines(add, bench, seq, padded)
     if model_dir and not padded:
         _question_peers(add, bench, model_dir, notes)
-    fp32_f1, int8_f1 = measured_f1(bench)
-    ways = _qala_runs(bench, qala_backends, pad_multiple, model_dir, int8_dir, padded)
+    fp32_f1, int8_f1 = _full_f1(bench)
+    ways = _qala_runs(bench, qala_backends, pad_multiple, (model_dir, int8_dir), padded)
     full_f1 = {"fp32": measured(fp32_f1, bench.fp32_eval), "int8": measured(int8_f1, bench.int8_report)}
     for dtype, way in ways:
         add("MiniLM", "qala", dtype, **way, **(full_f1[dtype] if padded else {}))
@@ -270,68 +198,52 @@ def plan_rows(
     elif padded and bench.onnxruntime and model_dir:
         for lengths, dtype in [(c, d) for c in configs for d in ("fp32", "int8")]:
             add("MiniLM-ONNXRuntime", "onnxruntime", dtype, lengths, path=model_dir, **measured(None, None))
-    if bench.ipex and model_dir and IPEX_PYTHON.exists() and IPEX_SUMMARIES.is_file():
-        _ipex_rows(add, seq, model_dir, configs, [w for d, w in ways if d == "int8"], notes)
-    elif bench.ipex:
-        notes["ipex"] = ipex_note()
+    if bench.ipex_python and bench.ipex_calibration and model_dir:
+        _ipex_rows(add, bench, seq, model_dir, configs, [w for d, w in ways if d == "int8"], notes)
+    else:
+        notes["ipex"] = IPEX_NOTE
     for row in rows if padded else ():
         if row["id"] in bench.f1 and row.get("f1") is None:
             row.update(f1=float(bench.f1[row["id"]]), f1_published=False, f1_source="recipe benchmark.f1")
     return rows, notes
 
 
-def _padded_adder(recipe: Any, rows: list[dict[str, Any]], model: str | None) -> Callable[..., None]:
-    """add(name, engine, dtype, length_config, mode, **fields): one padded row timed at every batch size, its kind
-    (what bench.json records; qala.bench.worker.KIND_ENGINES maps it back) and MACs at max_seq_length."""
+def _adder(recipe: Any, rows: list[dict[str, Any]], padded: bool, model: str | None) -> Callable[..., None]:
+    """add(name, engine, dtype, length_config, mode, **fields): a padded row (every batch size, its kind and MACs
+    at max_seq_length) or one real-questions row per batch size, with what every row of the table shares."""
     from transformers import AutoConfig, BertConfig
 
     from qala.model import macs_per_sample
-
-    bench, seq = recipe.benchmark, recipe.data.max_seq_length
-    config = AutoConfig.from_pretrained(model) if model else None
-    common = {
-        "seq_length": seq,
-        "batch_sizes": list(bench.batch_sizes),
-        "threads": bench.threads or os.cpu_count() or 1,
-    }
-    common.update({key: getattr(bench, key) for key in TIMING})
-
-    def add(name: str, engine: str, dtype: str, length_config=None, mode=None, **extra: Any) -> None:
-        lengths = list(length_config) if length_config is not None else None
-        own = BertConfig(**extra["arch"]) if extra.get("arch") else config
-        kind = {"qala": "length_adaptive_random" if extra.get("arch") else f"{dtype}_dir"}.get(engine, engine)
-        head = {
-            "id": row_id(name, dtype, lengths),
-            "name": name,
-            "kind": kind,
-            "dtype": dtype,
-            "length_config": lengths,
-        }
-        rows.append({**head, "macs_per_sample": macs_per_sample(own, lengths, seq), **common, **extra})
-
-    return add
-
-
-def _questions_adder(recipe: Any, rows: list[dict[str, Any]], model: str | None) -> Callable[..., None]:
-    """add(name, engine, dtype, length_config, mode, **fields): one real-questions row per batch size, with what
-    every row shares (the questions, how they are windowed and answered, threads)."""
     from qala.utils import resolve_model_path
 
     b, d, e = recipe.benchmark, recipe.data, recipe.eval
-    common = {"kind": "real_questions", "data": d.eval, "data_split": d.eval_split, "questions": d.max_eval_samples}
-    common.update(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, n_best_size=e.n_best_size)
-    common.update(max_answer_length=e.max_answer_length, threads=b.threads or os.cpu_count() or 1, warmup=b.warmup)
-    common["tokenizer"] = model or resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
-    # Engines that quantize with calibration (NNCF: OpenVINO INT8) read these training windows.
-    common["calibration"] = {"data": d.train, "windows": CALIBRATION_WINDOWS}
+    common: dict[str, Any] = {"threads": b.threads or os.cpu_count() or 1}
+    if padded:
+        config = AutoConfig.from_pretrained(model) if model else None
+        common.update(seq_length=d.max_seq_length, batch_sizes=list(b.batch_sizes))
+        common.update({key: getattr(b, key) for key in TIMING})
+    else:
+        common.update(kind="real_questions", data=d.eval, data_split=d.eval_split, questions=d.max_eval_samples)
+        common.update(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, n_best_size=e.n_best_size)
+        common.update(max_answer_length=e.max_answer_length, warmup=b.warmup)
+        common["tokenizer"] = model or resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
+        # Engines that quantize with calibration (NNCF: OpenVINO INT8) read these training windows.
+        common["calibration"] = {"data": d.train, "windows": CALIBRATION_WINDOWS}
 
-    def add(name: str, engine: str, dtype: str, length_config=None, mode=None, **extra: Any) -> None:
+    def add(name: str, engine: str, dtype: str, length_config=None, mode="absolute", **extra: Any) -> None:
         values = list(length_config) if length_config is not None else None
-        label = f"{engine}:{extra['backend']}" if extra.get("backend") else engine
         head = {"name": name, "engine": engine, "dtype": dtype, "length_config": values}
-        head["length_mode"] = (mode or "absolute") if values is not None else None
+        if padded:
+            own = BertConfig(**extra["arch"]) if extra.get("arch") else config
+            # What bench.json has always recorded as the row's kind (the worker runs the row's engine).
+            kind = {"qala": "length_adaptive_random" if extra.get("arch") else f"{dtype}_dir"}.get(engine, engine)
+            head = {"id": row_id(name, dtype, values), **head, "kind": kind}
+            rows.append({**head, "macs_per_sample": macs_per_sample(own, values, d.max_seq_length), **common, **extra})
+            return
+        head["length_mode"] = mode if values is not None else None
+        label = f"{engine}:{extra['backend']}" if extra.get("backend") else engine
         for batch_size in b.batch_sizes:
-            key = f"{label}/{name}/{dtype}/{config_slug(values, mode or 'absolute')}/b{batch_size}"
+            key = f"{label}/{name}/{dtype}/{config_slug(values, mode)}/b{batch_size}"
             if key not in {r["id"] for r in rows}:  # planned already (a frontier point at an IPEX configuration)
                 rows.append({"id": key, **head, "batch_size": batch_size, "python": None, **common, **extra})
 
@@ -343,27 +255,18 @@ def _baselines(add: Callable[..., None], bench: Any, seq: int, padded: bool) -> 
     through transformers (questions). Dynamic-TinyBERT runs qala's token dropping at a constant keep ratio."""
     reference = baseline_config("bert-base", bench.baseline_configs)
     for name in [n for n in bench.baselines if padded or n == "bert-base"]:
-        shape = baseline_config(name, bench.baseline_configs)
+        arch = baseline_config(name, bench.baseline_configs)
         if not padded:
-            add(
-                "BERT-base",
-                "transformers",
-                "fp32",
-                arch=shape.to_diff_dict(),
-                f1_note="random weights: speed only, F1 not reported",
-            )
+            note = "random weights: speed only, F1 not reported"
+            add("BERT-base", "transformers", "fp32", arch=arch.to_diff_dict(), f1_note=note)
             continue
         published = PUBLISHED_F1[name]
-        extra = {
-            "arch": shape.to_diff_dict(),
-            "f1": published["f1"],
-            "f1_published": True,
-            "f1_source": published["source"],
-        }
+        extra = {"arch": arch.to_diff_dict(), "f1": published["f1"], "f1_published": True}
+        extra["f1_source"] = published["source"]
         if name != "dynamic-tinybert":
             add(BASELINE_NAMES[name], "transformers", "fp32", **extra)
             continue
-        lengths, ratio = dynamic_tinybert_length_config(shape, reference, seq)
+        lengths, ratio = dynamic_tinybert_length_config(arch, reference, seq)
         extra["length_config_source"] = (
             f"no per-layer configuration is published; constant keep ratio {ratio} (each layer keeps {ratio} "
             f"of the previous layer's tokens), chosen as the ratio whose MACs are closest to BERT-base's / "
@@ -384,19 +287,28 @@ def _question_peers(add: Callable[..., None], bench: Any, model_dir: str, notes:
     for key, engines, installed, missing in [p for p in peers if getattr(bench, p[0])]:
         if not installed():
             notes[key] = {"status": "skipped", "reason": missing}
-        for engine, dtype in [(e, d) for e in engines for d in ("fp32", "int8")] if installed() else ():
+            continue
+        for engine, dtype in [(e, d) for e in engines for d in ("fp32", "int8")]:
             add("MiniLM", engine, dtype, path=model_dir)
-        if key == "openvino" and installed() and openvino_bf16_native():
+        if key == "openvino" and openvino_bf16_native():
             add("MiniLM", "openvino", "bf16", path=model_dir)
 
 
+def _full_f1(bench: Any) -> tuple[float | None, float | None]:
+    """(fp32 F1, INT8 F1) at full length from train's eval.json and tune's report.json, via their readers."""
+    from qala.train import read_eval
+    from qala.tune import read_report
+
+    report = read_report(bench.int8_report) if bench.int8_report else None
+    int8 = report["full"]["int8"]["f1"] if report else None
+    if bench.fp32_eval:
+        return read_eval(bench.fp32_eval)["results"].get("full", {}).get("f1"), int8
+    # A model trained elsewhere has no eval.json: tune's report scored its fp32 model too.
+    return (report["full"]["fp32"]["f1"] if report else None), int8
+
+
 def _qala_runs(
-    bench: Any,
-    backends: Sequence[str],
-    pad_multiple: int | None,
-    model_dir: str | None,
-    int8_dir: str | None,
-    padded: bool,
+    bench: Any, backends: Sequence[str], pad_multiple: int | None, dirs: tuple[str | None, ...], padded: bool
 ) -> list[tuple[str, dict[str, Any]]]:
     """(dtype, fields with the directory run) of each way qala's rows run: each named serving backend (dynamic
     shapes: no buckets unless asked), or load_model (INT8 compiled per shape, bucketed on unpadded windows)."""
@@ -404,10 +316,11 @@ def _qala_runs(
     # An engine that quantizes (onnxruntime-int8) cannot run an fp32 row; an exported-graph engine without -int8
     # (onnxruntime, openvino, openvino-bf16) runs an INT8 artifact's fp32 source, so no INT8 row.
     fp32 = [w for w in named if not w["backend"].endswith("-int8")] or [{}]
-    exported_float = ("onnxruntime", "openvino", "openvino-bf16")
-    int8 = [w for w in named if w["backend"] not in exported_float] or [{"compiled": bench.compile_int8}]
+    int8 = [w for w in named if w["backend"] not in ("onnxruntime", "openvino", "openvino-bf16")]
+    int8 = int8 or [{"compiled": bench.compile_int8}]
     if not named and not padded:
         int8[0]["pad_to_multiple_of"] = (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None
+    model_dir, int8_dir = dirs
     runs = [("fp32", {"path": model_dir, **way}) for way in fp32 if model_dir]
     # A self-quantizing engine (onnxruntime-int8, openvino-int8) starts from the fp32 model; others run the artifact.
     for way in int8:
@@ -417,20 +330,26 @@ def _qala_runs(
 
 
 def _chosen_points(bench: Any, seq: int, fp32_f1: float | None, notes: dict[str, Any], padded: bool) -> list[Any]:
-    """The frontier points a table runs. Padded windows show absolute configurations only: a frontier with none
-    gives way to the absolute configurations qala.tune scored (with both F1s), said in the notes and the log."""
-    frontier, points = read_frontier_points(bench)
-    backend = (frontier or {}).get("backend")
+    """The frontier points a table runs. Padded windows show absolute configurations only: without one in the
+    frontier, the absolute configurations qala.tune scored (with both F1s) are run, said in the notes and the log."""
+    from qala.search import read_frontier
+    from qala.tune import read_report
+
+    frontier = read_frontier(bench.frontier) if bench.frontier else None
+    points, backend = list((frontier or {}).get("frontier", [])), (frontier or {}).get("backend")
     if padded:  # a search scores one dtype: the other has no F1
         source = f"{bench.frontier} (qala.search, {backend})"
-        points = [
-            {**p, f"f1_{backend}": p["f1"], "source": source} for p in points if point_setting(p)[0] == "absolute"
-        ]
-        if not points and (points := report_points(bench)):
-            notes["length_configs"] = {"source": bench.int8_report, "why": "the frontier has no absolute configuration"}
-            logger.warning(
-                "padded table: no absolute configuration in the frontier; running those of %s", bench.int8_report
-            )
+        points = [{**p, f"f1_{backend}": p["f1"], "source": source} for p in points if "length_config" in p]
+        if not points and bench.int8_report:
+            report = bench.int8_report
+            points = [
+                {"length_config": lengths, "f1": row["int8"]["f1"], "f1_fp32": row["fp32"]["f1"]}
+                | {"f1_int8": row["int8"]["f1"], "cost": sum(lengths), "source": f"{report} row {name}"}
+                for name, row in read_report(report).items()
+                if (lengths := row.get("length_config")) is not None
+            ]
+            notes["length_configs"] = {"source": report, "why": "the frontier has no absolute configuration"}
+            logger.warning("padded table: no absolute configuration in the frontier; running those of %s", report)
     # Ratio points' F1s are on the search's questions: so is the full-length F1 they are held against.
     full_f1 = fp32_f1 if padded else (frontier_full_f1(frontier, seq) or fp32_f1)
     chosen = pick_frontier(points, bench.max_frontier_rows, full_f1, seq_length=seq)
@@ -442,25 +361,32 @@ def _chosen_points(bench: Any, seq: int, fp32_f1: float | None, notes: dict[str,
 
 
 def _ipex_rows(
-    add: Callable[..., None], seq: int, model_dir: str, configs: list | None, int8_runs: list, notes: dict
+    add: Callable[..., None], bench: Any, seq: int, model_dir: str, configs: list | None, int8_runs: list, notes: dict
 ) -> None:
-    """IPEX INT8 (torch 2.8, its own environment) at the configurations it was calibrated for. Padded: full length
-    and the table's configurations. Questions: full length unpadded (one trace serves every shape), and each
-    calibrated configuration padded to max_seq_length (its trace bakes in top-k widths calibrated on padded
-    windows), with qala's INT8 rows at the same configuration on the same padded windows."""
+    """IPEX INT8 (torch 2.8, benchmark.ipex_python) at the configurations benchmark.ipex_calibration holds.
+    Padded: full length and the table's configurations, F1 from benchmark.ipex_scores. Questions: full length
+    unpadded (one trace serves every shape), and each calibrated configuration padded to max_seq_length (its
+    trace bakes in top-k widths calibrated on padded windows), beside qala's INT8 rows on the same windows."""
+    from pathlib import Path
+
     from qala.quantize.ipex import calibrated_length_configs
 
-    calibrated = calibrated_length_configs(IPEX_SUMMARIES)
+    calibrated = calibrated_length_configs(bench.ipex_calibration)
+    ipex = {"path": model_dir, "python": str(Path(bench.ipex_python).absolute())}
+    ipex["ipex_summaries"] = str(Path(bench.ipex_calibration).absolute())
     if configs is not None:
+        scores = json.loads(Path(bench.ipex_scores).read_text())["rows"] if bench.ipex_scores else []
         for lengths in [c for c in configs if c in calibrated]:
-            add("MiniLM-IPEX", "ipex", "int8", lengths, **ipex_row(model_dir), **measured(*ipex_f1(lengths)))
+            row = next((r for r in scores if r.get("length_config") == lengths and r.get("int8")), None)
+            source = f"{bench.ipex_scores} ({row['config']}, whole dev, padded to 384)" if row else None
+            add("MiniLM-IPEX", "ipex", "int8", lengths, **ipex, **measured(row and float(row["int8"]["f1"]), source))
         if missing := [c for c in configs if c not in calibrated]:
             notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "benchmarks/ipex_quantize.py --configs ..."}
         return
-    add("MiniLM", "ipex", "int8", **ipex_row(model_dir))
+    add("MiniLM", "ipex", "int8", **ipex)
     for values in [c for c in calibrated if c is not None]:
         # A bucketed engine (openvino) serves these padded windows from its one max_seq_length bucket.
         padded = {"pad_to_multiple_of": seq, "buckets": [seq]}
-        add("QuaLA-MiniLM", "ipex", "int8", values, "absolute", **padded, **ipex_row(model_dir))
+        add("QuaLA-MiniLM", "ipex", "int8", values, **padded, **ipex)
         for way in int8_runs:
-            add("QuaLA-MiniLM", "qala", "int8", values, "absolute", **{**way, **padded})
+            add("QuaLA-MiniLM", "qala", "int8", values, **{**way, **padded})

@@ -5,11 +5,11 @@
 The harness (qala.bench.cli) starts one worker per row, so peak resident memory is the row's own and no row
 inherits another's threads, allocator state or compiled graphs; torch's run_cpu launcher starts it per
 instance in the core sweep. A row may name another Python (`python` in its spec, e.g. the IPEX
-environment's), so this module imports only what the row needs. Spec kinds: "gemm_peak"
-(qala.bench.roofline), a padded-table row (KIND_ENGINES: model calls on padded windows, every batch size)
-and "real_questions": the first `questions` questions answered in requests of `batch_size`, end to end
-(tokenization, every window unpadded, post-processing), each request timed; the answers of that same timed
-pass give the F1, and MACs are counted on real tokens (padding is work done but not counted).
+environment's), so this module imports only what the row needs. A row runs on its engine (qala.bench.peers)
+and is measured one of two ways: padded (model calls on the padded windows of `inputs`, every batch size)
+or real questions (the first `questions` answered in requests of `batch_size`, end to end: tokenization,
+every window unpadded, post-processing, each request timed; the F1 comes from the answers of that same
+timed pass, and MACs are counted on real tokens). "gemm_peak" runs qala.bench.roofline.
 """
 
 from __future__ import annotations
@@ -29,24 +29,7 @@ from typing import Any
 from qala.utils import atomic_write_json, time_calls
 
 logger = logging.getLogger(__name__)
-
-# The padded table's row kinds (what bench.json records) and the engine of qala.bench.peers each runs on.
-KIND_ENGINES = {
-    "transformers": "transformers",  # random weights, a published shape
-    "length_adaptive_random": "qala",  # random weights with qala's token dropping (Dynamic-TinyBERT)
-    "fp32_dir": "qala",
-    "int8_dir": "qala",
-    "onnxruntime": "onnxruntime",  # qala's adaptive graph at the row's length configuration
-    "ipex": "ipex",
-}
 Predictor = Callable[[Mapping[str, Any]], tuple[Any, Any]]
-
-
-def load_inputs(path: str | Path) -> dict[str, Any]:
-    """The benchmark's padded windows (inputs.safetensors written by the harness)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def make_batch(inputs: Mapping[str, Any], batch_size: int, start: int = 0) -> dict[str, Any]:
@@ -57,56 +40,44 @@ def make_batch(inputs: Mapping[str, Any], batch_size: int, start: int = 0) -> di
     return {k: v.index_select(0, index).contiguous() for k, v in inputs.items()}
 
 
-def measure(
-    call: Callable[[Mapping[str, Any]], Any],
-    inputs: Mapping[str, Any],
-    batch_size: int,
-    *,
-    warmup: int,
-    repeats: int,
-    min_repeats: int,
-    max_seconds: float,
-    vary_inputs: bool = False,
-) -> tuple[dict[str, Any], float]:
-    """Time `call(batch)`; (summary, seconds of the first call, which includes compiling this shape)."""
-    from qala.bench.report import summarize
+def _engine(spec: Mapping[str, Any], example: Mapping[str, Any]) -> tuple[Predictor, dict[str, Any]]:
+    """(predict, facts) of the row's engine; a padded row's `kind` names it where the spec has no engine."""
+    from qala.bench.peers import ENGINES
 
-    # Batch-1 latency cycles through different windows (real inputs differ in how many tokens are real).
-    distinct = min(repeats, inputs["input_ids"].size(0)) if vary_inputs else 1
-    batches = [make_batch(inputs, batch_size, start=i * batch_size) for i in range(distinct)]
-    first = time_calls(lambda: call(batches[0]), warmup=0, repeats=1)[0]
-    turn = itertools.count()
-    seconds = time_calls(
-        lambda: call(batches[next(turn) % len(batches)]),
-        warmup=max(warmup - 1, 0),
-        repeats=repeats,
-        min_repeats=min_repeats,
-        max_seconds=max_seconds,
-    )
-    return summarize(seconds, batch_size), first
+    name = spec.get("engine") or spec["kind"]
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; expected one of {sorted(ENGINES)}")
+    return ENGINES[name](spec, Path(spec["work_dir"]), example)
 
 
 def measure_padded_row(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every batch size of one padded-table row."""
-    from qala.bench.peers import ENGINES
+    """Every batch size of one padded row: one timed pass per batch size (batch 1 cycles through different
+    windows, since real inputs differ in how many tokens are real); the first call (compiling) apart."""
+    from safetensors.torch import load_file
 
-    if spec["kind"] not in KIND_ENGINES:
-        raise ValueError(f"unknown row kind {spec['kind']!r}")
-    inputs = load_inputs(spec["inputs"])
+    from qala.bench.report import summarize
+
+    inputs = load_file(spec["inputs"])
     started = time.perf_counter()
     # Engines that trace per shape (IPEX) build the first batch size's graph while loading.
-    call, facts = ENGINES[KIND_ENGINES[spec["kind"]]](
-        spec, Path(spec["work_dir"]), make_batch(inputs, spec["batch_sizes"][0])
-    )
+    call, facts = _engine(spec, make_batch(inputs, spec["batch_sizes"][0]))
     result: dict[str, Any] = {**facts, "load_seconds": round(time.perf_counter() - started, 2)}
     batches, first_call = {}, {}
     for b in spec["batch_sizes"]:
         latency = b == 1 and not spec.get("throughput_only")
         repeats = spec["latency_repeats"] if latency else spec["repeats"]
-        timing = {"warmup": spec["warmup"], "min_repeats": spec["min_repeats"], "repeats": repeats}
-        timing.update(max_seconds=spec["max_seconds_per_measurement"], vary_inputs=latency)
-        batches[str(b)], first = measure(call, inputs, b, **timing)
-        first_call[str(b)] = round(first, 3)
+        distinct = min(repeats, inputs["input_ids"].size(0)) if latency else 1
+        windows = [make_batch(inputs, b, start=i * b) for i in range(distinct)]
+        first_call[str(b)] = round(time_calls(lambda w=windows: call(w[0]), warmup=0, repeats=1)[0], 3)
+        cycle = itertools.cycle(windows)
+        seconds = time_calls(
+            lambda c=cycle: call(next(c)),
+            warmup=max(spec["warmup"] - 1, 0),
+            repeats=repeats,
+            min_repeats=spec["min_repeats"],
+            max_seconds=spec["max_seconds_per_measurement"],
+        )
+        batches[str(b)] = summarize(seconds, b)
     return {**result, "batches": batches, "first_call_seconds": first_call}
 
 
@@ -164,119 +135,95 @@ def real_token_macs(config: Any, spec: Mapping[str, Any], lengths: Sequence[int]
     return sum(macs_per_sample(config, k, n) for k, n in zip(kept, lengths, strict=True))
 
 
-def _requests(spec: Mapping[str, Any]) -> tuple[dict[str, list], list[dict[str, list]]]:
-    """(the row's questions as columns, those questions in requests of batch_size): the first N, in file order."""
-    from qala.data import load_squad
-    from qala.utils import resolve_model_path
-
-    examples = load_squad(resolve_model_path(spec["data"]), split=spec["data_split"])
-    n = min(spec["questions"] or len(examples), len(examples))
-    columns = examples.select(range(n)).with_format(None).select_columns(["id", "question", "context", "answers"])[:]
-    b = spec["batch_size"]
-    return columns, [{k: columns[k][i : i + b] for k in ("id", "question", "context")} for i in range(0, n, b)]
-
-
-def _survey(requests: Sequence[Mapping[str, Any]], featurize: Callable, call_shapes: Callable) -> tuple:
-    """An untimed pass over the tokenizer: (every call shape, one request's inputs per new call shape, every
-    window's real length, padded positions). Compiled graphs warm on those shapes before the clock starts (no
-    request may wait for a compile); the real lengths give the MACs."""
-    shapes: set[tuple[int, int]] = set()
-    warm, real_lengths, padded_positions = [], [], 0
-    for request in requests:
-        features, inputs = featurize(request)
-        calls = call_shapes(inputs)
-        if not set(calls) <= shapes:
-            warm.append(inputs)
-            shapes.update(calls)
-        real_lengths += [len(ids) for ids in features["input_ids"]]
-        padded_positions += sum(rows * width for rows, width in calls)
-    return shapes, warm, real_lengths, padded_positions
-
-
-def _answerer(spec: Mapping[str, Any]) -> tuple[Callable, Callable, Callable]:
-    """(featurize(request) -> (features, inputs), call_shapes(inputs), bind(predict) -> (predict, answer)):
-    windows unpadded (to the row's pad_to_multiple_of), in length groups for qala rows."""
+def _answerer(spec: Mapping[str, Any], requests: Sequence[Mapping[str, Any]]) -> tuple[Callable, Callable, dict]:
+    """(featurize(request) -> (features, inputs), bind(predict) -> (predict, answer), survey): windows unpadded
+    (to the row's pad_to_multiple_of), in length groups for qala rows. The survey is an untimed pass over the
+    tokenizer: every call shape, one request's inputs per new call shape (compiled graphs warm on those before
+    the clock starts: no request may wait for a compile), every window's real length (the MACs), padding."""
     from transformers import AutoTokenizer
 
     from qala.data import postprocess_with_scores, prepare_eval_features
     from qala.model import batch_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
-    pad_id, multiple = tokenizer.pad_token_id or 0, spec.get("pad_to_multiple_of")
-    window = {"max_seq_length": spec["max_seq_length"], "doc_stride": spec["doc_stride"]}
-    answers = {"n_best_size": spec["n_best_size"], "max_answer_length": spec["max_answer_length"]}
+    pad_id, multiple, qala = tokenizer.pad_token_id or 0, spec.get("pad_to_multiple_of"), spec["engine"] == "qala"
 
     def featurize(request: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        features = prepare_eval_features(request, tokenizer, **window)
+        features = prepare_eval_features(
+            request, tokenizer, max_seq_length=spec["max_seq_length"], doc_stride=spec["doc_stride"]
+        )
         return features, pad_to_multiple(batch_inputs(features, pad_id=pad_id), multiple, pad_id)
 
-    def call_shapes(inputs: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
-        if spec["engine"] != "qala":
-            return (tuple(inputs["input_ids"].shape),)
-        return tuple((len(rows), cut) for rows, cut in length_groups(inputs, multiple))
-
     def bind(predict: Predictor) -> tuple[Predictor, Callable]:
-        predict = grouped(predict, multiple, pad_id) if spec["engine"] == "qala" else predict
+        predict = grouped(predict, multiple, pad_id) if qala else predict
+        best = {"n_best_size": spec["n_best_size"], "max_answer_length": spec["max_answer_length"]}
 
         def answer(request: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
             features, inputs = featurize(request)
-            return postprocess_with_scores(request, features, *predict(inputs), **answers)
+            return postprocess_with_scores(request, features, *predict(inputs), **best)
 
         return predict, answer
 
-    return featurize, call_shapes, bind
+    survey: dict[str, Any] = {"shapes": set(), "warm": [], "real_lengths": [], "padded_positions": 0}
+    for request in requests:
+        features, inputs = featurize(request)
+        shape = tuple(inputs["input_ids"].shape)
+        calls = tuple((len(rows), cut) for rows, cut in length_groups(inputs, multiple)) if qala else (shape,)
+        if not set(calls) <= survey["shapes"]:
+            survey["warm"].append(inputs)
+            survey["shapes"].update(calls)
+        survey["real_lengths"] += [len(ids) for ids in features["input_ids"]]
+        survey["padded_positions"] += sum(rows * width for rows, width in calls)
+    return featurize, bind, survey
 
 
 def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
     """One real-questions row: answer the questions request by request, each request timed; speed, F1, MACs."""
     from transformers import AutoConfig, BertConfig
 
-    from qala.bench.peers import ENGINES
-    from qala.data import references_from, squad_metrics
-    from qala.utils import environment_info, latency_stats
+    from qala.data import load_squad, references_from, squad_metrics
+    from qala.utils import environment_info, latency_stats, resolve_model_path
 
-    if spec["engine"] not in ENGINES:
-        raise ValueError(f"unknown engine {spec['engine']!r}; expected one of {sorted(ENGINES)}")
-    columns, requests = _requests(spec)
-    featurize, call_shapes, bind = _answerer(spec)
-    shapes, warm, real_lengths, padded_positions = _survey(requests, featurize, call_shapes)
+    examples = load_squad(resolve_model_path(spec["data"]), split=spec["data_split"])
+    n = min(spec["questions"] or len(examples), len(examples))  # the first N, in file order
+    columns = examples.select(range(n)).with_format(None).select_columns(["id", "question", "context", "answers"])[:]
+    b = spec["batch_size"]
+    requests = [{k: columns[k][i : i + b] for k in ("id", "question", "context")} for i in range(0, n, b)]
+    featurize, bind, survey = _answerer(spec, requests)
     # The example is the request with the most windows: engines that compile per batch size warm up to it.
-    example = max(warm, key=lambda inputs: inputs["input_ids"].size(0))
-    predict, facts = ENGINES[spec["engine"]](spec, Path(spec["work_dir"]), example)
+    predict, facts = _engine(spec, max(survey["warm"], key=lambda inputs: inputs["input_ids"].size(0)))
     if spec["engine"] == "qala":
         facts = {**facts, "length_groups": "windows sorted by length, one call per 32-token group"}
     predict, answer = bind(predict)
     for request in requests[: spec.get("warmup", 1)]:
         answer(request)
-    for inputs in warm if facts.get("warm_every_shape") else []:
+    for inputs in survey["warm"] if facts.get("warm_every_shape") else []:
         predict(inputs)
     predictions: dict[str, str] = {}
     queue = iter(requests)
-    seconds = time_calls(
-        lambda: predictions.update({q: text for q, (text, _) in answer(next(queue)).items()}),
-        warmup=0,
-        repeats=len(requests),
-    )
+
+    def timed() -> None:
+        predictions.update({q: text for q, (text, _) in answer(next(queue)).items()})
+
+    seconds = time_calls(timed, warmup=0, repeats=len(requests))
     stats = latency_stats([s / len(r["id"]) for s, r in zip(seconds, requests, strict=True)])
     metrics = squad_metrics(predictions, references_from(columns))
-    n, total, scored = len(columns["id"]), sum(seconds), not spec.get("f1_note")  # f1_note: random weights
+    total, scored, shapes = sum(seconds), not spec.get("f1_note"), len(survey["shapes"])  # f1_note: random weights
     config = BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
-    macs = real_token_macs(config, spec, real_lengths)
+    macs, lengths = real_token_macs(config, spec, survey["real_lengths"]), survey["real_lengths"]
     return {
         **facts,
         "questions": n,
         "requests": len(requests),
-        "windows": len(real_lengths),
-        "real_tokens": sum(real_lengths),
-        "padded_positions": padded_positions,
-        "shapes": len(shapes),
+        "windows": len(lengths),
+        "real_tokens": sum(lengths),
+        "padded_positions": survey["padded_positions"],
+        "shapes": shapes,
         "untimed_warmup_requests": min(spec.get("warmup", 1), len(requests)),
-        "warmed_shapes": len(shapes) if facts.get("warm_every_shape") else 0,
+        "warmed_shapes": shapes if facts.get("warm_every_shape") else 0,
         "f1": round(metrics["f1"], 2) if scored else None,
         "exact_match": round(metrics["exact_match"], 2) if scored else None,
-        "ms_p50": stats["p50_ms"],
-        "ms_p90": stats["p90_ms"],
-        "ms_p99": stats["p99_ms"],
+        **{f"ms_{p}": stats[f"{p}_ms"] for p in ("p50", "p90", "p99")},
         "questions_per_s": round(n / total, 3),
         "seconds": round(total, 3),
         "gmacs_real_tokens": round(macs / 1e9, 3),

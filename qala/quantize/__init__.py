@@ -10,7 +10,8 @@
   per row (embedding.py).
 - `unit_sensitivity(model, config, calibration, score_fn)`: one score per unit, quantized alone or
   left fp32 alone (sensitivity.py).
-- `qala.quantize.ipex`: the retired Intel Extension for PyTorch backend (torch 2.8 only), imported on demand.
+- `qala.quantize.ipex`: the retired Intel Extension for PyTorch backend (torch 2.8 only), imported on demand
+  (by qala.tune for quantization.backend: ipex, by qala.bench's IPEX rows).
 
 All of them work per unit (see units.py): each attention / feed-forward half / span head is exported
 with dynamic batch and sequence dims and swapped into the model, so the token selection stays in

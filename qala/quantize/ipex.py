@@ -28,6 +28,10 @@ A qconf summary fits every batch size but only sequence lengths at which the sam
 
 Non-quantized ops stay fp32: INC would run them in bf16 on CPUs with bf16 (`excluded_precisions`
 empty), which qala turns off so that IPEX rows compare with the PT2E rows (INT8 + fp32) everywhere.
+
+As qala.tune's quantizer (quantization.backend: ipex, named in qala.tune.QUANTIZERS): `check_recipe` and
+`quantize_and_score` calibrate, score and time the model, and keep the calibration
+(OUTPUT_DIR/ipex_calibration.json).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from qala.quantize.units import model_inputs
+from qala.utils import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ INSTALL_HINT = (
     "release and runs only with torch 2.8), in a separate environment: bash benchmarks/ipex_env.sh builds one at "
     ".venv-ipex; or use qala's default PT2E backend (quantize_)"
 )
+ARTIFACT_NAME = "IPEX calibration"  # what qala.tune's summary calls the file quantize_and_score keeps
 # INC StaticQuantConfig fields used unless the caller gives others: the entry of recipes/squad_int8.yaml
 # that the PT2E rows start from (min/max calibration, asymmetric activations, per-channel weights).
 DEFAULT_STATIC_CONFIG: dict[str, Any] = {"act_algo": "minmax", "act_sym": False, "w_granularity": "per_channel"}
@@ -68,8 +74,9 @@ QCONF_FORMAT = "qala-ipex-qconf/1"
 LengthKey = tuple[int, ...] | None
 
 
-class IpexUnavailableError(RuntimeError):
-    """IPEX is missing or does not match the installed torch."""
+class IpexUnavailableError(BackendUnavailableError):
+    """IPEX is missing or does not match the installed torch (an ImportError, as for qala's other optional
+    backends: entry points report it as a user error, with what to install)."""
 
 
 def _minor(version: str) -> str:
@@ -420,3 +427,39 @@ def timing_callable(
             return out.start_logits, out.end_logits
 
     return call, facts
+
+
+# ------------------------------------------------------------------ qala.tune's quantizer (quantization.backend: ipex)
+
+
+def check_recipe(recipe: Any) -> None:
+    """Before qala.tune loads model and data: IPEX usable here (else what to install), approach static."""
+    from qala.recipe import RecipeError
+
+    import_ipex()
+    if recipe.quantization.approach != "static":
+        raise RecipeError("quantization.backend", ["backend ipex supports approach static only"])
+
+
+def quantize_and_score(tuner: Any, out: Path) -> tuple[dict[str, Any], int]:
+    """IPEX static INT8 scored and timed by qala.tune's `tuner` (a qala.tune.Tuner: a later step, so not imported
+    here), one traced graph per shape; returns (report, exit status 0), also written to OUTPUT_DIR/report.json.
+
+    What is kept is the calibration (OUTPUT_DIR/ipex_calibration.json: IPEX's qconf summary per length
+    configuration, JSON), from which IpexStaticQA.from_summaries rebuilds the graphs; IPEX's own artifacts are
+    TorchScript archives, which qala does not load (they execute code).
+    """
+    from qala.utils import atomic_write_json, environment_info
+
+    qa = IpexStaticQA(tuner.fp32, tuner.calibration)
+    report = {"final": tuner.final_report(qa, compiled=False)}
+    calibration = qa.save_summaries(out / "ipex_calibration.json", model=str(tuner.recipe.quantization.model))
+    report.update(
+        approach="static",
+        backend="ipex",
+        artifact=str(calibration),
+        artifact_bytes=calibration.stat().st_size,
+        environment=environment_info(),
+    )
+    atomic_write_json(out / "report.json", report)
+    return report, 0
