@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default=None, help="serving engine (qala.quantize.engines); default by model kind")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument(
+        "--saturation-concurrency",
+        type=int,
+        default=32,
+        help="fixed mode: also send the in-process questions from this many closed-loop clients (each sends its next "
+        "question when its last is answered): the served throughput at saturation (0: not measured)",
+    )
     p.add_argument("--in-process-questions", type=int, default=256, help="0 skips the in-process baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/serve_load", help="folder for results.json and p95_f1.png")
@@ -189,6 +196,38 @@ async def open_loop(
     return results
 
 
+async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    """Served throughput at saturation on the same questions as the in-process figure: `concurrency` clients keep
+    the queue full without the thousands of open requests an overloaded open loop piles up (whose client and
+    connection handling then share the 2 cores with the server)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        pending, answered = list(reversed(questions)), 0
+
+        async def client_loop() -> None:
+            nonlocal answered
+            while pending:
+                q = pending.pop()
+                response = await client.post("/answer", json={"question": q["question"], "context": q["context"]})
+                answered += response.status_code == 200
+
+        for q in questions[:concurrency]:  # warm-up: connections opened, first batches answered
+            await client.post("/answer", json={"question": q["question"], "context": q["context"]})
+        begin = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        seconds = time.perf_counter() - begin
+    rate = answered / seconds
+    return {
+        "questions": len(questions),
+        "answered": answered,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "answers_per_s": rate,
+    }
+
+
 def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], rate: float) -> dict[str, Any]:
     from qala.data import f1_score
 
@@ -281,6 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"mode": mode, **rows[-1]}), flush=True)
                 time.sleep(1.0)  # let the queue drain between rates
             results["modes"][mode] = rows
+            if mode == "fixed" and args.saturation_concurrency and args.in_process_questions:
+                sample = questions[: args.in_process_questions]
+                url = f"http://127.0.0.1:{port}"
+                saturation = asyncio.run(closed_loop(url, sample, args.saturation_concurrency))
+                if results["in_process"]:
+                    in_process = results["in_process"]["answers_per_s"]
+                    saturation["served_over_in_process"] = saturation["answers_per_s"] / in_process
+                results["saturation"] = saturation
+                print(json.dumps({"saturation": saturation}), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "p95_f1.png", args.p95_ms)
     print(f"wrote {out / 'results.json'} and {out / 'p95_f1.png'}")

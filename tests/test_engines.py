@@ -294,6 +294,18 @@ def test_onnxruntime_skips_the_selection_at_leading_full_layers(model, tmp_path)
     assert max_error(engine, model, batch, {"keep_ratios": per_row}) < FP32_TOLERANCE
 
 
+@needs_ort
+def test_onnxruntime_threads_spin_unless_turned_off(model, tmp_path, monkeypatch):
+    import qala.quantize.onnx as onnx_module
+
+    path = onnx_module.export_onnx(model, tmp_path / "plain.onnx")
+    spin = "session.intra_op.allow_spinning"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: spinning
+        onnx_module.ort_session(path).get_session_options().get_session_config_entry(spin)
+    monkeypatch.setattr(onnx_module, "SPIN_WAIT", False)  # what qala.serve does before loading its model
+    assert onnx_module.ort_session(path).get_session_options().get_session_config_entry(spin) == "0"
+
+
 def calibration(n: int = 6) -> list[dict]:
     return [window(8 + 5 * i, seed=100) for i in range(n)]
 

@@ -368,4 +368,8 @@ def warm_for_serving(
         return engine.warmup(batch_sizes=[max_batch], keep_ratios=ratios, length_configs=absolute)
     if name == "compile-dynamic":
         return engine.warmup(lengths=lengths, batch_sizes=(1, 2) if max_batch > 1 else (1,))
+    if name.startswith("onnxruntime"):
+        # Each configuration's graph (one per count of leading full layers) is exported and loaded now.
+        for config in configs:
+            engine(**_inputs(16), **config)
     return engine.warmup(lengths=lengths)

@@ -326,6 +326,14 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
     return Path(int8_path)
 
 
+# ONNX Runtime's intra-op threads spin while they wait for work: fastest when the process has the cores to
+# itself (qala.answer, benchmarks), harmful where other threads need them. qala.serve turns it off: its event
+# loop, HTTP parsing and tokenization share the cores with the model, and 32 closed-loop clients got 105.6
+# answers/s without spinning against 80.6 with it (2 threads, 2 cores of an AMD EPYC Zen 5, 2026-12-05;
+# in-process, spinning is faster: 151.1 vs 137.5 answers/s). Sessions made after a change follow it.
+SPIN_WAIT = True
+
+
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
     """The one ONNX Runtime CPU session of qala and the peers: all graph optimizations (ORT_ENABLE_ALL, also
     InferenceSession's default), `threads` intra-op threads (default: torch's), one inter-op thread (unused in
@@ -335,6 +343,8 @@ def ort_session(path: str | Path, threads: int | None = None) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not SPIN_WAIT:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -250,6 +250,10 @@ class Service:
     def load(cls, config: ServeConfig) -> Service:
         """Load the model and its frontier (QalaModel.from_pretrained: the engine warms every shape and the
         cost models are fitted or read back), then answer one question so the first request is not slower."""
+        import qala.quantize.onnx
+
+        # The model shares the cores with the event loop: ONNX Runtime's threads must not spin (SPIN_WAIT's note).
+        qala.quantize.onnx.SPIN_WAIT = False
         started = time.perf_counter()
         model = QalaModel.from_pretrained(
             config.model, threads=config.threads, backend=config.engine, calibration_data=config.calibration_data
