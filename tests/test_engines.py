@@ -300,6 +300,7 @@ def test_onnxruntime_threads_spin_unless_turned_off(model, tmp_path, monkeypatch
 
     path = onnx_module.export_onnx(model, tmp_path / "plain.onnx")
     spin = "session.intra_op.allow_spinning"
+    monkeypatch.setattr(onnx_module, "SPIN_WAIT", True)  # the default, whatever a Service.load in this process set
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: spinning
         onnx_module.ort_session(path).get_session_options().get_session_config_entry(spin)
     monkeypatch.setattr(onnx_module, "SPIN_WAIT", False)  # what qala.serve does before loading its model

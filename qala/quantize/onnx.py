@@ -328,9 +328,10 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
 
 # ONNX Runtime's intra-op threads spin while they wait for work: fastest when the process has the cores to
 # itself (qala.answer, benchmarks), harmful where other threads need them. qala.serve turns it off: its event
-# loop, HTTP parsing and tokenization share the cores with the model, and 32 closed-loop clients got 105.6
-# answers/s without spinning against 80.6 with it (2 threads, 2 cores of an AMD EPYC Zen 5, 2026-12-05;
-# in-process, spinning is faster: 151.1 vs 137.5 answers/s). Sessions made after a change follow it.
+# loop, HTTP parsing and tokenization share the cores with the model. Ad hoc runs of benchmarks/serve_load.py
+# (32 closed-loop clients, 512 dev questions, 2 threads, 2 cores of an AMD EPYC Zen 5, 2026-12-05): 105.6
+# answers/s served without spinning against 80.6 with it; in-process, spinning is faster (151.1 vs 137.5).
+# Sessions made after a change follow it.
 SPIN_WAIT = True
 
 
