@@ -14,6 +14,9 @@ which a server calls once at load so that no request waits for a compile. Backen
   fused by ORT's transformer optimizer (Attention, SkipLayerNorm, BiasGelu); a keep configuration runs
   the length-adaptive graph (dynamic axes, token selection in the graph). INT8 = ORT dynamic
   quantization, per channel, of those graphs (re-quantized by the engine, not INC's configuration).
+- "onnxruntime-inc" (qala.quantize.qdq): an INC INT8 artifact only, as static QDQ ONNX on ONNX Runtime: INC's
+  activation scales, int8 weights and fp32 units (integer GEMMs), full length and keep configurations;
+  "openvino-inc" runs the same QDQ graph on OpenVINO (full length only).
 - "openvino" / "openvino-int8" (qala.quantize.openvino): static length buckets, one compiled model per
   (configuration, bucket, batch size); full length is the plain graph, a keep configuration the adaptive
   graph with static top-k widths per bucket. INT8 = NNCF post-training quantization on the calibration
@@ -309,6 +312,12 @@ def _openvino_engine(model: LengthAdaptiveForQuestionAnswering, *, int8: bool, *
     return OpenVinoEngine(_fp32_model(model), int8=int8, **options)
 
 
+def _inc_engine(model: LengthAdaptiveForQuestionAnswering, *, openvino: bool = False, **options: Any) -> Any:
+    from qala.quantize.qdq import IncOpenVinoEngine, IncQdqEngine
+
+    return (IncOpenVinoEngine if openvino else IncQdqEngine)(model, **options)
+
+
 def _fp32_model(model: LengthAdaptiveForQuestionAnswering) -> LengthAdaptiveForQuestionAnswering:
     """The fp32 model to export to ONNX: the model itself, or the fp32 source weights of an INT8 artifact."""
     if not quantized_units(model):
@@ -325,9 +334,11 @@ BACKENDS: dict[str, Callable[..., Any]] = {
     "compile-dynamic": lambda model, **kw: DynamicCompiledEngine(model, **kw),
     "onnxruntime": lambda model, **kw: _onnx_engine(model, int8=False, **kw),
     "onnxruntime-int8": lambda model, **kw: _onnx_engine(model, int8=True, **kw),
+    "onnxruntime-inc": lambda model, **kw: _inc_engine(model, **kw),
     "openvino": lambda model, **kw: _openvino_engine(model, int8=False, **kw),
     "openvino-int8": lambda model, **kw: _openvino_engine(model, int8=True, **kw),
     "openvino-bf16": lambda model, **kw: _openvino_engine(model, int8=False, precision="bf16", **kw),
+    "openvino-inc": lambda model, **kw: _inc_engine(model, openvino=True, **kw),
 }
 
 
@@ -340,7 +351,8 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     `max_seq_length`, `precision` ("f32"; "bf16" is the "openvino-bf16" backend) and (INT8) `calibration`,
     a list of windows {input_ids, attention_mask, token_type_ids}.
     The ONNX and OpenVINO backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize
-    on their own.
+    on their own, except onnxruntime-inc / openvino-inc (an INT8 artifact only, INC's own quantization;
+    onnxruntime-inc takes `workdir` and `threads`, openvino-inc the openvino options, no calibration).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")

@@ -388,6 +388,10 @@ class OpenVinoEngine:
             end[chunk, :cover] = request.get_output_tensor(1).data[:, :cover]
         return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
 
+    def default_configs(self) -> list[Sequence[float] | None]:
+        """What warmup compiles when not told: full length and the model's own keep ratios."""
+        return [None, self.model.qala_config.keep_ratios]
+
     def warmup(
         self,
         lengths: Sequence[int] | None = None,
@@ -398,7 +402,7 @@ class OpenVinoEngine:
         """Compile every (configuration, bucket of `lengths`, batch size) ahead (default: every bucket, full
         length plus the model's own keep ratios), so that no request waits for a compile."""
         buckets = sorted({bucket_of(int(n), self.buckets) for n in lengths}) if lengths else list(self.buckets)
-        configs = list(keep_ratios) if keep_ratios is not None else [None, self.model.qala_config.keep_ratios]
+        configs = list(keep_ratios) if keep_ratios is not None else self.default_configs()
         keys = {self.key(c, None) for c in configs} | {self.key(None, c) for c in length_configs}
         sizes = sorted({s for s in self.batch_sizes if s <= max(batch_sizes)} | {1})
         start, before = time.perf_counter(), len(self._compiled)
