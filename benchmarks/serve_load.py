@@ -13,7 +13,7 @@ Writes results.json (CPU, versions, date, command) and p95_f1.png.
 
 Why not locust: its users are closed-loop (the next request waits for the last answer), so under overload
 the offered rate drops to what the server sustains and queueing delay goes unmeasured (coordinated
-omission); an open-loop asyncio + httpx sender sends at the offered rate whatever the server does.
+omission); an open-loop asyncio + aiohttp sender sends at the offered rate whatever the server does.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--engine", default=None, help="serving engine (qala.quantize.engines); default by model kind")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    p.add_argument(
+        "--concurrent-batches",
+        type=int,
+        default=1,
+        help="the server's --concurrent-batches; the in-process baseline runs as many batches at once, likewise",
+    )
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument(
         "--saturation-concurrency",
@@ -97,20 +104,34 @@ def free_port() -> int:
 
 def in_process_throughput(args: argparse.Namespace, questions: list[dict[str, Any]]) -> dict[str, Any]:
     """Answers per second of QalaModel.answer_batch in batches of --max-batch (no HTTP), after a warm-up."""
+    import torch
+
     from qala.answer import QalaModel
 
-    model = QalaModel.from_pretrained(args.model, threads=args.threads, backend=args.engine)
+    lanes = args.concurrent_batches
+    threads = args.threads if lanes == 1 else max(1, (args.threads or torch.get_num_threads()) // lanes)
+    model = QalaModel.from_pretrained(args.model, threads=threads, backend=args.engine)
     sample, b = questions[: args.in_process_questions], args.max_batch
 
-    def answer(chunk: list[dict[str, Any]]) -> None:
-        model.answer_batch([q["question"] for q in chunk], [q["context"] for q in chunk])
+    def answer(chunks: list[list[dict[str, Any]]]) -> None:
+        for chunk in chunks:
+            model.answer_batch([q["question"] for q in chunk], [q["context"] for q in chunk])
 
-    answer(sample[:b])  # warm-up
+    answer([sample[:b]])  # warm-up
+    chunks = [sample[i : i + b] for i in range(0, len(sample), b)]
     started = time.perf_counter()
-    for i in range(0, len(sample), b):
-        answer(sample[i : i + b])
+    # As the server with --concurrent-batches N: N threads, each answering every N-th batch.
+    with ThreadPoolExecutor(lanes) as pool:
+        list(pool.map(answer, [chunks[k::lanes] for k in range(lanes)]))
     seconds = time.perf_counter() - started
-    return {"questions": len(sample), "batch": b, "seconds": seconds, "answers_per_s": len(sample) / seconds}
+    return {
+        "questions": len(sample),
+        "batch": b,
+        "concurrent_batches": lanes,
+        "threads_per_batch": threads,
+        "seconds": seconds,
+        "answers_per_s": len(sample) / seconds,
+    }
 
 
 @contextlib.contextmanager
@@ -129,6 +150,7 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
         command += ["--engine", args.engine]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += ["--concurrent-batches", str(args.concurrent_batches)]
     proc = subprocess.Popen(command, cwd=REPO)
     try:
         deadline = time.monotonic() + 1800  # compiling engines warm for minutes
@@ -141,7 +163,7 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not become healthy")
             time.sleep(0.5)
-        yield command
+        yield command, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -151,33 +173,43 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
             proc.wait()
 
 
+def client_session(url: str, connections: int) -> Any:
+    """The load generator's HTTP client. aiohttp, not httpx: it shares the 2 cores with the server, and on 512
+    closed-loop requests (Zen 5, ad hoc) httpx's client used 0.70-0.82 CPU seconds and aiohttp's 0.10-0.12,
+    CPU that a server on its own machine would have. `connections`: at most this many open (0: no limit)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        base_url=url, connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=None)
+    )
+
+
 async def open_loop(
     url: str, questions: list[dict[str, Any]], rate: float, seconds: float, limit: int, drain_s: float, seed: int
 ) -> list[dict[str, Any]]:
     """Send questions as a Poisson stream at `rate`/s for at most `seconds` and `limit` requests; each result
     {id, latency_s, status, answer, configuration}. Requests still out `drain_s` after the last send are
     recorded with status None (not answered)."""
-    import httpx
+    import aiohttp
 
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
     results: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+    async with client_session(url, connections=0) as client:
 
         async def one(q: dict[str, Any]) -> None:
             row: dict[str, Any] = {"id": q["id"], "status": None, "answer": None, "configuration": None}
             results.append(row)
             start = time.perf_counter()
             try:
-                response = await client.post("/answer", json={"question": q["question"], "context": q["context"]})
-            except httpx.HTTPError as e:
+                async with client.post("/answer", json={"question": q["question"], "context": q["context"]}) as r:
+                    status, body = r.status, (await r.json()) if r.status == 200 else None
+            except aiohttp.ClientError as e:
                 row["status"], row["error"] = "transport", type(e).__name__
                 return
             row["latency_s"] = time.perf_counter() - start
             row["done_s"] = time.perf_counter() - begin
-            row["status"] = response.status_code
-            if response.status_code == 200:
-                body = response.json()
+            row["status"] = status
+            if body is not None:
                 row["answer"], row["configuration"] = body["answer"], body["configuration"]["name"]
 
         tasks = []
@@ -196,28 +228,38 @@ async def open_loop(
     return results
 
 
-async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: int, server_pid: int) -> dict[str, Any]:
     """Served throughput at saturation on the same questions as the in-process figure: `concurrency` clients keep
     the queue full without the thousands of open requests an overloaded open loop piles up (whose client and
     connection handling then share the 2 cores with the server)."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+    async with client_session(url, connections=concurrency) as client:
         pending, answered = list(reversed(questions)), 0
+
+        async def post(q: dict[str, Any]) -> bool:
+            async with client.post("/answer", json={"question": q["question"], "context": q["context"]}) as r:
+                await r.read()
+                return r.status == 200
 
         async def client_loop() -> None:
             nonlocal answered
             while pending:
-                q = pending.pop()
-                response = await client.post("/answer", json={"question": q["question"], "context": q["context"]})
-                answered += response.status_code == 200
+                answered += await post(pending.pop())
 
         for q in questions[:concurrency]:  # warm-up: connections opened, first batches answered
-            await client.post("/answer", json={"question": q["question"], "context": q["context"]})
-        begin = time.perf_counter()
+            await post(q)
+        begin, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         seconds = time.perf_counter() - begin
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     rate = answered / seconds
     return {
         "questions": len(questions),
@@ -225,6 +267,9 @@ async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: in
         "concurrency": concurrency,
         "seconds": seconds,
         "answers_per_s": rate,
+        # The load generator shares the machine's cores with the server: its CPU is CPU the server lacked.
+        "server_cores": server_cpu / seconds,
+        "client_cores": client_cpu / seconds,
     }
 
 
@@ -310,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         results["environment"]["versions"].update(fastapi=fastapi.__version__, uvicorn=uvicorn.__version__)
     for mode in modes:
         port = args.port or free_port()
-        with server(args, args.p95_ms if mode == "adaptive" else None, port) as command:
+        with server(args, args.p95_ms if mode == "adaptive" else None, port) as (command, pid):
             results.setdefault("server_commands", {})[mode] = shlex.join(command)
             rows = []
             for rate in rates:
@@ -323,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "fixed" and args.saturation_concurrency and args.in_process_questions:
                 sample = questions[: args.in_process_questions]
                 url = f"http://127.0.0.1:{port}"
-                saturation = asyncio.run(closed_loop(url, sample, args.saturation_concurrency))
+                saturation = asyncio.run(closed_loop(url, sample, args.saturation_concurrency, pid))
                 if results["in_process"]:
                     in_process = results["in_process"]["answers_per_s"]
                     saturation["served_over_in_process"] = saturation["answers_per_s"] / in_process

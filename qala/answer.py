@@ -38,6 +38,7 @@ import math
 import re
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,11 @@ class QalaModel:
         # Summed median ms of every configuration at every calibration length on this host (None: not timed).
         self.grid_ms = grid_ms
         self.tokenizer = tokenizer
+        # answer_batch may run in several threads at once (qala.serve --concurrent-batches): transformers sets
+        # truncation/padding on the fast tokenizer's shared Rust object per call, and a thread doing so while
+        # another encodes fails with "Already borrowed" (huggingface/tokenizers#537, transformers#47085).
+        # One thread tokenizes at a time (a small share of a request's time).
+        self._tokenizer_lock = threading.Lock()
         self.points = sorted(points, key=lambda p: p.latency_ms)
         self.max_seq_length = max_seq_length
         self.doc_stride = doc_stride
@@ -423,13 +429,15 @@ class QalaModel:
             "question": list(questions),
             "context": list(contexts),
         }
-        features = prepare_eval_features(
-            examples,
-            self.tokenizer,
-            max_seq_length=self.max_seq_length,
-            doc_stride=self.doc_stride,
-            pad_to_max_length=False,
-        )
+        with self._tokenizer_lock:
+            features = prepare_eval_features(
+                examples,
+                self.tokenizer,
+                max_seq_length=self.max_seq_length,
+                doc_stride=self.doc_stride,
+                pad_to_max_length=False,
+            )
+            flags = [unreadable(self.tokenizer, question) for question in questions]
         by_question: dict[str, list[int]] = {}
         for j, qid in enumerate(features["example_id"]):
             by_question.setdefault(qid, []).append(j)
@@ -443,10 +451,9 @@ class QalaModel:
             examples, features, starts, ends, n_best_size=self.n_best_size, max_answer_length=self.max_answer_length
         )
         results = []
-        for qid, question in zip(examples["id"], questions, strict=True):
+        for qid, flag in zip(examples["id"], flags, strict=True):
             text, score = scored[qid]
             point, fits, expected = chosen[qid]
-            flag = unreadable(self.tokenizer, question)
             if flag is not None:  # no span is an answer to a question the model cannot read
                 text, score = "", math.nan
             results.append(

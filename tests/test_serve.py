@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,36 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(model, model_dir)
         assert s["answer"] == alone["answer"] and s["keep_ratios"] == alone["keep_ratios"]
         assert s["score"] == pytest.approx(alone["score"], rel=1e-4, abs=1e-4)
     assert "qala_batch_size_count 1.0" in TestClient(app).get("/metrics").text
+
+
+def test_concurrent_batches_run_in_the_model_at_once_and_answer_as_alone(model, model_dir, monkeypatch):
+    app, service = make_app(model, model_dir, max_batch=2, max_wait_ms=50, concurrent_batches=2)
+    spans, lock = [], threading.Lock()
+    answer_group = service._answer_group
+
+    def slow(*args, **kwargs):  # long enough that the second batch starts while the first is in the model
+        started = time.monotonic()
+        time.sleep(0.3)
+        answered = answer_group(*args, **kwargs)
+        with lock:
+            spans.append((started, time.monotonic(), threading.get_ident()))
+        return answered
+
+    monkeypatch.setattr(service, "_answer_group", slow)
+    asked = QUESTIONS[:4]  # two batches of two
+    responses = run_concurrently(app, [{"question": q, "context": c} for q, c in asked])
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    (s1, e1, t1), (s2, e2, t2) = sorted(spans)
+    assert s2 < e1 and t1 != t2  # two model threads, overlapping
+    for r, (question, context) in zip(responses, asked, strict=True):
+        alone = model.answer(question, context)
+        assert r.json()["answer"] == alone["answer"] and r.json()["batch_size"] == 2
+
+
+def test_concurrent_batches_drain_the_queue_faster_in_the_prediction(model, model_dir):
+    one, two = make_service(model, model_dir), make_service(model, model_dir, concurrent_batches=2)
+    assert two.predicted_completion_ms(5) == pytest.approx(one.predicted_completion_ms(5) / 2)
+    assert slot_ms(40, [0, 0], [0, 0], lanes=2) == 40 / 3  # 2 requests' work, then 2 behind on 2 lanes: 1 more
 
 
 # --------------------------------------------------------------------------------------- load adaptation
@@ -526,6 +557,7 @@ def test_healthz_and_metrics(model, model_dir):
     ("argv", "message"),
     [
         (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+        (["--concurrent-batches", "0"], "--concurrent-batches must be a positive integer, got 0"),
         (["--p95-ms", "nan"], "--p95-ms must be a positive number, got nan"),
         (["--p95-ms", "-1", "--timeout-s", "0"], "--p95-ms must be a positive number, got -1.0; --timeout-s must be"),
         (["--shed-ms", "-5"], "--shed-ms must be a positive number of ms (or 0: no shedding), got -5.0"),

@@ -60,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
         "on its own (openvino-int8); default: the training file of the model's recipe.yaml",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--concurrent-batches",
+        type=int,
+        default=1,
+        help="batches in the model at once, each on --threads / N threads: more answers/s at saturation, "
+        "slower lone requests (default 1)",
+    )
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica (with --ray)")
@@ -93,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine=args.engine,
         calibration_data=args.calibration_data,
         threads=args.threads,
+        concurrent_batches=args.concurrent_batches,
         ray=args.ray,
         replicas=args.replicas,
         replica_cpus=args.replica_cpus,

@@ -13,11 +13,14 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from qala.answer import FrontierPoint, QalaModel, select_point
 
@@ -62,6 +65,8 @@ class ServeConfig:
     completion exceeds it (None: SHED_FACTOR x p95_ms, or no shedding without a target; 0: no shedding).
     `calibrate`: correct the cost model online by the measured batch times, and the planning target by the
     p95 delivered (off only in tests that check the choice against the cost model itself).
+    `concurrent_batches`: batches in the model at once, each in its own model thread with `threads` /
+    concurrent_batches engine threads (see Service.load for why 2 pays at saturation).
     """
 
     model: str
@@ -78,6 +83,7 @@ class ServeConfig:
     engine: str | None = None
     calibration_data: str | None = None
     threads: int | None = None
+    concurrent_batches: int = 1
     calibrate: bool = True
     ray: bool = False
     replicas: int = 1
@@ -86,7 +92,15 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("port", "max_batch", "max_context_chars", "max_batch_items", "max_queue", "replicas"):
+        for name in (
+            "port",
+            "max_batch",
+            "max_context_chars",
+            "max_batch_items",
+            "max_queue",
+            "replicas",
+            "concurrent_batches",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -137,19 +151,24 @@ class Item:
     arrival: float = field(default_factory=time.monotonic)
 
 
-def slot_ms(target_ms: float, batch_waits: Sequence[float], behind_waits: Sequence[float] = ()) -> float:
+def slot_ms(
+    target_ms: float, batch_waits: Sequence[float], behind_waits: Sequence[float] = (), lanes: int = 1
+) -> float:
     """The time each request may take so that all requests in sight finish within `target_ms`.
 
     A batch of n requests completes together, and the k-th request queued behind it completes after
     n + k requests' work: with s ms per request, request j (waited w_j, with p_j requests' work up to
     and including its own) completes at w_j + p_j * s. The slot is the largest s that keeps every one
     within the target (negative when one is already late: then nothing fits and the fastest is used).
-    `behind_waits`: the waits of the requests queued behind the batch, oldest first.
+    `behind_waits`: the waits of the requests queued behind the batch, oldest first. With `lanes` batches
+    in the model at once (ServeConfig.concurrent_batches) the queue behind drains `lanes` times faster: the
+    k-th request behind completes after about n + k / lanes requests' work (an approximation: the other
+    lanes' batches are not in sight here).
     """
     n = len(batch_waits)
     slot = (target_ms - max(batch_waits)) / n
     for k, wait in enumerate(behind_waits, start=1):
-        slot = min(slot, (target_ms - wait) / (n + k))
+        slot = min(slot, (target_ms - wait) / (n + k / lanes))
     return slot
 
 
@@ -244,7 +263,8 @@ class Service:
         # like cost_scale; until a batch is answered, one full-length window (real windows are shorter).
         self.request_ms = self._drain_point.expected_ms(full_window)
         self._request_ms_seen = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qala-model")
+        self._state_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=config.concurrent_batches, thread_name_prefix="qala-model")
 
     @classmethod
     def load(cls, config: ServeConfig) -> Service:
@@ -254,9 +274,18 @@ class Service:
 
         # The model shares the cores with the event loop: ONNX Runtime's threads must not spin (SPIN_WAIT's note).
         qala.quantize.onnx.SPIN_WAIT = False
+        # Concurrent batches split the threads: N batches at once, each on threads / N, beat one batch on all
+        # of them at saturation on 2 cores (onnxruntime-int8, reference model, Zen 5, ad hoc in-process runs of
+        # 512 dev questions in batches of 8: 1 x 2 threads 138-141 answers/s, 2 x 1 thread 179-181): a
+        # one-thread batch never waits for a second thread that the event loop or the load generator holds,
+        # and the Python parts of one batch (tokenizing, post-processing) overlap the other's forward pass.
+        # The latency of a lone request rises (one thread instead of all), so it is an option, not a default.
+        threads = config.threads
+        if config.concurrent_batches > 1:
+            threads = max(1, (threads or torch.get_num_threads()) // config.concurrent_batches)
         started = time.perf_counter()
         model = QalaModel.from_pretrained(
-            config.model, threads=config.threads, backend=config.engine, calibration_data=config.calibration_data
+            config.model, threads=threads, backend=config.engine, calibration_data=config.calibration_data
         )
         model.answer(*WARMUP)
         logger.info(
@@ -305,7 +334,9 @@ class Service:
     def predicted_completion_ms(self, ahead: int, running: int = 0, running_ms: float = 0.0) -> float:
         """When a request arriving now would be answered, in ms from now: the `running` requests in the model
         (for `running_ms` already) finish, then the `ahead` waiting ones and itself, each per_request_ms."""
-        per_request = self.per_request_ms()
+        # With concurrent batches per_request_ms (one batch's time per request) is `lanes` times a request's
+        # share of the model's time: the queue drains that much faster.
+        per_request = self.per_request_ms() / self.config.concurrent_batches
         in_model = max(0.0, running * per_request - running_ms)
         return in_model + (ahead + 1) * per_request
 
@@ -337,8 +368,12 @@ class Service:
     async def run(self, items: Sequence[Item], behind: Sequence[float] = ()) -> list[dict[str, Any] | Exception]:
         """Answers (or errors) for `items`, computed in the model thread; `behind`: arrival times of the
         requests queued after them, oldest first."""
+        return await self.start(items, behind)
+
+    def start(self, items: Sequence[Item], behind: Sequence[float] = ()) -> asyncio.Future:
+        """`run`, handed to a model thread now (not when the event loop next gets to a coroutine)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.run_batch, list(items), list(behind))
+        return loop.run_in_executor(self._executor, self.run_batch, list(items), list(behind))
 
     def run_batch(self, items: Sequence[Item], behind: Sequence[float] = ()) -> list[dict[str, Any] | Exception]:
         """Answer a batch now (blocking): one answer_batch call per own budget_ms (usually one: requests rarely
@@ -349,7 +384,8 @@ class Service:
         waits = [(started - item.arrival) * 1000 for item in items]
         target = self.config.p95_ms
         plan = None if target is None else target * (self.target_scale if self.config.calibrate else 1.0)
-        slot = slot_ms(plan, waits, [(started - a) * 1000 for a in behind]) if plan is not None else None
+        behind_ms = [(started - a) * 1000 for a in behind]
+        slot = slot_ms(plan, waits, behind_ms, self.config.concurrent_batches) if plan is not None else None
         scale = self.cost_scale if self.config.calibrate else 1.0
         # Why one configuration per batch: slot_ms says the batch completes together after n * slot, so the
         # budget is the batch's, not each request's. Giving each request slot / scale of its own let
@@ -371,22 +407,7 @@ class Service:
             elapsed = (time.perf_counter() - group_start) * 1000
             for i, outcome in zip(rows, answers, strict=True):
                 outcomes[i], measured[i] = outcome, elapsed
-        batch_ms = (time.monotonic() - started) * 1000
-        predicted = sum(o["expected_ms"] for o in outcomes if isinstance(o, dict))
-        if self.config.calibrate and predicted > 0:
-            ratio = batch_ms / predicted
-            low, high = COST_SCALE_BOUNDS
-            self.cost_scale = min(high, max(low, (1 - COST_SCALE_STEP) * self.cost_scale + COST_SCALE_STEP * ratio))
-            self.metrics.cost_scale.set(self.cost_scale)
-        answered = [o for o in outcomes if isinstance(o, dict)]
-        if target is not None and self.config.calibrate:
-            self._follow_the_tail(target, [i for i, o in zip(items, outcomes, strict=True) if isinstance(o, dict)])
-        if answered:
-            cost = sum(self._drain_point.expected_ms(o["tokens"]) for o in answered) / len(answered)
-            step = COST_SCALE_STEP if self._request_ms_seen else 1.0  # the first batch replaces the guess
-            self.request_ms = (1 - step) * self.request_ms + step * cost
-            self._request_ms_seen = True
-        self.metrics.batch_size.observe(len(items))
+        predicted = self._learn(items, outcomes, (time.monotonic() - started) * 1000, target)
         for i, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
             if isinstance(outcome, Exception):
                 continue
@@ -414,6 +435,34 @@ class Service:
                 batch_size=len(items),
             )
         return outcomes
+
+    def _learn(
+        self,
+        items: Sequence[Item],
+        outcomes: Sequence[dict[str, Any] | Exception],
+        batch_ms: float,
+        target: float | None,
+    ) -> float:
+        """Update the cost-model correction, the planning target and request_ms from one answered batch;
+        returns the batch's predicted model ms. Concurrent batches (ServeConfig.concurrent_batches) call this
+        from several threads, hence the lock."""
+        with self._state_lock:
+            predicted = sum(o["expected_ms"] for o in outcomes if isinstance(o, dict))
+            if self.config.calibrate and predicted > 0:
+                ratio = batch_ms / predicted
+                low, high = COST_SCALE_BOUNDS
+                self.cost_scale = min(high, max(low, (1 - COST_SCALE_STEP) * self.cost_scale + COST_SCALE_STEP * ratio))
+                self.metrics.cost_scale.set(self.cost_scale)
+            answered = [o for o in outcomes if isinstance(o, dict)]
+            if target is not None and self.config.calibrate:
+                self._follow_the_tail(target, [i for i, o in zip(items, outcomes, strict=True) if isinstance(o, dict)])
+            if answered:
+                cost = sum(self._drain_point.expected_ms(o["tokens"]) for o in answered) / len(answered)
+                step = COST_SCALE_STEP if self._request_ms_seen else 1.0  # the first batch replaces the guess
+                self.request_ms = (1 - step) * self.request_ms + step * cost
+                self._request_ms_seen = True
+            self.metrics.batch_size.observe(len(items))
+            return predicted
 
     def _follow_the_tail(self, target: float, answered: Sequence[Item]) -> None:
         """Move target_scale by the p95 of the last P95_WINDOW answered requests' in-server latency."""
@@ -468,29 +517,33 @@ def _kwargs(answer: dict[str, Any]) -> dict[str, list]:
 class LocalBatcher:
     """Batches concurrent requests in one process: an asyncio queue and a single worker task that takes up
     to max_batch requests, or what has arrived max_wait_ms after the oldest one, and runs them as one
-    Service.run call (in the model thread, so the event loop keeps accepting requests meanwhile)."""
+    Service.run call (in a model thread, so the event loop keeps accepting requests meanwhile); up to
+    ServeConfig.concurrent_batches such calls run at once, the next batch forming while they run."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
         self._waiting: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        # The batch in the model now: its size and when it started (admission counts it as ahead).
-        self._running = 0
-        self._running_since = 0.0
+        # The batches in the model now: their sizes and when the oldest started (admission counts them as ahead).
+        self._in_model: dict[asyncio.Task, tuple[int, float]] = {}
+        self._lanes: asyncio.Semaphore | None = None
 
     def depth(self) -> int:
         return sum(not future.done() for _, future in self._waiting)
 
     async def start(self) -> None:
         self._arrived = asyncio.Event()
+        self._lanes = asyncio.Semaphore(self.service.config.concurrent_batches)
         self._worker = asyncio.create_task(self._work(), name="qala-batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in [self._worker, *self._in_model]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
         for _, future in self._waiting:
@@ -507,8 +560,10 @@ class LocalBatcher:
                 f"{self.service.config.max_queue} requests are already waiting (--max-queue)",
                 self.service.retry_after_s(depth),
             )
-        running_ms = (time.monotonic() - self._running_since) * 1000 if self._running else 0.0
-        self.service.admit(depth, self._running, running_ms)
+        running = sum(n for n, _ in self._in_model.values())
+        oldest = min((since for _, since in self._in_model.values()), default=None)
+        running_ms = (time.monotonic() - oldest) * 1000 if oldest is not None else 0.0
+        self.service.admit(depth, running, running_ms)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._arrived.set()
@@ -520,6 +575,7 @@ class LocalBatcher:
     async def _work(self) -> None:
         config = self.service.config
         while True:
+            await self._lanes.acquire()  # a model thread is free: form the next batch for it
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -537,16 +593,24 @@ class LocalBatcher:
                 if not future.done():  # a request that timed out meanwhile is dropped
                     batch.append((item, future))
             if not batch:
+                self._lanes.release()
                 continue
             behind = [item.arrival for item, future in self._waiting if not future.done()]
-            self._running, self._running_since = len(batch), time.monotonic()
-            try:
-                outcomes = await self.service.run([item for item, _ in batch], behind)
-            except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
-                logger.exception("a batch of %d failed", len(batch))
-                outcomes = [e] * len(batch)
-            finally:
-                self._running = 0
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
-                    future.set_result(outcome)
+            # The model thread gets the batch now: a task's first step would wait behind every callback the
+            # event loop has queued (the previous batch's responses among them), leaving the thread idle.
+            running = self.service.start([item for item, _ in batch], behind)
+            task = asyncio.create_task(self._answer(batch, running))
+            self._in_model[task] = (len(batch), time.monotonic())
+
+    async def _answer(self, batch: list[tuple[Item, asyncio.Future]], running: asyncio.Future) -> None:
+        try:
+            outcomes = await running
+        except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
+            logger.exception("a batch of %d failed", len(batch))
+            outcomes = [e] * len(batch)
+        finally:
+            self._in_model.pop(asyncio.current_task(), None)
+            self._lanes.release()
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
