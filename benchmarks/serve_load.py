@@ -252,7 +252,8 @@ async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: in
         async def client_loop() -> None:
             nonlocal answered
             while pending:
-                answered += await post(pending.pop())
+                ok = await post(pending.pop())  # not `answered += await ...`: that reads `answered` before the await
+                answered += ok
 
         for q in questions[:concurrency]:  # warm-up: connections opened, first batches answered
             await post(q)

@@ -17,7 +17,8 @@ The serving engine (qala.quantize.engines) is the fastest one measured on this h
 
     python -m qala.answer --model DIR --calibrate
 
-times every engine of CALIBRATION_ENGINES on the model's configurations and records each, and which was
+times every engine of CALIBRATION_ENGINES on the model's configurations (one that cannot serve this model,
+e.g. onnxruntime-inc on a dynamic INT8 artifact, is skipped with its reason) and records each, and which was
 fastest, in latency_<host>.json; later loads serve that engine (`--engine NAME` or
 QalaModel.from_pretrained(dir, engine=NAME) serves another). Before any calibration: DEFAULT_ENGINE.
 Compiled or exported artifacts go to DIR/.engines/<content hash>/ (a hidden folder: not model content).
@@ -68,12 +69,14 @@ MAX_BATCH_WINDOWS = 8
 # The engine served before a calibration has recorded a faster one: it starts answering at once.
 DEFAULT_ENGINE = "eager"
 # Engines a calibration compares, by model kind: those that compute what the frontier was searched on (an
-# fp32 model's fp32 arithmetic; an INT8 artifact's INC units). Engines that re-quantize on their own
-# (onnxruntime-int8, openvino-int8) give other answers: served only when named. "compile-dynamic" warms
-# ~15 graphs at every load (minutes on 2 cores; Inductor's on-disk cache shortens later loads).
+# fp32 model's fp32 arithmetic; an INT8 artifact's INC units: onnxruntime-inc runs INC's own scales and fp32
+# units as static QDQ, logits equal to eager's to float rounding). Engines that re-quantize on their own
+# (onnxruntime-int8, openvino-int8) give other answers: served only when named. openvino-inc runs full length
+# only (a frontier's keep configurations would be refused). "compile-dynamic" warms ~15 graphs at every load
+# (minutes on 2 cores; Inductor's on-disk cache shortens later loads).
 CALIBRATION_ENGINES = {
     "fp32": ("eager", "compile-dynamic", "onnxruntime", "openvino"),
-    "int8": ("eager", "compile-dynamic"),
+    "int8": ("eager", "compile-dynamic", "onnxruntime-inc"),
 }
 # Engines that quantize on calibration windows of training data (NNCF post-training INT8), and how many
 # windows: as many as the benchmark's OpenVINO INT8 rows calibrate on (qala.bench.plan.CALIBRATION_WINDOWS),
@@ -336,9 +339,14 @@ class QalaModel:
                     remeasure=True,
                     calibration_data=calibration_data if name in CALIBRATED_ENGINES else None,
                 )
-            except (ImportError, ValueError) as e:  # an engine missing here, or refusing this model
+            except (ImportError, ValueError) as e:  # an engine missing here, or refusing this model (one line)
                 logger.warning("engine %s not calibrated: %s", name, e)
                 report[name] = f"not run: {e}"
+                continue
+            except Exception as e:  # failed to build, warm or time (ONNX Runtime's errors are not RuntimeErrors)
+                # One engine's failure must not cost the others' timings: skipped, with the traceback in the log.
+                logger.warning("engine %s not calibrated: %s: %s", name, type(e).__name__, e, exc_info=True)
+                report[name] = f"not run: {type(e).__name__}: {e}"
                 continue
             report[name] = served.grid_ms
         timed = {n: ms for n, ms in report.items() if isinstance(ms, float) and n in CALIBRATION_ENGINES[kind]}

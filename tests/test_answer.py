@@ -531,6 +531,71 @@ def test_calibration_times_each_engine_and_records_the_fastest(tmp_path, tiny_ch
     assert "--question and --context (or --context-file) are required unless --calibrate" in capsys.readouterr().err
 
 
+def dynamic_int8_artifact(tmp_path, tiny_checkpoint) -> Path:
+    """A dynamic INT8 artifact of the tiny checkpoint (span head INT8, encoder fp32): no activation scales."""
+    from neural_compressor.torch.quantization import DynamicQuantConfig
+
+    from qala.model import LengthAdaptiveForQuestionAnswering
+    from qala.quantize import quantize_, save_quantized
+    from qala.quantize.load import load_tokenizer
+
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
+    config = DynamicQuantConfig(w_granularity="per_channel")
+    window = {"input_ids": torch.randint(5, 600, (1, 64)), "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+    quantize_(
+        model, config, [{**window, "token_type_ids": torch.zeros(1, 64, dtype=torch.long)}], fp32_units=["encoder.*"]
+    )
+    path = tmp_path / "dynamic-int8"
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    save_quantized(
+        model, path, approach="dynamic", quant_config=config.to_dict(), fp32_units=["encoder.*"], tokenizer=tokenizer
+    )
+    return path
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")
+def test_int8_calibration_times_onnxruntime_inc_and_skips_an_engine_that_fails(
+    tmp_path, tiny_checkpoint, tiny_int8_artifact, monkeypatch, caplog
+):
+    # An INT8 artifact's calibration times onnxruntime-inc (INC's own scales and fp32 units) beside eager and
+    # compile-dynamic; compile-dynamic is left out here (it warms ~15 graphs: minutes on 2 cores).
+    assert qa.CALIBRATION_ENGINES["int8"] == ("eager", "compile-dynamic", "onnxruntime-inc")
+    monkeypatch.setattr(qa, "_installed", lambda engine: engine != "compile-dynamic")
+    static = write_model_dir(tmp_path / "static", tiny_int8_artifact, cached_ms=False)
+    report = QalaModel.calibrate(static, latency_repeats=1)
+    assert list(report["engines"]) == ["eager", "onnxruntime-inc"]
+    assert all(isinstance(ms, float) and ms > 0 for ms in report["engines"].values())
+    cache = json.loads((static / f"latency_{host_name()}.json").read_text())
+    assert set(cache["engines"]) == {"eager", "onnxruntime-inc"} and cache["fastest"] == report["fastest"]
+
+    # A dynamic INT8 artifact has no activation scales: onnxruntime-inc refuses it at construction, skipped with
+    # its reason (logged and recorded); eager is still timed and chosen.
+    dynamic = write_model_dir(tmp_path / "dynamic", dynamic_int8_artifact(tmp_path, tiny_checkpoint), cached_ms=False)
+    report = QalaModel.calibrate(dynamic, latency_repeats=1)
+    refused = "not run: engine 'onnxruntime-inc' needs static activation scales"
+    assert report["engines"]["onnxruntime-inc"].startswith(refused) and report["fastest"] == "eager"
+    assert "engine onnxruntime-inc not calibrated: engine 'onnxruntime-inc' needs static" in caplog.text
+
+    # An engine failing at warm-up with an error that is no ValueError (ONNX Runtime's derive from Exception):
+    # skipped too, with the error's type; the others' timings stand.
+    class Fail(Exception):
+        pass
+
+    warm = qa.warm_for_serving
+
+    def failing(served, **kwargs):
+        if getattr(served, "name", None) == "onnxruntime-inc":
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : a kernel this CPU lacks")
+        return warm(served, **kwargs)
+
+    monkeypatch.setattr(qa, "warm_for_serving", failing)
+    report = QalaModel.calibrate(static, latency_repeats=1)
+    assert (
+        report["engines"]["onnxruntime-inc"] == "not run: Fail: [ONNXRuntimeError] : 1 : FAIL : a kernel this CPU lacks"
+    )
+    assert report["fastest"] == "eager" and isinstance(report["engines"]["eager"], float)
+
+
 HAS_OV = all(importlib.util.find_spec(m) is not None for m in ("onnx", "openvino", "nncf"))
 TRAIN_SAMPLE = REPO / "qala" / "samples" / "squad_sample_train.json"
 

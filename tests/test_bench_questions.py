@@ -429,6 +429,47 @@ def test_self_quantizing_int8_rows_need_no_int8_model(tmp_path, model_dir):  # n
     assert all(r["path"] == str(model_dir) for r in int8.values())
 
 
+def test_inc_engines_plan_int8_rows_only_on_the_int8_artifact(tmp_path, model_dir, tiny_int8_artifact, capsys):  # noqa: F811
+    # onnxruntime-inc / openvino-inc serve INC's INT8 artifact as tuned and refuse an fp32 model: no fp32 row is
+    # theirs (the fp32 rows run load_model), their INT8 rows run benchmark.int8_model; openvino-inc is full length
+    # only, so no frontier row. Both tables.
+    frontier = {"backend": "int8", "max_seq_length": 64}
+    frontier["frontier"] = [{"keep_ratios": [0.9, 0.6], "f1": 20.0, "cost": 1.0}]
+    (tmp_path / "frontier.json").write_text(json.dumps(frontier))
+    overrides = [f"benchmark.int8_model={tiny_int8_artifact}", f"benchmark.frontier={tmp_path}/frontier.json"]
+    recipe = load_recipe(write_recipe(tmp_path, model_dir), [*overrides, "benchmark.frontier_dtypes=[int8]"])
+    rows, notes = plan.plan_rows(recipe, "questions", qala_backends=["onnxruntime-inc", "openvino-inc"])
+    qala = {r["id"]: r for r in rows if r["engine"] == "qala"}
+    assert set(qala) == {
+        "qala/MiniLM/fp32/full/b2",
+        "qala:onnxruntime-inc/MiniLM/int8/full/b2",
+        "qala:openvino-inc/MiniLM/int8/full/b2",
+        "qala:onnxruntime-inc/QuaLA-MiniLM/int8/kr-0.9-0.6/b2",
+    }
+    assert notes["full_length_only"] == ["openvino-inc"]
+    inc = [r for r in qala.values() if r.get("backend")]
+    assert all(r["dtype"] == "int8" and r["path"] == str(tiny_int8_artifact) for r in inc)
+    assert qala["qala/MiniLM/fp32/full/b2"]["path"] == str(model_dir)
+    padded, _ = plan.plan_rows(recipe, "padded", qala_backends=["onnxruntime-inc"])
+    by_backend = {(r["dtype"], r.get("backend")) for r in padded if r["engine"] == "qala" and not r.get("arch")}
+    assert by_backend == {("fp32", None), ("int8", "onnxruntime-inc")}
+    # Named without an INT8 artifact in the recipe, it is refused before anything runs (it would plan no row).
+    argv = [str(write_recipe(tmp_path, model_dir)), "--table", "questions", "--qala-backend", "onnxruntime-inc"]
+    assert cli.main(argv) == 2
+    refused = "--qala-backend onnxruntime-inc serves an INC INT8 artifact: set benchmark.int8_model"
+    assert refused in capsys.readouterr().err
+    # The row says how it was quantized as onnxruntime-int8's does (`quantization`, from the engine's facts):
+    # INC's configuration, not a re-quantization; the worker reads the INT8 artifact for it.
+    if not plan.onnxruntime_available():
+        pytest.skip("onnxruntime not installed")
+    from qala.quantize.qdq import INC_QDQ_METHOD
+
+    spec = {**qala["qala:onnxruntime-inc/MiniLM/int8/full/b2"], "work_dir": str(tmp_path / "work")}
+    _, facts = peers._qala_engine(spec, tmp_path / "work", {})
+    assert facts["backend"] == "onnxruntime-inc" and facts["quantization"] == INC_QDQ_METHOD
+    assert "quantize_dynamic" not in facts["quantization"]
+
+
 def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(plan, "openvino_available", lambda: True)
     monkeypatch.setattr(plan, "openvino_bf16_native", lambda: False)

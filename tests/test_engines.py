@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,20 @@ def test_fp32_backends_equal_pytorch_at_every_length(model, backend, tmp_path):
             assert max_error(engine, model, window(n), config) < FP32_TOLERANCE, (n, config)
     if backend == "compile-dynamic":
         assert engine.compiles_after_warmup == 0
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)]
+)
+def test_engines_answer_concurrent_calls_from_several_threads_as_alone(model, backend, tmp_path):
+    # qala.serve --concurrent-batches calls one engine from several model threads at once.
+    engine = make_engine(model, backend, **options(backend, tmp_path))
+    calls = [(window(n), config) for n in (8, 16, 40) for config in configs(n)[:2]] * 4
+    alone = [engine(**w, **c).start_logits for w, c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda call: engine(**call[0], **call[1]).start_logits, calls))
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME",
         help="questions table: run the qala rows through this serving engine of qala.quantize.engines "
-        "(e.g. compile-dynamic, onnxruntime-int8); repeat for one row per engine. Default: load_model, INT8 "
-        "compiled per shape",
+        "(e.g. compile-dynamic, onnxruntime-int8); repeat for one row per engine. Engines ending in -int8 or -inc "
+        "run INT8 rows only (-int8 re-quantizes benchmark.model, -inc serves benchmark.int8_model as INC tuned it). "
+        "Default: load_model, INT8 compiled per shape",
     )
     # Intermixed: `RECIPE --resume key=value` works as well as `--resume RECIPE key=value`.
     return run_main(parser, argv, _main, intermixed=True)
@@ -409,6 +410,9 @@ def _main(args: argparse.Namespace, recipe: Any) -> int:
             raise ValueError(f"{flag} applies to --table questions or all, not to --table padded")
     for name in args.qala_backend:
         check_engine(name, "--qala-backend")
+        # An "-inc" engine runs INC's INT8 artifact only: without benchmark.int8_model it would plan no row at all.
+        if plan.serves_inc_int8(name) and not recipe.benchmark.int8_model:
+            raise ValueError(f"--qala-backend {name} serves an INC INT8 artifact: set benchmark.int8_model")
     documents, written = [], []
     with output_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
         for table in [t for t in TABLES if args.table in (t, "all")]:

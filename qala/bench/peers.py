@@ -185,13 +185,15 @@ def calibration_windows(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     """qala's model: a directory through load_model (INT8 compiled per shape when the row says so) or a named
     serving engine; with `arch`, qala's token dropping on random weights (Dynamic-TinyBERT, speed only)."""
+    from qala.bench.plan import requantizes
     from qala.quantize.load import load_model, model_kind
 
     length = _length_kwargs(spec)
     if spec.get("arch"):
         return _random_model(spec["arch"], length, None)
-    # An engine that quantizes by itself (onnxruntime-int8) reads the fp32 model for an int8 row.
-    expected = "fp32" if str(spec.get("backend", "")).endswith("-int8") else spec["dtype"]
+    # An engine that quantizes by itself (onnxruntime-int8) reads the fp32 model for an int8 row; onnxruntime-inc
+    # reads the INT8 artifact, as eager does.
+    expected = "fp32" if requantizes(spec.get("backend")) else spec["dtype"]
     if model_kind(spec["path"]) != expected:
         raise ValueError(f"{spec['path']} is an {model_kind(spec['path'])} model directory, the row is {spec['dtype']}")
     if spec.get("backend"):
@@ -206,6 +208,7 @@ def _serving_engine(
     spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any], length: Mapping[str, Any]
 ) -> tuple[Predictor, dict]:
     """A qala row through a named engine of qala.quantize.engines (the one registry)."""
+    from qala.bench.plan import requantizes
     from qala.quantize.engines import make_engine
 
     backend, options = spec["backend"], {}
@@ -215,7 +218,8 @@ def _serving_engine(
         options.update(
             max_seq_length=spec["max_seq_length"], **({"buckets": spec["buckets"]} if spec.get("buckets") else {})
         )
-        options.update({"calibration": calibration_windows(spec)} if backend.endswith("-int8") else {})
+        # NNCF (openvino-int8) quantizes on training windows; openvino-inc has INC's scales already.
+        options.update({"calibration": calibration_windows(spec)} if requantizes(backend) else {})
     engine = make_engine(spec["path"], backend, **options)
     facts: dict[str, Any] = {"backend": backend, **getattr(engine, "facts", {})}
     if backend.startswith("openvino"):

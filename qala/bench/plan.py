@@ -50,6 +50,11 @@ DYNAMIC_TINYBERT_SPEEDUP = 3.3
 # Compiled INT8 builds one graph per shape; padding to a multiple of this bounds the graphs (all warmed first).
 COMPILED_PAD_MULTIPLE = 32
 CALIBRATION_WINDOWS = 300  # training windows NNCF calibrates on (OpenVINO INT8 peer and openvino-int8)
+# Serving engines (qala.quantize.engines.BACKENDS) by the rows they can run. Exported-graph engines without a
+# suffix run an INT8 artifact's fp32 source, so fp32 rows only; "-int8" and "-inc" engines INT8 rows only
+# (int8_only); eager and compile-dynamic both. openvino-inc runs full length only.
+FP32_ONLY_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
+FULL_LENGTH_ONLY_BACKENDS = ("openvino-inc",)
 TIMING = ("warmup", "repeats", "latency_repeats", "min_repeats", "max_seconds_per_measurement")
 ONNX_MISSING = 'onnxruntime is not installed: pip install -e ".[onnx]"'
 OPENVINO_MISSING = 'openvino/nncf are not installed: pip install -e ".[onnx]"'
@@ -144,6 +149,23 @@ def measured(f1: float | None, source: str | None) -> dict[str, Any]:
     return {"f1": f1, "f1_published": False, "f1_source": source if f1 is not None else None}
 
 
+def requantizes(backend: str | None) -> bool:
+    """Whether a serving engine quantizes the fp32 model on its own ("-int8": ORT dynamic, NNCF; not INC's
+    configuration): its INT8 rows start from benchmark.model, and no fp32 row is its."""
+    return (backend or "").endswith("-int8")
+
+
+def serves_inc_int8(backend: str | None) -> bool:
+    """Whether a serving engine serves INC's INT8 artifact as tuned ("-inc": its scales and fp32 units, not
+    re-quantized): its rows run benchmark.int8_model, and it refuses an fp32 model."""
+    return (backend or "").endswith("-inc")
+
+
+def int8_only(backend: str | None) -> bool:
+    """Whether a serving engine runs INT8 rows only (re-quantizing, or INC's artifact): never an fp32 row."""
+    return requantizes(backend) or serves_inc_int8(backend)
+
+
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
@@ -188,8 +210,12 @@ def plan_rows(
     for dtype, way in ways:
         add("MiniLM", "qala", dtype, **way, **(full_f1[dtype] if padded else {}))
     chosen = _chosen_points(bench, seq, fp32_f1, notes, padded)
+    # A full-length-only engine (openvino-inc) would refuse every keep-configuration row: full length only.
+    full_only = {w["backend"] for _, w in ways if w.get("backend") in FULL_LENGTH_ONLY_BACKENDS}
+    notes.update({"full_length_only": sorted(full_only)} if chosen and full_only else {})
+    keep_ways = [(d, w) for d, w in ways if w.get("backend") not in full_only]
     for point in chosen:
-        for dtype, way in [(d, w) for d in bench.frontier_dtypes for d2, w in ways if d2 == d]:
+        for dtype, way in [(d, w) for d in bench.frontier_dtypes for d2, w in keep_ways if d2 == d]:
             f1 = measured(point.get(f"f1_{dtype}"), point["source"]) if padded else {}
             add("QuaLA-MiniLM", "qala", dtype, *reversed(point_setting(point)), **way, **f1)
     configs = [None] + [list(p["length_config"]) for p in chosen] if padded else None
@@ -199,7 +225,7 @@ def plan_rows(
         for lengths, dtype in [(c, d) for c in configs for d in ("fp32", "int8")]:
             add("MiniLM-ONNXRuntime", "onnxruntime", dtype, lengths, path=model_dir, **measured(None, None))
     if bench.ipex_python and bench.ipex_calibration and model_dir:
-        _ipex_rows(add, bench, seq, model_dir, configs, [w for d, w in ways if d == "int8"], notes)
+        _ipex_rows(add, bench, seq, model_dir, configs, [w for d, w in keep_ways if d == "int8"], notes)
     else:
         notes["ipex"] = IPEX_NOTE
     for row in rows if padded else ():
@@ -313,18 +339,19 @@ def _qala_runs(
     """(dtype, fields with the directory run) of each way qala's rows run: each named serving backend (dynamic
     shapes: no buckets unless asked), or load_model (INT8 compiled per shape, bucketed on unpadded windows)."""
     named = [{"backend": name, "pad_to_multiple_of": pad_multiple} for name in backends]
-    # An engine that quantizes (onnxruntime-int8) cannot run an fp32 row; an exported-graph engine without -int8
-    # (onnxruntime, openvino, openvino-bf16) runs an INT8 artifact's fp32 source, so no INT8 row.
-    fp32 = [w for w in named if not w["backend"].endswith("-int8")] or [{}]
-    int8 = [w for w in named if w["backend"] not in ("onnxruntime", "openvino", "openvino-bf16")]
+    # An INT8-only engine (onnxruntime-int8, onnxruntime-inc) cannot run an fp32 row (it quantizes, or refuses
+    # an fp32 model); an fp32-only engine runs an INT8 artifact's fp32 source, so no INT8 row.
+    fp32 = [w for w in named if not int8_only(w["backend"])] or [{}]
+    int8 = [w for w in named if w["backend"] not in FP32_ONLY_BACKENDS]
     int8 = int8 or [{"compiled": bench.compile_int8}]
     if not named and not padded:
         int8[0]["pad_to_multiple_of"] = (pad_multiple or COMPILED_PAD_MULTIPLE) if bench.compile_int8 else None
     model_dir, int8_dir = dirs
     runs = [("fp32", {"path": model_dir, **way}) for way in fp32 if model_dir]
-    # A self-quantizing engine (onnxruntime-int8, openvino-int8) starts from the fp32 model; others run the artifact.
+    # A self-quantizing engine (onnxruntime-int8, openvino-int8) starts from the fp32 model; others (onnxruntime-inc,
+    # eager, compile-dynamic) run INC's artifact. The row's `quantization` comes from the engine when it runs.
     for way in int8:
-        path = model_dir if way.get("backend", "").endswith("-int8") and model_dir else int8_dir
+        path = model_dir if requantizes(way.get("backend")) and model_dir else int8_dir
         runs += [("int8", {"path": path, **way})] if path else []
     return runs
 

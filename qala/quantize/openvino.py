@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -207,6 +208,9 @@ class OpenVinoEngine:
         self.folder = artifact_dir(root, model)
         self._bases: dict[Key, Any] = {}
         self._compiled: dict[tuple[Key, int, int], Any] = {}
+        # An InferRequest holds its inputs and outputs: two threads sharing one (qala.serve --concurrent-batches)
+        # would read each other's logits. Each thread gets its own request per compiled model.
+        self._local = threading.local()
         self.compile_seconds: dict[str, float] = {}
         self.facts: dict[str, Any] = {
             "buckets": list(self.buckets),
@@ -312,6 +316,16 @@ class OpenVinoEngine:
             self.compile_seconds[f"{key_slug(key)}/{batch}x{bucket}"] = round(time.perf_counter() - start, 3)
         return entry
 
+    def _request(self, key: Key, bucket: int, batch: int) -> Any:
+        """This thread's infer request of the compiled model for (key, bucket, batch)."""
+        compiled, request = self.compiled(key, bucket, batch)
+        if threading.current_thread() is threading.main_thread():
+            return request
+        requests = self._local.__dict__.setdefault("requests", {})
+        if (key, bucket, batch) not in requests:
+            requests[(key, bucket, batch)] = compiled.create_infer_request()
+        return requests[(key, bucket, batch)]
+
     @property
     def calibration(self) -> list[dict[str, Any]]:
         """The calibration windows (model inputs only); a function given for them is called once, here."""
@@ -373,7 +387,7 @@ class OpenVinoEngine:
         start = np.full((rows, width), OUTSIDE, dtype=np.float32)
         end = np.full((rows, width), OUTSIDE, dtype=np.float32)
         for bucket, chunk in plan_chunks(lengths, self.buckets, self.batch_sizes):
-            _, request = self.compiled(key, bucket, len(chunk))
+            request = self._request(key, bucket, len(chunk))
             index = torch.tensor(chunk)
             feeds = {
                 "input_ids": _fit(input_ids[index], bucket),

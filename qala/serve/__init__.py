@@ -17,7 +17,9 @@ qala_queue_depth, qala_errors_total by kind, qala_batch_size, qala_cost_scale).
 How it works (qala/serve/service.py): the model loads and warms once at start (QalaModel.from_pretrained,
 then one answer). Requests wait in one queue; a single worker takes up to --max-batch of them, or what
 arrived within --max-wait-ms of the oldest, and answers them with one QalaModel.answer_batch call in a
-model thread (windows of several requests share forward passes; the event loop keeps accepting). With
+model thread (windows of several requests share forward passes; the event loop keeps accepting);
+--concurrent-batches N runs N such batches at once in N model threads on --threads / N engine threads
+each (on 2 cores N=2 served 1.25x the answers/s of N=1 at saturation, docs/results.md). With
 --p95-ms T, a batch gets the most accurate frontier configuration whose predicted time for all its
 requests fits their slots: T less the time they already waited, shared with every request in the batch
 and queued behind it (service.slot_ms), the cost model corrected online by the measured/predicted time
