@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model directory (with frontier.json) to serve")
     p.add_argument("--p95-ms", type=float, required=True, help="the adaptive mode's latency target")
     p.add_argument("--shed-ms", type=float, help="the servers' --shed-ms, both modes (default: adaptive 2x --p95-ms)")
+    p.add_argument("--min-f1", type=float, help="the adaptive server's --min-f1 (default: none)")
     p.add_argument("--rates", default="5,10,20,40,80", help="offered loads, requests per second")
     p.add_argument("--seconds", type=float, default=30.0, help="sending time per rate (bound)")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per rate (bound)")
@@ -144,6 +145,7 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
     command += ["--timeout-s", str(args.drain_s + args.seconds)]
     if p95_ms is not None:
         command += ["--p95-ms", str(p95_ms)]
+        command += ["--min-f1", str(args.min_f1)] if args.min_f1 is not None else []
     if args.shed_ms is not None:
         command += ["--shed-ms", str(args.shed_ms)]
     if args.engine:

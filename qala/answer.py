@@ -33,6 +33,8 @@ back; QalaModel.calibration (and the service's /healthz) says which source it wa
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -86,6 +88,11 @@ CALIBRATION_WINDOWS = 300
 # Exported and compiled engine artifacts, inside the model directory; hidden, so not part of its content hash.
 ENGINE_DIR = ".engines"
 CACHE_FORMAT = 3
+# Timings are for the code that ran: a change to the model's forward or an engine (new graph code, a new
+# ONNX Runtime) makes them stale. Before this key, latency_<host>.json kept predicting the old graphs'
+# times until --remeasure. Hashed: these sources and the engine libraries' versions.
+ENGINE_SOURCES = ("model.py", "quantize/*.py")
+ENGINE_LIBRARIES = ("torch", "onnxruntime", "openvino")
 # English function words. A question whose other words are all [UNK] (the words that say what is asked)
 # gives the model nothing to match in the context: it would still return a confident span.
 FUNCTION_WORDS = frozenset(
@@ -567,11 +574,27 @@ def _frontier_or_full_length(model_dir: Path, model: Any, model_hash: str) -> di
     return {"max_seq_length": seq_length, "frontier": [{"keep_ratios": [1.0] * model.num_layers, "f1": None}]}
 
 
+def engine_code() -> str:
+    """A short hash of what an engine runs here: qala's model and engine sources and the engine libraries'
+    versions (a library not installed counts as absent)."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(p for pattern in ENGINE_SOURCES for p in root.glob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in ENGINE_LIBRARIES:
+        try:
+            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{name}=absent".encode())
+    return digest.hexdigest()[:16]
+
+
 class LatencyCache:
     """latency_<host>.json beside the model: per engine, each configuration's cost model on this host.
 
-    {format, host, model, threads, lengths, engines: {name: {configs: [{config, cost, ms}]}}, fastest}. All of it
-    is for one setup (these weights, this thread count, these calibration lengths): a file for another setup
+    {format, host, model, threads, lengths, code, engines: {name: {configs: [{config, cost, ms}]}}, fastest}. All
+    of it is for one setup (these weights, this thread count, these calibration lengths, this engine code:
+    engine_code): a file for another setup
     is ignored and rewritten by the next measurement. Engines are compared by their grid: the summed median
     ms of the served configurations at every calibration length (batch 1, unpadded windows). A file that
     lists one engine at the top level (`backend` "kind:name", `configs`) is read as that engine's entry.
@@ -585,6 +608,7 @@ class LatencyCache:
             "model": model_hash,
             "threads": torch.get_num_threads(),
             "lengths": list(lengths),
+            "code": engine_code(),
         }
         self.engines: dict[str, list[dict[str, Any]]] = self._read()
 

@@ -69,6 +69,7 @@ def write_model_dir(tmp_path, tiny_checkpoint, *, cached_ms=True, threads=None, 
             "model": content_hash(model_dir),
             "threads": threads or torch.get_num_threads(),
             "lengths": [32, 64],
+            "code": qa.engine_code(),
             "engines": {name: {"configs": configs} for name, configs in rows.items()},
         }
         (model_dir / f"latency_{host_name()}.json").write_text(json.dumps(cache))
@@ -451,6 +452,17 @@ def test_the_latency_cache_of_other_weights_is_measured_again(tmp_path, tiny_che
     with caplog.at_level("INFO", logger="qala.answer"), pytest.raises(AssertionError, match="from the cache"):
         QalaModel.from_pretrained(model_dir)
     assert f"is for another setup (model: {before} -> {content_hash(model_dir)}): measuring again" in caplog.text
+
+
+def test_the_latency_cache_of_other_engine_code_is_measured_again(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    model_dir = write_model_dir(tmp_path, tiny_checkpoint)
+    monkeypatch.setattr(qa, "median_latency_ms", no_timing)
+    QalaModel.from_pretrained(model_dir)  # this code's timings: read back
+    before = qa.engine_code()
+    monkeypatch.setattr(qa, "ENGINE_LIBRARIES", (*qa.ENGINE_LIBRARIES, "numpy"))  # as if an engine library changed
+    with caplog.at_level("INFO", logger="qala.answer"), pytest.raises(AssertionError, match="from the cache"):
+        QalaModel.from_pretrained(model_dir)
+    assert f"(code: {before} -> {qa.engine_code()}): measuring again" in caplog.text
 
 
 def test_a_question_the_vocabulary_cannot_read_gets_no_span(tmp_path, tiny_checkpoint, monkeypatch, capsys):

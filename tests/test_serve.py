@@ -64,6 +64,7 @@ def model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
         "backend": "fp32:eager",
         "threads": torch.get_num_threads(),
         "lengths": [32, 64],
+        "code": qa.engine_code(),
         "configs": [{"config": json.dumps({"keep_ratios": list(c)}), "cost": [ms, 0.0, 0.0]} for c, _, ms in FRONTIER],
     }
     (path / f"latency_{host_name()}.json").write_text(json.dumps(cache))
@@ -221,6 +222,17 @@ def test_the_service_moves_down_the_frontier_under_load_and_back(model, model_di
     metrics = service.metrics.exposition()[0].decode()
     assert 'qala_configuration_chosen_total{configuration="keep_ratios=0.5,0.25",f1="30"} 5.0' in metrics
     assert "qala_predicted_over_target_total 1.0" in metrics
+
+
+def test_min_f1_keeps_the_service_above_a_floor_under_load(model, model_dir):
+    service = make_service(model, model_dir, p95_ms=40, min_f1=35)
+    now = time.monotonic()
+    burst = service.run_batch([Item(QUESTION, CONTEXT, arrival=now)] * 4, [now] * 4)  # FASTEST fits; not allowed
+    assert all(a["keep_ratios"] == MIDDLE and a["configuration"]["f1"] == 40.0 for a in burst)
+    assert service.run_batch([Item(QUESTION, CONTEXT, arrival=now - 0.045)])[0]["keep_ratios"] == MIDDLE  # late
+    assert [p.keep_ratios for p in model.points] == [tuple(FASTEST), tuple(MIDDLE), tuple(FULL)]  # model unchanged
+    with pytest.raises(ValueError, match=r"^--min-f1 60: no frontier configuration of .* \(best F1: 50.0\)$"):
+        make_service(model, model_dir, min_f1=60)
 
 
 def test_a_burst_over_http_gets_cheaper_configurations_than_a_lone_request(model, model_dir):
@@ -558,6 +570,7 @@ def test_healthz_and_metrics(model, model_dir):
     [
         (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
         (["--concurrent-batches", "0"], "--concurrent-batches must be a positive integer, got 0"),
+        (["--min-f1", "-1"], "--min-f1 must be a positive number, got -1.0"),
         (["--p95-ms", "nan"], "--p95-ms must be a positive number, got nan"),
         (["--p95-ms", "-1", "--timeout-s", "0"], "--p95-ms must be a positive number, got -1.0; --timeout-s must be"),
         (["--shed-ms", "-5"], "--shed-ms must be a positive number of ms (or 0: no shedding), got -5.0"),

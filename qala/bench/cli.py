@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -286,6 +287,8 @@ def run_table(
     inputs = h.out / INPUTS_NAME
     n = write_inputs(recipe, b, inputs) if padded else None
     rows, notes = plan.plan_rows(recipe, table, pad_multiple=pad_multiple, qala_backends=qala_backends)
+    # When the run started (UTC): a result file says its own date (the report printed "date unknown" before).
+    h.document["date"] = h.document.get("date") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if padded:
         h.document.update(environment=env, method=_method(recipe, padded, threads, n), core_sweep=None)
         h.document.update(peers=notes, budget_exhausted=False)

@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
         "answered at the fastest configuration; without --p95-ms, the most accurate) exceeds this many ms "
         "(default: 2x --p95-ms; none without --p95-ms; 0: never)",
     )
+    p.add_argument(
+        "--min-f1",
+        type=float,
+        default=None,
+        help="never serve a frontier configuration whose recorded F1 is below this: under load requests wait or "
+        "are shed instead (default: every configuration may be served)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="requests per model call (default 8)")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long the oldest request waits for a batch to fill"
@@ -91,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         p95_ms=args.p95_ms,
         shed_ms=args.shed_ms,
+        min_f1=args.min_f1,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_context_chars=args.max_context_chars,

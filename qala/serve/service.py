@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import logging
 import math
@@ -65,6 +66,8 @@ class ServeConfig:
     completion exceeds it (None: SHED_FACTOR x p95_ms, or no shedding without a target; 0: no shedding).
     `calibrate`: correct the cost model online by the measured batch times, and the planning target by the
     p95 delivered (off only in tests that check the choice against the cost model itself).
+    `min_f1`: frontier configurations whose recorded F1 is below it are never served (under load requests
+    then wait, or are shed, instead of being answered by a configuration that loses most answers).
     `concurrent_batches`: batches in the model at once, each in its own model thread with `threads` /
     concurrent_batches engine threads (see Service.load for why 2 pays at saturation).
     """
@@ -74,6 +77,7 @@ class ServeConfig:
     port: int = 8000
     p95_ms: float | None = None
     shed_ms: float | None = None
+    min_f1: float | None = None
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_context_chars: int = 100_000
@@ -104,9 +108,9 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("p95_ms", "shed_ms", "max_wait_ms", "timeout_s", "replica_cpus", "threads"):
+        for name in ("p95_ms", "shed_ms", "min_f1", "max_wait_ms", "timeout_s", "replica_cpus", "threads"):
             value = getattr(self, name)
-            if value is None and name in ("p95_ms", "shed_ms", "threads"):
+            if value is None and name in ("p95_ms", "shed_ms", "min_f1", "threads"):
                 continue
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if name == "shed_ms" and (not ok or value < 0):
@@ -218,6 +222,18 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def _at_least_f1(model: QalaModel, min_f1: float, name: str) -> QalaModel:
+    """A view of `model` that serves only the frontier configurations with a recorded F1 >= min_f1 (the
+    engine, tokenizer and cost models are shared; the model passed in is not changed)."""
+    kept = [p for p in model.points if p.f1 is not None and math.isfinite(p.f1) and p.f1 >= min_f1]
+    if not kept:
+        best = max((p.f1 for p in model.points if p.f1 is not None and math.isfinite(p.f1)), default=None)
+        raise ValueError(f"--min-f1 {min_f1:g}: no frontier configuration of {name} scores that (best F1: {best})")
+    view = copy.copy(model)
+    view.points = kept
+    return view
+
+
 def configuration_label(point: FrontierPoint) -> str:
     """ "keep_ratios=1,0.75" or "length_config=384,256": a Prometheus label and a readable name."""
     if point.keep_ratios is not None:
@@ -243,6 +259,8 @@ class Service:
     """
 
     def __init__(self, model: QalaModel, config: ServeConfig, *, engine: str | None = None) -> None:
+        if config.min_f1 is not None:
+            model = _at_least_f1(model, config.min_f1, config.model)
         self.model = model
         self.config = config
         self.engine = engine or config.engine
