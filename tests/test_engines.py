@@ -197,6 +197,13 @@ def test_openvino_int8_checks_each_keep_configuration_against_fp32(model, tmp_pa
         )
     assert json.loads(bad.read_text())["ok"] is False
     monkeypatch.undo()
+    # A verdict of the earlier dynamic-shape check (no "compiled": it refused graphs that serve correctly) is
+    # measured again, through the static per-bucket graphs that serve the windows, and those graphs are kept.
+    record.write_text(json.dumps({**verdict, "ok": False, "compiled": None}))
+    rechecked = make_engine(span, "openvino-int8", calibration=calibration(), workdir=tmp_path / "ok")
+    rechecked(**window(9), keep_ratios=RATIOS)
+    assert json.loads(record.read_text()) == {**verdict, "compiled": "static"}
+    assert any(k[0] is not None and k[2] == 1 for k in rechecked._compiled)
     attention = make_engine(model, "openvino-int8", calibration=[window(9)], workdir=tmp_path)
     # An attention-ranked INT8 adaptive graph exports each selecting layer's attention scores as an extra output:
     # that stops the CPU plugin's attention fusion that fed the significance wrong values (_pin_attention_scores).

@@ -70,6 +70,9 @@ NNCF_METHOD = "nncf.quantize(model_type=TRANSFORMER), post-training, on the cali
 CHECK_WINDOWS = 32
 MIN_AGREEMENT = 0.5
 MAX_FALSE_CLS = 0.1
+# How the check runs its windows: through the static per-bucket graphs that serve them ("static"). A saved verdict
+# without it came from the earlier dynamic-shape check, which answered wrongly where the served graphs did not.
+CHECK_COMPILED = "static"
 # Logits at positions a bucket does not cover (beyond a window's bucket, within the request's width):
 # padding, never an answer; a finite value so that no softmax over a row turns into NaN.
 OUTSIDE = -1e4
@@ -264,7 +267,13 @@ class OpenVinoEngine:
 
     def _check_int8(self, model: Any, key: Key, record: Path) -> None:
         """Refuse an INT8 keep configuration that answers unlike the fp32 model (see CHECK_WINDOWS); the verdict is
-        computed once per quantized IR and kept beside it."""
+        computed once per quantized IR and kept beside it.
+
+        The windows run as served: each padded to its bucket, through the static batch-1 model of that bucket
+        (kept for serving when the verdict is good). Not one dynamic-shape compile: on the reference model
+        (OpenVINO 2026.4, Zen 5) the dynamic-shape INT8 adaptive graph answered unlike fp32 on every window (0/32
+        agree; all [CLS] with snippets off) while the static graphs served from the same IR agreed on 32/32, so a
+        dynamic check refused configurations that serve correctly (docs/engines.md 'Known bug')."""
         verdict = None
         if record.is_file():
             try:
@@ -274,20 +283,29 @@ class OpenVinoEngine:
                 pass
             if verdict is None:
                 logger.warning("%s: not a verdict (damaged or edited), checking %s again", record, key_slug(key))
+            elif verdict.get("compiled") != CHECK_COMPILED:
+                logger.info("%s: a verdict of the dynamic-shape check, checking %s again", record, key_slug(key))
+                verdict = None
+        checked: dict[tuple[Key, int, int], Any] = {}
         if verdict is None:
             start = time.perf_counter()
-            request = compile_model(model, threads=self.threads, precision=self.precision).create_infer_request()
             mode, values = key
             config = {"keep_ratios": list(values)} if mode == "ratio" else {"length_config": [int(v) for v in values]}
+            fits = [f for f in self._calibration_feeds(key) if f["input_ids"].shape[1] <= self.buckets[-1]]
             fp32, int8 = [], []
-            for feed in self._calibration_feeds(key)[:CHECK_WINDOWS]:
-                request.infer(feed)
-                int8.append(tuple(int(request.get_output_tensor(i).data.argmax()) for i in (0, 1)))
+            for feed in fits[:CHECK_WINDOWS]:
+                n = feed["input_ids"].shape[1]
+                bucket = bucket_of(n, self.buckets)
+                if (key, bucket, 1) not in checked:
+                    checked[(key, bucket, 1)] = self._compile(model, key, bucket, 1)
+                request = checked[(key, bucket, 1)][1]
+                request.infer({k: v if k == "kept" else _fit(torch.from_numpy(v), bucket) for k, v in feed.items()})
+                int8.append(tuple(int(request.get_output_tensor(i).data[0, :n].argmax()) for i in (0, 1)))
                 inputs = {k: torch.from_numpy(v) for k, v in feed.items() if k != "kept"}
                 with torch.no_grad():
                     out = self.model(**inputs, **config)
                 fp32.append((int(out.start_logits.argmax()), int(out.end_logits.argmax())))
-            verdict = int8_verdict(fp32, int8)
+            verdict = {**int8_verdict(fp32, int8), "compiled": CHECK_COMPILED}
             atomic_write_json(record, verdict)
             self.compile_seconds[f"check {key_slug(key)}"] = round(time.perf_counter() - start, 2)
         self.facts.setdefault("int8_checks", {})[key_slug(key)] = verdict
@@ -298,23 +316,28 @@ class OpenVinoEngine:
                 f"agree, {verdict['cls_where_fp32_not']} [CLS] where fp32 is not; docs/engines.md 'Known bug'); use "
                 "'onnxruntime-int8', 'openvino' or 'openvino-bf16', or full length"
             )
+        self._compiled.update(checked)  # only a checked graph is served
 
     def compiled(self, key: Key, bucket: int, batch: int) -> Any:
         entry = self._compiled.get((key, bucket, batch))
         if entry is None:
-            start = time.perf_counter()
-            compiled = compile_model(
-                self.base(key),
-                threads=self.threads,
-                shape=(batch, bucket),
-                cache_dir=self.folder / "ov_cache",
-                precision=self.precision,
-                weightless=not self.int8,
-            )
-            entry = (compiled, compiled.create_infer_request())
+            entry = self._compile(self.base(key), key, bucket, batch)
             self._compiled[(key, bucket, batch)] = entry
-            self.compile_seconds[f"{key_slug(key)}/{batch}x{bucket}"] = round(time.perf_counter() - start, 3)
         return entry
+
+    def _compile(self, model: Any, key: Key, bucket: int, batch: int) -> tuple[Any, Any]:
+        """`model` compiled at the static shape (batch, bucket), with an infer request."""
+        start = time.perf_counter()
+        compiled = compile_model(
+            model,
+            threads=self.threads,
+            shape=(batch, bucket),
+            cache_dir=self.folder / "ov_cache",
+            precision=self.precision,
+            weightless=not self.int8,
+        )
+        self.compile_seconds[f"{key_slug(key)}/{batch}x{bucket}"] = round(time.perf_counter() - start, 3)
+        return compiled, compiled.create_infer_request()
 
     def _request(self, key: Key, bucket: int, batch: int) -> Any:
         """This thread's infer request of the compiled model for (key, bucket, batch)."""
