@@ -105,12 +105,11 @@ def free_port() -> int:
 
 def in_process_throughput(args: argparse.Namespace, questions: list[dict[str, Any]]) -> dict[str, Any]:
     """Answers per second of QalaModel.answer_batch in batches of --max-batch (no HTTP), after a warm-up."""
-    import torch
-
     from qala.answer import QalaModel
+    from qala.serve.service import batch_threads
 
     lanes = args.concurrent_batches
-    threads = args.threads if lanes == 1 else max(1, (args.threads or torch.get_num_threads()) // lanes)
+    threads = batch_threads(args.threads, lanes)  # as the server splits them
     model = QalaModel.from_pretrained(args.model, threads=threads, backend=args.engine)
     sample, b = questions[: args.in_process_questions], args.max_batch
 

@@ -222,6 +222,13 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def batch_threads(threads: int | None, concurrent_batches: int) -> int | None:
+    """Engine threads of each of `concurrent_batches` batches sharing `threads` (None: torch's choice)."""
+    if concurrent_batches == 1:
+        return threads
+    return max(1, (threads or torch.get_num_threads()) // concurrent_batches)
+
+
 def _at_least_f1(model: QalaModel, min_f1: float, name: str) -> QalaModel:
     """A view of `model` that serves only the frontier configurations with a recorded F1 >= min_f1 (the
     engine, tokenizer and cost models are shared; the model passed in is not changed)."""
@@ -298,9 +305,7 @@ class Service:
         # one-thread batch never waits for a second thread that the event loop or the load generator holds,
         # and the Python parts of one batch (tokenizing, post-processing) overlap the other's forward pass.
         # The latency of a lone request rises (one thread instead of all), so it is an option, not a default.
-        threads = config.threads
-        if config.concurrent_batches > 1:
-            threads = max(1, (threads or torch.get_num_threads()) // config.concurrent_batches)
+        threads = batch_threads(config.threads, config.concurrent_batches)
         started = time.perf_counter()
         model = QalaModel.from_pretrained(
             config.model, threads=threads, backend=config.engine, calibration_data=config.calibration_data
