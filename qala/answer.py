@@ -54,6 +54,7 @@ import torch
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import postprocess_with_scores, prepare_eval_features
 from qala.evaluate import check_engine, check_positive, predict_logits
+from qala.lengths import config_json, config_kwargs
 from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.engines import BACKENDS, length_batches, make_engine, warm_for_serving
 from qala.quantize.load import load_model, load_tokenizer, model_kind
@@ -118,16 +119,10 @@ class FrontierPoint:
 
     @property
     def name(self) -> list[float] | list[int] | None:
-        return (
-            list(self.keep_ratios)
-            if self.keep_ratios is not None
-            else (list(self.length_config) if self.length_config is not None else None)
-        )
+        return next(iter(self.model_kwargs().values()), None)
 
     def model_kwargs(self) -> dict[str, list]:
-        if self.keep_ratios is not None:
-            return {"keep_ratios": list(self.keep_ratios)}
-        return {"length_config": list(self.length_config)} if self.length_config is not None else {}
+        return config_kwargs(self.keep_ratios, self.length_config)
 
     def expected_ms(self, windows: int | Sequence[int]) -> float:
         """Predicted ms for `windows` windows (a count) or windows of these token counts."""
@@ -476,8 +471,7 @@ class QalaModel:
                     "answer": text,
                     "score": score if math.isfinite(score) else None,
                     "flag": flag,
-                    "keep_ratios": list(point.keep_ratios) if point.keep_ratios is not None else None,
-                    "length_config": list(point.length_config) if point.length_config is not None else None,
+                    **config_json(point.keep_ratios, point.length_config),
                     "expected_ms": expected,
                     "fits_budget": fits,
                     "windows": len(by_question[qid]),

@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from qala.cli import add_verbose, guarded, setup_logging
 from qala.data import featurize, load_squad, postprocess_predictions, references_from, squad_metrics
-from qala.model import (
-    MODEL_INPUTS,
-    SELECTION_RULES,
-    batch_inputs,
+from qala.lengths import (
     check_length_config,
+    config_json,
+    config_kwargs,
     constant_ratio_length_config,
     parse_keep_ratios,
 )
+from qala.model import MODEL_INPUTS, SELECTION_RULES, batch_inputs
 from qala.quantize.load import load_model, load_tokenizer
 from qala.utils import atomic_write_json, resolve_model_path
 
@@ -103,11 +103,7 @@ def predict_logits(
     # batch fits in the blocks the previous one freed. Batches growing in length fragmented glibc's heap:
     # RSS grew with every batch, to 6 GB on COVID-QA (and stayed flat with a fixed M_MMAP_THRESHOLD).
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
-    kwargs: dict[str, Any] = {}
-    if length_config is not None:
-        kwargs["length_config"] = length_config
-    if keep_ratios is not None:
-        kwargs["keep_ratios"] = keep_ratios
+    kwargs = config_kwargs(keep_ratios, length_config)
     # All windows' logits in one allocation made before the first batch: no small per-batch arrays left
     # behind between the blocks a batch frees.
     all_starts = np.zeros((len(lengths), max(lengths, default=0)), np.float32)
@@ -153,8 +149,7 @@ def evaluate_features(
         examples, features, start_logits, end_logits, n_best_size=n_best_size, max_answer_length=max_answer_length
     )
     metrics = squad_metrics(predictions, references_from(examples))
-    metrics["length_config"] = list(length_config) if length_config is not None else None
-    metrics["keep_ratios"] = list(keep_ratios) if keep_ratios is not None else None
+    metrics.update(config_json(keep_ratios, length_config))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics, predictions
 
@@ -174,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         "keep=0.8 for a constant per-layer keep (0.8, 0.64, ...); windows are not padded",
     )
     group.add_argument(
-        "--keep-ratio",
+        "--padded-keep-ratio",
         type=float,
-        help="paper mode: each layer keeps this share of the previous layer's positions of the padded window",
+        help="paper mode: each layer keeps this share of the previous layer's positions of the padded window "
+        "(LAT's length_drop_ratio; becomes a --length-config)",
     )
     parser.add_argument(
         "--padded",
         action="store_true",
-        help="pad every window to max_seq_length (implied by --length-config and --keep-ratio, the paper mode)",
+        help="pad every window to max_seq_length (implied by --length-config and --padded-keep-ratio, the paper mode)",
     )
     parser.add_argument(
         "--selection",
@@ -219,8 +215,8 @@ def _evaluate(args) -> int:
     check_output_file(args.out, "--out")
     if args.skip_samples < 0:
         raise ValueError(f"--skip-samples: expected a count >= 0, got {args.skip_samples}")
-    if args.keep_ratio is not None and not 0 < args.keep_ratio <= 1:
-        raise ValueError(f"--keep-ratio: expected a share in (0, 1], got {args.keep_ratio}")
+    if args.padded_keep_ratio is not None and not 0 < args.padded_keep_ratio <= 1:
+        raise ValueError(f"--padded-keep-ratio: expected a share in (0, 1], got {args.padded_keep_ratio}")
     model_dir = resolve_model_path(args.model_dir)
     model = load_model(model_dir)
     if args.selection:
@@ -241,12 +237,12 @@ def _evaluate(args) -> int:
     try:
         if args.length_config:
             length_config = [int(n) for n in args.length_config.split(",")]
-        elif args.keep_ratio is not None:
-            length_config = constant_ratio_length_config(args.keep_ratio, model.num_layers, max_seq_length)
+        elif args.padded_keep_ratio is not None:
+            length_config = constant_ratio_length_config(args.padded_keep_ratio, model.num_layers, max_seq_length)
         if length_config is not None:
             check_length_config(length_config, num_layers=model.num_layers, max_seq_length=max_seq_length)
     except ValueError as e:
-        raise ValueError(f"{'--length-config' if args.length_config else '--keep-ratio'}: {e}") from None
+        raise ValueError(f"{'--length-config' if args.length_config else '--padded-keep-ratio'}: {e}") from None
     keep_ratios = None
     if args.keep_ratios:
         try:

@@ -2,7 +2,7 @@
 
 This is the model of the Length-Adaptive Transformer (Kim & Cho, 2021) as used by QuaLA-MiniLM
 (Guskin et al., 2022): a BERT or RoBERTa encoder that, after the attention of each layer, keeps only
-the `length_config[i]` most significant tokens and runs the feed-forward block on those alone.
+the `keep_ratios[i]` share of its real tokens that rank most significant and runs the feed-forward block on those alone.
 Dropped tokens are not lost: Drop-and-Restore writes every token's last computed hidden state back
 into a full-length sequence before the span head, so every input position gets a start/end logit.
 
@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,17 @@ from transformers import AutoModelForQuestionAnswering, PretrainedConfig, PreTra
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
+from qala.lengths import (  # noqa: F401  TEMPORARY re-export while qala/bench moves to qala.lengths
+    Lengths,
+    check_keep_ratios,
+    check_length_config,
+    constant_keep_ratios,
+    constant_ratio_length_config,
+    keep_counts,
+    kept_per_layer,
+    parse_keep_ratios,
+    resolve,
+)
 from qala.utils import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -77,15 +87,11 @@ class LengthAdaptiveConfig:
     Saved as qala_config.json beside the weights; the backbone's config.json stays transformers'.
     """
 
-    # Two ways to say how many tokens each layer keeps (at most one may be set; neither = full length):
-    # keep_ratios: per layer, the share of each window's REAL token count that survives that layer
-    #   (cumulative: ratio i is of the real length, not of layer i-1's survivors), non-increasing,
-    #   in (0, 1]. A window of n tokens keeps ceil(r_i * n) after layer i. qala's native units: the
-    #   same configuration means the same thing for a 60-token and a 384-token window, and padding
-    #   never takes a slot.
+    # The configuration a call runs when it names none (None: full length), in qala's one unit: per
+    # layer, the share of each window's real token count that survives it (qala/lengths.py).
     keep_ratios: list[float] | None = None
-    # length_config: absolute kept positions of the window padded to max_seq_length, as in the LAT
-    #   reference code and ITREX (the paper-compatible mode, used by the padded benchmark table).
+    # The same in the paper's absolute form (kept positions of a window padded to max_seq_length), for
+    # directories written by LAT-style recipes; converted by qala.lengths.resolve. At most one is set.
     length_config: list[int] | None = None
     # Probability of skipping a whole layer in training (LayerDrop, Fan et al. 2019).
     layer_dropout_prob: float = 0.0
@@ -125,114 +131,6 @@ class LengthAdaptiveConfig:
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; expected only {sorted(known)}")
         return cls(**data)
-
-
-def check_length_config(
-    length_config: Sequence[int], *, num_layers: int | None = None, max_seq_length: int | None = None
-) -> None:
-    """Raise ValueError unless `length_config` is a usable per-layer list of kept lengths."""
-    if num_layers is not None and len(length_config) != num_layers:
-        raise ValueError(f"length_config has {len(length_config)} entries, the model has {num_layers} layers")
-    if any(n < 1 for n in length_config):
-        raise ValueError(f"length_config entries must be >= 1 (the [CLS] token is always kept): {list(length_config)}")
-    if any(b > a for a, b in zip(length_config, length_config[1:], strict=False)):
-        raise ValueError(f"length_config must be non-increasing from layer to layer: {list(length_config)}")
-    if max_seq_length is not None and length_config and length_config[0] > max_seq_length:
-        raise ValueError(f"length_config {list(length_config)} keeps more than max_seq_length={max_seq_length}")
-
-
-def check_keep_ratios(keep_ratios: Sequence[float], *, num_layers: int | None = None) -> None:
-    """Raise ValueError unless `keep_ratios` is a usable per-layer list of kept shares of the real length."""
-    ratios = list(keep_ratios)
-    if num_layers is not None and len(ratios) != num_layers:
-        raise ValueError(f"keep_ratios has {len(ratios)} entries, the model has {num_layers} layers: {ratios}")
-    bad = [r for r in ratios if not (isinstance(r, int | float) and 0.0 < r <= 1.0)]
-    if bad:
-        raise ValueError(f"keep_ratios entries must be in (0, 1], got {bad[0]!r} in {ratios}")
-    if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):
-        raise ValueError(f"keep_ratios must be non-increasing from layer to layer: {ratios}")
-
-
-def parse_keep_ratios(text: str, *, num_layers: int | None = None) -> list[float]:
-    """'0.9,0.8,0.7,0.6,0.5,0.4' -> per-layer ratios; 'keep=0.8' (or a single number) -> that
-    constant per-layer keep, compounded (0.8, 0.64, ...), as LAT's length_drop_ratio."""
-    text = text.strip()
-    try:
-        if text.startswith("keep=") or ("," not in text and num_layers is not None):
-            single = float(text.removeprefix("keep="))
-            if num_layers is None:
-                raise ValueError("a constant keep ratio needs the number of layers")
-            if not 0.0 < single <= 1.0:
-                raise ValueError(f"keep ratio must be in (0, 1], got {single}")
-            ratios = constant_keep_ratios(single, num_layers)
-        else:
-            ratios = [float(r) for r in text.split(",")]
-    except ValueError as e:
-        raise ValueError(f"keep ratios {text!r}: {e}") from None
-    check_keep_ratios(ratios, num_layers=num_layers)
-    return ratios
-
-
-def constant_keep_ratios(keep_ratio: float, num_layers: int) -> list[float]:
-    """Each layer keeps `keep_ratio` of what the previous one kept, as shares of the real length."""
-    return [round(keep_ratio ** (i + 1), 6) for i in range(num_layers)]
-
-
-def kept_per_layer(keep_ratios: Sequence[float], num_tokens: int) -> list[int]:
-    """Tokens a window of `num_tokens` real tokens keeps after each layer: ceil(r * n), at least 1."""
-    # The epsilon absorbs float noise (0.7 * 10 = 7.000000000000001 must keep 7, not 8).
-    return [min(num_tokens, max(1, math.ceil(r * num_tokens - 1e-6))) for r in keep_ratios]
-
-
-def layer_bounds(num_layers: int, ratio_bound: float | Sequence[float]) -> list[float]:
-    """One LengthDrop bound per layer: `ratio_bound` repeated, or the per-layer list checked for length."""
-    bounds = [ratio_bound] * num_layers if isinstance(ratio_bound, (int, float)) else list(ratio_bound)
-    if len(bounds) != num_layers:
-        raise ValueError(f"{len(bounds)} LengthDrop bounds for a model of {num_layers} layers")
-    return bounds
-
-
-def sample_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float], rng: random.Random) -> list[float]:
-    """LengthDrop in ratio units: each layer keeps a uniform share in [1 - bound, 1] of the previous one's
-    (`ratio_bound`: one bound for every layer, or one per layer)."""
-    ratios, ratio = [], 1.0
-    for bound in layer_bounds(num_layers, ratio_bound):
-        ratio *= rng.uniform(1 - bound, 1.0)
-        ratios.append(ratio)
-    return ratios
-
-
-def smallest_keep_ratios(num_layers: int, ratio_bound: float | Sequence[float]) -> list[float]:
-    """The sandwich's smallest sub-model in ratio units: every layer at its bound."""
-    bounds = layer_bounds(num_layers, ratio_bound)
-    return [round(math.prod(1 - b for b in bounds[: i + 1]), 6) for i in range(num_layers)]
-
-
-def constant_ratio_length_config(keep_ratio: float, num_layers: int, seq_length: int) -> list[int]:
-    """Each layer keeps `keep_ratio` of the tokens the previous layer kept (LAT's length_drop_ratio)."""
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    lengths, length = [], seq_length
-    for _ in range(num_layers):
-        length = max(1, math.ceil(length * keep_ratio))
-        lengths.append(length)
-    return lengths
-
-
-def sample_length_config(
-    seq_length: int, num_layers: int, ratio_bound: float, rng: random.Random, min_length: int = 2
-) -> list[int]:
-    """LengthDrop: each layer keeps a uniform draw from [ceil(prev * (1 - bound)), prev] tokens."""
-    lengths, length = [], seq_length
-    for _ in range(num_layers):
-        length = max(min_length, rng.randint(math.ceil(length * (1 - ratio_bound)), length))
-        lengths.append(length)
-    return lengths
-
-
-def smallest_length_config(seq_length: int, num_layers: int, ratio_bound: float, min_length: int = 2) -> list[int]:
-    """The sandwich rule's smallest sub-model: every layer at the bound."""
-    return [max(min_length, n) for n in constant_ratio_length_config(1 - ratio_bound, num_layers, seq_length)]
 
 
 # --------------------------------------------------------------------------- cost model
@@ -302,25 +200,21 @@ def _restore(
     return rows.index_put((flat,), current).reshape(batch, seq, size)
 
 
-def keep_counts(ratios: torch.Tensor, real_lengths: torch.Tensor) -> torch.Tensor:
-    """Tokens each row keeps at a layer: ceil(r_b * n_b), at least 1 (ratios float64: 0.7 * 10 keeps 7)."""
-    return torch.ceil(ratios * real_lengths - 1e-6).long().clamp(min=1)
-
-
 def kept_after_layer(
-    length: int | None, ratios: torch.Tensor | None, real_lengths: torch.Tensor, mask: torch.Tensor
+    ratios: torch.Tensor | None, width: int | None, real_lengths: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor | None:
-    """How many tokens each row keeps after a layer ([batch]), or None when no row drops any.
+    """How many tokens each row keeps after a layer ([batch]), or None when the layer selects nothing.
 
-    `length`: the layer's absolute length (paper mode), `ratios`: its [batch] keep ratios of each row's
-    real length; `mask` marks the tokens still live in the current slots."""
-    if length is not None:
-        return torch.full_like(real_lengths, length) if length < mask.size(1) else None
+    `ratios`: the layer's [batch] keep ratios of each row's real length; `mask` marks the tokens still
+    live in the current slots. With a static `width` (qala.lengths.Lengths) the layer selects exactly
+    when the width is below the current slot count, decided on shapes alone (one traced graph);
+    otherwise when some row keeps fewer tokens than it has live."""
     if ratios is None:
         return None
-    wanted = keep_counts(ratios, real_lengths)
-    valid = mask.sum(dim=1)
-    return torch.minimum(wanted, valid) if bool((wanted < valid).any()) else None
+    kept = torch.minimum(keep_counts(ratios, real_lengths), mask.sum(dim=1))
+    if width is not None:
+        return kept if width < mask.size(1) else None
+    return kept if bool((kept < mask.sum(dim=1)).any()) else None
 
 
 def select_tokens(
@@ -467,19 +361,19 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         How many tokens each layer keeps, for this call (neither given: the config's, else full length):
         `keep_ratios`: per-layer shares of each row's real token count (attention_mask sum); a list
         for the whole batch or a [batch, layers] tensor, one configuration per row (LengthDrop).
-        `length_config`: absolute kept positions of the padded window (the paper-compatible mode).
+        `length_config`: the paper's absolute form, converted to keep ratios by qala.lengths.resolve.
         In a batch padded to its longest row, each row keeps its own count and the surplus slots of
         shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
         `output_hidden_states`: also the last states and `reached_last` (hidden distillation, qala.train).
         """
-        length_config, keep_ratios = self._lengths_of_call(length_config, keep_ratios)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        lengths = self._lengths_of_call(attention_mask, length_config, keep_ratios)
         mask = attention_mask.bool()
 
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         batch_size, seq_length, hidden_size = hidden.shape
-        ratios = self._ratio_table(keep_ratios, batch_size, hidden.device)
+        ratios, widths = lengths.ratios, lengths.widths
         real_lengths = mask.sum(dim=1)
         # positions[b, j]: where the j-th surviving token of row b sits in the input.
         positions = torch.arange(seq_length, device=hidden.device).expand(batch_size, -1)
@@ -495,17 +389,17 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
 
-            length = None if length_config is None else int(length_config[i])
             # kept[b]: how many tokens row b keeps after this layer (None: all of them).
-            kept = kept_after_layer(length, None if ratios is None else ratios[:, i], real_lengths, mask)
+            width = None if widths is None else widths[i]
+            kept = kept_after_layer(None if ratios is None else ratios[:, i], width, real_lengths, mask)
             if kept is not None:
                 # Record every live token's state before some of them stop being updated.
                 restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
                 restored = _restore(restored, positions, hidden, carried)
                 significance = self._significance(layer, hidden, additive_mask, mask, attention_output, attention_probs)
-                # Absolute mode knows the width as a Python int: no data-dependent int() there, so
-                # torch.compile traces it as one graph (CompiledQA); ratio mode reads it from the data.
-                width = int(length_config[i]) if length_config is not None else int(kept.max())
+                # A static width is a Python int: no data-dependent int() there, so torch.compile traces
+                # it as one graph (CompiledQA); otherwise the width is the most any row keeps.
+                width = width if width is not None else int(kept.max())
                 attention_output, mask, carried, positions = select_tokens(
                     significance, kept, width, attention_output, mask, carried, positions
                 )
@@ -556,32 +450,15 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         )
 
     def _lengths_of_call(
-        self, length_config: Sequence[int] | None, keep_ratios: Sequence[float] | torch.Tensor | None
-    ) -> tuple[Sequence[int] | None, Sequence[float] | torch.Tensor | None]:
-        """The (length_config, keep_ratios) a forward call runs: its own, else the config's; checked."""
-        if length_config is not None and keep_ratios is not None:
-            raise ValueError("pass length_config or keep_ratios, not both")
+        self,
+        attention_mask: torch.Tensor,
+        length_config: Sequence[int] | None,
+        keep_ratios: Sequence[float] | torch.Tensor | None,
+    ) -> Lengths:
+        """What a forward call keeps: its own configuration, else the config's, resolved to keep ratios."""
         if length_config is None and keep_ratios is None:
             length_config, keep_ratios = self.qala_config.length_config, self.qala_config.keep_ratios
-        if length_config is not None and len(length_config) != self.num_layers:
-            raise ValueError(f"length_config has {len(length_config)} entries, the model has {self.num_layers} layers")
-        return length_config, keep_ratios
-
-    def _ratio_table(
-        self, keep_ratios: Sequence[float] | torch.Tensor | None, batch_size: int, device: torch.device
-    ) -> torch.Tensor | None:
-        """keep_ratios as a [batch, layers] float tensor (one row per window), checked."""
-        if keep_ratios is None:
-            return None
-        if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
-            if keep_ratios.shape != (batch_size, self.num_layers):
-                expected = f"[{batch_size}, {self.num_layers}]"
-                raise ValueError(f"keep_ratios tensor must be {expected}, got {list(keep_ratios.shape)}")
-            return keep_ratios.to(device=device, dtype=torch.float64)
-        ratios = [float(r) for r in keep_ratios]
-        check_keep_ratios(ratios, num_layers=self.num_layers)
-        # float64: ceil(r * n) must not flip on float32 rounding (0.7 * 10).
-        return torch.tensor(ratios, device=device, dtype=torch.float64).expand(batch_size, -1)
+        return resolve(attention_mask, self.num_layers, keep_ratios, length_config)
 
     # ---------------------------------------------------------------- save / load
 

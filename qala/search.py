@@ -45,7 +45,8 @@ import torch
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
-from qala.model import batch_inputs, constant_ratio_length_config, kept_per_layer, macs_per_sample
+from qala.lengths import constant_ratio_length_config, kept_per_layer
+from qala.model import batch_inputs, macs_per_sample
 from qala.quantize.load import load_model, load_tokenizer, model_kind
 from qala.recipe import DataConfig, Recipe, SearchConfig, fingerprint, load_recipe
 from qala.stage import is_main_process, stage_inputs, stage_lock, stored_record, write_recipe
@@ -800,7 +801,7 @@ def read_frontier(path: str | Path) -> dict[str, Any]:
     (positive int), doc_stride if present, and each point's one configuration (keep_ratios in (0, 1] or
     length_config in [1, max_seq_length], non-increasing layer to layer, the same number of layers in all), f1 and
     cost numbers. A problem raises ValueError naming the file and the point index and field."""
-    from qala.model import check_keep_ratios, check_length_config
+    from qala.lengths import check_keep_ratios, check_length_config
 
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -46,8 +46,7 @@ from transformers import (
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
-from qala.model import (
-    LengthAdaptiveForQuestionAnswering,
+from qala.lengths import (
     constant_keep_ratios,
     constant_ratio_length_config,
     sample_keep_ratios,
@@ -55,6 +54,7 @@ from qala.model import (
     smallest_keep_ratios,
     smallest_length_config,
 )
+from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import check_finite
 from qala.quantize.load import load_tokenizer
 from qala.recipe import Recipe, RecipeError, StageConfig, changed_keys, fingerprint, make_training_arguments

@@ -44,12 +44,8 @@ from transformers import DataCollatorWithPadding
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
-from qala.model import (
-    batch_inputs,
-    constant_keep_ratios,
-    constant_ratio_length_config,
-    sample_length_config,
-)
+from qala.lengths import constant_keep_ratios, constant_ratio_length_config, sample_length_config
+from qala.model import batch_inputs
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.load import load_model, load_tokenizer
 from qala.recipe import QuantizationConfig, Recipe, RecipeError, make_training_arguments

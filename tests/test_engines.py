@@ -10,9 +10,10 @@ import pytest
 import torch
 from neural_compressor.torch.quantization import StaticQuantConfig
 
-from qala.model import LengthAdaptiveForQuestionAnswering, kept_per_layer
+from qala.lengths import kept_per_layer, ratio_table
+from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize import quantize_
-from qala.quantize.engines import BACKENDS, make_engine, ratio_table
+from qala.quantize.engines import BACKENDS, make_engine
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")

@@ -46,7 +46,7 @@ def test_evaluate_cli_keep_ratio_and_bad_inputs(tiny_checkpoint, tmp_path, capsy
             [
                 str(tiny_checkpoint),
                 str(data),
-                "--keep-ratio",
+                "--padded-keep-ratio",
                 "0.5",
                 "--max-seq-length",
                 "128",
@@ -116,7 +116,7 @@ def test_windows_and_logits_are_kept_per_window(tiny_checkpoint):
 
 
 def test_output_path_and_keep_ratio_are_checked_before_the_model_loads(tmp_path, capsys):
-    """`--out DIR` failed after the whole evaluation (metrics lost); `--keep-ratio 0` named --length-config."""
+    """`--out DIR` failed after the whole evaluation (metrics lost); `--padded-keep-ratio 0` named --length-config."""
     absent_model = tmp_path / "no-model"  # never reached: each check comes first
     data = str(SAMPLES / "squad_sample_dev.json")
     assert main([str(absent_model), data, "--out", str(tmp_path)]) == 2
@@ -127,8 +127,11 @@ def test_output_path_and_keep_ratio_are_checked_before_the_model_loads(tmp_path,
     assert main([str(absent_model), data, "--out", str(blocker / "p.json")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --out {blocker / 'p.json'}: {blocker} is a file, not a directory"
     for value in ("0", "1.5", "nan"):
-        assert main([str(absent_model), data, "--keep-ratio", value]) == 2
-        assert capsys.readouterr().err.strip() == f"error: --keep-ratio: expected a share in (0, 1], got {float(value)}"
+        assert main([str(absent_model), data, "--padded-keep-ratio", value]) == 2
+        assert (
+            capsys.readouterr().err.strip()
+            == f"error: --padded-keep-ratio: expected a share in (0, 1], got {float(value)}"
+        )
 
 
 def test_skip_samples_scores_only_the_questions_after_them(tiny_checkpoint, tmp_path, capsys):

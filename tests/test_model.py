@@ -4,10 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, BertConfig, RobertaConfig
 
-from qala.model import (
-    LengthAdaptiveConfig,
-    LengthAdaptiveForQuestionAnswering,
-    attention_significance,
+from qala.lengths import (
     check_keep_ratios,
     check_length_config,
     constant_keep_ratios,
@@ -18,6 +15,11 @@ from qala.model import (
     sample_length_config,
     smallest_keep_ratios,
     smallest_length_config,
+)
+from qala.model import (
+    LengthAdaptiveConfig,
+    LengthAdaptiveForQuestionAnswering,
+    attention_significance,
     span_significance,
 )
 

@@ -16,7 +16,8 @@ import torch
 from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
 from safetensors.torch import load_file, save_file
 
-from qala.model import LengthAdaptiveForQuestionAnswering, smallest_length_config
+from qala.lengths import smallest_length_config
+from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize import (
     QAT_CONFIG,
     ArtifactError,

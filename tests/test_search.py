@@ -13,7 +13,8 @@ import torch
 from transformers import AutoConfig, BertConfig
 
 import qala.search as qs
-from qala.model import LengthAdaptiveForQuestionAnswering, constant_ratio_length_config, macs_per_sample
+from qala.lengths import constant_ratio_length_config
+from qala.model import LengthAdaptiveForQuestionAnswering, macs_per_sample
 from qala.recipe import RecipeError
 from qala.search import (
     SearchConfig,

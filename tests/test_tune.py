@@ -92,7 +92,7 @@ def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys
 
     data = str(REPO / "qala" / "samples" / "squad_sample_dev.json")
     args = [str(out / "model"), data, "--max-seq-length", "128", "--doc-stride", "64", "--max-samples", "6"]
-    assert evaluate_main([*args, "--keep-ratio", "0.5"]) == 0
+    assert evaluate_main([*args, "--padded-keep-ratio", "0.5"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["n"] == 6 and line["length_config"] == [64, 32]
     final = report["final"]["rows"]["keep_0.5"]["int8"]

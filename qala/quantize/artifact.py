@@ -42,13 +42,8 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
-from qala.model import (
-    QALA_CONFIG_NAME,
-    WEIGHTS_NAME,
-    LengthAdaptiveConfig,
-    LengthAdaptiveForQuestionAnswering,
-    check_length_config,
-)
+from qala.lengths import check_length_config
+from qala.model import QALA_CONFIG_NAME, WEIGHTS_NAME, LengthAdaptiveConfig, LengthAdaptiveForQuestionAnswering
 from qala.quantize import pt2e, qat
 from qala.quantize.embedding import Int8Embedding, has_int8_embeddings, word_embeddings, word_embeddings_key
 from qala.quantize.units import (

@@ -42,12 +42,9 @@ import torch.fx.experimental._config
 from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from qala.model import (
-    LengthAdaptiveForQuestionAnswering,
-    check_keep_ratios,
-    check_length_config,
-    constant_keep_ratios,
-)
+from qala import lengths
+from qala.lengths import check_keep_ratios, constant_keep_ratios, own_tensor
+from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.units import quantized_units
 
 logger = logging.getLogger(__name__)
@@ -59,46 +56,6 @@ WARMUP_BATCH_SIZES = (1,)
 # The keep ratio of the warm-up's token-dropping configurations; any ratio below 1 does.
 WARMUP_KEEP = 0.8
 DEFAULT_MAX_GRAPHS = 1024
-
-
-def ratio_table(
-    attention_mask: torch.Tensor,
-    num_layers: int,
-    keep_ratios: Sequence[float] | torch.Tensor | None = None,
-    length_config: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Per-row keep ratios, float64 [batch, layers], for a call given keep_ratios, length_config or neither.
-
-    An absolute length_config becomes (min(k, n_b) - 0.5) / n_b for a row of n_b real tokens:
-    ceil of that times n_b is exactly min(k, n_b), the real tokens the absolute mode keeps.
-    Neither: all 1.0 (full length).
-    """
-    if keep_ratios is not None and length_config is not None:
-        raise ValueError("pass length_config or keep_ratios, not both")
-    batch = attention_mask.size(0)
-    if length_config is not None:
-        check_length_config([int(k) for k in length_config], num_layers=num_layers)
-        n = attention_mask.sum(dim=1).to(torch.float64).clamp(min=1)[:, None]
-        k = torch.tensor([float(k) for k in length_config], dtype=torch.float64)[None, :]
-        return ((torch.minimum(k, n) - 0.5) / n).contiguous()
-    if keep_ratios is None:
-        return torch.ones(batch, num_layers, dtype=torch.float64)
-    if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
-        if tuple(keep_ratios.shape) != (batch, num_layers):
-            raise ValueError(f"keep_ratios tensor must be [{batch}, {num_layers}], got {list(keep_ratios.shape)}")
-        return _own(keep_ratios.to(torch.float64))
-    ratios = [float(r) for r in keep_ratios]
-    check_keep_ratios(ratios, num_layers=num_layers)
-    # A fresh tensor, not expand(batch, -1): at batch 1 the expanded view already counts as contiguous
-    # and stays a view of a [layers] tensor, and Dynamo guards on a view's base, so a list of ratios and
-    # a length_config (a fresh table) would each compile graphs of their own.
-    return torch.tensor([ratios] * batch, dtype=torch.float64)
-
-
-def _own(x: torch.Tensor) -> torch.Tensor:
-    """`x` contiguous and not a view: Dynamo guards on a view's base (its sizes too), so a slice of a larger
-    tensor would miss the graphs that fresh tensors of the same shape built."""
-    return x if x._base is None and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 # Windows are grouped per this many tokens: a call pads a window by fewer positions than this.
@@ -235,11 +192,11 @@ class DynamicCompiledEngine(EagerEngine):
     ) -> QuestionAnsweringModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask = _own(input_ids), _own(attention_mask)
-        token_type_ids = None if token_type_ids is None else _own(token_type_ids)
+        input_ids, attention_mask = own_tensor(input_ids), own_tensor(attention_mask)
+        token_type_ids = None if token_type_ids is None else own_tensor(token_type_ids)
         ratios = None
         if keep_ratios is not None or length_config is not None:
-            ratios = ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
+            ratios = lengths.ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
         before = dynamo_graphs()
         with (
             torch.no_grad(),

@@ -7,9 +7,9 @@ Two graphs, both from the fp32 weights (an INC/PT2E INT8 artifact is exported fr
   what a user would export, so the ONNX Runtime and OpenVINO peers run it too, and the graph that
   `onnxruntime.transformers.optimizer` fuses (Attention, SkipLayerNorm, BiasGelu).
 - "adaptive": qala's length-adaptive forward with the token selection in the graph (qala.model's
-  `keep_counts`/`select_tokens`/`_restore`, shared with the PyTorch forward). Its fourth input `kept`
+  `select_tokens`/`_restore`, shared with the PyTorch forward). Its fourth input `kept`
   (int64 [batch, layers]) says how many tokens each row keeps after each layer, computed on the host by
-  `kept_table` (keep ratios, or an absolute length_config, both per row). The top-k WIDTH of layer i is
+  `qala.lengths.kept_table` (one row per window). The top-k WIDTH of layer i is
   either the batch's largest count (`widths=None`: one graph for every length and configuration, what
   the ONNX Runtime engine runs) or static for the window length L: ceil(share_i * L), capped
   (`Widths`, one graph per configuration; with a static input shape OpenVINO folds it to a constant,
@@ -36,16 +36,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from qala.model import (
-    MODEL_INPUTS,
-    LengthAdaptiveForQuestionAnswering,
-    _restore,
-    check_keep_ratios,
-    check_length_config,
-    keep_counts,
-    select_tokens,
-    token_significance,
-)
+from qala.lengths import config_key, kept_table
+from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering, _restore, select_tokens, token_significance
 
 logger = logging.getLogger(__name__)
 
@@ -70,66 +62,6 @@ def require_onnxruntime() -> Any:
 
 
 # --------------------------------------------------------------------------- what a call keeps
-
-
-def length_key(
-    num_layers: int,
-    keep_ratios: Sequence[float] | torch.Tensor | None = None,
-    length_config: Sequence[int] | None = None,
-    max_seq_length: int | None = None,
-) -> tuple[str, tuple[float, ...]] | None:
-    """The configuration a call asks for, hashable: None (full length), ("ratio", ratios) or ("absolute", k).
-
-    Ratios all 1.0, or an absolute configuration that keeps every position of max_seq_length, are full
-    length. A per-row [batch, layers] ratio tensor has no single key: the caller decides (kept_table).
-    """
-    if keep_ratios is not None and length_config is not None:
-        raise ValueError("pass length_config or keep_ratios, not both")
-    if length_config is not None:
-        values = [int(k) for k in length_config]
-        check_length_config(values, num_layers=num_layers)
-        if max_seq_length is not None and min(values) >= max_seq_length:
-            return None
-        return ("absolute", tuple(float(k) for k in values))
-    if keep_ratios is None:
-        return None
-    ratios = [float(r) for r in keep_ratios]
-    check_keep_ratios(ratios, num_layers=num_layers)
-    return None if min(ratios) >= 1.0 else ("ratio", tuple(ratios))
-
-
-def kept_table(
-    attention_mask: torch.Tensor,
-    num_layers: int,
-    keep_ratios: Sequence[float] | torch.Tensor | None = None,
-    length_config: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Tokens each row keeps after each layer, int64 [batch, layers], as the PyTorch forward counts them.
-
-    keep_ratios (a list, or one row per window as a [batch, layers] tensor): ceil(r * n_b) of the row's
-    real length n_b (qala.model.keep_counts, float64). length_config: min(k_i, n_b), the real tokens the
-    absolute mode keeps. Neither: n_b (full length). The graph still caps each count at the tokens a row
-    has left.
-    """
-    if keep_ratios is not None and length_config is not None:
-        raise ValueError("pass length_config or keep_ratios, not both")
-    real = attention_mask.sum(dim=1).to(torch.long)
-    batch = attention_mask.size(0)
-    if length_config is not None:
-        check_length_config([int(k) for k in length_config], num_layers=num_layers)
-        k = torch.tensor([int(k) for k in length_config], dtype=torch.long)[None, :]
-        return torch.minimum(k, real[:, None]).clamp(min=1).contiguous()
-    if keep_ratios is None:
-        return real[:, None].expand(batch, num_layers).clamp(min=1).contiguous()
-    if isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2:
-        if tuple(keep_ratios.shape) != (batch, num_layers):
-            raise ValueError(f"keep_ratios tensor must be [{batch}, {num_layers}], got {list(keep_ratios.shape)}")
-        ratios = keep_ratios.to(torch.float64)
-    else:
-        values = [float(r) for r in keep_ratios]
-        check_keep_ratios(values, num_layers=num_layers)
-        ratios = torch.tensor(values, dtype=torch.float64).expand(batch, -1)
-    return keep_counts(ratios, real.to(torch.float64)[:, None]).contiguous()
 
 
 @dataclass(frozen=True)
@@ -479,7 +411,7 @@ class OnnxEngine:
             "token_type_ids": token_type_ids.numpy().astype(np.int64, copy=False),
         }
         per_row = isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2
-        if per_row or length_key(self.num_layers, None if per_row else keep_ratios, length_config) is not None:
+        if per_row or config_key(self.num_layers, None if per_row else keep_ratios, length_config) is not None:
             feeds["kept"] = kept_table(attention_mask, self.num_layers, keep_ratios, length_config).numpy()
             prefix = 0 if length_config is not None else full_prefix(keep_ratios)
             session = self.session("adaptive" if prefix == 0 else f"adaptive.prefix{prefix}")

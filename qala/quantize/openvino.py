@@ -46,16 +46,10 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
+from qala.lengths import config_key, kept_table, key_kwargs
 from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering
 from qala.quantize.engines import bucket_of, default_buckets, plan_chunks
-from qala.quantize.onnx import (
-    Widths,
-    artifact_dir,
-    export_onnx,
-    kept_table,
-    key_slug,
-    length_key,
-)
+from qala.quantize.onnx import Widths, artifact_dir, export_onnx, key_slug
 from qala.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -232,7 +226,7 @@ class OpenVinoEngine:
                 f"engine {self.name!r} cannot run per-row keep_ratios (a [batch, layers] tensor): its top-k widths "
                 "are static per configuration; use 'eager', 'compile-dynamic' or 'onnxruntime'"
             )
-        key = length_key(self.num_layers, keep_ratios, length_config, self.max_seq_length)
+        key = config_key(self.num_layers, keep_ratios, length_config, self.max_seq_length)
         return key
 
     def base(self, key: Key) -> Any:
@@ -289,8 +283,7 @@ class OpenVinoEngine:
         checked: dict[tuple[Key, int, int], Any] = {}
         if verdict is None:
             start = time.perf_counter()
-            mode, values = key
-            config = {"keep_ratios": list(values)} if mode == "ratio" else {"length_config": [int(v) for v in values]}
+            config = key_kwargs(key)
             fits = [f for f in self._calibration_feeds(key) if f["input_ids"].shape[1] <= self.buckets[-1]]
             fp32, int8 = [], []
             for feed in fits[:CHECK_WINDOWS]:
@@ -384,10 +377,7 @@ class OpenVinoEngine:
         return feeds
 
     def _kept(self, key: Key, mask: torch.Tensor) -> torch.Tensor:
-        mode, values = key
-        if mode == "ratio":
-            return kept_table(mask, self.num_layers, keep_ratios=list(values))
-        return kept_table(mask, self.num_layers, length_config=[int(v) for v in values])
+        return kept_table(mask, self.num_layers, **key_kwargs(key))
 
     # ---------------------------------------------------------------- serving
 

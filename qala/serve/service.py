@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from qala.answer import FrontierPoint, QalaModel, select_point
+from qala.lengths import config_json, config_label
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +244,7 @@ def _at_least_f1(model: QalaModel, min_f1: float, name: str) -> QalaModel:
 
 def configuration_label(point: FrontierPoint) -> str:
     """ "keep_ratios=1,0.75" or "length_config=384,256": a Prometheus label and a readable name."""
-    if point.keep_ratios is not None:
-        return "keep_ratios=" + ",".join(f"{r:g}" for r in point.keep_ratios)
-    if point.length_config is not None:
-        return "length_config=" + ",".join(str(n) for n in point.length_config)
-    return "full"
+    return config_label(point.keep_ratios, point.length_config)
 
 
 def _finite(value: float) -> float | None:
@@ -340,8 +337,7 @@ class Service:
             "configurations": [
                 {
                     "name": configuration_label(p),
-                    "keep_ratios": list(p.keep_ratios) if p.keep_ratios is not None else None,
-                    "length_config": list(p.length_config) if p.length_config is not None else None,
+                    **config_json(p.keep_ratios, p.length_config),
                     "f1": _finite(p.f1),
                     "ms_at_max_length": p.latency_ms,
                 }
