@@ -31,7 +31,7 @@ from qala.lengths import (
     check_length_config,
     config_json,
     config_kwargs,
-    constant_ratio_length_config,
+    constant_config,
     parse_keep_ratios,
 )
 from qala.model import MODEL_INPUTS, SELECTION_RULES, batch_inputs
@@ -238,7 +238,7 @@ def _evaluate(args) -> int:
         if args.length_config:
             length_config = [int(n) for n in args.length_config.split(",")]
         elif args.padded_keep_ratio is not None:
-            length_config = constant_ratio_length_config(args.padded_keep_ratio, model.num_layers, max_seq_length)
+            length_config = constant_config(args.padded_keep_ratio, model.num_layers, max_seq_length)["length_config"]
         if length_config is not None:
             check_length_config(length_config, num_layers=model.num_layers, max_seq_length=max_seq_length)
     except ValueError as e:

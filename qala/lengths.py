@@ -21,6 +21,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,6 +142,44 @@ def sample_length_config(
 def smallest_length_config(seq_length: int, num_layers: int, ratio_bound: float, min_length: int = 2) -> list[int]:
     """LAT's sandwich rule's smallest sub-model: every layer at the bound."""
     return [max(min_length, n) for n in constant_ratio_length_config(1 - ratio_bound, num_layers, seq_length)]
+
+
+def constant_config(keep_ratio: float, num_layers: int, padded_length: int | None = None) -> dict[str, list]:
+    """A constant per-layer keep (LAT's length_drop_ratio: each layer keeps `keep_ratio` of what the previous
+    one kept) as forward keyword arguments: keep ratios of the real length, or with `padded_length` the
+    paper's absolute configuration of a window padded to it."""
+    if padded_length is not None:
+        return {"length_config": constant_ratio_length_config(keep_ratio, num_layers, padded_length)}
+    return {"keep_ratios": constant_keep_ratios(keep_ratio, num_layers)}
+
+
+def sandwich(
+    num_layers: int,
+    ratio_bound: float | Sequence[float],
+    num_sandwich: int,
+    rng: random.Random,
+    *,
+    batch_size: int,
+    padded_length: int | None = None,
+) -> list[dict[str, Any]]:
+    """LengthDrop's sub-models for one batch (the full model is the caller's): the smallest, then
+    `num_sandwich` random draws, each as forward keyword arguments.
+
+    In qala's units every row draws its own keep ratios (rows differ in real length). With `padded_length`
+    (LAT's absolute LengthDrop on windows padded to it, paper reproductions) one absolute configuration per
+    sub-model, as the LAT reference code draws them; that form takes one bound for every layer.
+    """
+    if padded_length is not None:
+        if not isinstance(ratio_bound, (int, float)):
+            raise ValueError("absolute LengthDrop takes one bound for every layer, not per-layer bounds")
+        configs = [smallest_length_config(padded_length, num_layers, ratio_bound)]
+        configs += [sample_length_config(padded_length, num_layers, ratio_bound, rng) for _ in range(num_sandwich)]
+        return [{"length_config": c} for c in configs]
+    draws = [
+        torch.tensor([sample_keep_ratios(num_layers, ratio_bound, rng) for _ in range(batch_size)])
+        for _ in range(num_sandwich)
+    ]
+    return [{"keep_ratios": smallest_keep_ratios(num_layers, ratio_bound)}] + [{"keep_ratios": d} for d in draws]
 
 
 # --------------------------------------------------------------------------- what a call runs

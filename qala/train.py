@@ -46,14 +46,7 @@ from transformers import (
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
-from qala.lengths import (
-    constant_keep_ratios,
-    constant_ratio_length_config,
-    sample_keep_ratios,
-    sample_length_config,
-    smallest_keep_ratios,
-    smallest_length_config,
-)
+from qala.lengths import constant_config, sandwich
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import check_finite
 from qala.quantize.load import load_tokenizer
@@ -345,23 +338,14 @@ class QalaTrainer(Trainer):
             bound = self.stage.length_drop_ratio_bound
             # Seeded by (seed, step): a resumed run draws the same sub-models it would have drawn.
             rng = random.Random(self.args.seed * 1_000_003 + self.state.global_step)
-            if self.stage.length_drop_units == "ratio":
-                # Sandwich in the served units: the smallest sub-model for every row, then
-                # num_sandwich draws with one configuration per row (rows differ in real length).
-                batch_size = inputs["input_ids"].size(0)
-                bounds = self.stage.length_drop_layer_bounds or bound
-                smallest = [{"keep_ratios": smallest_keep_ratios(num_layers, bounds)}]
-                draws = [
-                    [sample_keep_ratios(num_layers, bounds, rng) for _ in range(batch_size)]
-                    for _ in range(self.stage.num_sandwich)
-                ]
-                sub_configs = smallest + [{"keep_ratios": torch.tensor(draw)} for draw in draws]
-            else:
-                sub_configs = [{"length_config": smallest_length_config(seq_length, num_layers, bound)}]
-                sub_configs += [
-                    {"length_config": sample_length_config(seq_length, num_layers, bound, rng)}
-                    for _ in range(self.stage.num_sandwich)
-                ]
+            sub_configs = sandwich(
+                num_layers,
+                self.stage.length_drop_layer_bounds or bound,
+                self.stage.num_sandwich,
+                rng,
+                batch_size=inputs["input_ids"].size(0),
+                padded_length=seq_length if self.stage.length_drop_units == "absolute" else None,
+            )
             target = (full.start_logits, full.end_logits)
             for sub_config in sub_configs:
                 sub = model(**inputs, **sub_config, output_hidden_states=hidden_weight > 0)
@@ -700,12 +684,9 @@ def _evaluate_stage(
     device = make_training_arguments(stage.training_args, output_dir=str(stage_dir / "checkpoints"), seed=0).device
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(stage_dir / "model").to(device)
     configs: dict[str, dict[str, list]] = {"full": {}}
+    padded = recipe.data.max_seq_length if e.length_mode == "absolute" else None
     for ratio in e.keep_ratios:
-        if e.length_mode == "ratio":
-            configs[f"keep_{ratio:g}"] = {"keep_ratios": constant_keep_ratios(ratio, model.num_layers)}
-        else:
-            lengths = constant_ratio_length_config(ratio, model.num_layers, recipe.data.max_seq_length)
-            configs[f"keep_{ratio:g}"] = {"length_config": lengths}
+        configs[f"keep_{ratio:g}"] = constant_config(ratio, model.num_layers, padded)
     rows = {}
     for name, config in configs.items():
         metrics, _ = evaluate_features(

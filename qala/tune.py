@@ -44,7 +44,7 @@ from transformers import DataCollatorWithPadding
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
-from qala.lengths import constant_keep_ratios, constant_ratio_length_config, sample_length_config
+from qala.lengths import config_json, config_kwargs, constant_config, sample_length_config
 from qala.model import batch_inputs
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.load import load_model, load_tokenizer
@@ -400,49 +400,36 @@ class Tuner:
         `int8` is a converted model (timed through CompiledQA) or, with compiled=False, any callable
         already fit for timing (another backend's graphs, traced per padded length configuration).
         """
-        configs: dict[str, list[int] | None] = {"full": None}
-        for ratio in self.q.eval_keep_ratios:
-            configs[f"keep_{ratio:g}"] = constant_ratio_length_config(
-                ratio, self.fp32.num_layers, self.recipe.data.max_seq_length
-            )
-        # The same ratios in units of each window's real length (model.py keep_ratios): scored, not timed
-        # (their cost depends on each input's length, so one padded batch does not stand for them).
-        # Not for other backends' callables: a graph traced per padded length configuration cannot follow them.
-        ratios = {f"ratio_{r:g}": constant_keep_ratios(r, self.fp32.num_layers) for r in self.q.eval_keep_ratios}
-        ratios = ratios if compiled is None else {}
+        # Constant keep ratios in the paper's padded form (timed) and, where the scorer can follow them, in
+        # qala's units of each window's real length (model.py keep_ratios): scored, not timed (their cost
+        # depends on each input's length, so one padded batch does not stand for them). A graph another
+        # backend traced per padded length configuration cannot follow them (compiled is not None).
+        layers, seq = self.fp32.num_layers, self.recipe.data.max_seq_length
+        configs: dict[str, dict[str, Any]] = {"full": {"length_config": None}}
+        for r in self.q.eval_keep_ratios:
+            configs[f"keep_{r:g}"] = constant_config(r, layers, seq)
+        for r in self.q.eval_keep_ratios if compiled is None else ():
+            configs[f"ratio_{r:g}"] = config_json(**constant_config(r, layers))
         timed = CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
         rows = {}
-        for name, length_config in configs.items():
-            fp32_metrics = self.f1(self.fp32, length_config, full=True)
-            int8_metrics = self.f1(int8, length_config, full=True)
+        for name, config in configs.items():
+            fp32_metrics = self.f1(self.fp32, full=True, **config_kwargs(**config))
+            int8_metrics = self.f1(int8, full=True, **config_kwargs(**config))
             row = {
-                "length_config": length_config,
+                **config,
                 "fp32": {"f1": fp32_metrics["f1"], "exact_match": fp32_metrics["exact_match"]},
                 "int8": {"f1": int8_metrics["f1"], "exact_match": int8_metrics["exact_match"]},
                 "relative_f1_loss": (fp32_metrics["f1"] - int8_metrics["f1"]) / max(fp32_metrics["f1"], 1e-9),
                 "latency": {},
             }
-            for bs in self.q.latency_batch_sizes:
+            for bs in self.q.latency_batch_sizes if config.get("keep_ratios") is None else ():
                 row["latency"][f"batch{bs}"] = {
-                    "fp32_eager": self.latency(self.fp32, length_config, bs),
-                    "int8": self.latency(timed, length_config, bs),
+                    "fp32_eager": self.latency(self.fp32, config["length_config"], bs),
+                    "int8": self.latency(timed, config["length_config"], bs),
                 }
             rows[name] = row
             logger.info("%s: fp32 F1 %.2f int8 F1 %.2f", name, row["fp32"]["f1"], row["int8"]["f1"])
             atomic_write_json(self.out / "final_rows.json", rows)  # progress, for an interrupted run
-        for name, keep_ratios in ratios.items():
-            fp32_metrics = self.f1(self.fp32, full=True, keep_ratios=keep_ratios)
-            int8_metrics = self.f1(int8, full=True, keep_ratios=keep_ratios)
-            rows[name] = {
-                "keep_ratios": keep_ratios,
-                "length_config": None,
-                "fp32": {"f1": fp32_metrics["f1"], "exact_match": fp32_metrics["exact_match"]},
-                "int8": {"f1": int8_metrics["f1"], "exact_match": int8_metrics["exact_match"]},
-                "relative_f1_loss": (fp32_metrics["f1"] - int8_metrics["f1"]) / max(fp32_metrics["f1"], 1e-9),
-                "latency": {},
-            }
-            logger.info("%s: fp32 F1 %.2f int8 F1 %.2f", name, fp32_metrics["f1"], int8_metrics["f1"])
-            atomic_write_json(self.out / "final_rows.json", rows)
         return {
             "rows": rows,
             "int8_compiled": self.q.compile if compiled is None else compiled,
@@ -500,9 +487,8 @@ def quantize_and_score(tuner: Tuner, out: Path) -> tuple[dict[str, Any], int]:
         goal_met = report["goal_met"]
     # The artifact is written before the long whole-file evaluation, so an interrupted report still
     # leaves the model (and the rows scored so far, final_rows.json).
-    served = [
-        constant_ratio_length_config(r, tuner.fp32.num_layers, recipe.data.max_seq_length) for r in q.eval_keep_ratios
-    ]
+    layers, seq = tuner.fp32.num_layers, recipe.data.max_seq_length
+    served = [constant_config(r, layers, seq)["length_config"] for r in q.eval_keep_ratios]
     size = save_quantized(
         int8,
         out / "model",
