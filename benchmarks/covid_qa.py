@@ -40,9 +40,9 @@ def main() -> int:
     args = parser.parse_args()
 
     command = [sys.executable, "-m", "qala.evaluate", str(args.model), str(args.data), "--skip-invalid"]
-    command += ["--batch-size", str(args.batch_size)]
-    if args.max_samples:
-        command += ["--max-samples", str(args.max_samples)]
+    command += ["--batch-size", str(args.batch_size)] + (
+        ["--max-samples", str(args.max_samples)] if args.max_samples else []
+    )
     started = time.perf_counter()
     child = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - started

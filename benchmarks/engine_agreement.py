@@ -5,10 +5,8 @@
 
 For the first N dev windows (unpadded, one at a time) it compares the engine's best span (argmax of start and
 end logits) with eager fp32's at the same configuration, and counts windows whose engine answer is [CLS]
-(position 0) where fp32's is not: the symptom of the OpenVINO INT8 fusion bug (docs/engines.md, "Known bug").
-Written for that check; any backend of qala.quantize.engines.BACKENDS works. `--force-span-int8` lets
-openvino-int8 run keep configurations of a span-selection model, which it refuses by default, so that this
-check can decide whether the refusal is still needed.
+(position 0) where fp32's is not (qala.quantize.openvino.int8_verdict, the counts openvino-int8's own guard
+refuses a configuration by; docs/engines.md, "Known bug"). Any backend of qala.quantize.engines.BACKENDS works.
 """
 
 from __future__ import annotations
@@ -21,9 +19,11 @@ from pathlib import Path
 import torch
 
 from qala.data import calibration_windows, load_squad, windows
-from qala.model import MODEL_INPUTS, parse_keep_ratios
+from qala.lengths import parse_keep_ratios
+from qala.model import MODEL_INPUTS
 from qala.quantize.engines import make_engine
 from qala.quantize.load import load_model, load_tokenizer
+from qala.quantize.openvino import int8_verdict
 from qala.recipe import DataConfig
 from qala.utils import atomic_write_json, environment_info
 
@@ -37,65 +37,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="../shared/data/squad-v1.1/dev.json")
     parser.add_argument("--calibration", default="../shared/data/squad-v1.1/train.json")
     parser.add_argument("--workdir", default="runs/engine_agreement")
-    parser.add_argument("--force-span-int8", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    model = load_model(args.model_dir)
-    tokenizer = load_tokenizer(args.model_dir)
+    model, tokenizer = load_model(args.model_dir), load_tokenizer(args.model_dir)
     configs = [None] + [parse_keep_ratios(text, num_layers=model.num_layers) for text in args.keep_ratios]
     examples = load_squad(args.data)
     examples = examples.select(range(min(args.windows, len(examples))))
-    data = DataConfig(train=args.data, eval=args.data)
-    features = windows(examples, tokenizer, data, train=False, padded=False)
+    features = windows(examples, tokenizer, DataConfig(train=args.data, eval=args.data), train=False, padded=False)
     rows = [{k: torch.tensor([features[i][k]]) for k in MODEL_INPUTS} for i in range(min(args.windows, len(features)))]
-
     # Exported engines keep their ONNX files and IR in a work folder; the PyTorch ones take none.
     options: dict = {"workdir": args.workdir} if args.backend.startswith(("onnxruntime", "openvino")) else {}
     if args.backend == "openvino-int8":
-        options["calibration"] = calibration_windows(
-            args.calibration, tokenizer, count=300, max_seq_length=384, doc_stride=128
-        )
+        window = {"max_seq_length": 384, "doc_stride": 128}
+        options["calibration"] = calibration_windows(args.calibration, tokenizer, count=300, **window)
     engine = make_engine(model, args.backend, **options)
-    if args.force_span_int8:
-        # The refusal lives in key(); the graph itself is built the same way for either ranking rule.
-        selection = engine.model.qala_config.selection
-        plain_key = engine.key
 
-        def key(keep_ratios, length_config):
-            engine.model.qala_config.selection = "attention"
-            try:
-                return plain_key(keep_ratios, length_config)
-            finally:
-                engine.model.qala_config.selection = selection
-
-        engine.key = key
+    def spans(run, config) -> list[tuple[int, int]]:
+        outputs = [run(**row, keep_ratios=config) for row in rows]
+        return [(int(out.start_logits.argmax()), int(out.end_logits.argmax())) for out in outputs]
 
     results = []
     for config in configs:
-        same = cls = 0
-        for row in rows:
-            with torch.no_grad():
-                ref = model(**row, keep_ratios=config)
-            out = engine(**row, keep_ratios=config)
-            want = (int(ref.start_logits.argmax()), int(ref.end_logits.argmax()))
-            got = (int(out.start_logits.argmax()), int(out.end_logits.argmax()))
-            same += want == got
-            cls += got[0] == 0 and want[0] != 0
-        results.append({"keep_ratios": config, "agree": same, "cls_where_fp32_not": cls, "windows": len(rows)})
+        with torch.no_grad():
+            verdict = int8_verdict(spans(model, config), spans(engine, config))
+        results.append({"keep_ratios": config, **{k: verdict[k] for k in ("agree", "cls_where_fp32_not", "windows")}})
         print(json.dumps(results[-1]), flush=True)
     if args.out:
-        atomic_write_json(
-            args.out,
-            {
-                "model": args.model_dir,
-                "backend": args.backend,
-                "forced": args.force_span_int8,
-                "selection": model.qala_config.selection,
-                "results": results,
-                "environment": environment_info(),
-            },
-        )
+        record = {"model": args.model_dir, "backend": args.backend, "selection": model.qala_config.selection}
+        atomic_write_json(args.out, {**record, "results": results, "environment": environment_info()})
     return 0
 
 

@@ -24,16 +24,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 # first: reference_span_gpu.yaml (batch 64, lr 1e-4, 8 epochs) beside batch 32 / lr 5e-5 / 5 epochs;
 # second: reference_span_gpu_cont.yaml (four sandwich draws) beside two draws for 8 epochs.
-first=recipes/reference_span_gpu.yaml
-second=recipes/reference_span_gpu_cont.yaml
-if [ "${VARIANTS:-first}" = first ]; then
-  declare -A variant=([late-b64]="$first"
-    [late]="$first train.lengthdrop.training_args.per_device_train_batch_size=32
-      train.lengthdrop.training_args.learning_rate=5e-5 train.lengthdrop.training_args.num_train_epochs=5")
-else
-  declare -A variant=([cont-b64-s4]="$second"
-    [cont-b64]="$second train.lengthdrop.num_sandwich=2 train.lengthdrop.training_args.num_train_epochs=8")
-fi
+first=recipes/reference_span_gpu.yaml second=recipes/reference_span_gpu_cont.yaml
+args=train.lengthdrop.training_args
+declare -A variant=([late-b64]="$first" [late]="$first $args.per_device_train_batch_size=32 $args.learning_rate=5e-5
+  $args.num_train_epochs=5")
+[ "${VARIANTS:-first}" = first ] ||
+  declare -A variant=([cont-b64-s4]="$second" [cont-b64]="$second train.lengthdrop.num_sandwich=2 $args.num_train_epochs=8")
 for v in "${!variant[@]}"; do
   # shellcheck disable=SC2086  # overrides are separate words
   timeout "$TRAIN_S" python3 -m qala.train ${variant[$v]} run.output_dir="$work/$v" \
@@ -74,16 +70,14 @@ for part in sorted((work / "eval").glob("*.json")):
     document["rows"] += scored["rows"]
     document["variants"].update(scored["variants"])
 (out / "ratio_training.json").write_text(json.dumps(document, indent=1))
-goal = [0.95, 0.8, 0.6, 0.4, 0.3, 0.2]
-best = None
 mine = {f"gpu-{name}" for name in sys.argv[5:]}  # this run's variants: earlier runs' stages are not here
-for key in {(r["variant"], r["step"]) for r in document["rows"] if r["variant"] in mine}:
-    rows = [r for r in document["rows"] if (r["variant"], r["step"]) == key]
-    full = next((r["f1"] for r in rows if r["keep_ratio"] == 1.0), 0)
-    shaped = next((r["f1"] for r in rows if r.get("keep_ratios") == goal), 0)
-    print(key, "full", full, "at 0.58x", shaped, flush=True)
-    if full >= float(sys.argv[4]) and (best is None or shaped > best[0]):
-        best = (shaped, key)
+scores = {}  # (variant, step) -> (F1 at the goal shape, full-length F1)
+for r in (r for r in document["rows"] if r["variant"] in mine):
+    shaped, full = scores.get((r["variant"], r["step"]), (0, 0))
+    shaped = r["f1"] if r.get("keep_ratios") == [0.95, 0.8, 0.6, 0.4, 0.3, 0.2] else shaped
+    scores[r["variant"], r["step"]] = (shaped, r["f1"] if r["keep_ratio"] == 1.0 else full)
+print(scores, flush=True)
+best = max(((s, key) for key, (s, full) in scores.items() if full >= float(sys.argv[4])), default=None)
 if best is None:
     sys.exit(f"no checkpoint kept full length at or above {sys.argv[4]} F1")
 variant, step = best[1]

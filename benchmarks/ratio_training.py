@@ -26,7 +26,8 @@ from safetensors.torch import load_model as load_weights
 
 from qala.data import load_squad, windows
 from qala.evaluate import evaluate_features
-from qala.model import constant_keep_ratios, kept_per_layer, macs_per_sample
+from qala.lengths import constant_keep_ratios, kept_per_layer
+from qala.model import macs_per_sample
 from qala.quantize.load import load_model, load_tokenizer
 from qala.recipe import DataConfig
 from qala.train import read_eval
@@ -69,22 +70,14 @@ def score(
     scored = read_eval(eval_json)["results"] if eval_json else {}
     rows = []
     configurations = [(keep, constant_keep_ratios(keep, model.num_layers)) for keep in keeps]
-    configurations += [(None, list(shape)) for shape in shapes]
-    for keep, ratios in configurations:
+    for keep, ratios in configurations + [(None, list(shape)) for shape in shapes]:
         metrics = scored.get("full" if keep == 1.0 else f"keep_{keep:g}") if keep is not None else None
         if metrics is None:
             served = None if keep == 1.0 else ratios
             metrics, _ = evaluate_features(model, examples, features, keep_ratios=served, progress=False)
-        rows.append(
-            {
-                "keep_ratio": keep,  # None: a per-layer shape, in keep_ratios
-                **({"keep_ratios": ratios} if keep is None else {}),
-                "f1": round(metrics["f1"], 2),
-                "em": round(metrics["exact_match"], 2),
-                "macs_ratio": macs_ratio(model.config, lengths, ratios),
-                "n": metrics["n"],
-            }
-        )
+        row = {"keep_ratio": keep, **({"keep_ratios": ratios} if keep is None else {})}  # None: per-layer shape
+        row.update(f1=round(metrics["f1"], 2), em=round(metrics["exact_match"], 2), n=metrics["n"])
+        rows.append({**row, "macs_ratio": macs_ratio(model.config, lengths, ratios)})
         print(rows[-1], flush=True)
     return rows
 
@@ -96,12 +89,12 @@ def plot(document: dict, path: Path) -> None:
 
     fig, ax = figure((6, 4))
     ax.set_prop_cycle(color=[plt.cm.tab20(i / 19) for i in range(20)])  # more variants than the default 10 colours
-    curves: dict[str, list] = {}
     # One curve per variant, its last checkpoint, plus the shipped checkpoint: a GPU run scores every epoch.
     last: dict[str, int] = {}
     for row in document["rows"]:
         last[row["variant"]] = max(last.get(row["variant"], 0), row["step"])
-    shown = {(v, step) for v, step in last.items()} | {(document.get("shipped"), document.get("shipped_step"))}
+    shown = {*last.items(), (document.get("shipped"), document.get("shipped_step"))}
+    curves: dict[str, list] = {}
     for row in (r for r in document["rows"] if r["keep_ratio"] is not None and (r["variant"], r["step"]) in shown):
         curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
     for name, points in curves.items():
@@ -127,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows-per-s", type=float, help="the variant's training throughput (recorded)")
     parser.add_argument("--eval-json", help="qala.train's eval.json for this model: reuse its scores")
     parser.add_argument("--selection", help="token ranking rule to score with (qala.model SELECTION_RULES)")
-    parser.add_argument(
-        "--shape",
-        action="append",
-        default=[],
-        help="also score these per-layer keep ratios, e.g. 1,1,0.9,0.5,0.3,0.2 (repeatable)",
-    )
+    parser.add_argument("--shape", action="append", default=[], help="also score per-layer keep ratios (repeatable)")
     parser.add_argument("--weights", help="a checkpoint's model.safetensors to score in MODEL_DIR's configuration")
     parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"the results file (default {OUT})")
@@ -151,27 +139,23 @@ def main(argv: list[str] | None = None) -> int:
         variants = document.setdefault("variants", {})
         entry = variants.setdefault(args.variant, {})
         if keeps or shapes:
-            rows = score(
+            scored = score(
                 args.model_dir, args.data, args.eval_json, args.selection, keeps, shapes, args.weights, args.device
             )
-            for row in rows:
-                document["rows"].append({"variant": args.variant, "step": args.step, "epoch": args.epoch, **row})
+            document["rows"] += [{"variant": args.variant, "step": args.step, "epoch": args.epoch, **r} for r in scored]
             # Variants are scored in different sessions, on whatever CPU the session had.
             entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())
-            if args.device != "cpu":
-                entry["device"] = environment.get("cuda") or args.device
+            entry.update({"device": environment.get("cuda") or args.device} if args.device != "cpu" else {})
         entry.update({k: v for k, v in {"recipe": args.recipe, "windows_per_s": args.windows_per_s}.items() if v})
-        entry["model_dir"] = args.model_dir
         # The rule the rows were scored with: --selection, else the one the model directory records.
         config = Path(args.model_dir) / "qala_config.json"
         recorded = json.loads(config.read_text()).get("selection") if config.is_file() else None
-        entry["selection"] = args.selection or recorded or entry.get("selection") or "attention"
+        entry.update(
+            model_dir=args.model_dir, selection=args.selection or recorded or entry.get("selection") or "attention"
+        )
         if args.shipped:
-            document["shipped"] = args.variant
-            document["recipe"] = args.recipe
-            document["windows_per_s"] = args.windows_per_s
-        document["data"] = args.data
-        document["environment"] = environment
+            document.update(shipped=args.variant, recipe=args.recipe, windows_per_s=args.windows_per_s)
+        document.update(data=args.data, environment=environment)
         atomic_write_json(out, document)
     plot(document, out.with_suffix(".png"))
     return 0

@@ -59,12 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--engine", default=None, help="serving engine (qala.quantize.engines); default by model kind")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
-    p.add_argument(
-        "--concurrent-batches",
-        type=int,
-        default=1,
-        help="the server's --concurrent-batches; the in-process baseline runs as many batches at once, likewise",
-    )
+    p.add_argument("--concurrent-batches", type=int, default=1, help="the server's; the in-process baseline's too")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument(
         "--saturation-concurrency",
@@ -80,19 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_questions(path: str, limit: int, seed: int) -> list[dict[str, Any]]:
-    """Dev questions as {id, question, context, answers}, shuffled (seeded), at most `limit`."""
-    paragraphs = [p for article in json.loads(Path(path).read_text())["data"] for p in article["paragraphs"]]
-    rows = [
-        {
-            "id": qa["id"],
-            "question": qa["question"],
-            "context": p["context"],
-            "answers": [a["text"] for a in qa["answers"]],
-        }
-        for p in paragraphs
-        for qa in p["qas"]
-        if qa["answers"] and qa["question"].strip()
-    ]
+    """Dev questions as {id, question, context, answers} (qala.data.load_squad), shuffled (seeded), at most `limit`."""
+    from qala.data import load_squad
+
+    columns = load_squad(path).select_columns(["id", "question", "context", "answers"])[:]
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    rows = [{**r, "answers": r["answers"]["text"]} for r in rows if r["answers"]["text"] and r["question"].strip()]
     random.Random(seed).shuffle(rows)
     return rows[:limit]
 
@@ -124,14 +112,8 @@ def in_process_throughput(args: argparse.Namespace, questions: list[dict[str, An
     with ThreadPoolExecutor(lanes) as pool:
         list(pool.map(answer, [chunks[k::lanes] for k in range(lanes)]))
     seconds = time.perf_counter() - started
-    return {
-        "questions": len(sample),
-        "batch": b,
-        "concurrent_batches": lanes,
-        "threads_per_batch": threads,
-        "seconds": seconds,
-        "answers_per_s": len(sample) / seconds,
-    }
+    record = {"questions": len(sample), "batch": b, "concurrent_batches": lanes, "threads_per_batch": threads}
+    return {**record, "seconds": seconds, "answers_per_s": len(sample) / seconds}
 
 
 @contextlib.contextmanager
@@ -139,19 +121,13 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
     """`python -m qala.serve` on 127.0.0.1:port, healthy, stopped (SIGTERM) on exit."""
     import httpx
 
+    adaptive = p95_ms is not None
+    options = {"--max-batch": args.max_batch, "--max-wait-ms": args.max_wait_ms, "--max-queue": 100000}
+    options.update({"--timeout-s": args.drain_s + args.seconds, "--p95-ms": p95_ms})
+    options.update({"--min-f1": args.min_f1 if adaptive else None, "--shed-ms": args.shed_ms, "--engine": args.engine})
+    options.update({"--threads": args.threads or None, "--concurrent-batches": args.concurrent_batches})
     command = [sys.executable, "-m", "qala.serve", "--model", args.model, "--port", str(port)]
-    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000"]
-    command += ["--timeout-s", str(args.drain_s + args.seconds)]
-    if p95_ms is not None:
-        command += ["--p95-ms", str(p95_ms)]
-        command += ["--min-f1", str(args.min_f1)] if args.min_f1 is not None else []
-    if args.shed_ms is not None:
-        command += ["--shed-ms", str(args.shed_ms)]
-    if args.engine:
-        command += ["--engine", args.engine]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    command += ["--concurrent-batches", str(args.concurrent_batches)]
+    command += [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
     proc = subprocess.Popen(command, cwd=REPO)
     try:
         deadline = time.monotonic() + 1800  # compiling engines warm for minutes
@@ -262,16 +238,10 @@ async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: in
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         seconds = time.perf_counter() - begin
         server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
-    rate = answered / seconds
-    return {
-        "questions": len(questions),
-        "answered": answered,
-        "concurrency": concurrency,
-        "seconds": seconds,
-        "answers_per_s": rate,
-        # The load generator shares the machine's cores with the server: its CPU is CPU the server lacked.
-        "server_cores": server_cpu / seconds,
-        "client_cores": client_cpu / seconds,
+    record = {"questions": len(questions), "answered": answered, "concurrency": concurrency, "seconds": seconds}
+    # The load generator shares the machine's cores with the server: its CPU is CPU the server lacked.
+    return {**record, "answers_per_s": answered / seconds, "server_cores": server_cpu / seconds} | {
+        "client_cores": client_cpu / seconds
     }
 
 
@@ -279,10 +249,7 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
     from qala.data import f1_score
 
     ok = [r for r in rows if r["status"] == 200]
-    # 503 is a refusal on arrival (shed or a full queue: the server answered at once, Retry-After set), not a
-    # request that waited and timed out (504): counted apart, as are other failures.
-    refused = sum(1 for r in rows if r["status"] == 503)
-    timed_out = sum(1 for r in rows if r["status"] == 504)
+    statuses = collections.Counter(r["status"] for r in rows)
     latencies = np.array([r["latency_s"] for r in ok]) * 1000 if ok else np.array([])
     span = max((r["done_s"] for r in ok), default=1e-9)  # first send to last answer
     f1 = [max(f1_score(r["answer"], a) for a in questions[r["id"]]["answers"]) for r in ok]
@@ -291,18 +258,18 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
         "offered_rps": rate,
         "sent": len(rows),
         "answered": len(ok),
-        "refused": refused,
-        "timed_out": timed_out,
+        # 503 is a refusal on arrival (shed or a full queue: the server answered at once, Retry-After set), not a
+        # request that waited and timed out (504): counted apart, as are other failures.
+        "refused": statuses[503],
+        "timed_out": statuses[504],
         # Anything else: other statuses (4xx, 500) and transport errors. Before refusals were counted apart
         # (results of 2026-12-03), this counted every non-200 status.
-        "errors": sum(1 for r in rows if r["status"] not in (200, 503, 504, None)),
-        "unanswered": sum(1 for r in rows if r["status"] is None),
+        "errors": sum(n for status, n in statuses.items() if status not in (200, 503, 504, None)),
+        "unanswered": statuses[None],
         # Answers per second from the first send to the last answer: the offered rate while the server keeps
         # up, its saturation throughput when it does not (its queue is then never empty).
         "throughput_rps": len(ok) / span,
-        "p50_ms": pct(50),
-        "p95_ms": pct(95),
-        "p99_ms": pct(99),
+        **{f"p{q}_ms": pct(q) for q in (50, 95, 99)},
         "f1": 100.0 * float(np.mean(f1)) if f1 else None,
         "configurations": dict(collections.Counter(r["configuration"] for r in ok)),
     }
@@ -315,16 +282,13 @@ def plot(results: dict[str, Any], path: Path, target: float) -> None:
 
     fig = Figure(figsize=(7, 7))  # the Figure API: no pyplot state
     top, bottom = fig.subplots(2, 1, sharex=True)
-    for mode, rows in results["modes"].items():
-        rates = [r["offered_rps"] for r in rows]
-        top.plot(rates, [r["p95_ms"] for r in rows], marker="o", label=mode)
-        bottom.plot(rates, [r["f1"] for r in rows], marker="o", label=mode)
+    for axes, key in ((top, "p95_ms"), (bottom, "f1")):
+        for mode, rows in results["modes"].items():
+            axes.plot([r["offered_rps"] for r in rows], [r[key] for r in rows], marker="o", label=mode)
     top.axhline(target, color="gray", linestyle="--", label=f"target {target:g} ms")
-    top.set_ylabel("p95 latency (ms)")
-    top.set_yscale("log")
+    top.set(ylabel="p95 latency (ms)", yscale="log")
+    bottom.set(ylabel="F1 of the answers given", xlabel="offered load (requests/s)")
     top.legend()
-    bottom.set_ylabel("F1 of the answers given")
-    bottom.set_xlabel("offered load (requests/s)")
     bottom.legend()
     fig.suptitle(f"qala.serve on {results['environment'].get('cpu', 'CPU')}")
     save_figure(fig, path)

@@ -12,6 +12,7 @@ Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -69,39 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch = batch_of(args.model, args.train, args.batch, args.seed)
     rows = []
-    for lengthdrop in (False, True):
-        for fused in (False, True):
-            for bf16 in (False, True):
-                seconds = step_seconds(
-                    args.model, batch, lengthdrop=lengthdrop, bf16=bf16, fused=fused, repeats=args.repeats
-                )
-                stats = latency_stats(seconds, batch_size=args.batch)
-                row = {
-                    "step": "lengthdrop" if lengthdrop else "finetune",
-                    "attention": "sdpa, no attention dropout" if fused else "eager, attention dropout 0.1",
-                    "dtype": "bf16 autocast" if bf16 else "fp32",
-                    "seconds_per_step": round(stats["median_ms"] / 1000, 3),
-                    "windows_per_s": stats["per_second"],
-                    "repeats": stats["repeats"],
-                }
-                print(row, flush=True)
-                rows.append(row)
+    for lengthdrop, fused, bf16 in itertools.product((False, True), repeat=3):
+        seconds = step_seconds(args.model, batch, lengthdrop=lengthdrop, bf16=bf16, fused=fused, repeats=args.repeats)
+        stats = latency_stats(seconds, batch_size=args.batch)
+        row = {"step": "lengthdrop" if lengthdrop else "finetune", "dtype": "bf16 autocast" if bf16 else "fp32"}
+        row["attention"] = "sdpa, no attention dropout" if fused else "eager, attention dropout 0.1"
+        row.update(seconds_per_step=round(stats["median_ms"] / 1000, 3), windows_per_s=stats["per_second"])
+        rows.append({**row, "repeats": stats["repeats"]})
+        print(rows[-1], flush=True)
     mask = batch["attention_mask"]
-    atomic_write_json(
-        args.out,
-        {
-            "command": "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "model": str(Path(args.model)),
-            "batch": {
-                "windows": args.batch,
-                "padded_to": int(mask.size(1)),
-                "mean_real_tokens": float(mask.sum(1).float().mean()),
-            },
-            "lengthdrop": "full + smallest + 2 random sub-models (num_sandwich 2, bound 0.2, ratio units)",
-            "rows": rows,
-            "environment": environment_info(),
-        },
-    )
+    shape = {
+        "windows": args.batch,
+        "padded_to": int(mask.size(1)),
+        "mean_real_tokens": float(mask.sum(1).float().mean()),
+    }
+    command = "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {"command": command, "model": str(Path(args.model)), "batch": shape}
+    record["lengthdrop"] = "full + smallest + 2 random sub-models (num_sandwich 2, bound 0.2, ratio units)"
+    atomic_write_json(args.out, {**record, "rows": rows, "environment": environment_info()})
     return 0
 
 

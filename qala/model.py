@@ -30,17 +30,7 @@ from transformers import AutoModelForQuestionAnswering, PretrainedConfig, PreTra
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES
 
-from qala.lengths import (  # noqa: F401  TEMPORARY re-export while qala/bench moves to qala.lengths
-    Lengths,
-    check_keep_ratios,
-    check_length_config,
-    constant_keep_ratios,
-    constant_ratio_length_config,
-    keep_counts,
-    kept_per_layer,
-    parse_keep_ratios,
-    resolve,
-)
+from qala.lengths import Lengths, check_keep_ratios, check_length_config, keep_counts, resolve
 from qala.utils import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -117,7 +117,8 @@ def _slug(text: str) -> str:
 
 class Harness:
     """One table's run: row specs measured one worker at a time, the document saved after each row; resume (rows
-    of the same fingerprint and spec are kept), the time budget and the GEMM peak work alike for both tables."""
+    of the same fingerprint and spec are kept, qala.stage's stored_record), the time budget and the GEMM peak
+    work alike for both tables."""
 
     def __init__(self, recipe: Any, table: str = "padded", *, resume: bool = False) -> None:
         from qala.recipe import fingerprint
@@ -138,19 +139,14 @@ class Harness:
 
     def _previous(self) -> dict[str, Any]:
         """The rows (and GEMM peak) of the last run of this table when it measured the same inputs, by id."""
-        from qala.recipe import changed_keys
+        from qala.stage import stored_record
 
         path = self.out / TABLES[self.table][0]
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        if previous and previous.get("fingerprint") != self.fingerprint:
-            changed = changed_keys(previous["inputs"], self.inputs) if previous.get("inputs") else ["no record"]
-            logger.warning(
-                "--resume: %s was measured for other inputs (%s); measuring everything again", path, "; ".join(changed)
-            )
-        if not previous or previous.get("fingerprint") != self.fingerprint:
-            return {}
-        kept = {r["id"]: r for r in previous.get("rows", []) if r.get("status") == "ok"}
-        if (previous.get("gemm_peak") or {}).get("status") == "ok":
+        previous, changed = stored_record(path, self.inputs, fingerprint=self.fingerprint)
+        if changed:
+            logger.warning("--resume: %s was measured for other inputs (%s); measuring everything again", path, changed)
+        kept = {r["id"]: r for r in (previous or {}).get("rows", []) if r.get("status") == "ok"}
+        if ((previous or {}).get("gemm_peak") or {}).get("status") == "ok":
             kept[GEMM_PEAK_ID] = previous["gemm_peak"]
         return kept
 
@@ -174,12 +170,12 @@ class Harness:
         atomic_write_text(self.out / table_name, markdown(self.document))
 
     def write_recipe(self) -> None:
-        """OUTPUT_DIR/recipe.yaml when the first measurement starts: a start that fails at once (inputs, plan)
-        leaves the last run's record."""
-        from qala.utils import atomic_write_text
+        """OUTPUT_DIR/recipe.yaml when the first measurement starts (qala.stage.write_recipe): a start that fails
+        at once (inputs, plan) leaves the last run's record."""
+        from qala.stage import write_recipe
 
         if not self.recipe_written:
-            atomic_write_text(self.out / "recipe.yaml", self.recipe.to_yaml())
+            write_recipe(self.out, self.recipe)
             self.recipe_written = True
 
     def measure_gemm_peak(self, threads: int) -> None:
@@ -249,17 +245,17 @@ def _method(recipe: Any, padded: bool, threads: int, windows: int | None) -> dic
     b, d = recipe.benchmark, recipe.data
     method = {"data": d.eval, "batch_sizes": list(b.batch_sizes), "threads": threads}
     if padded:
-        return (
-            method
-            | {"windows": windows, "seq_length": d.max_seq_length, "instances": 1}
-            | {
-                **{key: getattr(b, key) for key in plan.TIMING},
-                "statistic": "qala.utils.time_calls / latency_stats: median of timed calls per batch size; batch-1 "
-                "latency p50/p90/p99 over latency_repeats calls cycling through the windows; throughput = batch / "
-                "median; one worker process per row",
-                "peak_memory": "VmHWM of the row's worker process (imports, model load, compilation and runs)",
-            }
+        method.update(windows=windows, seq_length=d.max_seq_length, instances=1)
+        method.update({key: getattr(b, key) for key in plan.TIMING})
+        method["statistic"] = (
+            "qala.utils.time_calls / latency_stats: median of timed calls per batch size; batch-1 latency p50/p90/p99 "
+            "over latency_repeats calls cycling through the windows; throughput = batch / median; one worker process "
+            "per row"
         )
+        return {
+            **method,
+            "peak_memory": "VmHWM of the row's worker process (imports, model load, compilation and runs)",
+        }
     summary = (
         f"End to end per request of `batch` questions (tokenization, every window, post-processing), "
         f"windows unpadded and batched to the longest window of the request (qala rows: sorted by length, "
@@ -268,11 +264,9 @@ def _method(recipe: Any, padded: bool, threads: int, windows: int | None) -> dic
         f"pass; GMAC/s on real tokens against the measured INT8 GEMM peak. Warm-up: {b.warmup} untimed "
         "requests, plus every request shape once for compiled rows."
     )
-    return {"questions": d.max_eval_samples if d.max_eval_samples is not None else "all", **method} | {
-        "warmup": b.warmup,
-        "summary": summary,
-        "timer": "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats",
-    }
+    timer = "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats"
+    questions = d.max_eval_samples if d.max_eval_samples is not None else "all"
+    return {"questions": questions, **method, "warmup": b.warmup, "summary": summary, "timer": timer}
 
 
 def run_table(
@@ -402,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, recipe: Any) -> int:
     from qala.evaluate import check_engine, check_positive
-    from qala.utils import output_lock
+    from qala.stage import stage_lock
 
     # Before the lock and the first row: a bad option fails at once, not after the GEMM peak and 12 rows.
     check_positive(pad_multiple=args.pad_multiple)
@@ -417,7 +411,7 @@ def _main(args: argparse.Namespace, recipe: Any) -> int:
         if plan.serves_inc_int8(name) and not recipe.benchmark.int8_model:
             raise ValueError(f"--qala-backend {name} serves an INC INT8 artifact: set benchmark.int8_model")
     documents, written = [], []
-    with output_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
+    with stage_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
         for table in [t for t in TABLES if args.table in (t, "all")]:
             options = (
                 {"pad_multiple": args.pad_multiple, "qala_backends": args.qala_backend} if table != "padded" else {}

@@ -42,8 +42,9 @@ def _torch_predictor(model: Callable[..., Any], **length: Any) -> Predictor:
     return predict
 
 
-def _length_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The model call's length argument: keep_ratios (relative), length_config (absolute), or none."""
+def length_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The model call's length argument of a row: keep_ratios (relative), length_config (absolute), or none. The
+    one place the bench reads a row's `length_mode`: engines, MACs and refusals all ask here."""
     if spec.get("length_config") is None:
         return {}
     return {"keep_ratios" if spec.get("length_mode") == "ratio" else "length_config": list(spec["length_config"])}
@@ -104,7 +105,7 @@ def onnx_model(
     from qala.model import LengthAdaptiveForQuestionAnswering
     from qala.quantize import onnx as qonnx
 
-    if spec.get("length_mode") == "ratio":
+    if "keep_ratios" in length_kwargs(spec):
         raise ValueError(f"ONNX Runtime rows take full length or a length_config, no keep ratios: {spec['id']}")
     int8, facts = spec["dtype"] == "int8", {"size_kind": "onnx file", "onnxruntime": ort.__version__}
     if spec.get("length_config") is not None:
@@ -188,7 +189,7 @@ def _qala_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, 
     from qala.bench.plan import requantizes
     from qala.quantize.load import load_model, model_kind
 
-    length = _length_kwargs(spec)
+    length = length_kwargs(spec)
     if spec.get("arch"):
         return _random_model(spec["arch"], length, None)
     # An engine that quantizes by itself (onnxruntime-int8) reads the fp32 model for an int8 row; onnxruntime-inc
@@ -249,11 +250,11 @@ def _openvino_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[s
 
 def _ipex_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     # Runs under the recipe's benchmark.ipex_python (torch 2.8, IPEX 2.8, qala installed with --no-deps): the INT8
-    # model benchmarks/ipex_quantize.py calibrated and scored, one frozen trace per (configuration, shape); a
+    # model `python -m qala.quantize.ipex` calibrated and scored, one frozen trace per (configuration, shape); a
     # shape's first call builds its trace (never timed).
     from qala.quantize.ipex import timing_callable
 
-    if spec.get("length_mode") == "ratio":
+    if "keep_ratios" in length_kwargs(spec):
         raise ValueError("IPEX rows take absolute length configurations (traced top-k sizes), not keep ratios")
     call, facts = timing_callable(spec["path"], spec.get("length_config"), example, summaries=spec["ipex_summaries"])
     size = {"size_bytes": directory_bytes(spec["path"]), "size_kind": "directory (fp32 model + calibration)"}

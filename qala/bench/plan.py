@@ -62,7 +62,7 @@ IPEX_NOTE = {
     "status": "skipped",
     "reason": "IPEX is retired at 2.8 and runs in its own torch 2.8 environment: the recipe names none "
     "(benchmark.ipex_python and benchmark.ipex_calibration are null)",
-    "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python benchmarks/ipex_quantize.py",
+    "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python -m qala.quantize.ipex",
 }
 
 
@@ -76,7 +76,8 @@ def baseline_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> An
 def dynamic_tinybert_length_config(config: Any, reference: Any, seq_length: int) -> tuple[list[int], float]:
     """(length configuration, keep ratio): the constant ratio, in steps of 0.01, whose MACs are closest to
     BERT-base's divided by the published 3.3x."""
-    from qala.model import constant_ratio_length_config, macs_per_sample
+    from qala.lengths import constant_ratio_length_config
+    from qala.model import macs_per_sample
 
     target = macs_per_sample(reference, None, seq_length) / DYNAMIC_TINYBERT_SPEEDUP
     layers = config.num_hidden_layers
@@ -408,7 +409,7 @@ def _ipex_rows(
             source = f"{bench.ipex_scores} ({row['config']}, whole dev, padded to 384)" if row else None
             add("MiniLM-IPEX", "ipex", "int8", lengths, **ipex, **measured(row and float(row["int8"]["f1"]), source))
         if missing := [c for c in configs if c not in calibrated]:
-            notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "benchmarks/ipex_quantize.py --configs ..."}
+            notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "python -m qala.quantize.ipex --configs ..."}
         return
     add("MiniLM", "ipex", "int8", **ipex)
     for values in [c for c in calibrated if c is not None]:

@@ -31,21 +31,18 @@ def summarize(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
 def add_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] | None) -> None:
     """Speedups against the BERT-base row of the same run and the roofline columns, in place."""
     reference = next((r for r in rows if r["id"] == REFERENCE_ID and r.get("status") == "ok"), None)
-    for row in rows:
-        if row.get("status") != "ok":
-            continue
+    ref = {str(b): m["samples_per_s"] for b, m in reference["batches"].items()} if reference else None
+    for row in (r for r in rows if r.get("status") == "ok"):
         throughput = {str(b): m["samples_per_s"] for b, m in row["batches"].items()}
-        if reference is not None:
-            ref = {str(b): m["samples_per_s"] for b, m in reference["batches"].items()}
-            row["speedup_vs_bert_base"] = {b: round(t / ref[b], 3) for b, t in throughput.items() if ref.get(b)}
-        else:
-            row["speedup_vs_bert_base"] = None
-        macs = row.get("macs_per_sample")
-        if macs:
+        row["speedup_vs_bert_base"] = (
+            None if ref is None else {b: round(t / ref[b], 3) for b, t in throughput.items() if ref.get(b)}
+        )
+        if macs := row.get("macs_per_sample"):
             row["achieved_gmacs_per_s"] = {b: round(macs * t / 1e9, 3) for b, t in throughput.items()}
             peak = peak_of(peaks, row["dtype"])
-            fractions = {b: round(g / peak, 4) for b, g in row["achieved_gmacs_per_s"].items()} if peak else None
-            row["peak_fraction"] = fractions
+            row["peak_fraction"] = (
+                {b: round(g / peak, 4) for b, g in row["achieved_gmacs_per_s"].items()} if peak else None
+            )
 
 
 def peak_of(peaks: Mapping[str, Any] | None, dtype: str) -> float | None:
@@ -172,18 +169,11 @@ def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
     last = str(document["method"]["batch_sizes"][-1])
     rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
     rows = [r for r in rows if (r.get("speedup_vs_bert_base") or {}).get(last)]
-    groups = [
-        (
-            dtype,
-            marker,
-            [
-                (r["speedup_vs_bert_base"][last], r["f1"], r["name"] + (" *" if r.get("f1_published") else ""))
-                for r in rows
-                if r["dtype"] == dtype
-            ],
-        )
-        for dtype, marker in (("fp32", "o"), ("int8", "s"))
-    ]
+
+    def point(r: Mapping[str, Any]) -> tuple[float, float, str]:
+        return r["speedup_vs_bert_base"][last], r["f1"], r["name"] + (" *" if r.get("f1_published") else "")
+
+    groups = [(d, marker, [point(r) for r in rows if r["dtype"] == d]) for d, marker in (("fp32", "o"), ("int8", "s"))]
     xlabel = f"throughput speedup vs BERT-base fp32, batch {last}"
     return _scatter(path, groups, xlabel, "SQuAD F1 (* published)", 7)
 
@@ -193,14 +183,15 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
     if not sweep:
         return False
     fig, ax = figure()
-    for row_id in dict.fromkeys(s["row"] for s in sweep):
-        for n in sorted({s["ninstances"] for s in sweep if s["row"] == row_id}):
-            runs = sorted(
-                (s for s in sweep if (s["row"], s["ninstances"]) == (row_id, n)), key=lambda s: s["total_cores"]
-            )
-            label = f"{row_id} ({n} instance{'s' if n > 1 else ''})"
-            x, y = [s["total_cores"] for s in runs], [s["total_samples_per_s"] for s in runs]
-            ax.plot(x, y, "o-" if n == 1 else "s--", label=label)
+    for row_id, n in dict.fromkeys((s["row"], s["ninstances"]) for s in sorted(sweep, key=lambda s: s["ninstances"])):
+        runs = sorted((s for s in sweep if (s["row"], s["ninstances"]) == (row_id, n)), key=lambda s: s["total_cores"])
+        label = f"{row_id} ({n} instance{'s' if n > 1 else ''})"
+        ax.plot(
+            [s["total_cores"] for s in runs],
+            [s["total_samples_per_s"] for s in runs],
+            "o-" if n == 1 else "s--",
+            label=label,
+        )
     ax.set_xlabel("cores")
     ax.set_ylabel(f"samples/s, batch {document['core_sweep']['batch_size']}")
     ax.legend(fontsize=7)

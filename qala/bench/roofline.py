@@ -39,13 +39,8 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), name="W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
-        "gemm",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [size, size])],
-        initializer=[weight],
-    )
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size]) for name in "XY")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm", [x], [y], initializer=[weight])
     path = folder / "matmul.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     if int8:
@@ -54,8 +49,8 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
     import torch
 
     session = ort_session(path, torch.get_num_threads())
-    x = rng.standard_normal((size, size), dtype=np.float32)
-    return lambda: session.run(None, {"X": x})
+    feed = {"X": rng.standard_normal((size, size), dtype=np.float32)}
+    return lambda: session.run(None, feed)
 
 
 def _pt2e_qlinear(size: int) -> tuple[Callable[[], Any], str]:
@@ -68,13 +63,10 @@ def _pt2e_qlinear(size: int) -> tuple[Callable[[], Any], str]:
     reduce_range = resolve_reduce_range(None)
     linear = torch.nn.Sequential(torch.nn.Linear(size, size, bias=False)).eval()
     x = torch.randn(size, size)
-    quantizer = xiq.X86InductorQuantizer().set_global(
-        xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
-    )
-    prepared = prepare_pt2e(torch.export.export(linear, (x,)).module(), quantizer)
+    config = xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    prepared = prepare_pt2e(torch.export.export(linear, (x,)).module(), xiq.X86InductorQuantizer().set_global(config))
     prepared(x)
-    converted = convert_pt2e(prepared)
-    compiled = torch.compile(converted)
+    compiled = torch.compile(convert_pt2e(prepared))
 
     def call() -> Any:
         # Freezing is scoped to the call, as CompiledQA does (compilation happens inside the first call).
@@ -94,38 +86,33 @@ def gemm_peak(threads: int | None, size: int = 2048, repeats: int = 10) -> dict[
 
     if threads:
         torch.set_num_threads(threads)
-    macs = size**3
-    engines: dict[str, dict[str, Any]] = {}
-
-    def measure(name: str, dtype: str, build: Callable[[], tuple[Callable[[], Any], str]]) -> None:
-        try:
-            fn, method = build()
-            engines[name] = {"dtype": dtype, "gmacs_per_s": _gmacs(fn, macs, repeats), "method": method}
-        except Exception as e:  # noqa: BLE001 - an engine that cannot run here is recorded, not fatal
-            engines[name] = {"dtype": dtype, "error": f"{type(e).__name__}: {e}"[:300]}
-
     a, b = torch.randn(size, size), torch.randn(size, size)
-    qa = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    qb = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    with tempfile.TemporaryDirectory() as folder:
-        measure("torch.mm", "fp32", lambda: (lambda: torch.mm(a, b), "torch.mm fp32"))
-        measure(
+    qa, qb = (torch.randint(-128, 127, (size, size), dtype=torch.int8) for _ in range(2))
+    ort_int8 = "ONNX Runtime quantize_dynamic of the MatMul (DynamicQuantizeLinear + MatMulInteger), includes "
+    # (name, dtype, build() -> (call, method)): an engine that cannot run here is recorded with its error.
+    candidates: list[tuple[str, str, Callable[[Path], tuple[Callable[[], Any], str]]]] = [
+        ("torch.mm", "fp32", lambda _: (lambda: torch.mm(a, b), "torch.mm fp32")),
+        (
             "onnxruntime.MatMul",
             "fp32",
-            lambda: (_onnx_matmul(size, Path(folder), int8=False), "ONNX Runtime MatMul fp32, constant weight"),
-        )
-        measure("pt2e.qlinear", "int8", lambda: _pt2e_qlinear(size))
-        measure(
+            lambda f: (_onnx_matmul(size, f, False), "ONNX Runtime MatMul fp32, constant weight"),
+        ),
+        ("pt2e.qlinear", "int8", lambda _: _pt2e_qlinear(size)),
+        (
             "onnxruntime.MatMulInteger",
             "int8",
-            lambda: (
-                _onnx_matmul(size, Path(folder), int8=True),
-                "ONNX Runtime quantize_dynamic of the MatMul (DynamicQuantizeLinear + MatMulInteger), "
-                "includes activation quantization",
-            ),
-        )
-        measure("torch._int_mm", "int8_raw", lambda: (lambda: torch._int_mm(qa, qb), "torch._int_mm s8s8->s32"))
-
+            lambda f: (_onnx_matmul(size, f, True), ort_int8 + "activation quantization"),
+        ),
+        ("torch._int_mm", "int8_raw", lambda _: (lambda: torch._int_mm(qa, qb), "torch._int_mm s8s8->s32")),
+    ]
+    engines: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, dtype, build in candidates:
+            try:
+                fn, method = build(Path(folder))
+                engines[name] = {"dtype": dtype, "gmacs_per_s": _gmacs(fn, size**3, repeats), "method": method}
+            except Exception as e:  # noqa: BLE001 - an engine that cannot run here is recorded, not fatal
+                engines[name] = {"dtype": dtype, "error": f"{type(e).__name__}: {e}"[:300]}
     result: dict[str, Any] = {"size": size, "threads": torch.get_num_threads(), "repeats": repeats, "engines": engines}
     for dtype in ("fp32", "int8"):
         ran = {n: e for n, e in engines.items() if e["dtype"] == dtype and "gmacs_per_s" in e}

@@ -128,10 +128,13 @@ def pad_to_multiple(inputs: dict[str, Any], multiple: int | None, pad_id: int = 
 
 def real_token_macs(config: Any, spec: Mapping[str, Any], lengths: Sequence[int]) -> int:
     """MACs of windows at their real lengths under the row's configuration (qala.model.macs_per_sample)."""
-    from qala.model import kept_per_layer, macs_per_sample
+    from qala.bench.peers import length_kwargs
+    from qala.lengths import kept_per_layer
+    from qala.model import macs_per_sample
 
-    values, ratio = spec.get("length_config"), spec.get("length_mode") == "ratio"
-    kept = [None if values is None else kept_per_layer(values, n) if ratio else list(values) for n in lengths]
+    length = length_kwargs(spec)
+    ratios, absolute = length.get("keep_ratios"), length.get("length_config")
+    kept = [kept_per_layer(ratios, n) if ratios else absolute for n in lengths]
     return sum(macs_per_sample(config, k, n) for k, n in zip(kept, lengths, strict=True))
 
 
@@ -211,26 +214,15 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
     total, scored, shapes = sum(seconds), not spec.get("f1_note"), len(survey["shapes"])  # f1_note: random weights
     config = BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
     macs, lengths = real_token_macs(config, spec, survey["real_lengths"]), survey["real_lengths"]
-    return {
-        **facts,
-        "questions": n,
-        "requests": len(requests),
-        "windows": len(lengths),
-        "real_tokens": sum(lengths),
-        "padded_positions": survey["padded_positions"],
-        "shapes": shapes,
-        "untimed_warmup_requests": min(spec.get("warmup", 1), len(requests)),
-        "warmed_shapes": shapes if facts.get("warm_every_shape") else 0,
-        "f1": round(metrics["f1"], 2) if scored else None,
-        "exact_match": round(metrics["exact_match"], 2) if scored else None,
-        **{f"ms_{p}": stats[f"{p}_ms"] for p in ("p50", "p90", "p99")},
-        "questions_per_s": round(n / total, 3),
-        "seconds": round(total, 3),
-        "gmacs_real_tokens": round(macs / 1e9, 3),
-        "achieved_gmacs_per_s": round(macs / total / 1e9, 3),
-        "python": sys.executable,
-        "worker_versions": environment_info()["versions"],
-    }
+    result = {**facts, "questions": n, "requests": len(requests), "windows": len(lengths), "real_tokens": sum(lengths)}
+    result.update(padded_positions=survey["padded_positions"], shapes=shapes)
+    result["untimed_warmup_requests"] = min(spec.get("warmup", 1), len(requests))
+    result["warmed_shapes"] = shapes if facts.get("warm_every_shape") else 0
+    result.update({k: round(metrics[k], 2) if scored else None for k in ("f1", "exact_match")})
+    result.update({f"ms_{p}": stats[f"{p}_ms"] for p in ("p50", "p90", "p99")})
+    result.update(questions_per_s=round(n / total, 3), seconds=round(total, 3), gmacs_real_tokens=round(macs / 1e9, 3))
+    result["achieved_gmacs_per_s"] = round(macs / total / 1e9, 3)
+    return {**result, "python": sys.executable, "worker_versions": environment_info()["versions"]}
 
 
 def peak_rss_mb() -> float:
