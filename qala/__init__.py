@@ -19,6 +19,7 @@ PIPELINE = (
     "recipe",
     "stage",
     "data",
+    "lengths",
     "model",
     "quantize",
     "evaluate",

@@ -469,7 +469,7 @@ class BenchmarkConfig:
     # OpenVINO fp32 + NNCF INT8 peers of `model` on its plain ONNX export, dynamic shapes (extra `onnx`).
     openvino: bool = True
     # IPEX 2.8 INT8 rows. IPEX is retired and imports only with torch 2.8, so it runs in its own environment
-    # (bash benchmarks/ipex_env.sh) on the calibration `python -m qala.quantize.ipex` wrote. These name them, so IPEX
+    # (bash benchmarks/ipex_env.sh) on the calibration `python -m qala.bench.ipex` wrote. These name them, so IPEX
     # rows are planned because the recipe asks, never because files happen to exist; null: no IPEX rows.
     ipex_python: str | None = None  # that environment's interpreter, e.g. .venv-ipex/bin/python
     ipex_calibration: str | None = None  # its qconf summaries, e.g. runs/ipex_reference/ipex_calibration.json

@@ -129,7 +129,7 @@ def test_plan_rows_engines_modes_and_the_ipex_hook(tmp_path, model_dir):  # noqa
     assert int8["compiled"] and int8["pad_to_multiple_of"] == plan.COMPILED_PAD_MULTIPLE
     assert by_id["transformers/BERT-base/fp32/full/b1"]["f1_note"]
     assert all(r["questions"] == 4 and r["python"] is None for r in rows)
-    assert notes["ipex"]["status"] == "skipped" and "qala.quantize.ipex" in notes["ipex"]["build_command"]
+    assert notes["ipex"]["status"] == "skipped" and "qala.bench.ipex" in notes["ipex"]["build_command"]
 
     # With the recipe naming the IPEX environment and its calibration, IPEX rows run under that environment's
     # python: full length unpadded, each calibrated absolute configuration padded to max_seq_length, with qala's

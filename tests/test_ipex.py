@@ -225,7 +225,7 @@ def test_without_ipex_every_entry_point_names_the_environment_script():
 def test_padded_table_plans_ipex_rows_beside_the_tuned_configurations(tmp_path, tiny_checkpoint):
     """With a ratio-unit frontier, the padded table takes the absolute configurations qala.tune scored (both F1s
     from its report); IPEX rows run at full length and at each of those it was calibrated for, under the IPEX
-    environment's python, with the whole-dev F1 python -m qala.quantize.ipex measured."""
+    environment's python, with the whole-dev F1 python -m qala.bench.ipex measured."""
     from qala.bench import plan
     from qala.recipe import load_recipe
     from tests.test_bench import write_recipe

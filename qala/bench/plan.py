@@ -62,7 +62,7 @@ IPEX_NOTE = {
     "status": "skipped",
     "reason": "IPEX is retired at 2.8 and runs in its own torch 2.8 environment: the recipe names none "
     "(benchmark.ipex_python and benchmark.ipex_calibration are null)",
-    "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python -m qala.quantize.ipex",
+    "build_command": "bash benchmarks/ipex_env.sh, then .venv-ipex/bin/python -m qala.bench.ipex",
 }
 
 
@@ -409,7 +409,7 @@ def _ipex_rows(
             source = f"{bench.ipex_scores} ({row['config']}, whole dev, padded to 384)" if row else None
             add("MiniLM-IPEX", "ipex", "int8", lengths, **ipex, **measured(row and float(row["int8"]["f1"]), source))
         if missing := [c for c in configs if c not in calibrated]:
-            notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "python -m qala.quantize.ipex --configs ..."}
+            notes["ipex"] = {"not_calibrated": missing, "calibrate_with": "python -m qala.bench.ipex --configs ..."}
         return
     add("MiniLM", "ipex", "int8", **ipex)
     for values in [c for c in calibrated if c is not None]:
