@@ -21,7 +21,9 @@ times every engine of CALIBRATION_ENGINES on the model's configurations (one tha
 e.g. onnxruntime-inc on a dynamic INT8 artifact, is skipped with its reason) and records each, and which was
 fastest, in latency_<host>.json; later loads serve that engine (`--engine NAME` or
 QalaModel.from_pretrained(dir, engine=NAME) serves another). Before any calibration: DEFAULT_ENGINE.
-Compiled or exported artifacts go to DIR/.engines/<content hash>/ (a hidden folder: not model content).
+Compiled or exported artifacts go to DIR/.engines/<content hash>/ (a hidden folder: not model content);
+onnxruntime-inc's QDQ graphs to DIR/.engines/inc-<hash of the artifact's content and the engine code>/, so a
+cold start with them cached never rebuilds the INT8 artifact (qala.quantize.qdq.QdqCache).
 
 An engine that quantizes on its own with NNCF ("openvino-int8") calibrates on CALIBRATION_WINDOWS training
 windows: of `--calibration-data` (calibration_data=; a SQuAD-format JSON file or a datasets hub name), else
@@ -33,8 +35,7 @@ back; QalaModel.calibration (and the service's /healthz) says which source it wa
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
+import functools
 import json
 import logging
 import math
@@ -57,10 +58,17 @@ from qala.evaluate import check_engine, check_positive, predict_logits
 from qala.lengths import config_json, config_kwargs
 from qala.model import MODEL_INPUTS, batch_inputs
 from qala.quantize.engines import BACKENDS, length_batches, make_engine, warm_for_serving
-from qala.quantize.load import load_model, load_tokenizer, model_kind
+from qala.quantize.load import artifact_configs, load_model, load_tokenizer, model_kind
 from qala.recipe import changed_keys
 from qala.search import FRONTIER_NAME, read_frontier
-from qala.utils import IntegrityError, atomic_write_json, content_hash, median_latency_ms, resolve_model_path
+from qala.utils import (
+    IntegrityError,
+    atomic_write_json,
+    code_digest,
+    content_hash,
+    median_latency_ms,
+    resolve_model_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ CACHE_FORMAT = 3
 # Timings are for the code that ran: a change to the model's forward or an engine (new graph code, a new
 # ONNX Runtime) makes them stale. Before this key, latency_<host>.json kept predicting the old graphs'
 # times until --remeasure. Hashed: these sources and the engine libraries' versions.
-ENGINE_SOURCES = ("model.py", "quantize/*.py")
+ENGINE_SOURCES = ("model.py", "lengths.py", "quantize/*.py")
 ENGINE_LIBRARIES = ("torch", "onnxruntime", "openvino")
 # English function words. A question whose other words are all [UNK] (the words that say what is asked)
 # gives the model nothing to match in the context: it would still return a confident span.
@@ -271,27 +279,24 @@ class QalaModel:
         if threads:
             torch.set_num_threads(threads)
         kind = model_kind(model_dir)
-        model = load_model(model_dir)
+        # An INT8 artifact is rebuilt (PT2E replayed: most of its cold start) only for an engine that needs it:
+        # onnxruntime-inc serves the QDQ graphs cached by the artifact's content (qala.quantize.qdq).
+        model = functools.cache(functools.partial(load_model, model_dir))
+        configs = artifact_configs(model_dir) if kind == "int8" else model()
         model_hash = content_hash(model_dir)  # frontier.json and the latency cache must be of these weights
-        frontier = _frontier_or_full_length(model_dir, model, model_hash)
+        frontier = _frontier_or_full_length(model_dir, configs, model_hash)
         seq_length = int(frontier["max_seq_length"])
         lengths = sorted({min(n, seq_length) for n in CALIBRATION_LENGTHS})
         tokenizer = load_tokenizer(model_dir)
         points = [_point(row) for row in frontier["frontier"]]
         wanted = [_key(p) for p in points]
         cache = LatencyCache(model_dir / f"latency_{host_name()}.json", model_hash, lengths)
-        if not compile:
-            engine = "eager"
-        elif engine is None:
-            installed = [e for e in CALIBRATION_ENGINES[kind] if _installed(e)]
-            fastest = cache.fastest(installed, wanted)
-            engine = fastest or DEFAULT_ENGINE
-            logger.info("serving engine %s (%s)", engine, "the fastest measured on this host" if fastest else "default")
+        engine = "eager" if not compile else engine if engine is not None else _fastest_engine(cache, kind, wanted)
         options = _engine_options(engine, model_dir, seq_length)
         if calibration is not None:
             doc_stride = int(frontier.get("doc_stride", 128))
             options.update(_calibration_options(calibration, tokenizer, seq_length, doc_stride, model_hash))
-        served = make_engine(model, engine, **options)
+        served = make_engine(model_dir if engine == "onnxruntime-inc" else model(), engine, **options)
         if warm:
             warm_for_serving(
                 served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]
@@ -568,19 +573,18 @@ def _frontier_or_full_length(model_dir: Path, model: Any, model_hash: str) -> di
     return {"max_seq_length": seq_length, "frontier": [{"keep_ratios": [1.0] * model.num_layers, "f1": None}]}
 
 
+def _fastest_engine(cache: LatencyCache, kind: str, wanted: Sequence[Any]) -> str:
+    """The engine a calibration measured fastest on this host for these configurations, else DEFAULT_ENGINE."""
+    fastest = cache.fastest([e for e in CALIBRATION_ENGINES[kind] if _installed(e)], wanted)
+    engine = fastest or DEFAULT_ENGINE
+    logger.info("serving engine %s (%s)", engine, "the fastest measured on this host" if fastest else "default")
+    return engine
+
+
 def engine_code() -> str:
     """A short hash of what an engine runs here: qala's model and engine sources and the engine libraries'
     versions (a library not installed counts as absent)."""
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(p for pattern in ENGINE_SOURCES for p in root.glob(pattern)):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    for name in ENGINE_LIBRARIES:
-        try:
-            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{name}=absent".encode())
-    return digest.hexdigest()[:16]
+    return code_digest(ENGINE_SOURCES, ENGINE_LIBRARIES)[:16]
 
 
 class LatencyCache:

@@ -353,6 +353,22 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_digest(sources: Sequence[str], libraries: Sequence[str]) -> str:
+    """SHA-256 of qala's source files matching `sources` (glob patterns relative to the qala package), with their
+    names, and of the installed versions of `libraries` (one not installed counts as absent): the key of anything
+    that code builds or measures (timings, exported graphs), so a change to it is never served the old results."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(p for pattern in sources for p in root.glob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in libraries:
+        try:
+            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{name}=absent".encode())
+    return digest.hexdigest()
+
+
 def examples_hash(examples: Any) -> str:
     """SHA-256 (16 hex digits) of loaded examples (a datasets.Dataset or a mapping of columns): what scores were
     computed on, whichever file or hub split they came from."""

@@ -6,6 +6,8 @@ as a tuning entry's fp32_units leaves a unit), static minmax activations, per-ch
 import copy
 import importlib.util
 import json
+import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -225,3 +227,132 @@ def test_serves_an_int8_artifact_directory(tiny_int8_artifact, tmp_path):
         expected = load_model(tiny_int8_artifact)(**batch)
     errors = window_errors(engine(**batch), expected, batch["attention_mask"])
     assert tracks(errors), errors
+
+
+# --------------------------------------------------------------------------- graphs cached by the artifact's content
+
+
+def _no_replay(monkeypatch) -> None:
+    """Rebuilding an INT8 artifact (load_model -> PT2E prepare/convert per unit) fails from here on."""
+    from qala.quantize import pt2e
+
+    def replay(*args, **kwargs):
+        raise AssertionError("the PT2E replay ran: the cached QDQ graph was not served")
+
+    monkeypatch.setattr(pt2e, "prepare_unit", replay)
+    monkeypatch.setattr(pt2e, "convert_unit", replay)
+
+
+def _loads(monkeypatch) -> list:
+    """Record every artifact load of qala.quantize.qdq (the replay), letting it run."""
+    from qala.quantize import qdq
+
+    calls = []
+
+    def counted(path, *args, **kwargs):
+        calls.append(path)
+        return load_model(path, *args, **kwargs)
+
+    monkeypatch.setattr(qdq, "load_model", counted)
+    return calls
+
+
+def test_a_cached_artifact_is_served_without_replaying_pt2e(artifact, int8_model, tmp_path, monkeypatch):
+    from qala.quantize.qdq import IncQdqEngine
+
+    batch, configs = mixed_batch(), ({}, {"keep_ratios": [0.9, 0.6]})
+    first = IncQdqEngine(artifact, workdir=tmp_path)
+    built = [first(**batch, **config) for config in configs]  # the plain and the adaptive graph, cached
+    assert "plain_qdq" in first.facts and "adaptive_qdq" in first.facts
+    with torch.no_grad():
+        assert tracks(window_errors(built[0], int8_model(**batch), batch["attention_mask"]))
+
+    _no_replay(monkeypatch)
+    again = IncQdqEngine(artifact, workdir=tmp_path)
+    for config, expected in zip(configs, built, strict=True):
+        got = again(**batch, **config)
+        assert torch.equal(got.start_logits, expected.start_logits) and torch.equal(got.end_logits, expected.end_logits)
+    assert again.model is None and again.num_layers == int8_model.num_layers
+    assert again.facts["inc_units"] == first.facts["inc_units"] and "plain_qdq" not in again.facts
+    # A graph the cache lacks (another count of leading full layers) is the one thing that needs the model.
+    with pytest.raises(AssertionError, match="the PT2E replay ran"):
+        again(**batch, keep_ratios=[1.0, 0.6])
+
+
+def test_a_changed_artifact_or_qala_builds_its_graphs_again(fp32_model, artifact, tmp_path, monkeypatch):
+    from qala.quantize import qdq
+
+    model_dir, workdir = tmp_path / "model", tmp_path / "engines"
+    shutil.copytree(artifact, model_dir)
+    batch = mixed_batch()
+    IncQdqEngine = qdq.IncQdqEngine
+    IncQdqEngine(model_dir, workdir=workdir)
+    loads = _loads(monkeypatch)
+
+    # The same path, another artifact (saved again from another calibration: other scales, another manifest).
+    config = StaticQuantConfig(w_granularity="per_channel")
+    other = quantize_(copy.deepcopy(fp32_model), config, calibration(seed=1), fp32_units=["encoder.*"])
+    shutil.rmtree(model_dir)
+    save_quantized(other, model_dir, approach="static", fp32_units=["encoder.*"], quant_config=config.to_dict())
+    engine = IncQdqEngine(model_dir, workdir=workdir)
+    assert loads == [model_dir] and engine.facts["inc_units"] == ["qa_outputs"]
+    with torch.no_grad():
+        assert tracks(window_errors(engine(**batch), other(**batch), batch["attention_mask"]))
+    assert len(list(workdir.glob("inc-*"))) == 2  # keyed by content: the first artifact's graphs are not served
+
+    # Another qala (or library) writes the graphs: built again, not the old code's files.
+    monkeypatch.setattr(qdq, "code_version", lambda: "another")
+    IncQdqEngine(model_dir, workdir=workdir)
+    assert len(loads) == 2 and len(list(workdir.glob("inc-*"))) == 3
+
+
+def test_a_damaged_cache_is_built_again_not_trusted(artifact, tmp_path, monkeypatch, caplog):
+    from qala.quantize.qdq import CACHE_INDEX, IncQdqEngine
+
+    batch = mixed_batch()
+    expected = IncQdqEngine(artifact, workdir=tmp_path)(**batch)
+    (folder,) = tmp_path.glob("inc-*")
+    loads = _loads(monkeypatch)
+
+    # A graph that is no longer the file its index recorded (a truncated copy, a flipped byte): built again.
+    graph = folder / "plain.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    got = IncQdqEngine(artifact, workdir=tmp_path)(**batch)
+    assert len(loads) == 1 and "is missing or not the file its index recorded: built again" in caplog.text
+    assert torch.equal(got.start_logits, expected.start_logits)
+
+    # An index that is no JSON, or of another key: its graphs are not served, and the index is written again.
+    for damage in ("{not json", json.dumps({"key": "another", "graphs": {}, "num_layers": 2})):
+        (folder / CACHE_INDEX).write_text(damage)
+        got = IncQdqEngine(artifact, workdir=tmp_path)(**batch)
+        assert torch.equal(got.end_logits, expected.end_logits)
+    assert len(loads) == 3 and caplog.text.count("unreadable") >= 2
+    _no_replay(monkeypatch)
+    IncQdqEngine(artifact, workdir=tmp_path)  # whole again
+
+
+def test_an_fp32_directory_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
+    from qala.quantize.qdq import IncQdqEngine
+
+    with pytest.raises(ValueError, match=r"^engine 'onnxruntime-inc' serves an INC INT8 artifact"):
+        IncQdqEngine(tiny_checkpoint, workdir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_qala_answer_serves_a_calibrated_artifact_without_replaying_pt2e(tiny_int8_artifact, tmp_path, monkeypatch):
+    # The cold start of `python -m qala.answer` once calibrated: the engine recorded as fastest, its graphs read from
+    # the model's .engines folder, the artifact's files checked, its model never rebuilt.
+    from qala.answer import ENGINE_DIR, QalaModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_int8_artifact, model_dir)
+    report = QalaModel.calibrate(model_dir, engines=["onnxruntime-inc"], latency_repeats=1)
+    assert report["fastest"] == "onnxruntime-inc" and list((model_dir / ENGINE_DIR).glob("inc-*/plain.onnx"))
+
+    _no_replay(monkeypatch)
+    served = QalaModel.from_pretrained(model_dir, warm=False)
+    assert served.engine == "onnxruntime-inc" and served.model.model is None
+    result = served.answer("Who wrote the book?", "The book was written by Jane Smith in 1999.")
+    assert isinstance(result["answer"], str) and math.isfinite(result["score"])

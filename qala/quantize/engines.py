@@ -269,7 +269,7 @@ def _openvino_engine(model: LengthAdaptiveForQuestionAnswering, *, int8: bool, *
     return OpenVinoEngine(_fp32_model(model), int8=int8, **options)
 
 
-def _inc_engine(model: LengthAdaptiveForQuestionAnswering, *, openvino: bool = False, **options: Any) -> Any:
+def _inc_engine(model: LengthAdaptiveForQuestionAnswering | Path, *, openvino: bool = False, **options: Any) -> Any:
     from qala.quantize.qdq import IncOpenVinoEngine, IncQdqEngine
 
     return (IncOpenVinoEngine if openvino else IncQdqEngine)(model, **options)
@@ -313,6 +313,10 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if isinstance(model_or_dir, str | Path) and backend == "onnxruntime-inc":
+        # Serves QDQ graphs cached by the artifact's content: the artifact is rebuilt (PT2E replayed, ~6 s of a
+        # cold start) only to export a graph the cache lacks (qala.quantize.qdq.IncQdqEngine).
+        return _inc_engine(Path(model_or_dir), **options)
     if isinstance(model_or_dir, str | Path):
         from qala.quantize.load import load_model
 

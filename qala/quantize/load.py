@@ -22,20 +22,28 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
-from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.model import QALA_CONFIG_NAME, LengthAdaptiveConfig, LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import (
     INT8_WEIGHTS_NAME,
     OBSERVERS_NAME,
     QUANTIZATION_NAME,
     ArtifactError,
+    _read_record,
     check_finite,
     load_quantized,
 )
@@ -159,6 +167,32 @@ def load_model(
         model = _load_fp32(local)
     model.eval()
     return CompiledQA(model) if compiled else model
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """A model's configs without its weights: what a caller needs before, or instead of, loading the model."""
+
+    config: PretrainedConfig
+    qala_config: LengthAdaptiveConfig
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+
+def artifact_configs(path: str | Path) -> ModelConfigs:
+    """The configs of the INT8 artifact in `path` (the default qala config without qala_config.json, as
+    load_quantized), after the checks of its files that load_model makes first (manifest, quantization.json): a
+    damaged artifact is refused here as there, whether or not its model is ever rebuilt (an engine serving graphs
+    cached by its content need not: qala.quantize.qdq)."""
+    directory = Path(resolve_model_path(str(path))).expanduser()
+    if model_kind(directory) != "int8":
+        raise FileNotFoundError(f"{path} is an fp32 model directory, expected int8: point it at qala.tune's model")
+    _read_record(directory)
+    qala_file = directory / QALA_CONFIG_NAME
+    qala_config = LengthAdaptiveConfig.from_json_file(qala_file) if qala_file.is_file() else LengthAdaptiveConfig()
+    return ModelConfigs(AutoConfig.from_pretrained(str(directory)), qala_config)
 
 
 def _load_fp32(directory: Path) -> LengthAdaptiveForQuestionAnswering:

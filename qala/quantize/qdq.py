@@ -29,14 +29,22 @@ tensors with several quantized consumers); (2) a Clip before QuantizeLinear wher
 a reduced range (7 bits, `reduce_range` on CPUs without VNNI): QuantizeLinear saturates at its type's limits.
 Two Linears with identical weights would match each other's MatMuls: correct if their parameters agree too,
 else refused (two different scales for one tensor).
+
+Served from an artifact directory (`IncQdqEngine(directory)`, what qala.answer does), the QDQ graphs are cached in
+workdir/inc-<key>/, keyed by the directory's content and the code that writes them (QdqCache): a cold start with
+the graphs it needs there reads them and never rebuilds the PyTorch model (replaying PT2E took ~8 s of a 12 s cold
+start on the reference model, Zen 5). A cached file is served only if its SHA-256 is the one its index recorded.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,9 +56,11 @@ from torch import nn
 
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import _dequantize, fp32_state_dict, int8_weights
-from qala.quantize.onnx import OnnxEngine, export_onnx, require_onnxruntime
+from qala.quantize.load import load_model, model_kind
+from qala.quantize.onnx import OnnxEngine, artifact_dir, export_onnx, require_onnxruntime
 from qala.quantize.openvino import Key, OpenVinoEngine, read_model
 from qala.quantize.units import QuantizedUnit, quantized_units, state_prefix
+from qala.utils import atomic_write_json, code_digest, content_hash, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,12 @@ INC_QDQ_METHOD = (
 )
 _QDQ = torch.ops.quantized_decomposed
 _DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
+# What a cached QDQ graph of an artifact directory is keyed by besides its content (see code_version): the sources
+# that rebuild the model (PT2E replay), export it and write the Q/DQ nodes, relative to the qala package, and the
+# libraries that do it. Any change to them builds the graphs again rather than serve a file of the old code.
+CODE_SOURCES = ("model.py", "lengths.py", "quantize/*.py")
+CODE_LIBRARIES = ("torch", "torchao", "neural-compressor-pt", "transformers", "onnx", "onnxruntime")
+CACHE_INDEX = "index.json"
 
 
 @dataclass(frozen=True)
@@ -158,16 +174,20 @@ def qdq_plan(model: nn.Module, engine: str = ENGINE) -> dict[str, WeightQuant]:
     """
     units = quantized_units(model)
     if not units:
-        raise ValueError(
-            f"engine {engine!r} serves an INC INT8 artifact (qala.tune's OUTPUT_DIR/model), not an fp32 model "
-            "(no quantized units)"
-        )
+        raise _not_int8(engine)
     plan: dict[str, WeightQuant] = {}
     for name, unit in units.items():
         plan.update(_unit_plan(model, name, unit, engine))
     if not plan:
         raise ValueError(f"engine {engine!r}: the INT8 units {list(units)} quantize no Linear weight")
     return plan
+
+
+def _not_int8(engine: str) -> ValueError:
+    return ValueError(
+        f"engine {engine!r} serves an INC INT8 artifact (qala.tune's OUTPUT_DIR/model), not an fp32 model "
+        "(no quantized units)"
+    )
 
 
 def plan_digest(model: nn.Module, plan: Mapping[str, WeightQuant]) -> str:
@@ -389,25 +409,131 @@ def qdq_file(engine: Any, fp32: Path, graph: str) -> Path:
     return path
 
 
+@functools.cache
+def code_version() -> str:
+    """SHA-256 of the writer's format, CODE_SOURCES and CODE_LIBRARIES' versions (qala.utils.code_digest)."""
+    return hashlib.sha256(f"{QDQ_FORMAT}\0{code_digest(CODE_SOURCES, CODE_LIBRARIES)}".encode()).hexdigest()
+
+
+class QdqCache:
+    """root/inc-<key>/: the QDQ graphs of one INT8 artifact directory, `<graph>.onnx`, and index.json.
+
+    The key hashes the directory's content (qala.utils.content_hash: every model file, names and bytes) with
+    code_version, so a changed artifact or a new qala / library gets another folder. index.json records the key
+    (a folder whose index names another is not trusted), the engine's facts and each graph's SHA-256: a graph is
+    served only if its file still has it, else built again (a truncated or edited file, or an index lost)."""
+
+    def __init__(self, root: str | Path, artifact: str | Path) -> None:
+        self.key = hashlib.sha256(f"{content_hash(artifact)}\0{code_version()}".encode()).hexdigest()
+        self.folder = Path(root) / f"inc-{self.key[:16]}"
+        self.index = self._read()
+        self._checked: dict[str, Path | None] = {}  # each file hashed once: at load, not per call
+
+    def _read(self) -> dict[str, Any]:
+        file = self.folder / CACHE_INDEX
+        if not file.is_file():
+            return {}
+        try:
+            index = json.loads(file.read_text())
+            if not isinstance(index, dict) or index.get("key") != self.key or not isinstance(index.get("graphs"), dict):
+                raise ValueError("not an index of this key")
+            int(index["num_layers"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("INC QDQ cache %s unreadable (%s): its graphs are built again", file, e)
+            return {}
+        return index
+
+    def path(self, graph: str) -> Path:
+        return self.folder / f"{graph}.onnx"
+
+    def graph(self, graph: str) -> Path | None:
+        """The cached file of `graph`, if the index lists it and the file still has the SHA-256 it recorded."""
+        if graph not in self._checked:
+            entry, path = self.index.get("graphs", {}).get(graph), self.path(graph)
+            if not isinstance(entry, dict):
+                self._checked[graph] = None
+            elif not path.is_file() or sha256_file(path) != entry.get("sha256"):
+                logger.warning("INC QDQ cache: %s is missing or not the file its index recorded: built again", path)
+                self._checked[graph] = None
+            else:
+                self._checked[graph] = path
+        return self._checked[graph]
+
+    def record(self, graph: str, facts: Mapping[str, Any]) -> None:
+        """Add the graph just written to path(graph) to the index (with `facts`: num_layers, inc_units, ...)."""
+        digest = sha256_file(self.path(graph))
+        index = self._read() or {"format": QDQ_FORMAT, "key": self.key, "graphs": {}}  # keep others' entries
+        index.update(facts)
+        index["graphs"][graph] = {"sha256": digest}
+        atomic_write_json(self.folder / CACHE_INDEX, index)
+        self.index = index
+        self._checked[graph] = self.path(graph)
+
+
 class IncQdqEngine(OnnxEngine):
     """INC's INT8 artifact on ONNX Runtime (`onnxruntime-inc`), called like the model.
 
     OnnxEngine's graphs, unfused (ORT's transformer optimizer packs Q, K and V into one Attention weight, which
     then no longer is INC's; ORT's own session optimizations still fuse SkipLayerNorm and BiasGelu): full length
     the plain graph, a keep configuration the adaptive graph (one per count of leading full layers), each with
-    INC's Q/DQ nodes. Files: workdir/<hash of the exported weights>/<graph>.inc-<hash of INC's parameters>.onnx,
-    beside the other ONNX engines' files of the same weights.
+    INC's Q/DQ nodes.
+
+    `model`: an INT8 model in memory, its QDQ files at workdir/<hash of the exported weights>/<graph>.inc-<hash of
+    INC's parameters>.onnx, beside the other ONNX engines' files of the same weights; or an INT8 artifact
+    directory, its QDQ files in QdqCache(workdir, directory), the model loaded (PT2E replayed) only to build a
+    graph the cache lacks.
     """
 
-    def __init__(self, model: nn.Module, *, workdir: str | Path | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | str | Path, *, workdir: str | Path | None = None, threads: int | None = None
+    ) -> None:
+        require_onnxruntime()
+        # OnnxEngine's state, set here rather than by OnnxEngine.__init__, which needs the model's weights.
+        self.name, self.int8, self.fused, self.threads = ENGINE, False, False, threads
+        self.facts: dict[str, Any] = {"quantization": INC_QDQ_METHOD}
+        self._sessions: dict[str, Any] = {}
+        self._root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-onnx-"))
+        self.model: Any = None
+        self.cache: QdqCache | None = None
+        start = time.perf_counter()
+        if isinstance(model, nn.Module):
+            self._prepare(model)
+        else:
+            self.artifact = Path(model)
+            if model_kind(self.artifact) != "int8":
+                raise _not_int8(ENGINE)
+            self.cache = QdqCache(self._root, self.artifact)
+            if self.cache.graph("plain") is None:
+                self._prepare(load_model(self.artifact))
+            else:
+                self.num_layers = int(self.cache.index["num_layers"])
+                self.facts["inc_units"] = list(self.cache.index.get("inc_units", []))
+        self.session("plain")
+        self.build_seconds = time.perf_counter() - start
+
+    def _prepare(self, model: nn.Module) -> None:
+        """What building a graph takes from the INT8 model: INC's plan and the fp32 model to export."""
         self.plan = qdq_plan(model, ENGINE)  # refuses an fp32 or dynamic model before anything is exported
         self.digest = plan_digest(model, self.plan)
-        super().__init__(export_model(model, self.plan), int8=False, workdir=workdir, threads=threads, fused=False)
-        self.name = ENGINE
-        self.facts.update(quantization=INC_QDQ_METHOD, inc_units=sorted({e.unit for e in self.plan.values()}))
+        self.model = export_model(model, self.plan)
+        self.num_layers = self.model.num_layers
+        self.folder = artifact_dir(self._root, self.model)
+        self.facts["inc_units"] = sorted({e.unit for e in self.plan.values()})
 
     def _file(self, graph: str) -> Path:
-        return qdq_file(self, super()._file(graph), graph)  # OnnxEngine's fp32 export, then INC's Q/DQ
+        if self.cache is None:
+            return qdq_file(self, super()._file(graph), graph)  # OnnxEngine's fp32 export, then INC's Q/DQ
+        cached = self.cache.graph(graph)
+        if cached is not None:
+            return cached
+        if self.model is None:
+            logger.info("INC QDQ cache %s has no %s graph: loading the artifact to build it", self.cache.folder, graph)
+            self._prepare(load_model(self.artifact))
+        path = self.cache.path(graph)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.facts[f"{graph}_qdq"] = write_qdq(super()._file(graph), path, self.plan, self.digest)
+        self.cache.record(graph, {"num_layers": self.num_layers, "inc_units": self.facts["inc_units"]})
+        return path
 
 
 class IncOpenVinoEngine(OpenVinoEngine):
