@@ -9,9 +9,10 @@ constants, prepacked), so the compiled model is for inference only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +27,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_GRAPHS = 1024
 
 CompileKey = tuple[tuple[int, ...] | None, int, int]
+
+
+@contextlib.contextmanager
+def compile_settings(max_graphs: int, freezing: bool) -> Iterator[None]:
+    """no_grad plus the Dynamo/Inductor settings of a compiled call (CompiledQA, the compile-dynamic engine).
+
+    Scoped to the call (compilation happens lazily inside it) rather than set globally, so other compiled code
+    in the process keeps its own settings. Freezing goes through the config, not torch.compile(options=...):
+    with the option, the int8 weight-prepack pass ran on fake tensors and failed
+    (UnsupportedOperatorException: onednn.qlinear_prepack, torch 2.13)."""
+    with (
+        torch.no_grad(),
+        torch._dynamo.config.patch(recompile_limit=max_graphs, accumulated_recompile_limit=max(max_graphs, 256)),
+        torch._inductor.config.patch(freezing=freezing),
+    ):
+        yield
 
 
 class CompiledQA:
@@ -67,17 +84,7 @@ class CompiledQA:
         key = self.key(inputs["input_ids"], length_config)
         first = key not in self.compile_seconds
         start = time.perf_counter()
-        # Both patches are scoped to the call (compilation happens lazily inside it) rather than set
-        # globally, so other compiled code in the process keeps its own settings. Freezing goes through
-        # the config, not torch.compile(options=...): with the option, the int8 weight-prepack pass ran
-        # on fake tensors and failed (UnsupportedOperatorException: onednn.qlinear_prepack, torch 2.13).
-        with (
-            torch.no_grad(),
-            torch._dynamo.config.patch(
-                recompile_limit=self.max_graphs, accumulated_recompile_limit=max(self.max_graphs, 256)
-            ),
-            torch._inductor.config.patch(freezing=self._freezing),
-        ):
+        with compile_settings(self.max_graphs, self._freezing):
             output = self._forward(**inputs, length_config=length_config)
         if first:
             self.compile_seconds[key] = time.perf_counter() - start

@@ -45,6 +45,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 from qala import lengths
 from qala.lengths import check_keep_ratios, constant_keep_ratios, own_tensor
 from qala.model import LengthAdaptiveForQuestionAnswering
+from qala.quantize.compile import DEFAULT_MAX_GRAPHS, compile_settings
 from qala.quantize.units import quantized_units
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ WARMUP_LENGTHS = (24, 64, 160, 250, 384)
 WARMUP_BATCH_SIZES = (1,)
 # The keep ratio of the warm-up's token-dropping configurations; any ratio below 1 does.
 WARMUP_KEEP = 0.8
-DEFAULT_MAX_GRAPHS = 1024
 
 
 # Windows are grouped per this many tokens: a call pads a window by fewer positions than this.
@@ -199,11 +199,7 @@ class DynamicCompiledEngine(EagerEngine):
             ratios = lengths.ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
         before = dynamo_graphs()
         with (
-            torch.no_grad(),
-            torch._dynamo.config.patch(
-                recompile_limit=self.max_graphs, accumulated_recompile_limit=max(self.max_graphs, 256)
-            ),
-            torch._inductor.config.patch(freezing=self._freezing),
+            compile_settings(self.max_graphs, self._freezing),
             # Without duck shaping, a window whose length happens to equal another size (hidden 384,
             # a head dimension, a kept count) does not get a graph of its own.
             torch.fx.experimental._config.patch(use_duck_shape=False),
