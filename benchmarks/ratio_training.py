@@ -24,10 +24,10 @@ from pathlib import Path
 
 from safetensors.torch import load_model as load_weights
 
+from qala.bench.worker import real_token_macs
 from qala.data import load_squad, windows
 from qala.evaluate import evaluate_features
-from qala.lengths import constant_keep_ratios, kept_per_layer
-from qala.model import macs_per_sample
+from qala.lengths import constant_keep_ratios
 from qala.quantize.load import load_model, load_tokenizer
 from qala.recipe import DataConfig
 from qala.train import read_eval
@@ -38,9 +38,9 @@ OUT = Path("benchmarks/results/ratio_training.json")
 
 
 def macs_ratio(config, lengths: list[int], ratios: list[float]) -> float:
-    full = sum(macs_per_sample(config, None, n) for n in lengths)
-    kept = sum(macs_per_sample(config, kept_per_layer(ratios, n), n) for n in lengths)
-    return round(kept / full, 4)
+    """MACs of `lengths` at `ratios` over the same at full length (qala.bench's real-token MACs)."""
+    kept = real_token_macs(config, {"length_config": ratios, "length_mode": "ratio"}, lengths)
+    return round(kept / real_token_macs(config, {}, lengths), 4)
 
 
 def score(

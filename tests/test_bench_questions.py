@@ -1,4 +1,4 @@
-"""The real-questions table (worker.measure_questions): planning, the end-to-end measurement, engines, the JSON.
+"""The real-questions table (worker.measure, unpadded rows): planning, the end-to-end measurement, engines, the JSON.
 
 Tiny models (2 layers, hidden 32) on the packaged SQuAD sample; nothing here asserts a timing.
 """
@@ -56,6 +56,7 @@ def spec_for(model: Path, tmp_path: Path, **extra) -> dict:
     return {
         "id": "test",
         "kind": "real_questions",
+        "padded": False,
         "data": SAMPLE,
         "data_split": "validation",
         "questions": 5,
@@ -173,7 +174,7 @@ def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_d
         return recorded, facts
 
     monkeypatch.setitem(peers.ENGINES, "qala", spy)
-    result = worker.measure_questions(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
+    result = worker.measure(spec_for(model_dir, tmp_path, max_seq_length=48, doc_stride=16))
     assert seen and all(bool(mask[:, -1].any()) for mask in seen)  # the last position is some window's token
     assert result["questions"] == 5 and result["requests"] == 3 and result["windows"] >= 5
     assert result["real_tokens"] <= result["padded_positions"]
@@ -183,12 +184,12 @@ def test_requests_carry_no_padding_beyond_their_longest_window(tmp_path, model_d
 
 
 def test_same_answers_through_qala_and_transformers_and_a_ratio_row(tmp_path, model_dir):  # noqa: F811
-    full = worker.measure_questions(spec_for(model_dir, tmp_path))
-    plain = worker.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
+    full = worker.measure(spec_for(model_dir, tmp_path))
+    plain = worker.measure(spec_for(model_dir, tmp_path, engine="transformers"))
     assert full["f1"] == plain["f1"] and full["exact_match"] == plain["exact_match"]
-    ratio = worker.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
+    ratio = worker.measure(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
     assert ratio["gmacs_real_tokens"] < full["gmacs_real_tokens"] and ratio["f1"] is not None
-    random = worker.measure_questions(
+    random = worker.measure(
         spec_for(model_dir, tmp_path, engine="transformers", path=None, arch=TINY_ARCH, f1_note="speed only")
     )
     assert random["f1"] is None and random["ms_p50"] > 0
@@ -276,14 +277,14 @@ def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     calibration = {"data": "package://qala/samples/squad_sample_train.json", "windows": 8}
-    plain = worker.measure_questions(spec_for(model_dir, tmp_path, engine="transformers"))
-    peer = worker.measure_questions(spec_for(model_dir, tmp_path, engine="openvino"))
-    bucketed = worker.measure_questions(spec_for(model_dir, tmp_path, backend="openvino"))
+    plain = worker.measure(spec_for(model_dir, tmp_path, engine="transformers"))
+    peer = worker.measure(spec_for(model_dir, tmp_path, engine="openvino"))
+    bucketed = worker.measure(spec_for(model_dir, tmp_path, backend="openvino"))
     assert peer["f1"] == plain["f1"] == bucketed["f1"] and bucketed["compiled_models"] > 0
-    ratio = worker.measure_questions(
+    ratio = worker.measure(
         spec_for(model_dir, tmp_path, backend="openvino", length_config=[0.7, 0.4], length_mode="ratio")
     )
-    reference = worker.measure_questions(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
+    reference = worker.measure(spec_for(model_dir, tmp_path, length_config=[0.7, 0.4], length_mode="ratio"))
     assert ratio["f1"] == reference["f1"]
     # max_seq_length 96: a training-sample question is too long for 64-token windows with doc_stride 32.
     window = {"max_seq_length": 96, "doc_stride": 32, "calibration": calibration, "dtype": "int8"}
@@ -291,7 +292,7 @@ def test_openvino_rows_answer_with_f1(tmp_path, model_dir):  # noqa: F811
         spec_for(model_dir, tmp_path, engine="openvino", **window),
         spec_for(model_dir, tmp_path, backend="openvino-int8", **window),
     ):
-        row = worker.measure_questions(spec)
+        row = worker.measure(spec)
         assert row["f1"] is not None and "nncf" in row["quantization"]
 
 
@@ -312,7 +313,7 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     overrides = [f"benchmark.int8_model={tiny_int8_artifact}"]
     assert cli.main([str(path), "--table", "questions", *overrides]) == 0, capsys.readouterr().err
     out = tmp_path / "out"
-    document = json.loads((out / cli.QUESTIONS_NAME).read_text())
+    document = json.loads((out / cli.FILES["questions"][0]).read_text())
     assert document["cpu"] and document["versions"]["torch"] and document["seeds"]["random_weights"] == 0
     assert document["method"]["questions"] == 4 and document["gemm_peak"]["int8_gmacs_per_s"] > 0
     # The peak of a dtype is the best of the engines the rows use, each engine's figure kept beside it.
@@ -337,8 +338,8 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     assert rows["transformers/BERT-base/fp32/full/b2"]["f1"] is None
     assert rows["qala/MiniLM/fp32/full/b2"]["f1"] == rows["transformers/MiniLM/fp32/full/b2"]["f1"]
     assert rows["qala/MiniLM/int8/full/b2"]["f1"] is not None and not rows["qala/MiniLM/int8/full/b2"]["compiled"]
-    assert "| qala | MiniLM | int8 | full | 2 |" in (out / cli.QUESTIONS_TABLE).read_text()
-    assert (out / cli.QUESTIONS_PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert "| qala | MiniLM | int8 | full | 2 |" in (out / cli.FILES["questions"][1]).read_text()
+    assert (out / cli.FILES["questions"][2]).read_bytes()[:4] == b"\x89PNG"
     assert document["notes"]["ipex"]["status"] == "skipped"
 
     calls = []
@@ -370,8 +371,8 @@ def test_qala_rows_through_named_serving_engines(tmp_path, model_dir):  # noqa: 
         "qala:compile-dynamic/MiniLM/int8/full/b2",
     ]
     pytest.importorskip("qala.quantize.engines")
-    eager = worker.measure_questions(spec_for(model_dir, tmp_path, backend="eager"))
-    assert eager["backend"] == "eager" and eager["f1"] == worker.measure_questions(spec_for(model_dir, tmp_path))["f1"]
+    eager = worker.measure(spec_for(model_dir, tmp_path, backend="eager"))
+    assert eager["backend"] == "eager" and eager["f1"] == worker.measure(spec_for(model_dir, tmp_path))["f1"]
 
 
 def test_qala_rows_run_a_requests_windows_in_length_groups(tmp_path, model_dir):  # noqa: F811
@@ -487,5 +488,5 @@ def test_benchmark_openvino_switches_the_openvino_peers(tmp_path, model_dir, mon
 def test_the_gemm_peak_runs_on_qala_quantize_onnx(tmp_path):
     from qala.bench import roofline
 
-    assert roofline._onnx_matmul(16, tmp_path, int8=True)()[0].shape == (16, 16)
+    assert roofline._onnx_matmul(16, tmp_path, int8=True)[0]()[0].shape == (16, 16)
     assert not hasattr(peers, "onnx_session") and not hasattr(peers, "quantize_onnx")  # one builder, one quantizer

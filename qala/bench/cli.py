@@ -5,9 +5,9 @@
 `padded` (default): every row on windows padded to data.max_seq_length, the paper's view, with the
 roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, throughput_vs_cores.png).
 `questions`: real questions end to end on unpadded windows (OUTPUT_DIR/real_questions.json, .md, .png).
-Both tables run through one Harness: a killed run keeps every row it finished; `--resume` skips rows
-already measured for the same inputs (settings, row spec, and by content the models). One run per
-OUTPUT_DIR at a time.
+Both run through one Harness (a row's `padded` flag says which measurement its worker makes): a killed run
+keeps every row it finished; `--resume` skips rows and the GEMM peak already measured for the same inputs
+(settings, row spec, and by content the models). One run per OUTPUT_DIR at a time.
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from qala.bench import plan, report
 
 logger = logging.getLogger(__name__)
 
-BENCH_NAME, TABLE_NAME = "bench.json", "bench.md"
-QUESTIONS_NAME, QUESTIONS_TABLE, QUESTIONS_PLOT = "real_questions.json", "real_questions.md", "real_questions.png"
-INPUTS_NAME = "inputs.safetensors"
-GEMM_PEAK_ID = "__gemm_peak__"
-# Per table: (result file, markdown file, derived columns, markdown table).
-TABLES = {
-    "padded": (BENCH_NAME, TABLE_NAME, report.add_derived, report.format_table),
-    "questions": (QUESTIONS_NAME, QUESTIONS_TABLE, report.add_questions_derived, report.format_questions_table),
+# Per table: (result file, markdown table, F1 plot).
+FILES = {
+    "padded": ("bench.json", "bench.md", "f1_vs_speedup.png"),
+    "questions": ("real_questions.json", "real_questions.md", "real_questions.png"),
 }
+INPUTS_NAME = "inputs.safetensors"
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -116,9 +113,9 @@ def _slug(text: str) -> str:
 
 
 class Harness:
-    """One table's run: row specs measured one worker at a time, the document saved after each row; resume (rows
-    of the same fingerprint and spec are kept, qala.stage's stored_record), the time budget and the GEMM peak
-    work alike for both tables."""
+    """One table's run: specs (the GEMM peak, then the rows) measured one worker at a time, the document saved after
+    each; resume (a spec of the same id and hash in the last run of the same fingerprint is kept, qala.stage's
+    stored_record), the time budget and the GEMM peak work alike for both tables."""
 
     def __init__(self, recipe: Any, table: str = "padded", *, resume: bool = False) -> None:
         from qala.recipe import fingerprint
@@ -134,21 +131,19 @@ class Harness:
         self.fingerprint = fingerprint(self.inputs)
         self.previous = self._previous() if resume else {}
         self.document: dict[str, Any] = {"fingerprint": self.fingerprint, "inputs": self.inputs}
-        self.document.update(rows=[], gemm_peak=None)
+        self.document.update(rows=[], gemm_peak=None, budget_exhausted=False)
         self.recipe_written = False
 
     def _previous(self) -> dict[str, Any]:
-        """The rows (and GEMM peak) of the last run of this table when it measured the same inputs, by id."""
+        """The results (rows and GEMM peak) of the last run of this table when it measured the same inputs, by id."""
         from qala.stage import stored_record
 
-        path = self.out / TABLES[self.table][0]
+        path = self.out / FILES[self.table][0]
         previous, changed = stored_record(path, self.inputs, fingerprint=self.fingerprint)
         if changed:
             logger.warning("--resume: %s was measured for other inputs (%s); measuring everything again", path, changed)
-        kept = {r["id"]: r for r in (previous or {}).get("rows", []) if r.get("status") == "ok"}
-        if ((previous or {}).get("gemm_peak") or {}).get("status") == "ok":
-            kept[GEMM_PEAK_ID] = previous["gemm_peak"]
-        return kept
+        results = [*(previous or {}).get("rows", []), (previous or {}).get("gemm_peak") or {}]
+        return {r["id"]: r for r in results if r.get("status") == "ok" and "id" in r}
 
     def over_budget(self) -> bool:
         limit = self.bench.time_budget_minutes
@@ -162,52 +157,31 @@ class Harness:
     def save(self) -> None:
         from qala.utils import atomic_write_json, atomic_write_text
 
-        json_name, table_name, derive, markdown = TABLES[self.table]
-        derive(self.document["rows"], self.document.get("gemm_peak"))
-        if self.table == "padded":
-            self.document["wall_seconds"] = round(time.monotonic() - self.started, 1)
-        atomic_write_json(self.out / json_name, self.document)
-        atomic_write_text(self.out / table_name, markdown(self.document))
+        report.add_derived(self.document["rows"], self.document.get("gemm_peak"))
+        self.document["wall_seconds"] = round(time.monotonic() - self.started, 1)
+        atomic_write_json(self.out / FILES[self.table][0], self.document)
+        atomic_write_text(self.out / FILES[self.table][1], report.format_table(self.document))
 
-    def write_recipe(self) -> None:
-        """OUTPUT_DIR/recipe.yaml when the first measurement starts (qala.stage.write_recipe): a start that fails
-        at once (inputs, plan) leaves the last run's record."""
+    def result(self, spec: dict[str, Any], work_dir: Path, extra: Mapping[str, Any] = {}) -> dict[str, Any]:  # noqa: B006
+        """`spec` measured by a worker (with `extra` fields for the worker only), or kept from the last run
+        (--resume, same spec), or skipped past the time budget. The first measurement writes OUTPUT_DIR/recipe.yaml
+        (a start that fails at once, on its inputs or plan, leaves the last run's record)."""
         from qala.stage import write_recipe
 
+        digest = plan.spec_hash(spec)
+        done = self.previous.get(spec["id"])
+        if done and done.get("spec_hash") == digest:
+            logger.info("%s: measured before (--resume), kept", spec["id"])
+            return done
+        if self.over_budget():
+            return self.skipped(spec)
         if not self.recipe_written:
             write_recipe(self.out, self.recipe)
             self.recipe_written = True
-
-    def measure_gemm_peak(self, threads: int) -> None:
-        self.write_recipe()
-        spec = {"id": "gemm_peak", "kind": "gemm_peak", "threads": threads, "gemm_size": self.bench.gemm_size}
-        if GEMM_PEAK_ID in self.previous:
-            self.document["gemm_peak"] = self.previous[GEMM_PEAK_ID]
-        else:
-            logger.info("GEMM peak (fp32 and INT8, every engine) at %d threads ...", threads)
-            self.document["gemm_peak"] = run_worker(spec, self.out / "work" / "gemm_peak")
-        self.save()
-
-    def measure_rows(self, specs: Sequence[dict[str, Any]], work: Path, extra: Mapping[str, Any]) -> None:
-        """Measure each spec (with `extra` fields added for the worker only) unless --resume has it."""
-        self.write_recipe()
-        for i, spec in enumerate(specs, 1):
-            digest = plan.spec_hash(spec)
-            done = self.previous.get(spec["id"])
-            if done and done.get("spec_hash") == digest:
-                logger.info("[%d/%d] %s: measured before (--resume), kept", i, len(specs), spec["id"])
-                self.document["rows"].append(done)
-                continue
-            if self.over_budget():
-                self.document["rows"].append(self.skipped(spec))
-                continue
-            logger.info("[%d/%d] %s ...", i, len(specs), spec["id"])
-            work_dir = work / _slug(spec["id"])
-            result = run_worker({**spec, **extra, "work_dir": str(work_dir)}, work_dir)
-            row = {**spec, "spec_hash": digest, **result}
-            self.document["rows"].append(row)
-            self.save()
-            logger.info("[%d/%d] %s: %s", i, len(specs), spec["id"], _progress(row))
+        logger.info("%s ...", spec["id"])
+        row = {**spec, "spec_hash": digest, **run_worker({**spec, **extra, "work_dir": str(work_dir)}, work_dir)}
+        logger.info("%s: %s", spec["id"], _progress(row))
+        return row
 
 
 def _progress(row: Mapping[str, Any]) -> str:
@@ -217,7 +191,11 @@ def _progress(row: Mapping[str, Any]) -> str:
     if "batches" in row:  # padded table
         parts = [f"b{b} {m['median_ms']:.1f} ms ({m['samples_per_s']:.2f}/s)" for b, m in row["batches"].items()]
         return ", ".join(parts) + f", peak RSS {row['peak_rss_mb']:.0f} MB"
-    return f"F1 {report.fmt(row.get('f1'), 2)}, p50 {row['ms_p50']} ms/question, {row['questions_per_s']} questions/s"
+    if "questions_per_s" in row:
+        return (
+            f"F1 {report.fmt(row.get('f1'), 2)}, p50 {row['ms_p50']} ms/question, {row['questions_per_s']} questions/s"
+        )
+    return f"GEMM peak fp32 {row.get('fp32_gmacs_per_s')}, INT8 {row.get('int8_gmacs_per_s')} GMAC/s"
 
 
 def write_inputs(recipe: Any, bench: Any, path: Path) -> int:
@@ -281,27 +259,28 @@ def run_table(
     inputs = h.out / INPUTS_NAME
     n = write_inputs(recipe, b, inputs) if padded else None
     rows, notes = plan.plan_rows(recipe, table, pad_multiple=pad_multiple, qala_backends=qala_backends)
-    # When the run started (UTC): a result file says its own date (the report printed "date unknown" before).
-    h.document["date"] = h.document.get("date") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if padded:
-        h.document.update(environment=env, method=_method(recipe, padded, threads, n), core_sweep=None)
-        h.document.update(peers=notes, budget_exhausted=False)
-    else:  # "cpu" first: machines differ between sessions, and every figure is for this one
-        h.document = {"cpu": env["cpu"], **h.document, "versions": env["versions"], "environment": env}
-        h.document.update(method=_method(recipe, padded, threads, None), notes=notes)
-        h.document["seeds"] = {"random_weights": RANDOM_WEIGHTS_SEED, "run": recipe.run.seed}
-        h.document["seeds"]["questions"] = "the first N questions of the file, in order (no sampling)"
+    # "cpu" and the (UTC) start first: machines differ between sessions, and every figure is for this one.
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    h.document = {"cpu": env["cpu"], "date": date, **h.document, "versions": env["versions"], "environment": env}
+    h.document.update({"method": _method(recipe, padded, threads, n), "peers" if padded else "notes": notes})
+    h.document["seeds"] = {"random_weights": RANDOM_WEIGHTS_SEED, "run": recipe.run.seed}
+    h.document["seeds"].update({} if padded else {"questions": "the first N questions of the file, in order"})
+    h.document.update({"core_sweep": None} if padded else {})
     if b.gemm_peak:
-        h.measure_gemm_peak(threads)
-    h.measure_rows(rows, h.out / "work" / ("" if padded else "questions"), {"inputs": str(inputs)} if padded else {})
+        spec = {"id": "gemm_peak", "kind": "gemm_peak", "threads": threads, "gemm_size": b.gemm_size}
+        h.document["gemm_peak"] = h.result(spec, h.out / "work" / "gemm_peak")
+        h.save()
+    work, extra = h.out / "work" / ("" if padded else "questions"), {"inputs": str(inputs)} if padded else {}
+    for i, spec in enumerate(rows, 1):
+        logger.info("[%d/%d]", i, len(rows))
+        h.document["rows"].append(h.result(spec, work / _slug(spec["id"]), extra))
+        h.save()
     if padded and b.core_sweep:
         h.document["core_sweep"] = core_sweep(h, rows, inputs)
     h.save()
+    report.plot_f1(h.document, h.out / FILES[table][2])
     if padded:
-        report.plot_f1_vs_speedup(h.document, h.out / "f1_vs_speedup.png")
         report.plot_throughput_vs_cores(h.document, h.out / "throughput_vs_cores.png")
-    else:
-        report.plot_questions(h.document, h.out / QUESTIONS_PLOT)
     return h.document
 
 
@@ -412,13 +391,13 @@ def _main(args: argparse.Namespace, recipe: Any) -> int:
             raise ValueError(f"--qala-backend {name} serves an INC INT8 artifact: set benchmark.int8_model")
     documents, written = [], []
     with stage_lock(recipe.benchmark.output_dir):  # held for the whole run, both tables
-        for table in [t for t in TABLES if args.table in (t, "all")]:
+        for table in [t for t in FILES if args.table in (t, "all")]:
             options = (
                 {"pad_multiple": args.pad_multiple, "qala_backends": args.qala_backend} if table != "padded" else {}
             )
             documents.append(run_table(recipe, table, resume=args.resume, **options))
-            print(TABLES[table][3](documents[-1]), end="")
-            written += TABLES[table][:2]
+            print(report.format_table(documents[-1]), end="")
+            written += FILES[table][:2]
     out = Path(recipe.benchmark.output_dir)
     print(f"wrote {', '.join(str(out / n) for n in written)} and the plots")
     failed = [r["id"] for d in documents for r in d["rows"] if r.get("status") == "failed"]

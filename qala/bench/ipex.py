@@ -14,14 +14,7 @@ from qala.bench.cli import environment
 from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
 from qala.lengths import constant_ratio_length_config
-from qala.quantize.ipex import (
-    DEFAULT_STATIC_CONFIG,
-    IpexStaticQA,
-    file_sha256,
-    import_ipex,
-    length_key,
-    versions,
-)
+from qala.quantize.ipex import DEFAULT_STATIC_CONFIG, IpexStaticQA, file_sha256, import_ipex, length_key, versions
 from qala.recipe import CalibrationConfig, DataConfig, QuantizationConfig, Recipe, RunConfig
 from qala.tune import calibration_batches
 from qala.utils import atomic_write_json
@@ -49,12 +42,7 @@ def score(model: Any, length_config: list[int] | None, batch_size: int, examples
     m, _ = evaluate_features(
         model, examples, features, length_config=length_config, batch_size=batch_size, progress=False
     )
-    return {
-        "exact_match": round(m["exact_match"], 2),
-        "f1": round(m["f1"], 2),
-        "n": m["n"],
-        "seconds": round(m["seconds"], 1),
-    }
+    return {k: round(m[k], 2) for k in ("exact_match", "f1")} | {"n": m["n"], "seconds": round(m["seconds"], 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -250,7 +250,7 @@ def _openvino_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[s
 
 def _ipex_engine(spec: Mapping[str, Any], work_dir: Path, example: Mapping[str, Any]) -> tuple[Predictor, dict]:
     # Runs under the recipe's benchmark.ipex_python (torch 2.8, IPEX 2.8, qala installed with --no-deps): the INT8
-    # model `python -m qala.quantize.ipex` calibrated and scored, one frozen trace per (configuration, shape); a
+    # model `python -m qala.bench.ipex` calibrated and scored, one frozen trace per (configuration, shape); a
     # shape's first call builds its trace (never timed).
     from qala.quantize.ipex import timing_callable
 

@@ -244,7 +244,7 @@ def _adder(recipe: Any, rows: list[dict[str, Any]], padded: bool, model: str | N
     from qala.utils import resolve_model_path
 
     b, d, e = recipe.benchmark, recipe.data, recipe.eval
-    common: dict[str, Any] = {"threads": b.threads or os.cpu_count() or 1}
+    common: dict[str, Any] = {"padded": padded, "threads": b.threads or os.cpu_count() or 1}
     if padded:
         config = AutoConfig.from_pretrained(model) if model else None
         common.update(seq_length=d.max_seq_length, batch_sizes=list(b.batch_sizes))

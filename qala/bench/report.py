@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,17 @@ def summarize(seconds: Sequence[float], batch_size: int) -> dict[str, Any]:
 
 
 def add_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] | None) -> None:
-    """Speedups against the BERT-base row of the same run and the roofline columns, in place."""
+    """Derived columns, in place. Padded rows (`batches`): throughput speedups against the BERT-base row of the same
+    run, GMAC/s and the fraction of their dtype's GEMM peak per batch size. Unpadded rows: their GMAC/s on real
+    tokens against the INT8 GEMM peak (the machine's highest)."""
     reference = next((r for r in rows if r["id"] == REFERENCE_ID and r.get("status") == "ok"), None)
     ref = {str(b): m["samples_per_s"] for b, m in reference["batches"].items()} if reference else None
     for row in (r for r in rows if r.get("status") == "ok"):
+        if "batches" not in row:
+            if row.get("achieved_gmacs_per_s") is not None:
+                peak = peak_of(peaks, "int8")
+                row["int8_peak_fraction"] = round(row["achieved_gmacs_per_s"] / peak, 4) if peak else None
+            continue
         throughput = {str(b): m["samples_per_s"] for b, m in row["batches"].items()}
         row["speedup_vs_bert_base"] = (
             None if ref is None else {b: round(t / ref[b], 3) for b, t in throughput.items() if ref.get(b)}
@@ -57,77 +64,90 @@ def fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
     return f"{value:,.{digits}f}{suffix}"
 
 
+def _scaled(value: Any, scale: float) -> Any:
+    return None if value is None else value * scale
+
+
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in lines]
 
 
-def _failures(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    failed = [r for r in rows if r.get("status") != "ok"]
-    return [f"- {r['id']}: {r.get('status')}: {str(r.get('error', ''))[:200]}" for r in failed]
+# A table is a list of columns: (header, cell(row) -> text).
+Column = tuple[str, Callable[[Mapping[str, Any]], str]]
+
+
+def is_padded(document: Mapping[str, Any]) -> bool:
+    """Whether a result file is the padded table (its method counts windows, the questions table's questions)."""
+    return "questions" not in document.get("method", {})
+
+
+def padded_columns(document: Mapping[str, Any]) -> list[Column]:
+    """The padded table in the paper's shape: F1, sizes, per batch size samples/s, the roofline, speedups."""
+    sizes = [str(b) for b in document["method"]["batch_sizes"]]
+    first, last = sizes[0], sizes[-1]
+
+    def f1(row: Mapping[str, Any]) -> str:
+        return fmt(row.get("f1"), 2) + (" (published)" if row.get("f1") is not None and row.get("f1_published") else "")
+
+    def size(row: Mapping[str, Any]) -> str:
+        mb = fmt(row["size_bytes"] / 1e6 if row.get("size_bytes") else None, 1)
+        return mb + (" (params)" if row.get("size_kind") == "parameter_bytes" else "")
+
+    def batch(b: str, key: str, header: str, digits: int) -> Column:
+        return header, lambda r: fmt(r["batches"].get(b, {}).get(key), digits)
+
+    def speedup(b: str) -> Column:
+        return f"speedup b{b}", lambda r: fmt((r.get("speedup_vs_bert_base") or {}).get(b), 2, "x")
+
+    return [
+        ("model", lambda r: r["name"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("length config", lambda r: ",".join(map(str, r["length_config"])) if r.get("length_config") else "full"),
+        ("size MB", size),
+        ("F1", f1),
+        batch(first, "p50_ms", f"b{first} p50 ms", 1),
+        *[batch(b, "samples_per_s", f"samples/s b{b}", 2) for b in sizes],
+        ("GMACs/sample", lambda r: fmt(r["macs_per_sample"] / 1e9 if r.get("macs_per_sample") else None, 2)),
+        (f"% of peak b{last}", lambda r: fmt(_scaled((r.get("peak_fraction") or {}).get(last), 100), 1, "%")),
+        speedup(first),
+        speedup(last),
+    ]
+
+
+QUESTIONS_COLUMNS: list[Column] = [
+    ("engine", lambda r: r["engine"] + (f" ({r['backend']})" if r.get("backend") else "")),
+    ("model", lambda r: r["name"]),
+    ("dtype", lambda r: r["dtype"]),
+    ("length config", lambda r: config_slug(r.get("length_config"), r.get("length_mode") or "absolute")),
+    ("batch", lambda r: str(r["batch_size"])),
+    ("F1", lambda r: fmt(r.get("f1"), 2)),
+    ("ms/question p50", lambda r: fmt(r.get("ms_p50"), 2)),
+    ("p90", lambda r: fmt(r.get("ms_p90"), 2)),
+    ("questions/s", lambda r: fmt(r.get("questions_per_s"), 1)),
+    ("GMAC/s (real tokens)", lambda r: fmt(r.get("achieved_gmacs_per_s"), 1)),
+    ("% of INT8 peak", lambda r: fmt(_scaled(r.get("int8_peak_fraction"), 100), 1, "%")),
+]
 
 
 def format_table(document: Mapping[str, Any]) -> str:
-    """Markdown table in the paper's shape: one line per measured row."""
-    sizes = [str(b) for b in document["method"]["batch_sizes"]]
-    first, last = sizes[0], sizes[-1]
-    header = [
-        "model",
-        "dtype",
-        "length config",
-        "size MB",
-        "F1",
-        f"b{first} p50 ms",
-        *[f"samples/s b{b}" for b in sizes],
-    ]
-    header += ["GMACs/sample", f"% of peak b{last}", f"speedup b{first}", f"speedup b{last}"]
-    lines = []
-    for row in (r for r in document["rows"] if r.get("status") == "ok"):
-        f1 = fmt(row.get("f1"), 2) + (" (published)" if row.get("f1") is not None and row.get("f1_published") else "")
-        size = fmt(row["size_bytes"] / 1e6 if row.get("size_bytes") else None, 1)
-        size += " (params)" if row.get("size_kind") == "parameter_bytes" else ""
-        lengths = "full" if row.get("length_config") is None else ",".join(map(str, row["length_config"]))
-        batches, speed = row["batches"], row.get("speedup_vs_bert_base") or {}
-        peak = (row.get("peak_fraction") or {}).get(last)
-        macs = row["macs_per_sample"] / 1e9 if row.get("macs_per_sample") else None
-        cells = [row["name"], row["dtype"], lengths, size, f1, fmt(batches.get(first, {}).get("p50_ms"), 1)]
-        cells += [fmt(batches.get(b, {}).get("samples_per_s"), 2) for b in sizes]
-        cells += [fmt(macs, 2), fmt(peak * 100 if peak is not None else None, 1, "%")]
-        lines.append(cells + [fmt(speed.get(first), 2, "x"), fmt(speed.get(last), 2, "x")])
-    m = document["method"]
-    notes = [
-        "",
-        f"Threads per row: {m['threads']}; batch {first} latency from {m['latency_repeats']} timed calls, other "
-        f"batches the median of up to {m['repeats']} after {m['warmup']} warm-up calls. "
-        "Speedups are throughput ratios against BERT-base fp32 measured in the same run.",
-    ]
-    return "\n".join(_markdown(header, lines) + notes + _failures(document["rows"])) + "\n"
-
-
-QUESTIONS_HEADER = ["engine", "model", "dtype", "length config", "batch", "F1", "ms/question p50", "p90"]
-QUESTIONS_HEADER += ["questions/s", "GMAC/s (real tokens)", "% of INT8 peak"]
-
-
-def format_questions_table(document: Mapping[str, Any]) -> str:
-    """Markdown table of the real-questions run: one line per (row, batch size)."""
-    lines = []
-    for row in (r for r in document["rows"] if r.get("status") == "ok"):
-        engine = row["engine"] + (f" ({row['backend']})" if row.get("backend") else "")
-        slug = config_slug(row.get("length_config"), row.get("length_mode") or "absolute")
-        fraction = row.get("int8_peak_fraction")
-        cells = [engine, row["name"], row["dtype"], slug, str(row["batch_size"]), fmt(row.get("f1"), 2)]
-        cells += [fmt(row.get("ms_p50"), 2), fmt(row.get("ms_p90"), 2), fmt(row.get("questions_per_s"), 1)]
-        lines.append(cells + [fmt(row.get("achieved_gmacs_per_s"), 1), fmt(fraction and fraction * 100, 1, "%")])
+    """Markdown of a result file, either table: one line per measured row, its columns, how it was measured, then
+    the rows that failed."""
+    columns = padded_columns(document) if is_padded(document) else QUESTIONS_COLUMNS
+    lines = [[cell(row) for _, cell in columns] for row in document["rows"] if row.get("status") == "ok"]
     m = document.get("method", {})
-    notes = ["", m.get("summary", "")] if m.get("summary") else []
-    return "\n".join(_markdown(QUESTIONS_HEADER, lines) + notes + _failures(document["rows"])) + "\n"
-
-
-def add_questions_derived(rows: list[dict[str, Any]], peaks: Mapping[str, Any] | None) -> None:
-    """GMAC/s on real tokens against the measured INT8 GEMM peak (the machine's highest), in place."""
-    peak = peak_of(peaks, "int8")
-    for row in rows:
-        if row.get("status") == "ok" and row.get("achieved_gmacs_per_s") is not None:
-            row["int8_peak_fraction"] = round(row["achieved_gmacs_per_s"] / peak, 4) if peak else None
+    if is_padded(document):
+        sizes = m["batch_sizes"]
+        notes = [
+            "",
+            f"Threads per row: {m['threads']}; batch {sizes[0]} latency from {m['latency_repeats']} timed calls, "
+            f"other batches the median of up to {m['repeats']} after {m['warmup']} warm-up calls. "
+            "Speedups are throughput ratios against BERT-base fp32 measured in the same run.",
+        ]
+    else:
+        notes = ["", m["summary"]] if m.get("summary") else []
+    failed = [r for r in document["rows"] if r.get("status") != "ok"]
+    notes += [f"- {r['id']}: {r.get('status')}: {str(r.get('error', ''))[:200]}" for r in failed]
+    return "\n".join(_markdown([header for header, _ in columns], lines) + notes) + "\n"
 
 
 def figure(size: tuple[float, float] = (7, 4.5)) -> tuple[Any, Any]:
@@ -164,18 +184,29 @@ def _scatter(path: str | Path, groups: Sequence[tuple[str, str, list]], xlabel: 
     return True
 
 
-def plot_f1_vs_speedup(document: Mapping[str, Any], path: str | Path) -> bool:
-    """F1 versus speedup (largest batch) of every row that has both."""
-    last = str(document["method"]["batch_sizes"][-1])
+def plot_f1(document: Mapping[str, Any], path: str | Path) -> bool:
+    """F1 versus speed of every row with an F1: padded rows at their speedup against BERT-base at the largest batch
+    (one marker per dtype), unpadded rows at questions/s end to end (one marker per batch size)."""
     rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
-    rows = [r for r in rows if (r.get("speedup_vs_bert_base") or {}).get(last)]
+    if is_padded(document):
+        last = str(document["method"]["batch_sizes"][-1])
+        rows = [r for r in rows if (r.get("speedup_vs_bert_base") or {}).get(last)]
 
-    def point(r: Mapping[str, Any]) -> tuple[float, float, str]:
-        return r["speedup_vs_bert_base"][last], r["f1"], r["name"] + (" *" if r.get("f1_published") else "")
+        def point(r: Mapping[str, Any]) -> tuple[float, float, str]:
+            return r["speedup_vs_bert_base"][last], r["f1"], r["name"] + (" *" if r.get("f1_published") else "")
 
-    groups = [(d, marker, [point(r) for r in rows if r["dtype"] == d]) for d, marker in (("fp32", "o"), ("int8", "s"))]
-    xlabel = f"throughput speedup vs BERT-base fp32, batch {last}"
-    return _scatter(path, groups, xlabel, "SQuAD F1 (* published)", 7)
+        groups = [(d, mark, [point(r) for r in rows if r["dtype"] == d]) for d, mark in (("fp32", "o"), ("int8", "s"))]
+        xlabel = f"throughput speedup vs BERT-base fp32, batch {last}"
+        return _scatter(path, groups, xlabel, "SQuAD F1 (* published)", 7)
+
+    def where(r: Mapping[str, Any]) -> tuple[float, float, str]:
+        slug = config_slug(r.get("length_config"), r.get("length_mode") or "")
+        return r["questions_per_s"], r["f1"], f"{r['engine']} {r['dtype']} {slug}"
+
+    batches = zip(sorted({r["batch_size"] for r in rows}), "osD^v", strict=False)
+    groups = [(f"batch {b}", mark, [where(r) for r in rows if r["batch_size"] == b]) for b, mark in batches]
+    xlabel = "questions/s, end to end (tokenization, all windows, post-processing)"
+    return _scatter(path, groups, xlabel, f"F1 on the same {document['method'].get('questions', '')} questions", 6)
 
 
 def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> bool:
@@ -197,20 +228,6 @@ def plot_throughput_vs_cores(document: Mapping[str, Any], path: str | Path) -> b
     ax.legend(fontsize=7)
     save_figure(fig, path)
     return True
-
-
-def plot_questions(document: Mapping[str, Any], path: str | Path) -> bool:
-    """F1 versus questions/s of the real-questions rows that have an F1, one marker per batch size."""
-    rows = [r for r in document["rows"] if r.get("status") == "ok" and r.get("f1") is not None]
-
-    def point(r: Mapping[str, Any]) -> tuple[float, float, str]:
-        slug = config_slug(r.get("length_config"), r.get("length_mode") or "")
-        return r["questions_per_s"], r["f1"], f"{r['engine']} {r['dtype']} {slug}"
-
-    batches = zip(sorted({r["batch_size"] for r in rows}), "osD^v", strict=False)
-    groups = [(f"batch {b}", marker, [point(r) for r in rows if r["batch_size"] == b]) for b, marker in batches]
-    xlabel = "questions/s, end to end (tokenization, all windows, post-processing)"
-    return _scatter(path, groups, xlabel, f"F1 on the same {document['method'].get('questions', '')} questions", 6)
 
 
 # --------------------------------------------------------------------------- tables quoted in README.md and docs/
@@ -247,29 +264,37 @@ def _configuration(row: Mapping[str, Any]) -> str:
     return f"keep `[{text}]`" if row.get("length_mode") == "ratio" else f"lc `[{text}]`, padded 384"
 
 
+# The headline's columns read a batch-1 row and its batch-32 twin ({} when there is none).
+HEADLINE_COLUMNS: list[tuple[str, Callable[[Mapping[str, Any], Mapping[str, Any]], str]]] = [
+    ("what runs", lambda b1, b32: _what_runs(b1)),
+    ("dtype", lambda b1, b32: b1["dtype"]),
+    ("configuration", lambda b1, b32: _configuration(b1)),
+    ("F1 b1 / b32", lambda b1, b32: " / ".join(fmt(r.get("f1"), 2) for r in (b1, b32))),  # "-": random weights
+    ("b1 ms/q p50 / p90", lambda b1, b32: f"{b1['ms_p50']:.1f} / {b1['ms_p90']:.1f}"),
+    ("b1 q/s", lambda b1, b32: f"{b1['questions_per_s']:.1f}"),
+    ("b32 q/s", lambda b1, b32: f"{b32['questions_per_s']:.1f}" if b32 else "-"),
+]
+
+
 def format_headline_table(document: Mapping[str, Any], path: Path, padded: bool = False) -> str:
     """README's headline table of a real_questions.json: one line per row at batch 1 beside its batch-32 twin,
     after a line saying which questions, model, CPU, versions and date. Unpadded rows only (what a user gets);
     `padded` adds the paper's absolute configurations, every window padded to 384."""
     models = sorted({r["path"] for r in document["rows"] if r.get("path")})
     method, versions = document["method"], document["versions"]
-    lines = [
+    title = (
         f"{method['questions']} questions of `{method['data']}`; model(s) {', '.join(f'`{m}`' for m in models)}; "
         f"{document['cpu']}, {method['threads']} threads; torch {versions['torch']}, "
-        f"onnxruntime {versions.get('onnxruntime', '-')}; date {_date_of(document, path)}; from `{path}`.\n",
-        "| what runs | dtype | configuration | F1 b1 / b32 | b1 ms/q p50 / p90 | b1 q/s | b32 q/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        f"onnxruntime {versions.get('onnxruntime', '-')}; date {_date_of(document, path)}; from `{path}`.\n"
+    )
     by_id = {r["id"]: r for r in document["rows"] if r.get("status") == "ok"}
-    for key, b1 in by_id.items():
-        if not key.endswith("/b1") or (b1.get("length_mode") == "absolute" and not padded):
-            continue
-        b32 = by_id.get(key.removesuffix("/b1") + "/b32") or {}
-        f1 = " / ".join(fmt(r.get("f1"), 2) for r in (b1, b32))  # "-": random weights, speed only
-        cells = [_what_runs(b1), b1["dtype"], _configuration(b1), f1, f"{b1['ms_p50']:.1f} / {b1['ms_p90']:.1f}"]
-        cells += [f"{b1['questions_per_s']:.1f}", f"{b32['questions_per_s']:.1f}" if b32 else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    pairs = [
+        (b1, by_id.get(key.removesuffix("/b1") + "/b32") or {})
+        for key, b1 in by_id.items()
+        if key.endswith("/b1") and (padded or b1.get("length_mode") != "absolute")
+    ]
+    lines = [[cell(b1, b32) for _, cell in HEADLINE_COLUMNS] for b1, b32 in pairs]
+    return "\n".join([title, *_markdown([header for header, _ in HEADLINE_COLUMNS], lines)]) + "\n"
 
 
 def int8_comparison(

@@ -22,6 +22,8 @@ from typing import Any
 
 from qala.utils import time_calls
 
+ORT_INT8 = "(DynamicQuantizeLinear + MatMulInteger), includes activation quantization"
+
 
 def _gmacs(fn: Callable[[], Any], macs: int, repeats: int) -> float:
     """GMAC/s of `fn` from the median of `repeats` timed calls after one warm-up call (qala's one timer)."""
@@ -29,8 +31,9 @@ def _gmacs(fn: Callable[[], Any], macs: int, repeats: int) -> float:
     return round(macs / statistics.median(seconds) / 1e9, 2)
 
 
-def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
-    """A session running X[size, size] @ W[size, size], W a constant; INT8 through quantize_dynamic."""
+def _onnx_matmul(size: int, folder: Path, int8: bool) -> tuple[Callable[[], Any], str]:
+    """(call, method) of a session running X[size, size] @ W[size, size], W a constant; INT8 through
+    quantize_dynamic (DynamicQuantizeLinear + MatMulInteger, as the ONNX Runtime rows run)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -50,7 +53,9 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> Callable[[], Any]:
 
     session = ort_session(path, torch.get_num_threads())
     feed = {"X": rng.standard_normal((size, size), dtype=np.float32)}
-    return lambda: session.run(None, feed)
+    if int8:
+        return lambda: session.run(None, feed), "ONNX Runtime quantize_dynamic of the MatMul " + ORT_INT8
+    return lambda: session.run(None, feed), "ONNX Runtime MatMul fp32, constant weight"
 
 
 def _pt2e_qlinear(size: int) -> tuple[Callable[[], Any], str]:
@@ -88,21 +93,12 @@ def gemm_peak(threads: int | None, size: int = 2048, repeats: int = 10) -> dict[
         torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     qa, qb = (torch.randint(-128, 127, (size, size), dtype=torch.int8) for _ in range(2))
-    ort_int8 = "ONNX Runtime quantize_dynamic of the MatMul (DynamicQuantizeLinear + MatMulInteger), includes "
-    # (name, dtype, build() -> (call, method)): an engine that cannot run here is recorded with its error.
+    # (name, dtype, build(folder) -> (call, method)): an engine that cannot run here is recorded with its error.
     candidates: list[tuple[str, str, Callable[[Path], tuple[Callable[[], Any], str]]]] = [
         ("torch.mm", "fp32", lambda _: (lambda: torch.mm(a, b), "torch.mm fp32")),
-        (
-            "onnxruntime.MatMul",
-            "fp32",
-            lambda f: (_onnx_matmul(size, f, False), "ONNX Runtime MatMul fp32, constant weight"),
-        ),
+        ("onnxruntime.MatMul", "fp32", lambda f: _onnx_matmul(size, f, False)),
         ("pt2e.qlinear", "int8", lambda _: _pt2e_qlinear(size)),
-        (
-            "onnxruntime.MatMulInteger",
-            "int8",
-            lambda f: (_onnx_matmul(size, f, True), ort_int8 + "activation quantization"),
-        ),
+        ("onnxruntime.MatMulInteger", "int8", lambda f: _onnx_matmul(size, f, True)),
         ("torch._int_mm", "int8_raw", lambda _: (lambda: torch._int_mm(qa, qb), "torch._int_mm s8s8->s32")),
     ]
     engines: dict[str, dict[str, Any]] = {}

@@ -5,11 +5,12 @@
 The harness (qala.bench.cli) starts one worker per row, so peak resident memory is the row's own and no row
 inherits another's threads, allocator state or compiled graphs; torch's run_cpu launcher starts it per
 instance in the core sweep. A row may name another Python (`python` in its spec, e.g. the IPEX
-environment's), so this module imports only what the row needs. A row runs on its engine (qala.bench.peers)
-and is measured one of two ways: padded (model calls on the padded windows of `inputs`, every batch size)
-or real questions (the first `questions` answered in requests of `batch_size`, end to end: tokenization,
-every window unpadded, post-processing, each request timed; the F1 comes from the answers of that same
-timed pass, and MACs are counted on real tokens). "gemm_peak" runs qala.bench.roofline.
+environment's), so this module imports only what the row needs. measure() runs a row on its engine
+(qala.bench.peers) and times the passes of its workload, chosen by the row's `padded` flag: padded (model
+calls on the padded windows of `inputs`, one pass per batch size) or real questions (the first `questions`
+answered in requests of `batch_size`, end to end: tokenization, every window unpadded, post-processing, each
+request timed; the F1 comes from the answers of that same timed pass, and MACs are counted on real tokens).
+"gemm_peak" runs qala.bench.roofline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,35 +51,48 @@ def _engine(spec: Mapping[str, Any], example: Mapping[str, Any]) -> tuple[Predic
     return ENGINES[name](spec, Path(spec["work_dir"]), example)
 
 
-def measure_padded_row(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every batch size of one padded row: one timed pass per batch size (batch 1 cycles through different
-    windows, since real inputs differ in how many tokens are real); the first call (compiling) apart."""
+Pass = tuple[str, Callable[[], Any], dict[str, Any]]  # (name, one timed call, time_calls options)
+Workload = tuple[Any, Callable[[Predictor, dict], Iterator[Pass]], Callable[[dict, dict], dict]]
+
+
+def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One row, padded or not (its `padded` flag): the row's engine built on the workload's example, then each
+    timed pass the workload yields (untimed warm-up inside it), then the workload's summary of the timings."""
+    padded = spec.get("padded", spec["kind"] != "real_questions")  # rows planned before the flag: by kind
+    example, passes, summary = (_padded if padded else _questions)(spec)
+    started = time.perf_counter()
+    predict, facts = _engine(spec, example)
+    result: dict[str, Any] = {**facts, "load_seconds": round(time.perf_counter() - started, 2)}
+    timed = {name: time_calls(call, **options) for name, call, options in passes(predict, facts)}
+    return {**result, **summary(timed, facts)}
+
+
+def _padded(spec: Mapping[str, Any]) -> Workload:
+    """Model calls on the padded windows of `inputs`, one timed pass per batch size (batch 1 cycles through
+    different windows, since real inputs differ in how many tokens are real); the first call (compiling) apart."""
     from safetensors.torch import load_file
 
     from qala.bench.report import summarize
 
-    inputs = load_file(spec["inputs"])
-    started = time.perf_counter()
+    inputs, first_call = load_file(spec["inputs"]), {}
+
+    def passes(call: Predictor, facts: dict) -> Iterator[Pass]:
+        for b in spec["batch_sizes"]:
+            latency = b == 1 and not spec.get("throughput_only")
+            repeats = spec["latency_repeats"] if latency else spec["repeats"]
+            distinct = min(repeats, inputs["input_ids"].size(0)) if latency else 1
+            windows = [make_batch(inputs, b, start=i * b) for i in range(distinct)]
+            first_call[str(b)] = round(time_calls(lambda w=windows: call(w[0]), warmup=0, repeats=1)[0], 3)
+            options = {"warmup": max(spec["warmup"] - 1, 0), "repeats": repeats, "min_repeats": spec["min_repeats"]}
+            cycle = itertools.cycle(windows)
+            yield str(b), lambda c=cycle: call(next(c)), {**options, "max_seconds": spec["max_seconds_per_measurement"]}
+
+    def summary(timed: dict, facts: dict) -> dict:
+        batches = {b: summarize(seconds, int(b)) for b, seconds in timed.items()}
+        return {"batches": batches, "first_call_seconds": first_call}
+
     # Engines that trace per shape (IPEX) build the first batch size's graph while loading.
-    call, facts = _engine(spec, make_batch(inputs, spec["batch_sizes"][0]))
-    result: dict[str, Any] = {**facts, "load_seconds": round(time.perf_counter() - started, 2)}
-    batches, first_call = {}, {}
-    for b in spec["batch_sizes"]:
-        latency = b == 1 and not spec.get("throughput_only")
-        repeats = spec["latency_repeats"] if latency else spec["repeats"]
-        distinct = min(repeats, inputs["input_ids"].size(0)) if latency else 1
-        windows = [make_batch(inputs, b, start=i * b) for i in range(distinct)]
-        first_call[str(b)] = round(time_calls(lambda w=windows: call(w[0]), warmup=0, repeats=1)[0], 3)
-        cycle = itertools.cycle(windows)
-        seconds = time_calls(
-            lambda c=cycle: call(next(c)),
-            warmup=max(spec["warmup"] - 1, 0),
-            repeats=repeats,
-            min_repeats=spec["min_repeats"],
-            max_seconds=spec["max_seconds_per_measurement"],
-        )
-        batches[str(b)] = summarize(seconds, b)
-    return {**result, "batches": batches, "first_call_seconds": first_call}
+    return make_batch(inputs, spec["batch_sizes"][0]), passes, summary
 
 
 # --------------------------------------------------------------------------- real questions, end to end
@@ -180,8 +194,9 @@ def _answerer(spec: Mapping[str, Any], requests: Sequence[Mapping[str, Any]]) ->
     return featurize, bind, survey
 
 
-def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """One real-questions row: answer the questions request by request, each request timed; speed, F1, MACs."""
+def _questions(spec: Mapping[str, Any]) -> Workload:
+    """Real questions, end to end: the first `questions` answered in requests of `batch_size`, one timed pass of
+    every request (tokenization, every window unpadded, post-processing); speed, the F1 of those answers, MACs."""
     from transformers import AutoConfig, BertConfig
 
     from qala.data import load_squad, references_from, squad_metrics
@@ -190,39 +205,47 @@ def measure_questions(spec: Mapping[str, Any]) -> dict[str, Any]:
     examples = load_squad(resolve_model_path(spec["data"]), split=spec["data_split"])
     n = min(spec["questions"] or len(examples), len(examples))  # the first N, in file order
     columns = examples.select(range(n)).with_format(None).select_columns(["id", "question", "context", "answers"])[:]
-    b = spec["batch_size"]
+    b, warmup = spec["batch_size"], spec.get("warmup", 1)
     requests = [{k: columns[k][i : i + b] for k in ("id", "question", "context")} for i in range(0, n, b)]
     featurize, bind, survey = _answerer(spec, requests)
-    # The example is the request with the most windows: engines that compile per batch size warm up to it.
-    predict, facts = _engine(spec, max(survey["warm"], key=lambda inputs: inputs["input_ids"].size(0)))
-    if spec["engine"] == "qala":
-        facts = {**facts, "length_groups": "windows sorted by length, one call per 32-token group"}
-    predict, answer = bind(predict)
-    for request in requests[: spec.get("warmup", 1)]:
-        answer(request)
-    for inputs in survey["warm"] if facts.get("warm_every_shape") else []:
-        predict(inputs)
     predictions: dict[str, str] = {}
-    queue = iter(requests)
 
-    def timed() -> None:
-        predictions.update({q: text for q, (text, _) in answer(next(queue)).items()})
+    def passes(predict: Predictor, facts: dict) -> Iterator[Pass]:
+        predict, answer = bind(predict)
+        for request in requests[:warmup]:
+            answer(request)
+        for inputs in survey["warm"] if facts.get("warm_every_shape") else []:
+            predict(inputs)
+        queue = iter(requests)
 
-    seconds = time_calls(timed, warmup=0, repeats=len(requests))
-    stats = latency_stats([s / len(r["id"]) for s, r in zip(seconds, requests, strict=True)])
-    metrics = squad_metrics(predictions, references_from(columns))
-    total, scored, shapes = sum(seconds), not spec.get("f1_note"), len(survey["shapes"])  # f1_note: random weights
-    config = BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
-    macs, lengths = real_token_macs(config, spec, survey["real_lengths"]), survey["real_lengths"]
-    result = {**facts, "questions": n, "requests": len(requests), "windows": len(lengths), "real_tokens": sum(lengths)}
-    result.update(padded_positions=survey["padded_positions"], shapes=shapes)
-    result["untimed_warmup_requests"] = min(spec.get("warmup", 1), len(requests))
-    result["warmed_shapes"] = shapes if facts.get("warm_every_shape") else 0
-    result.update({k: round(metrics[k], 2) if scored else None for k in ("f1", "exact_match")})
-    result.update({f"ms_{p}": stats[f"{p}_ms"] for p in ("p50", "p90", "p99")})
-    result.update(questions_per_s=round(n / total, 3), seconds=round(total, 3), gmacs_real_tokens=round(macs / 1e9, 3))
-    result["achieved_gmacs_per_s"] = round(macs / total / 1e9, 3)
-    return {**result, "python": sys.executable, "worker_versions": environment_info()["versions"]}
+        def timed() -> None:
+            predictions.update({q: text for q, (text, _) in answer(next(queue)).items()})
+
+        yield "requests", timed, {"warmup": 0, "repeats": len(requests)}
+
+    def summary(timed: dict, facts: dict) -> dict:
+        seconds, lengths, shapes = timed["requests"], survey["real_lengths"], len(survey["shapes"])
+        stats = latency_stats([s / len(r["id"]) for s, r in zip(seconds, requests, strict=True)])
+        metrics = squad_metrics(predictions, references_from(columns))
+        total, scored = sum(seconds), not spec.get("f1_note")  # f1_note: random weights
+        config = BertConfig(**spec["arch"]) if spec.get("arch") else AutoConfig.from_pretrained(spec["path"])
+        macs = real_token_macs(config, spec, lengths)
+        result = {"questions": n, "requests": len(requests), "windows": len(lengths), "real_tokens": sum(lengths)}
+        if spec["engine"] == "qala":
+            result["length_groups"] = "windows sorted by length, one call per 32-token group"
+        result.update(padded_positions=survey["padded_positions"], shapes=shapes)
+        result["untimed_warmup_requests"] = min(warmup, len(requests))
+        result["warmed_shapes"] = shapes if facts.get("warm_every_shape") else 0
+        result.update({k: round(metrics[k], 2) if scored else None for k in ("f1", "exact_match")})
+        result.update({f"ms_{p}": stats[f"{p}_ms"] for p in ("p50", "p90", "p99")})
+        result.update(
+            questions_per_s=round(n / total, 3), seconds=round(total, 3), gmacs_real_tokens=round(macs / 1e9, 3)
+        )
+        result["achieved_gmacs_per_s"] = round(macs / total / 1e9, 3)
+        return {**result, "python": sys.executable, "worker_versions": environment_info()["versions"]}
+
+    # The example is the request with the most windows: engines that compile per batch size warm up to it.
+    return max(survey["warm"], key=lambda inputs: inputs["input_ids"].size(0)), passes, summary
 
 
 def peak_rss_mb() -> float:
@@ -250,7 +273,7 @@ def run(spec_file: str | Path, out: str | Path) -> int:
 
         result.update(gemm_peak(spec.get("threads"), spec.get("gemm_size", 2048)))
     else:
-        result.update(measure_questions(spec) if spec["kind"] == "real_questions" else measure_padded_row(spec))
+        result.update(measure(spec))
     result["peak_rss_mb"] = peak_rss_mb()
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out, result)
