@@ -153,6 +153,12 @@ def constant_config(keep_ratio: float, num_layers: int, padded_length: int | Non
     return {"keep_ratios": constant_keep_ratios(keep_ratio, num_layers)}
 
 
+def constant_name(keep_ratio: float, padded: bool = False) -> str:
+    """constant_config's name in reports: "keep_0.8" in qala's units, "padded_keep_0.8" in the paper's padded
+    form (the same name never means both: train's eval.json, tune's report.json)."""
+    return f"{'padded_' if padded else ''}keep_{keep_ratio:g}"
+
+
 def sandwich(
     num_layers: int,
     ratio_bound: float | Sequence[float],

@@ -46,7 +46,7 @@ from transformers import (
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, windows
 from qala.evaluate import evaluate_features
-from qala.lengths import constant_config, sandwich
+from qala.lengths import constant_config, constant_name, sandwich
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import check_finite
 from qala.quantize.load import load_tokenizer
@@ -686,7 +686,7 @@ def _evaluate_stage(
     configs: dict[str, dict[str, list]] = {"full": {}}
     padded = recipe.data.max_seq_length if e.length_mode == "absolute" else None
     for ratio in e.keep_ratios:
-        configs[f"keep_{ratio:g}"] = constant_config(ratio, model.num_layers, padded)
+        configs[constant_name(ratio, padded is not None)] = constant_config(ratio, model.num_layers, padded)
     rows = {}
     for name, config in configs.items():
         metrics, _ = evaluate_features(
@@ -705,8 +705,9 @@ def _evaluate_stage(
 
 def read_eval(path: str | Path) -> dict[str, Any]:
     """An eval.json that run() wrote (the file or its stage folder): {"data": the evaluation file,
-    "results": configuration name ("full", "keep_0.8", ...) -> {"exact_match", "f1", "n", "length_config",
-    "seconds"}}. Readers (qala.bench, benchmarks/) call this rather than opening the file themselves."""
+    "results": configuration name ("full", "keep_0.8", "padded_keep_0.8", ...) -> {"exact_match", "f1", "n",
+    "length_config", "keep_ratios", "seconds"}}. Readers (qala.bench, benchmarks/) call this rather than opening
+    the file themselves."""
     path = Path(path)
     path = path / EVAL_NAME if path.is_dir() else path
     document = json.loads(path.read_text())

@@ -44,7 +44,7 @@ from transformers import DataCollatorWithPadding
 from qala.cli import recipe_parser, run_main
 from qala.data import load_split, question_subset, windows
 from qala.evaluate import evaluate_features
-from qala.lengths import config_json, config_kwargs, constant_config, sample_length_config
+from qala.lengths import config_json, config_kwargs, constant_config, constant_name, sample_length_config
 from qala.model import batch_inputs
 from qala.quantize import CompiledQA, convert_qat_, prepare_qat_, quantize_, save_quantized
 from qala.quantize.load import load_model, load_tokenizer
@@ -407,9 +407,9 @@ class Tuner:
         layers, seq = self.fp32.num_layers, self.recipe.data.max_seq_length
         configs: dict[str, dict[str, Any]] = {"full": {"length_config": None}}
         for r in self.q.eval_keep_ratios:
-            configs[f"keep_{r:g}"] = constant_config(r, layers, seq)
+            configs[constant_name(r, padded=True)] = constant_config(r, layers, seq)
         for r in self.q.eval_keep_ratios if compiled is None else ():
-            configs[f"ratio_{r:g}"] = config_json(**constant_config(r, layers))
+            configs[constant_name(r)] = config_json(**constant_config(r, layers))
         timed = CompiledQA(int8, compile=self.q.compile) if compiled is None else int8
         rows = {}
         for name, config in configs.items():
@@ -442,9 +442,11 @@ class Tuner:
 
 
 def read_report(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The final table of a report.json that run() wrote: configuration name ("full", "keep_0.8", ...) ->
-    {"length_config", "fp32": {"f1", "exact_match"}, "int8": {"f1", "exact_match"}, "relative_f1_loss",
-    "latency"}. Readers (qala.bench, benchmarks/) call this rather than digging through the file."""
+    """The final table of a report.json that run() wrote: configuration name ("full", "padded_keep_0.8",
+    "keep_0.8", ...) -> {"length_config", "keep_ratios", "fp32": {"f1", "exact_match"}, "int8": {"f1",
+    "exact_match"}, "relative_f1_loss", "latency"}. Readers (qala.bench, benchmarks/) call this rather than
+    digging through the file. Reports written before 2026-12-05 name the padded rows "keep_0.8" and the ratio
+    rows "ratio_0.8"."""
     return json.loads(Path(path).read_text())["final"]["rows"]
 
 

@@ -311,7 +311,7 @@ def test_tune_with_backend_ipex_runs_end_to_end_in_the_ipex_environment(tmp_path
     assert proc.returncode == 0, f"IPEX environment {IPEX_PYTHON}: {proc.stderr[-3000:]}"
     out = tmp_path / "static" / "int8"
     report = json.loads((out / "report.json").read_text())
-    assert report["backend"] == "ipex" and set(report["final"]["rows"]) == {"full", "keep_0.5"}
+    assert report["backend"] == "ipex" and set(report["final"]["rows"]) == {"full", "padded_keep_0.5"}
     assert all(0 <= row["int8"]["f1"] <= 100 for row in report["final"]["rows"].values())
     assert calibrated_length_configs(report["artifact"]) == [None, [64, 32]]
     assert "IPEX calibration" in proc.stdout
@@ -361,7 +361,7 @@ def test_tune_runs_the_quantizer_its_backend_names(tmp_path, tiny_checkpoint, mo
     out = tmp_path / "static" / "int8"
     report = json.loads((out / "report.json").read_text())
     assert report["backend"] == "ipex" and report["artifact"] == str(out / "ipex_calibration.json")
-    assert set(report["final"]["rows"]) == {"full", "keep_0.5"}  # no ratio rows: not traceable
+    assert set(report["final"]["rows"]) == {"full", "padded_keep_0.5"}  # no ratio rows: not traceable
     assert (out / "recipe.yaml").is_file() and not (out / "model").exists()
     assert "IPEX calibration: " in capsys.readouterr().out
     # Approach static only, refused before anything loads.

@@ -76,9 +76,9 @@ def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys
     assert "an accuracy goal relative to it cannot be judged (goal_met: null)" in caplog.text
     first = report["trials"][0]
     assert first["config"]["type"] == "INT8StaticQuantConfig" and "f1" in first and "latency_batch1_eager_qdq" in first
-    assert set(report["final"]["rows"]) == {"full", "keep_0.5", "ratio_0.5"}
-    assert report["final"]["rows"]["ratio_0.5"]["keep_ratios"] == [0.5, 0.25]
-    row = report["final"]["rows"]["keep_0.5"]
+    assert set(report["final"]["rows"]) == {"full", "padded_keep_0.5", "keep_0.5"}
+    assert report["final"]["rows"]["keep_0.5"]["keep_ratios"] == [0.5, 0.25]
+    row = report["final"]["rows"]["padded_keep_0.5"]
     assert row["length_config"] == [64, 32] and "fp32_eager" in row["latency"]["batch1"]
     assert report["artifact_bytes"] > 0 and "versions" in report["environment"]
     assert (out / "trials" / "trial-1.json").is_file()
@@ -95,7 +95,7 @@ def test_static_tuning_end_to_end(tmp_path, tiny_checkpoint, monkeypatch, capsys
     assert evaluate_main([*args, "--padded-keep-ratio", "0.5"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["n"] == 6 and line["length_config"] == [64, 32]
-    final = report["final"]["rows"]["keep_0.5"]["int8"]
+    final = report["final"]["rows"]["padded_keep_0.5"]["int8"]
     assert line["f1"] == pytest.approx(final["f1"], abs=1e-6) and line["exact_match"] == pytest.approx(
         final["exact_match"]
     )
