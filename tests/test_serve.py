@@ -235,6 +235,16 @@ def test_min_f1_keeps_the_service_above_a_floor_under_load(model, model_dir):
         make_service(model, model_dir, min_f1=60)
 
 
+def test_a_floor_no_configuration_reaches_fails_before_the_model_loads(model_dir, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --min-f1 was checked")
+
+    monkeypatch.setattr(QalaModel, "from_pretrained", load)
+    config = ServeConfig(model=str(model_dir), calibrate=False, min_f1=60)
+    with pytest.raises(ValueError, match=r"^--min-f1 60: no frontier configuration of .* \(best F1: 50.0\)$"):
+        Service.load(config)
+
+
 def test_a_burst_over_http_gets_cheaper_configurations_than_a_lone_request(model, model_dir):
     # A generous target: on a busy test machine a lone request still has most of it left after the batching wait.
     app, _ = make_app(model, model_dir, p95_ms=200, max_batch=4, max_wait_ms=5)

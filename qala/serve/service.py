@@ -19,12 +19,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from qala.answer import FrontierPoint, QalaModel, select_point
 from qala.lengths import config_json, config_label
+from qala.search import FRONTIER_NAME, read_frontier
+from qala.utils import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -230,13 +233,18 @@ def batch_threads(threads: int | None, concurrent_batches: int) -> int | None:
     return max(1, (threads or torch.get_num_threads()) // concurrent_batches)
 
 
+def _require_f1(f1s: Sequence[float | None], min_f1: float, name: str) -> None:
+    """Refuse a floor that no frontier configuration (recorded F1s `f1s`) reaches, in one line."""
+    best = max((f for f in f1s if f is not None and math.isfinite(f)), default=None)
+    if best is None or best < min_f1:
+        raise ValueError(f"--min-f1 {min_f1:g}: no frontier configuration of {name} scores that (best F1: {best})")
+
+
 def _at_least_f1(model: QalaModel, min_f1: float, name: str) -> QalaModel:
     """A view of `model` that serves only the frontier configurations with a recorded F1 >= min_f1 (the
     engine, tokenizer and cost models are shared; the model passed in is not changed)."""
+    _require_f1([p.f1 for p in model.points], min_f1, name)
     kept = [p for p in model.points if p.f1 is not None and math.isfinite(p.f1) and p.f1 >= min_f1]
-    if not kept:
-        best = max((p.f1 for p in model.points if p.f1 is not None and math.isfinite(p.f1)), default=None)
-        raise ValueError(f"--min-f1 {min_f1:g}: no frontier configuration of {name} scores that (best F1: {best})")
     view = copy.copy(model)
     view.points = kept
     return view
@@ -303,6 +311,12 @@ class Service:
         # and the Python parts of one batch (tokenizing, post-processing) overlap the other's forward pass.
         # The latency of a lone request rises (one thread instead of all), so it is an option, not a default.
         threads = batch_threads(config.threads, config.concurrent_batches)
+        if (
+            config.min_f1 is not None
+        ):  # before the model loads (a minute with warm-up): a floor nothing reaches fails now
+            frontier = Path(resolve_model_path(config.model)) / FRONTIER_NAME
+            points = read_frontier(frontier)["frontier"] if frontier.is_file() else []
+            _require_f1([p.get("f1") for p in points], config.min_f1, config.model)
         started = time.perf_counter()
         model = QalaModel.from_pretrained(
             config.model, threads=threads, backend=config.engine, calibration_data=config.calibration_data
@@ -387,9 +401,9 @@ class Service:
     async def run(self, items: Sequence[Item], behind: Sequence[float] = ()) -> list[dict[str, Any] | Exception]:
         """Answers (or errors) for `items`, computed in the model thread; `behind`: arrival times of the
         requests queued after them, oldest first."""
-        return await self.start(items, behind)
+        return await self.submit(items, behind)
 
-    def start(self, items: Sequence[Item], behind: Sequence[float] = ()) -> asyncio.Future:
+    def submit(self, items: Sequence[Item], behind: Sequence[float] = ()) -> asyncio.Future:
         """`run`, handed to a model thread now (not when the event loop next gets to a coroutine)."""
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._executor, self.run_batch, list(items), list(behind))
@@ -617,7 +631,7 @@ class LocalBatcher:
             behind = [item.arrival for item, future in self._waiting if not future.done()]
             # The model thread gets the batch now: a task's first step would wait behind every callback the
             # event loop has queued (the previous batch's responses among them), leaving the thread idle.
-            running = self.service.start([item for item, _ in batch], behind)
+            running = self.service.submit([item for item, _ in batch], behind)
             task = asyncio.create_task(self._answer(batch, running))
             self._in_model[task] = (len(batch), time.monotonic())
 
