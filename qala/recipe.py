@@ -25,6 +25,9 @@ import yaml
 
 from qala.utils import PACKAGE_SCHEME, resolve_model_path
 
+# Keys that each chose the unit of one stage, before data.length_units chose it for all (2026-12-05).
+REPLACED_BY_LENGTH_UNITS = ("length_drop_units", "length_mode")
+
 
 class RecipeError(ValueError):
     """Everything wrong with a recipe, one problem per line."""
@@ -124,6 +127,12 @@ class DataConfig:
     skip_invalid: bool = False  # skip (count and log) malformed questions (train and eval files) instead of failing
     max_train_samples: int | None = None  # first N questions only (quick runs)
     max_eval_samples: int | None = None
+    # The unit of every length configuration the recipe's stages draw, score or search (qala/lengths.py).
+    # "ratio" (default): keep ratios of each window's REAL token count, windows unpadded: what qala serves;
+    # LengthDrop draws one sub-model per row, the search's genes are percents of the real length. "absolute":
+    # kept positions of the window padded to max_seq_length, as the LAT reference code and ITREX (paper
+    # reproductions: LengthDrop draws one configuration per batch, evaluation and search pad every window).
+    length_units: Literal["ratio", "absolute"] = "ratio"
 
     def __post_init__(self) -> None:
         problems = _at_least(self, 1, "max_seq_length") + _at_least(self, 0, "doc_stride")
@@ -163,13 +172,9 @@ class StageConfig:
     # LengthDrop (used by the `lengthdrop` stage): sandwich of full + smallest + N random sub-models.
     num_sandwich: int = 2
     length_drop_ratio_bound: float = 0.2  # a layer keeps between (1 - bound) and all of the previous layer
-    # Ratio units only: one bound per layer instead (e.g. [0.05, 0.15, 0.3, 0.4, 0.4, 0.4] draws and trains
+    # data.length_units ratio only: one bound per layer instead (e.g. [0.05, 0.15, 0.3, 0.4, 0.4, 0.4] draws and trains
     # the late-drop shapes that lose least F1 on real windows); empty: length_drop_ratio_bound at every layer.
     length_drop_layer_bounds: list[float] = field(default_factory=list)
-    # Units of the sampled sub-models. "ratio" (default): each row draws its own keep ratios of its
-    # real token count, the units qala serves in (model.py keep_ratios). "absolute": one length
-    # configuration of padded positions per batch, as the LAT reference code (paper reproductions).
-    length_drop_units: Literal["ratio", "absolute"] = "ratio"
     # Direction of in-place distillation from the full model to each sub-model, see qala/train.py.
     inplace_distillation: Literal["forward_kl", "reverse_kl"] = "forward_kl"
     # Weight of hidden-state distillation in LengthDrop (TinyBERT-style): mean squared error between each
@@ -194,8 +199,6 @@ class StageConfig:
             problems.append(f"length_drop_ratio_bound: expected a value in (0, 1), got {self.length_drop_ratio_bound}")
         if any(not 0 <= b < 1 for b in self.length_drop_layer_bounds):
             problems.append(f"length_drop_layer_bounds: expected values in [0, 1), got {self.length_drop_layer_bounds}")
-        if self.length_drop_layer_bounds and self.length_drop_units != "ratio":
-            problems.append("length_drop_layer_bounds: per-layer bounds need length_drop_units: ratio")
         problems += _at_least(self, 0, "num_sandwich")
         if not 0 <= self.layer_dropout_prob < 1:
             problems.append(f"layer_dropout_prob: expected a value in [0, 1), got {self.layer_dropout_prob}")
@@ -220,13 +223,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # Constant per-layer keep ratios evaluated after each stage (each layer keeps this share of the
-    # tokens the previous layer kept), besides full length.
+    # Constant per-layer keeps evaluated after each stage (each layer keeps this share of the tokens the
+    # previous layer kept), besides full length, in data.length_units: "keep_0.8" (keep ratios r, r^2, ... of
+    # each window's real tokens) or "padded_keep_0.8" (positions of the window padded to max_seq_length).
     keep_ratios: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
-    # "ratio": keep r means each layer keeps r of the previous layer's share of each window's REAL
-    # tokens (keep_ratios r, r^2, ...), on unpadded windows: qala's serving units. "absolute": of the
-    # positions of the window padded to max_seq_length (the LAT paper's numbers, mostly dropping padding).
-    length_mode: Literal["ratio", "absolute"] = "ratio"
     batch_size: int = 32
     n_best_size: int = 20
     max_answer_length: int = 30
@@ -352,11 +352,10 @@ class SearchConfig:
     # Cost axis: "latency" = median ms measured on this machine for `backend`; "macs" = analytic
     # multiply-accumulates per window (macs_per_sample), machine-independent and free to compute.
     objective: Literal["latency", "macs"] = "latency"
-    # Units of a gene. "ratio" (default): per-layer keep ratios of each window's real length, in
-    # percent (a gene (90, 80, ...) keeps ceil(0.9 n), ceil(0.8 n), ... of a window's n tokens), scored
-    # and timed on unpadded windows: what qala.answer serves. "absolute": kept positions of the window
-    # padded to data.max_seq_length (the LAT/ITREX paper mode).
-    length_mode: Literal["ratio", "absolute"] = "ratio"
+    # A gene is in data.length_units: "ratio", per-layer keep ratios of each window's real length in percent
+    # (a gene (90, 80, ...) keeps ceil(0.9 n), ceil(0.8 n), ... of a window's n tokens), scored and timed on
+    # unpadded windows, what qala.answer serves; "absolute", kept positions of the window padded to
+    # data.max_seq_length (the LAT/ITREX paper mode).
     # Ratio mode with objective=latency: the cost is the mean ms per window over this many real dev
     # windows (a seeded sample, each at its own length, batch 1); with objective=macs, MACs are
     # averaged over the same windows.
@@ -724,6 +723,7 @@ def from_dict(cls: type, data: Any, path: str) -> tuple[Any, list[str]]:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = " (replaced by data.length_units)" if key in REPLACED_BY_LENGTH_UNITS else hint
             problems.append(f"{_join(path, key)}: unknown key{hint}; expected one of {names}")
     values = {}
     for name in names:
@@ -817,6 +817,8 @@ def _check_semantics(recipe: Recipe) -> list[str]:
     for name in ("finetune", "lengthdrop"):
         stage: StageConfig = getattr(recipe.train, name)
         problems += check_training_args(stage.training_args, f"train.{name}.training_args")
+        if stage.length_drop_layer_bounds and d.length_units != "ratio":
+            problems.append(f"train.{name}.length_drop_layer_bounds: per-layer bounds need data.length_units: ratio")
     problems += check_training_args(recipe.quantization.qat.training_args, "quantization.qat.training_args")
     b = recipe.benchmark
     for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report", "ipex_python", "ipex_calibration"):

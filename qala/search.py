@@ -612,7 +612,7 @@ def _run(recipe: Recipe, search: SearchConfig, *, install_into: Sequence[str | P
     tokenizer = load_tokenizer(model_dir)
     config = backbone_config(model, model_dir)
     num_layers, seq_length = config.num_hidden_layers, d.max_seq_length
-    ratio_mode = search.length_mode == "ratio"
+    ratio_mode = d.length_units == "ratio"
     # Genes are ints either way: percent of the real length (ratio mode) or padded positions.
     grid = RATIO_GRID if ratio_mode else seq_length
 
@@ -767,7 +767,7 @@ def _frontier_settings(
         "cost_unit": "ms" if search.objective == "latency" else "MACs",
         "backend": search.backend,
         "model": str(search.model),
-        "length_mode": search.length_mode,
+        "length_mode": data.length_units,
         "max_seq_length": data.max_seq_length,
         "doc_stride": data.doc_stride,
         # Ratio mode: costs are per real window, averaged over this many sampled dev windows.

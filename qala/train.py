@@ -258,11 +258,18 @@ class QalaTrainer(Trainer):
     LOSS_FILE = "qala_train_loss.json"
 
     def __init__(
-        self, *args, stage: StageConfig, lengthdrop: bool, teacher: torch.nn.Module | None = None, **kwargs
+        self,
+        *args,
+        stage: StageConfig,
+        lengthdrop: bool,
+        teacher: torch.nn.Module | None = None,
+        padded_units: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.lengthdrop = lengthdrop
+        self.padded_units = padded_units  # data.length_units: absolute (LAT's LengthDrop on padded positions)
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         # The loss of each optimizer step from `_loss_first_step` on, summed in step order (see the class doc).
         self._loss_sum, self._loss_first_step, self._pending_losses = 0.0, 0, []
@@ -344,7 +351,7 @@ class QalaTrainer(Trainer):
                 self.stage.num_sandwich,
                 rng,
                 batch_size=inputs["input_ids"].size(0),
-                padded_length=seq_length if self.stage.length_drop_units == "absolute" else None,
+                padded_length=seq_length if self.padded_units else None,
             )
             target = (full.start_logits, full.end_logits)
             for sub_config in sub_configs:
@@ -439,7 +446,7 @@ def _run_stages(recipe: Recipe, *, resume: bool, force: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path))
     train_examples, eval_examples = load_split(d, "train"), load_split(d, "eval")
     train_features = windows(train_examples, tokenizer, d, train=True)
-    eval_features = windows(eval_examples, tokenizer, d, train=False, padded=recipe.eval.length_mode == "absolute")
+    eval_features = windows(eval_examples, tokenizer, d, train=False, padded=d.length_units == "absolute")
     teacher = load_teacher(recipe, tokenizer)
     logger.info(
         "train: %d questions -> %d features; eval: %d questions",
@@ -537,6 +544,7 @@ def _train_stage(
         stage=stage,
         lengthdrop=stage_name == "lengthdrop",
         teacher=teacher,
+        padded_units=recipe.data.length_units == "absolute",
     )
     clock = StageClock(last if resume else None)
     trainer.add_callback(clock)
@@ -684,7 +692,7 @@ def _evaluate_stage(
     device = make_training_arguments(stage.training_args, output_dir=str(stage_dir / "checkpoints"), seed=0).device
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(stage_dir / "model").to(device)
     configs: dict[str, dict[str, list]] = {"full": {}}
-    padded = recipe.data.max_seq_length if e.length_mode == "absolute" else None
+    padded = recipe.data.max_seq_length if recipe.data.length_units == "absolute" else None
     for ratio in e.keep_ratios:
         configs[constant_name(ratio, padded is not None)] = constant_config(ratio, model.num_layers, padded)
     rows = {}

@@ -273,3 +273,20 @@ def test_a_reset_must_name_a_key():
     apply_override(raw, "~train.finetune.training_args.max_steps")
     apply_override(raw, "~eval.n_best_size")  # a schema key the recipe leaves unset: nothing to do
     assert raw == {"model": {}, "train": {"finetune": {"training_args": {}}}}
+
+
+def test_one_knob_says_the_length_unit_of_every_stage(tmp_path):
+    # data.length_units replaced three per-stage knobs; a recipe still naming one is told where it went.
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "eval: {length_mode: absolute}\nsearch: {length_mode: ratio}\ntrain: {lengthdrop: {length_drop_units: ratio}}\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert [p for p in e.value.problems if "replaced by data.length_units" in p] == [
+        p for p in e.value.problems if "unknown key" in p
+    ] and len(e.value.problems) == 3
+    path.write_text("train: {lengthdrop: {length_drop_layer_bounds: [0.1, 0.2]}}\n")
+    assert load_recipe(path).data.length_units == "ratio"
+    with pytest.raises(RecipeError, match="train.lengthdrop.length_drop_layer_bounds: per-layer bounds need data"):
+        load_recipe(path, ["data.length_units=absolute"])

@@ -329,6 +329,7 @@ data:
   eval: package://qala/samples/squad_sample_dev.json
   max_seq_length: 64
   doc_stride: 16  # the longest sample question is 30 tokens: room for > 16 context tokens
+  length_units: absolute
 model: {{name_or_path: {model}}}
 eval: {{batch_size: 32}}
 search:
@@ -336,7 +337,6 @@ search:
   output_dir: {tmp}/search
   objective: macs
   backend: fp32
-  length_mode: absolute
   population_size: 3
   mutation_size: 2
   crossover_size: 2
@@ -501,7 +501,7 @@ def test_search_in_ratio_units_on_real_window_lengths(tmp_path, tiny_model_dir, 
         recipe, search = load_search_recipe(
             path,
             [
-                "search.length_mode=ratio",
+                "data.length_units=ratio",
                 f"search.objective={objective}",
                 f"search.output_dir={tmp_path}/search-{objective}",
                 "data.max_eval_samples=12",

@@ -187,7 +187,7 @@ def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path)
     monkeypatch.setattr(model, "forward", spy)
     recipe = load_recipe(
         make_recipe(tmp_path, tiny_checkpoint),
-        ["train.lengthdrop.num_sandwich=2", "train.lengthdrop.length_drop_units=absolute"],
+        ["train.lengthdrop.num_sandwich=2", "data.length_units=absolute"],
     )
     from qala.recipe import make_training_arguments
 
@@ -196,6 +196,7 @@ def test_lengthdrop_step_runs_sub_models(tiny_checkpoint, monkeypatch, tmp_path)
         args=make_training_arguments({"max_steps": 1}, output_dir=str(tmp_path / "o"), seed=1),
         stage=recipe.train.lengthdrop,
         lengthdrop=True,
+        padded_units=recipe.data.length_units == "absolute",
     )
     model.train()
     inputs = {
