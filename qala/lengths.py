@@ -33,7 +33,7 @@ def check_keep_ratios(keep_ratios: Sequence[float], *, num_layers: int | None = 
     ratios = list(keep_ratios)
     if num_layers is not None and len(ratios) != num_layers:
         raise ValueError(f"keep_ratios has {len(ratios)} entries, the model has {num_layers} layers: {ratios}")
-    bad = [r for r in ratios if not 0.0 < r <= 1.0]
+    bad = [r for r in ratios if not (isinstance(r, int | float) and 0.0 < r <= 1.0)]
     if bad:
         raise ValueError(f"keep_ratios entries must be in (0, 1], got {bad[0]!r} in {ratios}")
     if any(b > a for a, b in zip(ratios, ratios[1:], strict=False)):

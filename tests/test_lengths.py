@@ -76,3 +76,11 @@ def test_one_name_and_one_form_per_configuration():
     for kwargs in ({"keep_ratios": [1.0, 0.5]}, {"length_config": [20, 10]}):
         assert key_kwargs(config_key(2, max_seq_length=24, **kwargs)) == kwargs
     assert config_key(2, length_config=[24, 24], max_seq_length=24) is None  # keeps every position: full length
+
+
+def test_a_keep_ratio_that_is_not_a_number_is_named_not_a_type_error():
+    from qala.lengths import check_keep_ratios
+
+    for bad in (["0.5", 0.25], [None, 0.5]):
+        with pytest.raises(ValueError, match=r"keep_ratios entries must be in \(0, 1\], got"):
+            check_keep_ratios(bad)
