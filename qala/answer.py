@@ -296,7 +296,8 @@ class QalaModel:
         if calibration is not None:
             doc_stride = int(frontier.get("doc_stride", 128))
             options.update(_calibration_options(calibration, tokenizer, seq_length, doc_stride, model_hash))
-        served = make_engine(model_dir if engine == "onnxruntime-inc" else model(), engine, **options)
+        # The -inc engines serve their QDQ graphs from a cache keyed by the directory: no PT2E replay on a cold start.
+        served = make_engine(model_dir if engine.endswith("-inc") else model(), engine, **options)
         if warm:
             warm_for_serving(
                 served, lengths=lengths, max_batch=MAX_BATCH_WINDOWS, configs=[p.model_kwargs() for p in points]

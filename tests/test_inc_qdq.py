@@ -333,6 +333,87 @@ def test_a_damaged_cache_is_built_again_not_trusted(artifact, tmp_path, monkeypa
     IncQdqEngine(artifact, workdir=tmp_path)  # whole again
 
 
+OV_OPTIONS = {"buckets": [32, 64], "batch_sizes": [1, 4]}
+
+
+@needs_ov
+def test_openvino_inc_serves_a_cached_artifact_without_replaying_pt2e(artifact, int8_model, tmp_path, monkeypatch):
+    batch = mixed_batch()
+    first = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    built = first(**batch)
+    assert "plain_qdq" in first.facts
+    with torch.no_grad():
+        assert tracks(window_errors(built, int8_model(**batch), batch["attention_mask"]))
+
+    _no_replay(monkeypatch)
+    again = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    got = again(**batch)
+    assert torch.equal(got.start_logits, built.start_logits) and torch.equal(got.end_logits, built.end_logits)
+    assert again.model is None and "plain_qdq" not in again.facts
+    assert again.facts["inc_units"] == first.facts["inc_units"]
+    assert (again.num_layers, again.max_seq_length) == (int8_model.num_layers, int8_model.qala_config.max_seq_length)
+    # OpenVINO's compiled blobs keyed by the artifact's content, inside its QDQ cache folder.
+    assert again.folder == first.folder == again.cache.folder / "openvino"
+    assert any((again.folder / "ov_cache").iterdir())
+    quantized = len(json.loads((artifact / "quantization.json").read_text())["int8_weights"])
+    assert again.int8_precisions().get("FullyConnected:u8") == quantized  # INT8 kernels, from the cached graph
+
+
+@needs_ov
+def test_openvino_inc_reads_the_graph_onnxruntime_inc_cached(artifact, tmp_path, monkeypatch):
+    from qala.quantize.qdq import IncQdqEngine
+
+    batch = mixed_batch()
+    expected = IncQdqEngine(artifact, workdir=tmp_path)(**batch)
+    _no_replay(monkeypatch)
+    engine = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    assert tracks(window_errors(engine(**batch), expected, batch["attention_mask"]))
+    assert len(list(tmp_path.glob("inc-*"))) == 1
+
+
+@needs_ov
+def test_openvino_inc_builds_a_damaged_or_older_cache_again(artifact, tmp_path, monkeypatch, caplog):
+    from qala.quantize.qdq import CACHE_INDEX
+
+    batch = mixed_batch()
+    expected = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)(**batch)
+    (folder,) = tmp_path.glob("inc-*")
+    loads = _loads(monkeypatch)
+
+    # A truncated cached graph: built again from the artifact, not handed to OpenVINO.
+    graph = folder / "plain.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    got = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)(**batch)
+    assert loads == [artifact] and "is missing or not the file its index recorded: built again" in caplog.text
+    assert torch.equal(got.start_logits, expected.start_logits) and torch.equal(got.end_logits, expected.end_logits)
+
+    # An index written before max_seq_length was recorded: the graph is built again, which records it.
+    index = json.loads((folder / CACHE_INDEX).read_text())
+    del index["max_seq_length"]
+    (folder / CACHE_INDEX).write_text(json.dumps(index))
+    make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    assert len(loads) == 2 and "max_seq_length" in json.loads((folder / CACHE_INDEX).read_text())
+    _no_replay(monkeypatch)
+    make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)  # whole again
+
+
+@needs_ov
+def test_openvino_inc_from_the_cache_refuses_keep_configurations(artifact, tmp_path, monkeypatch):
+    make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    _no_replay(monkeypatch)
+    engine = make_engine(artifact, "openvino-inc", workdir=tmp_path, **OV_OPTIONS)
+    batch = mixed_batch()
+    refusal = r"^engine 'openvino-inc' runs full length only, not keep configuration \["
+    for config in ({"keep_ratios": [0.9, 0.6]}, {"length_config": [30, 12]}):
+        with pytest.raises(ValueError, match=refusal):
+            engine(**batch, **config)
+    with pytest.raises(ValueError) as refused:
+        engine.warmup(lengths=[16], keep_ratios=[None, [0.9, 0.6]])
+    assert "\n" not in str(refused.value) and str(refused.value).endswith("use 'onnxruntime-inc'")
+    assert engine.warmup(lengths=[16])["graphs"] == 1  # full length only, the model never needed
+    assert engine.model is None
+
+
 def test_an_fp32_directory_is_refused_before_anything_is_built(tiny_checkpoint, tmp_path):
     from qala.quantize.qdq import IncQdqEngine
 

@@ -16,7 +16,8 @@ which a server calls once at load so that no request waits for a compile. Backen
   quantization, per channel, of those graphs (re-quantized by the engine, not INC's configuration).
 - "onnxruntime-inc" (qala.quantize.qdq): an INC INT8 artifact only, as static QDQ ONNX on ONNX Runtime: INC's
   activation scales, int8 weights and fp32 units (integer GEMMs), full length and keep configurations;
-  "openvino-inc" runs the same QDQ graph on OpenVINO (full length only).
+  "openvino-inc" runs the same QDQ graph on OpenVINO (full length only). Both, given the artifact's directory,
+  serve the graphs cached by its content (QdqCache) without rebuilding the INT8 model.
 - "openvino" / "openvino-int8" (qala.quantize.openvino): static length buckets, one compiled model per
   (configuration, bucket, batch size); full length is the plain graph, a keep configuration the adaptive
   graph with static top-k widths per bucket. INT8 = NNCF post-training quantization on the calibration
@@ -305,14 +306,15 @@ def make_engine(model_or_dir: nn.Module | str | Path, backend: str = "compile-dy
     a list of windows {input_ids, attention_mask, token_type_ids}.
     The ONNX and OpenVINO backends export the fp32 weights (an INT8 artifact's fp32 source) and quantize
     on their own, except onnxruntime-inc / openvino-inc (an INT8 artifact only, INC's own quantization;
-    onnxruntime-inc takes `workdir` and `threads`, openvino-inc the openvino options, no calibration).
+    onnxruntime-inc takes `workdir` and `threads`, openvino-inc the openvino options, no calibration): given
+    a directory, both serve its QDQ graphs from workdir/inc-<hash of its content>/ (built there once).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    if isinstance(model_or_dir, str | Path) and backend == "onnxruntime-inc":
-        # Serves QDQ graphs cached by the artifact's content: the artifact is rebuilt (PT2E replayed, ~6 s of a
-        # cold start) only to export a graph the cache lacks (qala.quantize.qdq.IncQdqEngine).
-        return _inc_engine(Path(model_or_dir), **options)
+    if isinstance(model_or_dir, str | Path) and backend in ("onnxruntime-inc", "openvino-inc"):
+        # Serve QDQ graphs cached by the artifact's content: the artifact is rebuilt (PT2E replayed, ~6 s of a
+        # cold start) only to export a graph the cache lacks (qala.quantize.qdq.QdqCache, cached_qdq).
+        return _inc_engine(Path(model_or_dir), openvino=backend == "openvino-inc", **options)
     if isinstance(model_or_dir, str | Path):
         from qala.quantize.load import load_model
 

@@ -30,10 +30,12 @@ a reduced range (7 bits, `reduce_range` on CPUs without VNNI): QuantizeLinear sa
 Two Linears with identical weights would match each other's MatMuls: correct if their parameters agree too,
 else refused (two different scales for one tensor).
 
-Served from an artifact directory (`IncQdqEngine(directory)`, what qala.answer does), the QDQ graphs are cached in
-workdir/inc-<key>/, keyed by the directory's content and the code that writes them (QdqCache): a cold start with
-the graphs it needs there reads them and never rebuilds the PyTorch model (replaying PT2E took ~8 s of a 12 s cold
-start on the reference model, Zen 5). A cached file is served only if its SHA-256 is the one its index recorded.
+Served from an artifact directory (`IncQdqEngine(directory)`, what qala.answer does, or `IncOpenVinoEngine(directory)`),
+the QDQ graphs are cached in workdir/inc-<key>/, keyed by the directory's content and the code that writes them
+(QdqCache, shared by both engines: `openvino-inc` reads the same plain graph, and keeps OpenVINO's compiled blobs
+in inc-<key>/openvino/): a cold start with the graphs it needs there reads them and never rebuilds the PyTorch
+model (replaying PT2E took ~8 s of a 12 s cold start on the reference model, Zen 5). A cached file is served only
+if its SHA-256 is the one its index recorded.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +59,10 @@ from torch import nn
 
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import _dequantize, fp32_state_dict, int8_weights
+from qala.quantize.engines import default_buckets
 from qala.quantize.load import load_model, model_kind
 from qala.quantize.onnx import OnnxEngine, artifact_dir, export_onnx, require_onnxruntime
-from qala.quantize.openvino import Key, OpenVinoEngine, read_model
+from qala.quantize.openvino import BATCH_SIZES, PRECISIONS, Key, OpenVinoEngine, read_model, require_openvino
 from qala.quantize.units import QuantizedUnit, quantized_units, state_prefix
 from qala.utils import atomic_write_json, code_digest, content_hash, sha256_file
 
@@ -460,7 +464,7 @@ class QdqCache:
         return self._checked[graph]
 
     def record(self, graph: str, facts: Mapping[str, Any]) -> None:
-        """Add the graph just written to path(graph) to the index (with `facts`: num_layers, inc_units, ...)."""
+        """Add the graph just written to path(graph) to the index (with `facts`: num_layers, max_seq_length, ...)."""
         digest = sha256_file(self.path(graph))
         index = self._read() or {"format": QDQ_FORMAT, "key": self.key, "graphs": {}}  # keep others' entries
         index.update(facts)
@@ -468,6 +472,28 @@ class QdqCache:
         atomic_write_json(self.folder / CACHE_INDEX, index)
         self.index = index
         self._checked[graph] = self.path(graph)
+
+
+def cached_qdq(engine: Any, graph: str, fp32: Callable[[], Path], needs: Sequence[str] = ()) -> Path:
+    """The QDQ graph `graph` of an engine served from an INT8 artifact directory (IncQdqEngine, IncOpenVinoEngine):
+    engine.cache's file if the cache holds it and its index records the facts named in `needs`, else written
+    there once: the artifact loaded (PT2E replayed) if the engine has not yet (engine._prepare sets its model,
+    plan and digest), its fp32 graph exported (`fp32()`), INC's Q/DQ nodes written, and the graph recorded with
+    what an engine built from the cache takes from the index (num_layers, max_seq_length, inc_units)."""
+    cache = engine.cache
+    cached = cache.graph(graph)
+    if cached is not None and all(isinstance(cache.index.get(name), int) for name in needs):
+        return cached
+    if engine.model is None:
+        logger.info("INC QDQ cache %s has no %s graph: loading the artifact to build it", cache.folder, graph)
+        engine._prepare(load_model(engine.artifact))
+    path = cache.path(graph)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine.facts[f"{graph}_qdq"] = write_qdq(fp32(), path, engine.plan, engine.digest)
+    units = sorted({e.unit for e in engine.plan.values()})
+    facts = {"num_layers": engine.model.num_layers, "max_seq_length": engine.model.qala_config.max_seq_length}
+    cache.record(graph, {**facts, "inc_units": units})
+    return path
 
 
 class IncQdqEngine(OnnxEngine):
@@ -523,31 +549,81 @@ class IncQdqEngine(OnnxEngine):
     def _file(self, graph: str) -> Path:
         if self.cache is None:
             return qdq_file(self, super()._file(graph), graph)  # OnnxEngine's fp32 export, then INC's Q/DQ
-        cached = self.cache.graph(graph)
-        if cached is not None:
-            return cached
-        if self.model is None:
-            logger.info("INC QDQ cache %s has no %s graph: loading the artifact to build it", self.cache.folder, graph)
-            self._prepare(load_model(self.artifact))
-        path = self.cache.path(graph)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.facts[f"{graph}_qdq"] = write_qdq(super()._file(graph), path, self.plan, self.digest)
-        self.cache.record(graph, {"num_layers": self.num_layers, "inc_units": self.facts["inc_units"]})
-        return path
+        return cached_qdq(self, graph, functools.partial(super()._file, graph))
 
 
 class IncOpenVinoEngine(OpenVinoEngine):
     """INC's INT8 artifact on OpenVINO (`openvino-inc`): the same QDQ ONNX plain graph, which OpenVINO runs with
     INT8 kernels (FullyConnected u8), static length buckets as `openvino`. Full length only: INT8 keep
-    configurations need OpenVINO's attention pin and fp32 agreement check (`openvino-int8`), not done here."""
+    configurations need OpenVINO's attention pin and fp32 agreement check (`openvino-int8`), not done here.
 
-    def __init__(self, model: nn.Module, **options: Any) -> None:
-        self.plan = qdq_plan(model, OV_ENGINE)
-        self.digest = plan_digest(model, self.plan)
-        super().__init__(export_model(model, self.plan), int8=False, **options)
+    `model`: an INT8 model in memory, its files at workdir/<hash of the exported weights>/ as OpenVinoEngine's; or
+    an INT8 artifact directory, its plain graph in QdqCache(workdir, directory) (the one `onnxruntime-inc` serves)
+    and OpenVINO's compiled blobs in its folder's openvino/, the model loaded (PT2E replayed) only if the cache
+    lacks that graph: built from the cache, the engine never holds the model (`model` is None).
+    """
+
+    def __init__(self, model: nn.Module | str | Path, **options: Any) -> None:
+        self.model: Any = None
+        self.cache: QdqCache | None = None
+        if isinstance(model, nn.Module):
+            self._prepare(model)  # refuses an fp32 or dynamic model before anything is exported
+            super().__init__(self.model, int8=False, **options)
+            self.facts["inc_units"] = sorted({e.unit for e in self.plan.values()})
+        else:
+            self._from_cache(Path(model), **options)
         self.name = OV_ENGINE
         self.int8 = True  # an INT8 graph: compiled blobs keep their repacked weights (compile_model's weightless)
-        self.facts.update(quantization=INC_QDQ_METHOD, inc_units=sorted({e.unit for e in self.plan.values()}))
+        self.facts["quantization"] = INC_QDQ_METHOD
+
+    def _prepare(self, model: nn.Module) -> None:
+        """What building the graph takes from the INT8 model: INC's plan and the fp32 model to export."""
+        self.plan = qdq_plan(model, OV_ENGINE)
+        self.digest = plan_digest(model, self.plan)
+        self.model = export_model(model, self.plan)
+
+    def _from_cache(
+        self,
+        artifact: Path,
+        *,
+        workdir: str | Path | None = None,
+        max_seq_length: int | None = None,
+        buckets: Sequence[int] | None = None,
+        batch_sizes: Sequence[int] = BATCH_SIZES,
+        threads: int | None = None,
+        precision: str = "f32",
+        calibration: Any = None,
+        calibration_key: Any = None,
+    ) -> None:
+        """OpenVinoEngine's state for an artifact directory, set here rather than by OpenVinoEngine.__init__, which
+        needs the model (its num_layers, max_seq_length, and the hash of its weights naming its folder): taken from
+        the cache's index instead, the folder inside the cache's."""
+        if model_kind(artifact) != "int8":
+            raise _not_int8(OV_ENGINE)
+        require_openvino()
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.artifact, self.precision, self.threads = artifact, precision, threads
+        self._root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-openvino-"))
+        self.cache = QdqCache(self._root, artifact)
+        self.facts: dict[str, Any] = {}
+        # An index written before max_seq_length was recorded: that graph is built again (once), which records it.
+        cached_qdq(self, "plain", self._fp32_plain, needs=("max_seq_length",))
+        index = self.cache.index
+        self.num_layers = int(index["num_layers"])
+        self.max_seq_length = int(max_seq_length or index["max_seq_length"])
+        self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(self.max_seq_length)
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+        self._calibration, self.calibration_key = calibration, calibration_key  # unused: the scales are INC's
+        # Compiled blobs (ov_cache) keyed by the artifact's content, as its QDQ graphs.
+        self.folder = self.cache.folder / "openvino"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._bases: dict[Key, Any] = {}
+        self._compiled: dict[tuple[Key, int, int], Any] = {}
+        self._local = threading.local()
+        self.compile_seconds: dict[str, float] = {}
+        self.facts.update(buckets=list(self.buckets), batch_sizes=list(self.batch_sizes))
+        self.facts.update(inference_precision=precision, inc_units=list(index.get("inc_units", [])))
 
     def key(self, keep_ratios: Sequence[float] | torch.Tensor | None, length_config: Sequence[int] | None) -> Key:
         key = super().key(keep_ratios, length_config)
@@ -563,9 +639,19 @@ class IncOpenVinoEngine(OpenVinoEngine):
         return [None]
 
     def base(self, key: Key) -> Any:
-        if key not in self._bases:
-            fp32 = self.folder / "plain.onnx"  # OpenVinoEngine's name for the fp32 plain export
-            if not fp32.is_file():
-                export_onnx(self.model, fp32, graph="plain")
-            self._bases[key] = read_model(qdq_file(self, fp32, "plain"))
+        if key not in self._bases:  # key is None: key() refuses every other
+            if self.cache is None:
+                plain = qdq_file(self, self._fp32_plain(), "plain")
+            else:
+                plain = cached_qdq(self, "plain", self._fp32_plain, needs=("max_seq_length",))
+            self._bases[key] = read_model(plain)
         return self._bases[key]
+
+    def _fp32_plain(self) -> Path:
+        """OpenVinoEngine's fp32 plain export, in the exported weights' folder (the engine's own, or, built from an
+        artifact directory, the one onnxruntime-inc exports to)."""
+        folder = self.folder if self.cache is None else artifact_dir(self._root, self.model)
+        fp32 = folder / "plain.onnx"  # OpenVinoEngine's name for the fp32 plain export
+        if not fp32.is_file():
+            export_onnx(self.model, fp32, graph="plain")
+        return fp32
