@@ -298,6 +298,7 @@ class LengthAdaptiveQAOutput(QuestionAnsweringModelOutput):
     positions whose token reached the last layer (the others carry the state of the layer that dropped them)."""
 
     reached_last: torch.Tensor | None = None
+    selection_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class LengthAdaptiveForQuestionAnswering(nn.Module):
@@ -345,6 +346,7 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         length_config: Sequence[int] | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        output_selection_logits: bool = False,
     ) -> LengthAdaptiveQAOutput:
         """Span logits for every input position.
 
@@ -355,10 +357,16 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         In a batch padded to its longest row, each row keeps its own count and the surplus slots of
         shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
         `output_hidden_states`: also the last states and `reached_last` (hidden distillation, qala.train).
+        `output_selection_logits`: also, per layer, the span head on its attention output ([batch, seq, 2]):
+        what the "span" rule ranks by (selection distillation, qala.train). Full length only, where
+        every layer still holds every input position.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lengths = self._lengths_of_call(attention_mask, length_config, keep_ratios)
+        if output_selection_logits and lengths.ratios is not None:
+            raise ValueError("output_selection_logits needs a full-length call (no keep_ratios or length_config)")
+        selection_logits = [] if output_selection_logits else None
         mask = attention_mask.bool()
 
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
@@ -378,6 +386,8 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
 
             additive_mask = (~mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
+            if selection_logits is not None:
+                selection_logits.append(self.qa_outputs(attention_output))
 
             # kept[b]: how many tokens row b keeps after this layer (None: all of them).
             width = None if widths is None else widths[i]
@@ -414,6 +424,7 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             end_logits=end_logits,
             hidden_states=(hidden,) if output_hidden_states else None,
             reached_last=reached_last,
+            selection_logits=None if selection_logits is None else tuple(selection_logits),
         )
 
     def _layer_dropped(self) -> bool:

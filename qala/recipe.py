@@ -181,11 +181,16 @@ class StageConfig:
     # sub-model's last-layer states and the full model's, on the tokens the sub-model kept to the last
     # layer. 0 (default): sub-models learn from the full model's span logits only.
     hidden_distillation: float = 0.0
+    # Weight of selection distillation in LengthDrop: forward KL from the full model's final span
+    # distribution to the span head read on every layer's attention output, the score selection "span"
+    # ranks tokens by (qala/train.py selection_distillation_loss). 0 (default): the ranking is not trained.
+    selection_distillation: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0 <= self.hidden_distillation < math.inf:
-            problems.append(f"hidden_distillation: expected a number >= 0, got {self.hidden_distillation}")
+        for name in ("hidden_distillation", "selection_distillation"):
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"{name}: expected a number >= 0, got {getattr(self, name)}")
         # The distillation loss divides logits by it: 0 gives inf/NaN losses and a diverged model.
         if not 0 < self.kd_temperature < math.inf:
             problems.append(f"kd_temperature: expected a number > 0, got {self.kd_temperature}")

@@ -118,6 +118,18 @@ def hidden_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, reach
     return per_token[reached_last].mean() if bool(reached_last.any()) else per_token.sum() * 0.0
 
 
+def selection_distillation_loss(
+    layer_logits: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Forward KL from the full model's final span distributions to each layer's span-head logits (the scores
+    the "span" rule ranks tokens by), averaged over layers. Without it the span head was only ever trained on
+    last-layer states, and reading it on a middle layer is a guess; with it each layer learns to rate high the
+    tokens the finished model will answer with, which are the ones a dropping layer must keep (the supervised
+    skim predictors of Block-Skim and Transkimmer, here with no new parameters, so every engine runs it as is)."""
+    losses = [distillation_loss((logits[..., 0], logits[..., 1]), target, mask) for logits in layer_logits]
+    return torch.stack(losses).mean()
+
+
 class StageClock(TrainerCallback):
     """Training wall time that survives a kill: stored in every checkpoint, resumed from the last one.
 
@@ -325,7 +337,10 @@ class QalaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = {k: inputs.pop(k) for k in ("start_positions", "end_positions")}
         hidden_weight = self.stage.hidden_distillation if self.lengthdrop and model.training else 0.0
-        full = model(**inputs, **labels, output_hidden_states=hidden_weight > 0)
+        selection_weight = self.stage.selection_distillation if self.lengthdrop and model.training else 0.0
+        full = model(
+            **inputs, **labels, output_hidden_states=hidden_weight > 0, output_selection_logits=selection_weight > 0
+        )
         loss = full.loss
         mask = inputs["attention_mask"].bool()
         if self.teacher is not None:
@@ -354,6 +369,8 @@ class QalaTrainer(Trainer):
                 padded_length=seq_length if self.padded_units else None,
             )
             target = (full.start_logits, full.end_logits)
+            if selection_weight > 0:
+                loss = loss + selection_weight * selection_distillation_loss(full.selection_logits, target, mask)
             for sub_config in sub_configs:
                 sub = model(**inputs, **sub_config, output_hidden_states=hidden_weight > 0)
                 loss = loss + distillation_loss(

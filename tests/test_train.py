@@ -260,9 +260,8 @@ def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tm
     assert not torch.equal(calls[2][0], calls[2][1])  # each row draws its own sub-model
 
 
-def test_hidden_distillation_adds_the_state_error_of_each_sub_model(tiny_checkpoint, tmp_path):
-    """hidden_distillation > 0 adds weight x MSE(sub-model's last states, full model's) over the tokens each
-    sub-model kept to the last layer; 0 leaves the loss as it was."""
+def _lengthdrop_losses(tiny_checkpoint, tmp_path, term: str, num_sandwich: int) -> dict[float, float]:
+    """The LengthDrop loss of one ragged batch with the recipe weight `term` at 0 and at 2, same dropout masks."""
     from qala.recipe import make_training_arguments
 
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint)
@@ -273,9 +272,9 @@ def test_hidden_distillation_adds_the_state_error_of_each_sub_model(tiny_checkpo
         recipe = load_recipe(
             make_recipe(tmp_path, tiny_checkpoint),
             [
-                "train.lengthdrop.num_sandwich=1",
+                f"train.lengthdrop.num_sandwich={num_sandwich}",
                 "train.lengthdrop.attention_dropout_prob=0",
-                f"train.lengthdrop.hidden_distillation={weight}",
+                f"train.lengthdrop.{term}={weight}",
             ],
         )
         trainer = qt.QalaTrainer(
@@ -286,12 +285,44 @@ def test_hidden_distillation_adds_the_state_error_of_each_sub_model(tiny_checkpo
         )
         torch.manual_seed(0)  # the same dropout masks for both weights
         losses[weight] = trainer.compute_loss(model, dict(inputs)).item()
+    return losses
+
+
+def test_hidden_distillation_adds_the_state_error_of_each_sub_model(tiny_checkpoint, tmp_path):
+    """hidden_distillation > 0 adds weight x MSE(sub-model's last states, full model's) over the tokens each
+    sub-model kept to the last layer; 0 leaves the loss as it was."""
+    losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "hidden_distillation", num_sandwich=1)
     assert losses[2.0] > losses[0.0]
     # The term itself: zero for identical states, the mean over kept tokens only.
     student, teacher = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
     kept = torch.tensor([[True, True, False]])
     assert qt.hidden_distillation_loss(teacher, teacher, kept).item() == 0.0
     assert qt.hidden_distillation_loss(student, teacher, kept).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_selection_distillation_trains_every_layers_ranking_toward_the_full_models_span(tiny_checkpoint, tmp_path):
+    """selection_distillation > 0 adds weight x the mean over layers of KL(full model's final span
+    distribution || span head on that layer's attention output); its gradient reaches the encoder; 0 leaves
+    the loss as it was."""
+    losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "selection_distillation", num_sandwich=0)
+    assert losses[2.0] > losses[0.0]
+    # The term itself: the mean of the per-layer KLs, zero when a layer already ranks like the full model.
+    model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
+    out = model(**_ragged_batch(), output_selection_logits=True)
+    assert len(out.selection_logits) == model.num_layers
+    mask = _ragged_batch()["attention_mask"].bool()
+    target = (out.start_logits, out.end_logits)
+    agreeing = torch.stack([out.start_logits, out.end_logits], dim=-1)
+    assert qt.selection_distillation_loss((agreeing,), target, mask).item() == pytest.approx(0.0, abs=1e-6)
+    per_layer = [qt.distillation_loss((x[..., 0], x[..., 1]), target, mask) for x in out.selection_logits]
+    expected = sum(per_layer) / len(per_layer)
+    loss = qt.selection_distillation_loss(out.selection_logits, target, mask)
+    assert loss.item() == pytest.approx(expected.item())
+    model.zero_grad()
+    loss.backward()
+    assert model.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="full-length"):
+        model(**_ragged_batch(), keep_ratios=[0.5] * model.num_layers, output_selection_logits=True)
 
 
 def _interrupt_after_checkpoint_2(monkeypatch, run):
