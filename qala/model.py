@@ -357,18 +357,14 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         In a batch padded to its longest row, each row keeps its own count and the surplus slots of
         shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
         `output_hidden_states`: also the last states and `reached_last` (hidden distillation, qala.train).
-        `output_selection_logits`: also, per layer, the span head on its attention output ([batch, seq, 2]):
-        what the "span" rule ranks by (selection distillation, qala.train). Full length only, where
-        every layer still holds every input position.
+        `output_selection_logits`: also each layer's span head on its attention output, what the "span" rule
+        ranks by (selection distillation, qala.train); full length only, where every layer holds every position.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        lengths = self._lengths_of_call(attention_mask, length_config, keep_ratios)
-        if output_selection_logits and lengths.ratios is not None:
-            raise ValueError("output_selection_logits needs a full-length call (no keep_ratios or length_config)")
+        lengths = self._lengths_of_call(attention_mask, length_config, keep_ratios, output_selection_logits)
         selection_logits = [] if output_selection_logits else None
         mask = attention_mask.bool()
-
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         batch_size, seq_length, hidden_size = hidden.shape
         ratios, widths = lengths.ratios, lengths.widths
@@ -388,7 +384,6 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             attention_output, attention_probs = layer.attention(hidden, additive_mask)
             if selection_logits is not None:
                 selection_logits.append(self.qa_outputs(attention_output))
-
             # kept[b]: how many tokens row b keeps after this layer (None: all of them).
             width = None if widths is None else widths[i]
             kept = kept_after_layer(None if ratios is None else ratios[:, i], width, real_lengths, mask)
@@ -413,15 +408,10 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         if restored is not None:
             hidden = _restore(restored, positions, hidden, carried)
 
-        logits = self.qa_outputs(hidden)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
-
-        labelled = start_positions is not None and end_positions is not None
-        loss = span_loss(start_logits, end_logits, start_positions, end_positions) if labelled else None
-        return LengthAdaptiveQAOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
+        return qa_output(
+            self.qa_outputs(hidden),
+            start_positions,
+            end_positions,
             hidden_states=(hidden,) if output_hidden_states else None,
             reached_last=reached_last,
             selection_logits=None if selection_logits is None else tuple(selection_logits),
@@ -455,11 +445,16 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         attention_mask: torch.Tensor,
         length_config: Sequence[int] | None,
         keep_ratios: Sequence[float] | torch.Tensor | None,
+        full_length_only: bool = False,
     ) -> Lengths:
-        """What a forward call keeps: its own configuration, else the config's, resolved to keep ratios."""
+        """What a forward call keeps: its own configuration, else the config's, resolved to keep ratios;
+        `full_length_only`: refuse a call that would drop tokens (output_selection_logits)."""
         if length_config is None and keep_ratios is None:
             length_config, keep_ratios = self.qala_config.length_config, self.qala_config.keep_ratios
-        return resolve(attention_mask, self.num_layers, keep_ratios, length_config)
+        lengths = resolve(attention_mask, self.num_layers, keep_ratios, length_config)
+        if full_length_only and lengths.ratios is not None:
+            raise ValueError("output_selection_logits needs a full-length call (no keep_ratios or length_config)")
+        return lengths
 
     # ---------------------------------------------------------------- save / load
 
@@ -515,6 +510,16 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         """A randomly initialised model (tests, architecture-only benchmarks)."""
         qa_model = AutoModelForQuestionAnswering.from_config(backbone_config, attn_implementation="eager")
         return cls(qa_model, config)
+
+
+def qa_output(
+    logits: torch.Tensor, start_positions: torch.Tensor | None, end_positions: torch.Tensor | None, **extras: Any
+) -> LengthAdaptiveQAOutput:
+    """Split [batch, seq, 2] span logits into start and end; with both positions given, add the span loss."""
+    start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+    labelled = start_positions is not None and end_positions is not None
+    loss = span_loss(start_logits, end_logits, start_positions, end_positions) if labelled else None
+    return LengthAdaptiveQAOutput(loss=loss, start_logits=start_logits, end_logits=end_logits, **extras)
 
 
 def span_loss(
