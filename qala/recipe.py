@@ -185,6 +185,9 @@ class StageConfig:
     # distribution to the span head read on every layer's attention output, the score selection "span"
     # ranks tokens by (qala/train.py selection_distillation_loss). 0 (default): the ranking is not trained.
     selection_distillation: float = 0.0
+    # The first layer (0-based) whose ranking selection distillation trains: layers before it are left alone
+    # (their span head reads states too early to tell answer tokens, and pulling on them cost F1 at early drops).
+    selection_distillation_from_layer: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -205,6 +208,7 @@ class StageConfig:
         if any(not 0 <= b < 1 for b in self.length_drop_layer_bounds):
             problems.append(f"length_drop_layer_bounds: expected values in [0, 1), got {self.length_drop_layer_bounds}")
         problems += _at_least(self, 0, "num_sandwich")
+        problems += _at_least(self, 0, "selection_distillation_from_layer")
         if not 0 <= self.layer_dropout_prob < 1:
             problems.append(f"layer_dropout_prob: expected a value in [0, 1), got {self.layer_dropout_prob}")
         if not 0 <= self.kd_alpha <= 1:

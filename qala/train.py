@@ -126,6 +126,8 @@ def selection_distillation_loss(
     last-layer states, and reading it on a middle layer is a guess; with it each layer learns to rate high the
     tokens the finished model will answer with, which are the ones a dropping layer must keep (the supervised
     skim predictors of Block-Skim and Transkimmer, here with no new parameters, so every engine runs it as is)."""
+    if not layer_logits:  # selection_distillation_from_layer past the last layer: nothing to train
+        return target[0].float().sum() * 0.0
     losses = [distillation_loss((logits[..., 0], logits[..., 1]), target, mask) for logits in layer_logits]
     return torch.stack(losses).mean()
 
@@ -370,7 +372,8 @@ class QalaTrainer(Trainer):
             )
             target = (full.start_logits, full.end_logits)
             if selection_weight > 0:
-                loss = loss + selection_weight * selection_distillation_loss(full.selection_logits, target, mask)
+                layer_logits = full.selection_logits[self.stage.selection_distillation_from_layer :]
+                loss = loss + selection_weight * selection_distillation_loss(layer_logits, target, mask)
             for sub_config in sub_configs:
                 sub = model(**inputs, **sub_config, output_hidden_states=hidden_weight > 0)
                 loss = loss + distillation_loss(

@@ -228,6 +228,9 @@ BAD_VALUES = {
     "train.finetune.kd_temperature=0": "train.finetune.kd_temperature: expected a number > 0, got 0.0",
     "train.lengthdrop.kd_temperature=-2": "train.lengthdrop.kd_temperature: expected a number > 0, got -2.0",
     "train.lengthdrop.hidden_distillation=-1": "train.lengthdrop.hidden_distillation: expected a number >= 0, got -1.0",
+    "train.lengthdrop.selection_distillation_from_layer=-1": (
+        "train.lengthdrop.selection_distillation_from_layer: expected >= 0, got -1"
+    ),
     "train.lengthdrop.selection_distillation=-1": (
         "train.lengthdrop.selection_distillation: expected a number >= 0, got -1.0"
     ),

@@ -260,7 +260,9 @@ def test_lengthdrop_samples_keep_ratios_per_row(tiny_checkpoint, monkeypatch, tm
     assert not torch.equal(calls[2][0], calls[2][1])  # each row draws its own sub-model
 
 
-def _lengthdrop_losses(tiny_checkpoint, tmp_path, term: str, num_sandwich: int) -> dict[float, float]:
+def _lengthdrop_losses(
+    tiny_checkpoint, tmp_path, term: str, num_sandwich: int, extra: tuple[str, ...] = ()
+) -> dict[float, float]:
     """The LengthDrop loss of one ragged batch with the recipe weight `term` at 0 and at 2, same dropout masks."""
     from qala.recipe import make_training_arguments
 
@@ -275,6 +277,7 @@ def _lengthdrop_losses(tiny_checkpoint, tmp_path, term: str, num_sandwich: int) 
                 f"train.lengthdrop.num_sandwich={num_sandwich}",
                 "train.lengthdrop.attention_dropout_prob=0",
                 f"train.lengthdrop.{term}={weight}",
+                *extra,
             ],
         )
         trainer = qt.QalaTrainer(
@@ -306,6 +309,9 @@ def test_selection_distillation_trains_every_layers_ranking_toward_the_full_mode
     the loss as it was."""
     losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "selection_distillation", num_sandwich=0)
     assert losses[2.0] > losses[0.0]
+    past_last = ("train.lengthdrop.selection_distillation_from_layer=99",)  # no layer left to train
+    losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "selection_distillation", num_sandwich=0, extra=past_last)
+    assert losses[2.0] == pytest.approx(losses[0.0])
     # The term itself: the mean of the per-layer KLs, zero when a layer already ranks like the full model.
     model = LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint).eval()
     out = model(**_ragged_batch(), output_selection_logits=True)
@@ -321,6 +327,11 @@ def test_selection_distillation_trains_every_layers_ranking_toward_the_full_mode
     model.zero_grad()
     loss.backward()
     assert model.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # selection_distillation_from_layer=k leaves layers before k out: from the last layer, only its KL counts.
+    assert qt.selection_distillation_loss(out.selection_logits[-1:], target, mask).item() == pytest.approx(
+        per_layer[-1].item()
+    )
+    assert qt.selection_distillation_loss((), target, mask).item() == 0.0
     with pytest.raises(ValueError, match="full-length"):
         model(**_ragged_batch(), keep_ratios=[0.5] * model.num_layers, output_selection_logits=True)
 
