@@ -209,6 +209,11 @@ class StageConfig:
             problems.append(f"length_drop_layer_bounds: expected values in [0, 1), got {self.length_drop_layer_bounds}")
         problems += _at_least(self, 0, "num_sandwich")
         problems += _at_least(self, 0, "selection_distillation_from_layer")
+        if self.selection_distillation > 0 and self.selection == "attention":
+            # The term trains the span head's ranking; under "attention" nothing reads it.
+            problems.append(
+                "selection_distillation: trains the ranking of selection 'span', but selection is 'attention'"
+            )
         if not 0 <= self.layer_dropout_prob < 1:
             problems.append(f"layer_dropout_prob: expected a value in [0, 1), got {self.layer_dropout_prob}")
         if not 0 <= self.kd_alpha <= 1:

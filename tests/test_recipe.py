@@ -268,6 +268,16 @@ def test_every_bad_value_of_every_section_is_reported_at_once(tmp_path, capsys):
     assert len(lines) == len(BAD_VALUES) + 1
 
 
+def test_selection_distillation_needs_the_span_ranking(tmp_path):
+    """The term trains what selection 'span' ranks by: with 'attention' it would train nothing that is read."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lengthdrop:\n    selection_distillation: 1.0\n    selection: attention\n")
+    with pytest.raises(ValueError, match="selection_distillation: trains the ranking of selection 'span'"):
+        load_recipe(recipe)
+    recipe.write_text("train:\n  lengthdrop:\n    selection_distillation: 1.0\n    selection: span\n")
+    assert load_recipe(recipe).train.lengthdrop.selection_distillation == 1.0
+
+
 def test_a_reset_must_name_a_key():
     raw = {"train": {"finetune": {"training_args": {"max_steps": 2}}}}
     with pytest.raises(ValueError, match=r"train\.finetune\.training_args\.max_stpes is not set, nothing to reset"):
