@@ -209,6 +209,9 @@ class StageConfig:
             problems.append(f"length_drop_layer_bounds: expected values in [0, 1), got {self.length_drop_layer_bounds}")
         problems += _at_least(self, 0, "num_sandwich")
         problems += _at_least(self, 0, "selection_distillation_from_layer")
+        if self.selection_distillation_from_layer > 0 and self.layer_dropout_prob > 0:
+            # The full pass returns one score per layer it ran: a LayerDrop skip would shift the layer index.
+            problems.append("selection_distillation_from_layer: counts layers, so it needs layer_dropout_prob 0")
         if self.selection_distillation > 0 and self.selection == "attention":
             # The term trains the span head's ranking; under "attention" nothing reads it.
             problems.append(

@@ -276,6 +276,13 @@ def test_selection_distillation_needs_the_span_ranking(tmp_path):
         load_recipe(recipe)
     recipe.write_text("train:\n  lengthdrop:\n    selection_distillation: 1.0\n    selection: span\n")
     assert load_recipe(recipe).train.lengthdrop.selection_distillation == 1.0
+    # The full pass returns a score per layer it ran, so a LayerDrop skip would shift a layer index.
+    recipe.write_text(
+        "train:\n  lengthdrop:\n    selection_distillation: 1.0\n    selection_distillation_from_layer: 2\n"
+        "    layer_dropout_prob: 0.1\n"
+    )
+    with pytest.raises(ValueError, match="selection_distillation_from_layer: counts layers"):
+        load_recipe(recipe)
 
 
 def test_a_reset_must_name_a_key():
