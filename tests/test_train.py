@@ -309,7 +309,8 @@ def test_selection_distillation_trains_every_layers_ranking_toward_the_full_mode
     the loss as it was."""
     losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "selection_distillation", num_sandwich=0)
     assert losses[2.0] > losses[0.0]
-    past_last = ("train.lengthdrop.selection_distillation_from_layer=99",)  # no layer left to train
+    # No layer left to train (layer indices need every layer run: no LayerDrop).
+    past_last = ("train.lengthdrop.selection_distillation_from_layer=99", "train.lengthdrop.layer_dropout_prob=0")
     losses = _lengthdrop_losses(tiny_checkpoint, tmp_path, "selection_distillation", num_sandwich=0, extra=past_last)
     assert losses[2.0] == pytest.approx(losses[0.0])
     # The term itself: the mean of the per-layer KLs, zero when a layer already ranks like the full model.
