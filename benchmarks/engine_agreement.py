@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qala.data import calibration_windows, load_squad, windows
+from qala.data import calibration_windows, load_split, windows
 from qala.lengths import parse_keep_ratios
 from qala.model import MODEL_INPUTS
 from qala.quantize.engines import make_engine
@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(args.model_dir), load_tokenizer(args.model_dir)
     configs = [None] + [parse_keep_ratios(text, num_layers=model.num_layers) for text in args.keep_ratios]
-    examples = load_squad(args.data)
-    examples = examples.select(range(min(args.windows, len(examples))))
-    features = windows(examples, tokenizer, DataConfig(train=args.data, eval=args.data), train=False, padded=False)
+    data = DataConfig(train=args.data, eval=args.data, max_eval_samples=args.windows)  # N questions: >= N windows
+    features = windows(load_split(data, "eval"), tokenizer, data, train=False, padded=False)
     rows = [{k: torch.tensor([features[i][k]]) for k in MODEL_INPUTS} for i in range(min(args.windows, len(features)))]
     # Exported engines keep their ONNX files and IR in a work folder; the PyTorch ones take none.
     options: dict = {"workdir": args.workdir} if args.backend.startswith(("onnxruntime", "openvino")) else {}

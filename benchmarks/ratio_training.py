@@ -43,31 +43,23 @@ def macs_ratio(config, lengths: list[int], ratios: list[float]) -> float:
     return round(kept / real_token_macs(config, {}, lengths), 4)
 
 
-def score(
-    model_dir: str,
-    data_file: str,
-    eval_json: str | None = None,
-    selection: str | None = None,
-    keeps: tuple[float, ...] = KEEP_RATIOS,
-    shapes: tuple[tuple[float, ...], ...] = (),
-    weights: str | None = None,
-    device: str = "cpu",
-) -> list[dict]:
-    """One row per constant keep ratio of `keeps` and per configuration of `shapes` (per-layer keep ratios);
-    `eval_json`: take the constant rows' EM/F1 from qala.train's eval.json of this model (its stage scored
-    the same keep ratios on the same file at the end of training) instead of evaluating again."""
-    model = load_model(model_dir)
-    if weights:
-        load_weights(model, weights)
-    model.to(device)
-    if selection:
-        model.qala_config.selection = selection
-    tokenizer = load_tokenizer(model_dir)
-    data = DataConfig(train=data_file, eval=data_file)
-    examples = load_squad(data_file)
+def score(args: argparse.Namespace, keeps: tuple[float, ...], shapes: tuple[tuple[float, ...], ...]) -> list[dict]:
+    """One row per constant keep ratio of `keeps` and per configuration of `shapes` (per-layer keep ratios) of
+    args.model_dir (--weights, --selection, --device); --eval-json: take the constant rows' EM/F1 from qala.train's
+    eval.json of this model (its stage scored the same keep ratios on the same file at the end of training)
+    instead of evaluating again."""
+    model = load_model(args.model_dir)
+    if args.weights:
+        load_weights(model, args.weights)
+    model.to(args.device)
+    if args.selection:
+        model.qala_config.selection = args.selection
+    tokenizer = load_tokenizer(args.model_dir)
+    data = DataConfig(train=args.data, eval=args.data)
+    examples = load_squad(args.data)
     features = windows(examples, tokenizer, data, train=False, padded=False)
     lengths = [sum(mask) for mask in features["attention_mask"]]
-    scored = read_eval(eval_json)["results"] if eval_json else {}
+    scored = read_eval(args.eval_json)["results"] if args.eval_json else {}
     rows = []
     configurations = [(keep, constant_keep_ratios(keep, model.num_layers)) for keep in keeps]
     for keep, ratios in configurations + [(None, list(shape)) for shape in shapes]:
@@ -98,8 +90,7 @@ def plot(document: dict, path: Path) -> None:
     for row in (r for r in document["rows"] if r["keep_ratio"] is not None and (r["variant"], r["step"]) in shown):
         curves.setdefault(f"{row['variant']} step {row['step']}", []).append((row["macs_ratio"], row["f1"]))
     for name, points in curves.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
     ax.set_xlabel("MACs on real dev windows / full length")
     ax.set_ylabel("F1, whole dev.json, unpadded")
     ax.set_title("Keep-ratio curves (each variant's CPU or GPU: ratio_training.json)", fontsize=9)
@@ -127,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args(argv)
     environment = environment_info()
-    out = args.out
-    document = json.loads(out.read_text()) if out.is_file() else {"cpu": environment["cpu"], "rows": []}
+    document = json.loads(args.out.read_text()) if args.out.is_file() else {"cpu": environment["cpu"], "rows": []}
     if not args.plot_only:
         if None in (args.variant, args.step, args.epoch, args.model_dir):
             parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
@@ -136,13 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         keeps = tuple(k for k in KEEP_RATIOS if k not in {r["keep_ratio"] for r in mine})
         seen = {tuple(r["keep_ratios"]) for r in mine if r["keep_ratio"] is None}
         shapes = tuple(s for s in (tuple(float(v) for v in text.split(",")) for text in args.shape) if s not in seen)
-        variants = document.setdefault("variants", {})
-        entry = variants.setdefault(args.variant, {})
+        entry = document.setdefault("variants", {}).setdefault(args.variant, {})
         if keeps or shapes:
-            scored = score(
-                args.model_dir, args.data, args.eval_json, args.selection, keeps, shapes, args.weights, args.device
-            )
-            document["rows"] += [{"variant": args.variant, "step": args.step, "epoch": args.epoch, **r} for r in scored]
+            key = {"variant": args.variant, "step": args.step, "epoch": args.epoch}
+            document["rows"] += [{**key, **r} for r in score(args, keeps, shapes)]
             # Variants are scored in different sessions, on whatever CPU the session had.
             entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())
             entry.update({"device": environment.get("cuda") or args.device} if args.device != "cpu" else {})
@@ -156,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shipped:
             document.update(shipped=args.variant, recipe=args.recipe, windows_per_s=args.windows_per_s)
         document.update(data=args.data, environment=environment)
-        atomic_write_json(out, document)
-    plot(document, out.with_suffix(".png"))
+        atomic_write_json(args.out, document)
+    plot(document, args.out.with_suffix(".png"))
     return 0
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -61,13 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server")
     p.add_argument("--concurrent-batches", type=int, default=1, help="the server's; the in-process baseline's too")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
-    p.add_argument(
-        "--saturation-concurrency",
-        type=int,
-        default=32,
-        help="fixed mode: also send the in-process questions from this many closed-loop clients (each sends its next "
-        "question when its last is answered): the served throughput at saturation (0: not measured)",
-    )
+    saturation = "fixed mode: the served throughput at saturation, the in-process questions sent by this many "
+    p.add_argument("--saturation-concurrency", type=int, default=32, help=saturation + "closed-loop clients (0: none)")
     p.add_argument("--in-process-questions", type=int, default=256, help="0 skips the in-process baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/serve_load", help="folder for results.json and p95_f1.png")
@@ -78,8 +72,7 @@ def load_questions(path: str, limit: int, seed: int) -> list[dict[str, Any]]:
     """Dev questions as {id, question, context, answers} (qala.data.load_squad), shuffled (seeded), at most `limit`."""
     from qala.data import load_squad
 
-    columns = load_squad(path).select_columns(["id", "question", "context", "answers"])[:]
-    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    rows = load_squad(path).select_columns(["id", "question", "context", "answers"]).to_list()
     rows = [{**r, "answers": r["answers"]["text"]} for r in rows if r["answers"]["text"] and r["question"].strip()]
     random.Random(seed).shuffle(rows)
     return rows[:limit]
@@ -142,7 +135,7 @@ def server(args: argparse.Namespace, p95_ms: float | None, port: int):
             time.sleep(0.5)
         yield command, proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -198,20 +191,17 @@ async def open_loop(
                 break
             await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
             tasks.append(asyncio.create_task(one(questions[i % len(questions)])))
-        done, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):  # wait_for cancels the requests still out
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=drain_s)
     return results
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process so far."""
+    import psutil  # accelerate's dependency, so always installed
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: int, server_pid: int) -> dict[str, Any]:
@@ -240,9 +230,8 @@ async def closed_loop(url: str, questions: list[dict[str, Any]], concurrency: in
         server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     record = {"questions": len(questions), "answered": answered, "concurrency": concurrency, "seconds": seconds}
     # The load generator shares the machine's cores with the server: its CPU is CPU the server lacked.
-    return {**record, "answers_per_s": answered / seconds, "server_cores": server_cpu / seconds} | {
-        "client_cores": client_cpu / seconds
-    }
+    cores = {"server_cores": server_cpu / seconds, "client_cores": client_cpu / seconds}
+    return {**record, "answers_per_s": answered / seconds, **cores}
 
 
 def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], rate: float) -> dict[str, Any]:
@@ -276,12 +265,9 @@ def summarize(rows: list[dict[str, Any]], questions: dict[str, dict[str, Any]], 
 
 
 def plot(results: dict[str, Any], path: Path, target: float) -> None:
-    from matplotlib.figure import Figure
+    from qala.bench.report import figure, save_figure
 
-    from qala.bench.report import save_figure
-
-    fig = Figure(figsize=(7, 7))  # the Figure API: no pyplot state
-    top, bottom = fig.subplots(2, 1, sharex=True)
+    fig, (top, bottom) = figure((7, 7), rows=2)
     for axes, key in ((top, "p95_ms"), (bottom, "f1")):
         for mode, rows in results["modes"].items():
             axes.plot([r["offered_rps"] for r in rows], [r[key] for r in rows], marker="o", label=mode)
@@ -310,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": vars(args),
         "in_process": in_process_throughput(args, questions) if args.in_process_questions else None,
         "modes": {},
     }
@@ -335,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 sample = questions[: args.in_process_questions]
                 url = f"http://127.0.0.1:{port}"
                 saturation = asyncio.run(closed_loop(url, sample, args.saturation_concurrency, pid))
-                if results["in_process"]:
-                    in_process = results["in_process"]["answers_per_s"]
-                    saturation["served_over_in_process"] = saturation["answers_per_s"] / in_process
+                in_process = results["in_process"]["answers_per_s"]  # measured: --in-process-questions is not 0
+                saturation["served_over_in_process"] = saturation["answers_per_s"] / in_process
                 results["saturation"] = saturation
                 print(json.dumps({"saturation": saturation}), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

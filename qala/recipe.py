@@ -499,6 +499,9 @@ class BenchmarkConfig:
     sweep_repeats: int = 3
     # No new row starts after this many minutes (rows already measured are kept); None: no limit.
     time_budget_minutes: float | None = None
+    # Questions table only: the whole row list measured this many times, round-robin (every row, then every row
+    # again), so drift between rows measured minutes apart hits every row alike; each row reports its median round.
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -510,6 +513,7 @@ class BenchmarkConfig:
             "sweep_batch_size",
             "sweep_repeats",
             "gemm_size",
+            "rounds",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")

@@ -348,6 +348,88 @@ def test_questions_table_end_to_end_and_resume(tmp_path, model_dir, tiny_int8_ar
     assert calls == []  # every row and the GEMM peak were kept
 
 
+def test_questions_table_rounds_report_each_rows_median_round(tmp_path, model_dir, monkeypatch, capsys):  # noqa: F811
+    # benchmark.rounds: the row list measured round-robin, a fresh worker per measurement; each row is its median
+    # round (the lower median for two) with every round's questions/s beside it.
+    path = write_recipe(tmp_path, model_dir)
+    argv = [
+        str(path),
+        "--table",
+        "questions",
+        "benchmark.rounds=2",
+        "benchmark.baselines=[]",
+        "benchmark.gemm_peak=false",
+    ]
+    order, run_worker = [], cli.run_worker
+    monkeypatch.setattr(
+        cli, "run_worker", lambda spec, work_dir: order.append(spec["id"]) or run_worker(spec, work_dir)
+    )
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    document = json.loads((tmp_path / "out" / cli.FILES["questions"][0]).read_text())
+    ids = [row["id"] for row in document["rows"]]
+    assert ids == ["transformers/MiniLM/fp32/full/b2", "qala/MiniLM/fp32/full/b2"] and order == ids * 2
+    assert document["method"]["rounds"] == 2 and "lower median" in document["method"]["rounds_statistic"]
+    for row in document["rows"]:
+        assert row["status"] == "ok" and row["rounds"] == 2 and "f1_rounds" not in row  # deterministic engines
+        speeds, rounds = row["questions_per_s_rounds"], document["round_results"][row["id"]]
+        assert speeds == [r["questions_per_s"] for r in rounds] and row["questions_per_s"] == min(speeds)
+        median = rounds[speeds.index(min(speeds))]
+        assert all(row[key] == median[key] for key in ("seconds", "ms_p50", "ms_p99", "achieved_gmacs_per_s", "pid"))
+    monkeypatch.setattr(cli, "run_worker", lambda spec, work_dir: order.append(spec["id"]) or {"status": "failed"})
+    assert cli.main([*argv, "--resume"]) == 0 and len(order) == 4  # every round of every row was kept
+
+
+class Killed(BaseException):
+    """The run killed mid-round (KeyboardInterrupt would reach pytest)."""
+
+
+def test_rounds_median_of_three_failure_and_resume_at_the_missing_round(tmp_path, model_dir, monkeypatch, capsys):  # noqa: F811
+    # The harness alone, on workers that report made-up timings: which round is the row, what resume re-measures.
+    bert, plain, qala = (
+        "transformers/BERT-base/fp32/full/b2",
+        "transformers/MiniLM/fp32/full/b2",
+        "qala/MiniLM/fp32/full/b2",
+    )
+    speeds = {bert: [3.0, 1.0, 2.0], plain: [5.0, 6.0, 4.0], qala: [7.0, 9.0, 8.0]}  # questions/s per round
+    calls, kill_at, fail = [], [4], {(bert, 3)}
+
+    def worker_(spec, work_dir):
+        if len(calls) in kill_at:
+            kill_at.clear()
+            raise Killed
+        calls.append(spec["id"])
+        n = calls.count(spec["id"])  # the round: the harness measures round after round
+        if (spec["id"], n) in fail:
+            return {"status": "failed", "error": f"round {n} broke"}
+        f1 = 50.0 + (n if spec["engine"] == "qala" else 0)  # the qala row answers differently each round
+        return {"status": "ok", "questions_per_s": speeds[spec["id"]][n - 1], "ms_p50": 10.0 * n, "f1": f1}
+
+    monkeypatch.setattr(cli, "run_worker", worker_)
+    argv = [str(write_recipe(tmp_path, model_dir)), "--table", "questions", "benchmark.rounds=3"]
+    argv.append("benchmark.gemm_peak=false")
+    with pytest.raises(Killed):
+        cli.main(argv)
+    saved = json.loads((tmp_path / "out" / cli.FILES["questions"][0]).read_text())
+    assert [r["rounds"] for r in saved["rows"]] == [2, 1, 1] and calls == [bert, plain, qala, bert]
+    assert cli.main([*argv, "--resume"]) == 1  # a row failed
+    assert calls[4:] == [plain, qala, bert, plain, qala]  # the rounds missing, round-robin
+    rows = {r["id"]: r for r in json.loads((tmp_path / "out" / cli.FILES["questions"][0]).read_text())["rows"]}
+    assert (
+        rows[bert]["status"] == "failed" and rows[bert]["error"] == "round 3 broke" and rows[bert]["failed_round"] == 3
+    )
+    assert rows[plain]["questions_per_s"] == 5.0 and rows[plain]["ms_p50"] == 10.0  # round 1: the median
+    assert rows[plain]["questions_per_s_rounds"] == [5.0, 6.0, 4.0] and rows[plain]["rounds"] == 3
+    assert "f1_rounds" not in rows[plain] and rows[qala]["f1_rounds"] == [51.0, 52.0, 53.0]
+    assert rows[qala]["questions_per_s"] == 8.0 and rows[qala]["ms_p50"] == 30.0 and rows[qala]["f1"] == 53.0
+
+
+def test_benchmark_rounds_below_one_is_refused_in_one_line(tmp_path, model_dir, capsys):  # noqa: F811
+    path = write_recipe(tmp_path, model_dir)
+    assert cli.main([str(path), "--table", "questions", "benchmark.rounds=0"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: benchmark.rounds: expected >= 1, got 0\n"
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
 def test_shipped_questions_recipe_loads(monkeypatch):
     from tests.conftest import REPO
 
@@ -358,6 +440,7 @@ def test_shipped_questions_recipe_loads(monkeypatch):
         pytest.skip("needs ../shared/models/minilm-lat-squad-offline and ../shared/data/squad-v1.1 (not in a clone)")
     recipe = load_recipe(path)
     assert recipe.data.max_eval_samples >= 400 and recipe.benchmark.batch_sizes == [1, 32]
+    assert recipe.benchmark.rounds == 3  # the median of three round-robin rounds
     assert AutoConfig.from_pretrained(recipe.benchmark.model).num_hidden_layers == 6
 
 

@@ -7,7 +7,8 @@ roofline and a core sweep (OUTPUT_DIR/bench.json, bench.md, f1_vs_speedup.png, t
 `questions`: real questions end to end on unpadded windows (OUTPUT_DIR/real_questions.json, .md, .png).
 Both run through one Harness (a row's `padded` flag says which measurement its worker makes): a killed run
 keeps every row it finished; `--resume` skips rows and the GEMM peak already measured for the same inputs
-(settings, row spec, and by content the models). One run per OUTPUT_DIR at a time.
+(settings, row spec, and by content the models). With benchmark.rounds > 1 the questions table measures its rows
+round-robin that many times and reports each row's median round (measure_rounds). One run per OUTPUT_DIR at a time.
 """
 
 from __future__ import annotations
@@ -129,21 +130,28 @@ class Harness:
         hashes = {key: content_hash(getattr(self.bench, key)) for key in models}
         self.inputs = {"settings": plan.bench_fingerprint(recipe, table), **hashes}
         self.fingerprint = fingerprint(self.inputs)
-        self.previous = self._previous() if resume else {}
+        self.previous, self.previous_rounds = self._previous() if resume else ({}, {})
         self.document: dict[str, Any] = {"fingerprint": self.fingerprint, "inputs": self.inputs}
         self.document.update(rows=[], gemm_peak=None, budget_exhausted=False)
         self.recipe_written = False
 
-    def _previous(self) -> dict[str, Any]:
-        """The results (rows and GEMM peak) of the last run of this table when it measured the same inputs, by id."""
+    def _previous(self) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """The results (rows and GEMM peak) of the last run of this table when it measured the same inputs, by id;
+        and the rounds it measured per row id (measure_rounds), a one-round run's row counting as its round 1."""
         from qala.stage import stored_record
 
         path = self.out / FILES[self.table][0]
         previous, changed = stored_record(path, self.inputs, fingerprint=self.fingerprint)
         if changed:
             logger.warning("--resume: %s was measured for other inputs (%s); measuring everything again", path, changed)
-        results = [*(previous or {}).get("rows", []), (previous or {}).get("gemm_peak") or {}]
-        return {r["id"]: r for r in results if r.get("status") == "ok" and "id" in r}
+        previous = previous or {}
+        results = [*previous.get("rows", []), previous.get("gemm_peak") or {}]
+        kept = {r["id"]: r for r in results if r.get("status") == "ok" and "id" in r}
+        rounds = dict(previous.get("round_results") or {})
+        for row in previous.get("rows", []):
+            if row["id"] in kept and "rounds" not in row:
+                rounds.setdefault(row["id"], [row])
+        return kept, rounds
 
     def over_budget(self) -> bool:
         limit = self.bench.time_budget_minutes
@@ -162,14 +170,25 @@ class Harness:
         atomic_write_json(self.out / FILES[self.table][0], self.document)
         atomic_write_text(self.out / FILES[self.table][1], report.format_table(self.document))
 
-    def result(self, spec: dict[str, Any], work_dir: Path, extra: Mapping[str, Any] = {}) -> dict[str, Any]:  # noqa: B006
+    def result(
+        self,
+        spec: dict[str, Any],
+        work_dir: Path,
+        extra: Mapping[str, Any] = {},  # noqa: B006
+        *,
+        round_number: int | None = None,
+    ) -> dict[str, Any]:
         """`spec` measured by a worker (with `extra` fields for the worker only), or kept from the last run
-        (--resume, same spec), or skipped past the time budget. The first measurement writes OUTPUT_DIR/recipe.yaml
-        (a start that fails at once, on its inputs or plan, leaves the last run's record)."""
+        (--resume, same spec; with `round_number`, that round of the row), or skipped past the time budget. The
+        first measurement writes OUTPUT_DIR/recipe.yaml (a start that fails at once, on its inputs or plan, leaves
+        the last run's record)."""
         from qala.stage import write_recipe
 
         digest = plan.spec_hash(spec)
         done = self.previous.get(spec["id"])
+        if round_number is not None:
+            earlier = self.previous_rounds.get(spec["id"], [])
+            done = earlier[round_number - 1] if len(earlier) >= round_number else None
         if done and done.get("spec_hash") == digest:
             logger.info("%s: measured before (--resume), kept", spec["id"])
             return done
@@ -244,7 +263,16 @@ def _method(recipe: Any, padded: bool, threads: int, windows: int | None) -> dic
     )
     timer = "qala.utils.time_calls (one timed call per request) and qala.utils.latency_stats"
     questions = d.max_eval_samples if d.max_eval_samples is not None else "all"
-    return {"questions": questions, **method, "warmup": b.warmup, "summary": summary, "timer": timer}
+    method.update(warmup=b.warmup, summary=summary, timer=timer, rounds=b.rounds)
+    if b.rounds > 1:
+        method["rounds_statistic"] = (
+            f"every row measured {b.rounds} times, round-robin (round 1: every row, then round 2: every row, ...), "
+            "a fresh worker per measurement, so drift during the run hits every row alike; each row reports the "
+            "round of median questions/s (the lower median for an even count), every timing field from that round, "
+            "with each round's questions/s in questions_per_s_rounds (a row cut by the time budget: the rounds it "
+            "measured, `rounds`)"
+        )
+    return {"questions": questions, **method}
 
 
 def run_table(
@@ -271,10 +299,13 @@ def run_table(
         h.document["gemm_peak"] = h.result(spec, h.out / "work" / "gemm_peak")
         h.save()
     work, extra = h.out / "work" / ("" if padded else "questions"), {"inputs": str(inputs)} if padded else {}
-    for i, spec in enumerate(rows, 1):
-        logger.info("[%d/%d]", i, len(rows))
-        h.document["rows"].append(h.result(spec, work / _slug(spec["id"]), extra))
-        h.save()
+    if not padded and b.rounds > 1:
+        measure_rounds(h, rows, work, b.rounds)
+    else:
+        for i, spec in enumerate(rows, 1):
+            logger.info("[%d/%d]", i, len(rows))
+            h.document["rows"].append(h.result(spec, work / _slug(spec["id"]), extra))
+            h.save()
     if padded and b.core_sweep:
         h.document["core_sweep"] = core_sweep(h, rows, inputs)
     h.save()
@@ -282,6 +313,48 @@ def run_table(
     if padded:
         report.plot_throughput_vs_cores(h.document, h.out / "throughput_vs_cores.png")
     return h.document
+
+
+def measure_rounds(h: Harness, rows: list[dict[str, Any]], work: Path, rounds: int) -> None:
+    """The questions table's rows measured `rounds` times round-robin (round 1: every row, round 2: every row,
+    ...), a fresh worker each time: the machine's drift over the run then hits every row alike instead of landing
+    in the ratio of two rows measured minutes apart. The document (saved after each measurement) holds one row per
+    spec (median_round) and every measured round under round_results, so --resume goes on at the rounds missing.
+    A row that fails stops there (status failed, that round's error); one cut by the time budget keeps the rounds
+    it measured."""
+    measured: dict[str, list[dict[str, Any]]] = h.document.setdefault("round_results", {})
+    for number in range(1, rounds + 1):
+        for i, spec in enumerate(rows):
+            done = measured.setdefault(spec["id"], [])
+            if len(done) < number - 1:  # failed or skipped in an earlier round: the row is final
+                continue
+            logger.info("round %d/%d, [%d/%d]", number, rounds, i + 1, len(rows))
+            record = h.result(spec, work / _slug(spec["id"]), round_number=number)
+            if record.get("status") == "ok":  # the round alone: the spec is the row's, once
+                done.append({key: value for key, value in record.items() if key not in spec})
+            if record.get("status") == "failed":
+                row = {**record, "failed_round": number}
+            else:
+                row = median_round(spec, done) if done else record
+            if number == 1:
+                h.document["rows"].append(row)
+            else:
+                h.document["rows"][i] = row
+            h.save()
+
+
+def median_round(spec: Mapping[str, Any], measured: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One row from its measured rounds: every timing field (and the rest of the worker's record) from the round
+    of median questions/s, each round's questions/s beside it in round order. An even count takes the lower
+    median: a figure one worker measured, never the mean of two, and the slower of the middle two. F1 is the
+    median round's; every round's F1 is kept only where they differ (an engine that is not deterministic)."""
+    by_speed = sorted(measured, key=lambda m: m["questions_per_s"])  # stable: ties keep round order
+    row = {**spec, **by_speed[(len(measured) - 1) // 2], "rounds": len(measured)}
+    row["questions_per_s_rounds"] = [m["questions_per_s"] for m in measured]
+    f1 = [m.get("f1") for m in measured]
+    if len(set(f1)) > 1:
+        row["f1_rounds"] = f1
+    return row
 
 
 def core_sweep(h: Harness, rows: list[dict[str, Any]], inputs: Path) -> dict[str, Any]:

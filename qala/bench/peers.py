@@ -210,7 +210,7 @@ def _serving_engine(
 ) -> tuple[Predictor, dict]:
     """A qala row through a named engine of qala.quantize.engines (the one registry)."""
     from qala.bench.plan import requantizes
-    from qala.quantize.engines import make_engine
+    from qala.quantize.engines import make_engine, warm_for_serving
 
     backend, options = spec["backend"], {}
     if backend.startswith(("onnxruntime", "openvino")):
@@ -225,9 +225,7 @@ def _serving_engine(
     facts: dict[str, Any] = {"backend": backend, **getattr(engine, "facts", {})}
     if backend.startswith("openvino"):
         # Compile every (bucket, batch size) a request of up to `example`'s windows can split into, before timing.
-        configs = [length["length_config"]] if "length_config" in length else []
-        ratios = [] if configs else [length.get("keep_ratios")]
-        warm = engine.warmup(batch_sizes=[example["input_ids"].size(0)], keep_ratios=ratios, length_configs=configs)
+        warm = warm_for_serving(engine, lengths=[], max_batch=example["input_ids"].size(0), configs=[length])
         facts.update(warmup=warm, compiled_models=len(engine._compiled))
     # Every request shape is still run once before timing (qala.bench's rule for any engine that may build
     # per shape); an engine with dynamic shapes makes that cheap.

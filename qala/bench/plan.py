@@ -10,13 +10,14 @@ comes from the recipe: no row appears or vanishes because some file happens to b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from qala.recipe import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,9 @@ PUBLISHED_F1: dict[str, dict[str, Any]] = {
 DYNAMIC_TINYBERT_SPEEDUP = 3.3
 # Compiled INT8 builds one graph per shape; padding to a multiple of this bounds the graphs (all warmed first).
 COMPILED_PAD_MULTIPLE = 32
-CALIBRATION_WINDOWS = 300  # training windows NNCF calibrates on (OpenVINO INT8 peer and openvino-int8)
 # Serving engines (qala.quantize.engines.BACKENDS) by the rows they can run. Exported-graph engines without a
 # suffix run an INT8 artifact's fp32 source, so fp32 rows only; "-int8" and "-inc" engines INT8 rows only
-# (int8_only); eager and compile-dynamic both. openvino-inc runs full length only.
+# (requantizes, serves_inc_int8); eager and compile-dynamic both. openvino-inc runs full length only.
 FP32_ONLY_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
 FULL_LENGTH_ONLY_BACKENDS = ("openvino-inc",)
 TIMING = ("warmup", "repeats", "latency_repeats", "min_repeats", "max_seconds_per_measurement")
@@ -131,8 +131,7 @@ def row_id(name: str, dtype: str, length_config: Sequence[int] | None) -> str:
     return f"{name}/{dtype}/{config_slug(length_config)}"
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+spec_hash = fingerprint  # of a row spec (JSON-native): --resume keeps a measured row whose spec hashes the same
 
 
 def bench_fingerprint(recipe: Any, table: str = "padded") -> str:
@@ -142,7 +141,7 @@ def bench_fingerprint(recipe: Any, table: str = "padded") -> str:
     b = recipe.benchmark
     data = {"data": dataclasses.asdict(recipe.data), "threads": b.threads or os.cpu_count(), "gemm_size": b.gemm_size}
     data.update({"windows": b.windows} if table == "padded" else {"eval": dataclasses.asdict(recipe.eval)})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(data)
 
 
 def measured(f1: float | None, source: str | None) -> dict[str, Any]:
@@ -160,11 +159,6 @@ def serves_inc_int8(backend: str | None) -> bool:
     """Whether a serving engine serves INC's INT8 artifact as tuned ("-inc": its scales and fp32 units, not
     re-quantized): its rows run benchmark.int8_model, and it refuses an fp32 model."""
     return (backend or "").endswith("-inc")
-
-
-def int8_only(backend: str | None) -> bool:
-    """Whether a serving engine runs INT8 rows only (re-quantizing, or INC's artifact): never an fp32 row."""
-    return requantizes(backend) or serves_inc_int8(backend)
 
 
 def onnxruntime_available() -> bool:
@@ -240,6 +234,7 @@ def _adder(recipe: Any, rows: list[dict[str, Any]], padded: bool, model: str | N
     at max_seq_length) or one real-questions row per batch size, with what every row of the table shares."""
     from transformers import AutoConfig, BertConfig
 
+    from qala.answer import CALIBRATION_WINDOWS
     from qala.model import macs_per_sample
     from qala.utils import resolve_model_path
 
@@ -254,7 +249,7 @@ def _adder(recipe: Any, rows: list[dict[str, Any]], padded: bool, model: str | N
         common.update(max_seq_length=d.max_seq_length, doc_stride=d.doc_stride, n_best_size=e.n_best_size)
         common.update(max_answer_length=e.max_answer_length, warmup=b.warmup)
         common["tokenizer"] = model or resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
-        # Engines that quantize with calibration (NNCF: OpenVINO INT8) read these training windows.
+        # Engines that quantize with calibration (NNCF: OpenVINO INT8) read as many training windows as serving.
         common["calibration"] = {"data": d.train, "windows": CALIBRATION_WINDOWS}
 
     def add(name: str, engine: str, dtype: str, length_config=None, mode="absolute", **extra: Any) -> None:
@@ -342,7 +337,7 @@ def _qala_runs(
     named = [{"backend": name, "pad_to_multiple_of": pad_multiple} for name in backends]
     # An INT8-only engine (onnxruntime-int8, onnxruntime-inc) cannot run an fp32 row (it quantizes, or refuses
     # an fp32 model); an fp32-only engine runs an INT8 artifact's fp32 source, so no INT8 row.
-    fp32 = [w for w in named if not int8_only(w["backend"])] or [{}]
+    fp32 = [w for w in named if not (requantizes(w["backend"]) or serves_inc_int8(w["backend"]))] or [{}]
     int8 = [w for w in named if w["backend"] not in FP32_ONLY_BACKENDS]
     int8 = int8 or [{"compiled": bench.compile_int8}]
     if not named and not padded:

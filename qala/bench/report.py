@@ -57,15 +57,11 @@ def peak_of(peaks: Mapping[str, Any] | None, dtype: str) -> float | None:
     return (peaks or {}).get(f"{'int8' if dtype == 'int8' else 'fp32'}_gmacs_per_s")
 
 
-def fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
-    """A table cell: unknown values are dashes, never zeros."""
+def fmt(value: Any, digits: int = 1, suffix: str = "", kind: str = "f") -> str:
+    """A table cell: unknown values are dashes, never zeros. kind "%": a fraction shown as a percentage."""
     if value is None:
         return "-"
-    return f"{value:,.{digits}f}{suffix}"
-
-
-def _scaled(value: Any, scale: float) -> Any:
-    return None if value is None else value * scale
+    return f"{value:,.{digits}{kind}}{suffix}"
 
 
 def _markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
@@ -108,7 +104,7 @@ def padded_columns(document: Mapping[str, Any]) -> list[Column]:
         batch(first, "p50_ms", f"b{first} p50 ms", 1),
         *[batch(b, "samples_per_s", f"samples/s b{b}", 2) for b in sizes],
         ("GMACs/sample", lambda r: fmt(r["macs_per_sample"] / 1e9 if r.get("macs_per_sample") else None, 2)),
-        (f"% of peak b{last}", lambda r: fmt(_scaled((r.get("peak_fraction") or {}).get(last), 100), 1, "%")),
+        (f"% of peak b{last}", lambda r: fmt((r.get("peak_fraction") or {}).get(last), 1, kind="%")),
         speedup(first),
         speedup(last),
     ]
@@ -125,7 +121,7 @@ QUESTIONS_COLUMNS: list[Column] = [
     ("p90", lambda r: fmt(r.get("ms_p90"), 2)),
     ("questions/s", lambda r: fmt(r.get("questions_per_s"), 1)),
     ("GMAC/s (real tokens)", lambda r: fmt(r.get("achieved_gmacs_per_s"), 1)),
-    ("% of INT8 peak", lambda r: fmt(_scaled(r.get("int8_peak_fraction"), 100), 1, "%")),
+    ("% of INT8 peak", lambda r: fmt(r.get("int8_peak_fraction"), 1, kind="%")),
 ]
 
 
@@ -145,19 +141,20 @@ def format_table(document: Mapping[str, Any]) -> str:
         ]
     else:
         notes = ["", m["summary"]] if m.get("summary") else []
+        notes += [m["rounds_statistic"]] if m.get("rounds_statistic") else []
     failed = [r for r in document["rows"] if r.get("status") != "ok"]
     notes += [f"- {r['id']}: {r.get('status')}: {str(r.get('error', ''))[:200]}" for r in failed]
     return "\n".join(_markdown([header for header, _ in columns], lines) + notes) + "\n"
 
 
-def figure(size: tuple[float, float] = (7, 4.5)) -> tuple[Any, Any]:
-    """(figure, axes) of matplotlib's Figure API: no pyplot state, safe in any process."""
+def figure(size: tuple[float, float] = (7, 4.5), rows: int = 1) -> tuple[Any, Any]:
+    """(figure, axes: one, or `rows` sharing x) of matplotlib's Figure API: no pyplot state, safe in any process."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, fig.subplots(rows, 1, sharex=True)
 
 
 def save_figure(fig: Any, path: str | Path) -> None:

@@ -36,26 +36,24 @@ def _onnx_matmul(size: int, folder: Path, int8: bool) -> tuple[Callable[[], Any]
     quantize_dynamic (DynamicQuantizeLinear + MatMulInteger, as the ONNX Runtime rows run)."""
     import numpy as np
     import onnx
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from qala.quantize.onnx import ort_session, quantize_onnx
+    from qala.quantize.onnx import OPSET, ort_session, quantize_onnx
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), name="W")
     x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size]) for name in "XY")
     graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm", [x], [y], initializer=[weight])
     path = folder / "matmul.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
     if int8:
         quantize_onnx(path, folder / "matmul.int8.onnx")
         path = folder / "matmul.int8.onnx"
-    import torch
-
     session = ort_session(path, torch.get_num_threads())
     feed = {"X": rng.standard_normal((size, size), dtype=np.float32)}
-    if int8:
-        return lambda: session.run(None, feed), "ONNX Runtime quantize_dynamic of the MatMul " + ORT_INT8
-    return lambda: session.run(None, feed), "ONNX Runtime MatMul fp32, constant weight"
+    method = "quantize_dynamic of the MatMul " + ORT_INT8 if int8 else "MatMul fp32, constant weight"
+    return lambda: session.run(None, feed), f"ONNX Runtime {method}"
 
 
 def _pt2e_qlinear(size: int) -> tuple[Callable[[], Any], str]:

@@ -2,10 +2,10 @@
 
     python -m qala.bench.worker SPEC.json OUT        # OUT: a file, or a folder (OUT/worker-<pid>.json)
 
-The harness (qala.bench.cli) starts one worker per row, so peak resident memory is the row's own and no row
-inherits another's threads, allocator state or compiled graphs; torch's run_cpu launcher starts it per
-instance in the core sweep. A row may name another Python (`python` in its spec, e.g. the IPEX
-environment's), so this module imports only what the row needs. measure() runs a row on its engine
+The harness (qala.bench.cli) starts one worker per row (per row and round, benchmark.rounds), so peak resident
+memory is the row's own and no row inherits another's threads, allocator state or compiled graphs; torch's
+run_cpu launcher starts it per instance in the core sweep. A row may name another Python (`python` in its spec,
+e.g. the IPEX environment's), so this module imports only what the row needs. measure() runs a row on its engine
 (qala.bench.peers) and times the passes of its workload, chosen by the row's `padded` flag: padded (model
 calls on the padded windows of `inputs`, one pass per batch size) or real questions (the first `questions`
 answered in requests of `batch_size`, end to end: tokenization, every window unpadded, post-processing, each
