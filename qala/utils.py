@@ -277,17 +277,27 @@ def environment_info() -> dict[str, Any]:
 CPU_ISA = ("amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
 
-def _cpu_model() -> str:
-    """The CPU's model name, with family/model and its INT8/bf16 instruction sets. Why: virtual machines report
-    "AMD EPYC" alone for Zen 3, 4 and 5 alike, and figures from two of them are not comparable."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "flags"):
-                fields.setdefault(key.strip(), value.strip())
-            if key.strip() == "flags":
+            if not line.strip():  # the first processor's block ends here
                 break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags, sorted (result files record them beside the model name)."""
+    return sorted(_cpuinfo().get("flags", "").split())
+
+
+def _cpu_model() -> str:
+    """The CPU's model name, with family/model and its INT8/bf16 instruction sets. Why: virtual machines report
+    "AMD EPYC" alone for Zen 3, 4 and 5 alike, and figures from two of them are not comparable."""
+    fields = _cpuinfo()
     if "model name" not in fields:
         return platform.processor() or "unknown"
     isa = [name for name in CPU_ISA if name in fields.get("flags", "").split()]

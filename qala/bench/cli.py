@@ -98,15 +98,14 @@ def run_cpu_command(
 
 def environment() -> dict[str, Any]:
     """qala.utils.environment_info, with onnxruntime's version and the CPU flags."""
-    from qala.utils import environment_info
+    from qala.utils import cpu_flags, environment_info
 
     env = environment_info()
     with contextlib.suppress(Exception):
         import onnxruntime
 
         env["versions"]["onnxruntime"] = onnxruntime.__version__
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return {**env, "cpu_flags": sorted(flags.partition(":")[2].split())}
+    return {**env, "cpu_flags": cpu_flags()}
 
 
 def _slug(text: str) -> str:
