@@ -9,9 +9,12 @@ constant keep ratios 1.0, 0.95, 0.9, 0.85, 0.8, 0.7 (layer i keeps r^(i+1) of ea
 and appends one row per ratio: {"variant", "step", "epoch", "keep_ratio", "f1", "em", "macs_ratio"}, where
 macs_ratio is that configuration's MACs (qala.model.macs_per_sample) summed over the real dev windows over
 the same sum at full length. `--shape 1,1,0.9,0.5,0.3,0.2` also scores that per-layer configuration (a row
-with keep_ratio null and its keep_ratios). Rows already present for (variant, step) are kept, not measured
-again. `--weights` scores a training checkpoint (the Trainer's model.safetensors) in MODEL_DIR's configuration;
-`--device` runs the model there (a GPU session scores every epoch's checkpoint in seconds).
+with keep_ratio null and its keep_ratios). `--margins none,5,4,3.5,3,3` scores that keep_margins configuration
+(qala.model: a layer keeps each window's tokens within the margin of its best span score), optionally under a
+keep-ratio cap written after a slash (`none,5,5,5,5,5/1,1,0.7,0.4,0.25,0.15`); its macs_ratio counts the tokens
+each window actually kept. Rows already present for (variant, step) are kept, not measured again. `--weights`
+scores a training checkpoint (the Trainer's model.safetensors) in MODEL_DIR's configuration; `--device` runs
+the model there (a GPU session scores every epoch's checkpoint in seconds).
 """
 
 from __future__ import annotations
@@ -43,7 +46,16 @@ def macs_ratio(config, lengths: list[int], ratios: list[float]) -> float:
     return round(kept / real_token_macs(config, {}, lengths), 4)
 
 
-def score(args: argparse.Namespace, keeps: tuple[float, ...], shapes: tuple[tuple[float, ...], ...]) -> list[dict]:
+def parse_margins(text: str) -> tuple[tuple[float | None, ...], tuple[float, ...] | None]:
+    """'none,5,4/1,1,0.7' -> ((None, 5.0, 4.0), (1.0, 1.0, 0.7)); without a slash the cap is None."""
+    margins, _, cap = text.partition("/")
+    parsed = tuple(None if v.strip().lower() == "none" else float(v) for v in margins.split(","))
+    return parsed, tuple(float(v) for v in cap.split(",")) if cap else None
+
+
+def score(
+    args: argparse.Namespace, keeps: tuple[float, ...], shapes: tuple[tuple[float, ...], ...], margins: tuple = ()
+) -> list[dict]:
     """One row per constant keep ratio of `keeps` and per configuration of `shapes` (per-layer keep ratios) of
     args.model_dir (--weights, --selection, --device); --eval-json: take the constant rows' EM/F1 from qala.train's
     eval.json of this model (its stage scored the same keep ratios on the same file at the end of training)
@@ -70,6 +82,14 @@ def score(args: argparse.Namespace, keeps: tuple[float, ...], shapes: tuple[tupl
         row = {"keep_ratio": keep, **({"keep_ratios": ratios} if keep is None else {})}  # None: per-layer shape
         row.update(f1=round(metrics["f1"], 2), em=round(metrics["exact_match"], 2), n=metrics["n"])
         rows.append({**row, "macs_ratio": macs_ratio(model.config, lengths, ratios)})
+        print(rows[-1], flush=True)
+    for keep_margins, cap in margins:
+        metrics, _ = evaluate_features(
+            model, examples, features, keep_ratios=cap, keep_margins=list(keep_margins), progress=False
+        )
+        row = {"keep_ratio": None, "keep_ratios": cap and list(cap), "keep_margins": list(keep_margins)}
+        row.update(f1=round(metrics["f1"], 2), em=round(metrics["exact_match"], 2), n=metrics["n"])
+        rows.append({**row, "macs_ratio": metrics["macs_ratio"]})  # measured: each window keeps its own count
         print(rows[-1], flush=True)
     return rows
 
@@ -112,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-json", help="qala.train's eval.json for this model: reuse its scores")
     parser.add_argument("--selection", help="token ranking rule to score with (qala.model SELECTION_RULES)")
     parser.add_argument("--shape", action="append", default=[], help="also score per-layer keep ratios (repeatable)")
+    parser.add_argument(
+        "--margins",
+        action="append",
+        default=[],
+        help="also score keep_margins (per layer, 'none' for none), optionally /CAP keep ratios (repeatable)",
+    )
     parser.add_argument("--weights", help="a checkpoint's model.safetensors to score in MODEL_DIR's configuration")
     parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"the results file (default {OUT})")
@@ -124,12 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("VARIANT STEP EPOCH MODEL_DIR are required unless --plot-only")
         mine = [r for r in document["rows"] if (r["variant"], r["step"]) == (args.variant, args.step)]
         keeps = tuple(k for k in KEEP_RATIOS if k not in {r["keep_ratio"] for r in mine})
-        seen = {tuple(r["keep_ratios"]) for r in mine if r["keep_ratio"] is None}
+        seen = {tuple(r["keep_ratios"]) for r in mine if r["keep_ratio"] is None and not r.get("keep_margins")}
         shapes = tuple(s for s in (tuple(float(v) for v in text.split(",")) for text in args.shape) if s not in seen)
+        seen_margins = {
+            (tuple(r["keep_margins"]), tuple(r["keep_ratios"]) if r["keep_ratios"] else None)
+            for r in mine
+            if r.get("keep_margins")
+        }
+        margins = tuple(m for m in map(parse_margins, args.margins) if m not in seen_margins)
         entry = document.setdefault("variants", {}).setdefault(args.variant, {})
-        if keeps or shapes:
+        if keeps or shapes or margins:
             key = {"variant": args.variant, "step": args.step, "epoch": args.epoch}
-            document["rows"] += [{**key, **r} for r in score(args, keeps, shapes)]
+            document["rows"] += [{**key, **r} for r in score(args, keeps, shapes, margins)]
             # Variants are scored in different sessions, on whatever CPU the session had.
             entry.update(cpu=environment["cpu"], date=dt.date.today().isoformat())
             entry.update({"device": environment.get("cuda") or args.device} if args.device != "cpu" else {})

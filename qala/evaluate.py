@@ -34,7 +34,7 @@ from qala.lengths import (
     constant_config,
     parse_keep_ratios,
 )
-from qala.model import MODEL_INPUTS, SELECTION_RULES, batch_inputs
+from qala.model import MODEL_INPUTS, SELECTION_RULES, LengthAdaptiveConfig, batch_inputs, macs_per_sample
 from qala.quantize.load import load_model, load_tokenizer
 from qala.utils import atomic_write_json, resolve_model_path
 
@@ -82,7 +82,9 @@ def predict_logits(
     batch_size: int = 32,
     length_config: Sequence[int] | None = None,
     keep_ratios: Sequence[float] | None = None,
+    keep_margins: Sequence[float | None] | None = None,
     progress: bool = True,
+    kept_tokens: list[list[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start/end logits of each eval window, one array per window as long as the window.
 
@@ -90,7 +92,9 @@ def predict_logits(
     Windows may be padded (all max_seq_length) or not: unpadded windows are batched by length (so a
     batch pads only to its own longest window) and returned in their original order.
     `model` is a LengthAdaptiveForQuestionAnswering, fp32 or quantized, or any callable taking the
-    same keyword inputs (a compiled wrapper). At most one of length_config / keep_ratios.
+    same keyword inputs (a compiled wrapper). At most one of length_config / keep_ratios; `keep_margins`
+    (qala models only) drops by logit margin under them. `kept_tokens`, a list: filled with each window's
+    per-layer kept token counts, in window order, when the model reports them (qala's eager model does).
     """
     if batch_size < 1:  # range(0, n, 0) raises, and a negative step silently predicts nothing
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -104,6 +108,9 @@ def predict_logits(
     # RSS grew with every batch, to 6 GB on COVID-QA (and stayed flat with a fixed M_MMAP_THRESHOLD).
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     kwargs = config_kwargs(keep_ratios, length_config)
+    if keep_margins is not None:
+        kwargs["keep_margins"] = list(keep_margins)
+    counts: list[list[int] | None] = [None] * len(lengths)
     # All windows' logits in one allocation made before the first batch: no small per-batch arrays left
     # behind between the blocks a batch frees.
     all_starts = np.zeros((len(lengths), max(lengths, default=0)), np.float32)
@@ -117,9 +124,13 @@ def predict_logits(
         )
         out = model(**batch_inputs(rows, device=device), **kwargs)
         start_logits, end_logits = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        kept = getattr(out, "kept_tokens", None)
         for row, j in enumerate(chunk):
             all_starts[j, : lengths[j]] = start_logits[row, : lengths[j]]
             all_ends[j, : lengths[j]] = end_logits[row, : lengths[j]]
+            counts[j] = None if kept is None else kept[row].tolist()
+    if kept_tokens is not None and all(c is not None for c in counts):
+        kept_tokens.extend(counts)
     return [all_starts[j, :n] for j, n in enumerate(lengths)], [all_ends[j, :n] for j, n in enumerate(lengths)]
 
 
@@ -130,28 +141,53 @@ def evaluate_features(
     *,
     length_config: Sequence[int] | None = None,
     keep_ratios: Sequence[float] | None = None,
+    keep_margins: Sequence[float | None] | None = None,
     batch_size: int = 32,
     n_best_size: int = 20,
     max_answer_length: int = 30,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """SQuAD EM/F1 of `model` on already featurized examples; returns (metrics, predictions)."""
+    """SQuAD EM/F1 of `model` on already featurized examples; returns (metrics, predictions). With a qala
+    model, also `macs_ratio`: the MACs of the tokens each layer kept, over full length, summed over the windows
+    at their real lengths (qala.model.macs_per_sample); under keep_margins the counts vary with each window."""
     start = time.perf_counter()
+    kept_tokens: list[list[int]] = []
     start_logits, end_logits = predict_logits(
         model,
         features,
         batch_size=batch_size,
         length_config=length_config,
         keep_ratios=keep_ratios,
+        keep_margins=keep_margins,
         progress=progress,
+        kept_tokens=kept_tokens,
     )
     predictions = postprocess_predictions(
         examples, features, start_logits, end_logits, n_best_size=n_best_size, max_answer_length=max_answer_length
     )
     metrics = squad_metrics(predictions, references_from(examples))
     metrics.update(config_json(keep_ratios, length_config))
+    if keep_margins is not None:
+        metrics["keep_margins"] = list(keep_margins)
+    if kept_tokens and hasattr(model, "config"):
+        real = [sum(mask) for mask in features["attention_mask"]]
+        full = sum(macs_per_sample(model.config, None, n) for n in real)
+        kept = sum(macs_per_sample(model.config, k, n) for k, n in zip(kept_tokens, real, strict=True))
+        metrics["macs_ratio"] = round(kept / full, 4)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return metrics, predictions
+
+
+def parse_keep_margins(text: str, *, num_layers: int) -> list[float | None]:
+    """'none,5,4.5,4,3.5,3.5' -> [None, 5.0, 4.5, 4.0, 3.5, 3.5] (ValueError naming --keep-margins otherwise)."""
+    try:
+        margins = [None if v.strip().lower() in ("none", "-", "") else float(v) for v in text.split(",")]
+        if len(margins) != num_layers:
+            raise ValueError(f"{len(margins)} entries, the model has {num_layers} layers")
+        LengthAdaptiveConfig(keep_margins=margins)
+    except ValueError as e:
+        raise ValueError(f"--keep-margins {text!r}: {e}") from None
+    return margins
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="paper mode: each layer keeps this share of the previous layer's positions of the padded window "
         "(LAT's length_drop_ratio; becomes a --length-config)",
+    )
+    parser.add_argument(
+        "--keep-margins",
+        help="per-layer logit margins under the keep ratios (qala.model LengthAdaptiveConfig.keep_margins), 'none' for "
+        "none, e.g. none,5,4.5,4,3.5,3.5: a layer keeps each window's tokens whose span score is within its margin of "
+        "the window's best; the reported macs_ratio counts what each window kept",
     )
     parser.add_argument(
         "--padded",
@@ -250,6 +292,10 @@ def _evaluate(args) -> int:
         except ValueError as e:
             raise ValueError(f"--keep-ratios: {e}") from None
 
+    keep_margins = None
+    if args.keep_margins:
+        keep_margins = parse_keep_margins(args.keep_margins, num_layers=model.num_layers)
+
     # Absolute length configurations count positions of the padded window, so they need padding;
     # keep ratios and full length run on the real windows, batched by length.
     padded = args.padded or length_config is not None
@@ -263,7 +309,13 @@ def _evaluate(args) -> int:
         source=str(args.data),
     )
     metrics, predictions = evaluate_features(
-        model, examples, features, length_config=length_config, keep_ratios=keep_ratios, batch_size=args.batch_size
+        model,
+        examples,
+        features,
+        length_config=length_config,
+        keep_ratios=keep_ratios,
+        keep_margins=keep_margins,
+        batch_size=args.batch_size,
     )
     metrics["padded"] = padded
     metrics["selection"] = model.qala_config.selection

@@ -167,9 +167,16 @@ def sandwich(
     *,
     batch_size: int,
     padded_length: int | None = None,
+    margin_draws: int = 0,
+    margin_range: Sequence[float] = (),
 ) -> list[dict[str, Any]]:
     """LengthDrop's sub-models for one batch (the full model is the caller's): the smallest, then
     `num_sandwich` random draws, each as forward keyword arguments.
+
+    `margin_draws` of the random draws give each row a logit margin uniform in `margin_range` instead of
+    keep ratios (qala.model LengthAdaptiveConfig.keep_margins), at every layer whose bound lets it drop: the
+    model then trains under the threshold rule it may serve with, a window keeping as many tokens as its
+    scores say.
 
     In qala's units every row draws its own keep ratios (rows differ in real length). With `padded_length`
     (LAT's absolute LengthDrop on windows padded to it, paper reproductions) one absolute configuration per
@@ -181,11 +188,16 @@ def sandwich(
         configs = [smallest_length_config(padded_length, num_layers, ratio_bound)]
         configs += [sample_length_config(padded_length, num_layers, ratio_bound, rng) for _ in range(num_sandwich)]
         return [{"length_config": c} for c in configs]
-    draws = [
-        torch.tensor([sample_keep_ratios(num_layers, ratio_bound, rng) for _ in range(batch_size)])
-        for _ in range(num_sandwich)
+    draws: list[dict[str, Any]] = [
+        {"keep_ratios": torch.tensor([sample_keep_ratios(num_layers, ratio_bound, rng) for _ in range(batch_size)])}
+        for _ in range(num_sandwich - margin_draws)
     ]
-    return [{"keep_ratios": smallest_keep_ratios(num_layers, ratio_bound)}] + [{"keep_ratios": d} for d in draws]
+    drops = [b > 0 for b in layer_bounds(num_layers, ratio_bound)]
+    for _ in range(margin_draws):
+        row_margins = [rng.uniform(*margin_range) for _ in range(batch_size)]
+        table = [[m if drop else math.inf for drop in drops] for m in row_margins]
+        draws.append({"keep_margins": torch.tensor(table, dtype=torch.float32)})
+    return [{"keep_ratios": smallest_keep_ratios(num_layers, ratio_bound)}] + draws
 
 
 # --------------------------------------------------------------------------- what a call runs

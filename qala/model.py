@@ -95,6 +95,12 @@ class LengthAdaptiveConfig:
     # "attention" (full 71.18; benchmarks/results/ratio_training.json), at 2*H MACs per token instead of
     # a heads x n x n sum.
     selection: str = "attention"
+    # Per-layer logit margins (Learned Token Pruning's threshold, Kim et al. 2022, in the span rule's units):
+    # after layer i a row also drops every token whose significance is more than keep_margins[i] below its
+    # best real token's, so the count kept varies with the window (a window whose answer the layer already
+    # rates clearly keeps few tokens, an ambiguous one many), under the keep_ratios cap. None (the default,
+    # or an entry of None): the cap alone, a fixed share of every window.
+    keep_margins: list[float | None] | None = None
 
     def __post_init__(self) -> None:
         if self.keep_ratios is not None and self.length_config is not None:
@@ -107,6 +113,10 @@ class LengthAdaptiveConfig:
             check_length_config(self.length_config, max_seq_length=self.max_seq_length)
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"selection must be one of {list(SELECTION_RULES)}, got {self.selection!r}")
+        if self.keep_margins is not None:
+            self.keep_margins = [None if m is None else float(m) for m in self.keep_margins]
+            if any(m is not None and not m >= 0 for m in self.keep_margins):
+                raise ValueError(f"keep_margins entries must be >= 0 or null, got {self.keep_margins}")
         if not 0.0 <= self.layer_dropout_prob < 1.0:
             raise ValueError(f"layer_dropout_prob must be in [0, 1), got {self.layer_dropout_prob}")
 
@@ -207,6 +217,25 @@ def kept_after_layer(
     return kept if bool((kept < mask.sum(dim=1)).any()) else None
 
 
+def kept_within_margin(
+    significance: torch.Tensor, margin: float | torch.Tensor, cap: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """How many tokens each row keeps ([batch]) when it drops the live tokens scoring more than `margin` (a
+    number, or one per row: [batch], inf keeping all) below its best real token, at most `cap` (the keep_ratios
+    count). The first token (+inf) counts as kept."""
+    finite = significance.masked_fill(significance.isinf(), float("-inf"))
+    best = finite.max(dim=1).values
+    within = ((significance >= (best - margin)[:, None]) & mask).sum(dim=1)
+    return torch.minimum(within, cap)
+
+
+def layer_margin(margins: Sequence[float | None] | torch.Tensor | None, i: int) -> float | torch.Tensor | None:
+    """Layer i's margin from a per-layer list (None: no margin) or a [batch, layers] table (inf: none)."""
+    if margins is None:
+        return None
+    return margins[:, i] if isinstance(margins, torch.Tensor) else margins[i]
+
+
 def select_tokens(
     significance: torch.Tensor,
     kept: torch.Tensor,
@@ -295,10 +324,12 @@ def recompute_attention_probs(attention: nn.Module, hidden: torch.Tensor, additi
 @dataclass
 class LengthAdaptiveQAOutput(QuestionAnsweringModelOutput):
     """transformers' QA output plus, with output_hidden_states, `reached_last` [batch, seq]: the input
-    positions whose token reached the last layer (the others carry the state of the layer that dropped them)."""
+    positions whose token reached the last layer (the others carry the state of the layer that dropped them),
+    and `kept_tokens` [batch, layers run]: the real tokens of each row that each layer's feed-forward block ran on."""
 
     reached_last: torch.Tensor | None = None
     selection_logits: tuple[torch.Tensor, ...] | None = None
+    kept_tokens: torch.Tensor | None = None
 
 
 class LengthAdaptiveForQuestionAnswering(nn.Module):
@@ -345,6 +376,7 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         end_positions: torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
+        keep_margins: Sequence[float | None] | torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_selection_logits: bool = False,
     ) -> LengthAdaptiveQAOutput:
@@ -354,6 +386,8 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
         `keep_ratios`: per-layer shares of each row's real token count (attention_mask sum); a list
         for the whole batch or a [batch, layers] tensor, one configuration per row (LengthDrop).
         `length_config`: the paper's absolute form, converted to keep ratios by qala.lengths.resolve.
+        `keep_margins`: per-layer logit margins under that cap (LengthAdaptiveConfig.keep_margins), else the config's;
+        a [batch, layers] tensor gives each row its own (inf: no margin), as LengthDrop's margin draws do.
         In a batch padded to its longest row, each row keeps its own count and the surplus slots of
         shorter rows are masked, so a row's logits at its real positions do not depend on the batch.
         `output_hidden_states`: also the last states and `reached_last` (hidden distillation, qala.train).
@@ -364,6 +398,8 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         lengths = self._lengths_of_call(attention_mask, length_config, keep_ratios, output_selection_logits)
         selection_logits = [] if output_selection_logits else None
+        margins = self.qala_config.keep_margins if keep_margins is None else keep_margins
+        kept_tokens = []  # per layer, the real tokens each row ran the feed-forward block on (the MACs)
         mask = attention_mask.bool()
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         batch_size, seq_length, hidden_size = hidden.shape
@@ -387,19 +423,24 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             # kept[b]: how many tokens row b keeps after this layer (None: all of them).
             width = None if widths is None else widths[i]
             kept = kept_after_layer(None if ratios is None else ratios[:, i], width, real_lengths, mask)
-            if kept is not None:
+            margin = layer_margin(margins, i)
+            if kept is not None or margin is not None:
+                significance = self._significance(layer, hidden, additive_mask, mask, attention_output, attention_probs)
+                if margin is not None:
+                    kept = kept_within_margin(significance, margin, mask.sum(dim=1) if kept is None else kept, mask)
                 # Record every live token's state before some of them stop being updated.
                 restored = hidden.new_zeros(batch_size, seq_length, hidden_size) if restored is None else restored
                 restored = _restore(restored, positions, hidden, carried)
-                significance = self._significance(layer, hidden, additive_mask, mask, attention_output, attention_probs)
                 # A static width is a Python int: no data-dependent int() there, so torch.compile traces
                 # it as one graph (CompiledQA); otherwise the width is the most any row keeps.
-                width = width if width is not None else int(kept.max())
+                # A margin makes the counts data-dependent: the width is then always the most any row keeps.
+                width = width if width is not None and margin is None else int(kept.max())
                 attention_output, mask, carried, positions = select_tokens(
                     significance, kept, width, attention_output, mask, carried, positions
                 )
 
             hidden = layer.feed_forward_chunk(attention_output)
+            kept_tokens.append(mask.sum(dim=1))
 
         reached_last = None
         if output_hidden_states:
@@ -415,6 +456,7 @@ class LengthAdaptiveForQuestionAnswering(nn.Module):
             hidden_states=(hidden,) if output_hidden_states else None,
             reached_last=reached_last,
             selection_logits=None if selection_logits is None else tuple(selection_logits),
+            kept_tokens=torch.stack(kept_tokens, dim=1) if kept_tokens else None,
         )
 
     def _layer_dropped(self) -> bool:

@@ -188,9 +188,21 @@ class StageConfig:
     # The first layer (0-based) whose ranking selection distillation trains: layers before it are left alone
     # (their span head reads states too early to tell answer tokens, and pulling on them cost F1 at early drops).
     selection_distillation_from_layer: int = 0
+    # How many of the num_sandwich random sub-models drop by a logit margin instead of keep ratios (qala.model
+    # LengthAdaptiveConfig.keep_margins: a row keeps the tokens whose span score is within the margin of its
+    # best), each row's margin uniform in margin_range, at the layers whose LengthDrop bound is above 0.
+    # 0 (default): ratio draws only. Needs selection "span" (the margin is in its logit units).
+    margin_draws: int = 0
+    margin_range: list[float] = field(default_factory=lambda: [3.0, 8.0])
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.margin_draws <= self.num_sandwich:
+            problems.append(f"margin_draws: expected 0 to num_sandwich ({self.num_sandwich}), got {self.margin_draws}")
+        if len(self.margin_range) != 2 or not 0 <= self.margin_range[0] <= self.margin_range[1] < math.inf:
+            problems.append(f"margin_range: expected [low, high] with 0 <= low <= high, got {self.margin_range}")
+        if self.margin_draws and self.selection == "attention":
+            problems.append("margin_draws: the margin is in the span rule's logit units, but selection is 'attention'")
         for name in ("hidden_distillation", "selection_distillation"):
             if not 0 <= getattr(self, name) < math.inf:
                 problems.append(f"{name}: expected a number >= 0, got {getattr(self, name)}")
@@ -840,6 +852,8 @@ def _check_semantics(recipe: Recipe) -> list[str]:
         problems += check_training_args(stage.training_args, f"train.{name}.training_args")
         if stage.length_drop_layer_bounds and d.length_units != "ratio":
             problems.append(f"train.{name}.length_drop_layer_bounds: per-layer bounds need data.length_units: ratio")
+        if stage.margin_draws and d.length_units != "ratio":
+            problems.append(f"train.{name}.margin_draws: margin draws need data.length_units: ratio")
     problems += check_training_args(recipe.quantization.qat.training_args, "quantization.qat.training_args")
     b = recipe.benchmark
     for key in ("model", "int8_model", "frontier", "fp32_eval", "int8_report", "ipex_python", "ipex_calibration"):

@@ -369,6 +369,8 @@ class QalaTrainer(Trainer):
                 rng,
                 batch_size=inputs["input_ids"].size(0),
                 padded_length=seq_length if self.padded_units else None,
+                margin_draws=self.stage.margin_draws,
+                margin_range=self.stage.margin_range,
             )
             target = (full.start_logits, full.end_logits)
             if selection_weight > 0:

@@ -147,3 +147,26 @@ def test_skip_samples_scores_only_the_questions_after_them(tiny_checkpoint, tmp_
     assert two == dict(list(six.items())[4:])  # the same questions, the same answers, in file order
     assert main([*common, "--skip-samples", "100000"]) == 2
     assert "--skip-samples" in capsys.readouterr().err
+
+
+def test_keep_margins_report_the_macs_each_window_kept(tiny_checkpoint, capsys):
+    """--keep-margins drops by logit margin (span rule) under --keep-ratios; macs_ratio counts the tokens each
+    window kept: 1.0 at full length, the ratios' own cost with them, lower again with a tight margin."""
+    data = SAMPLES / "squad_sample_dev.json"
+    common = [str(tiny_checkpoint), str(data), "--max-seq-length", "128", "--doc-stride", "64", "--max-samples", "6"]
+    common += ["--selection", "span"]
+
+    def run(*options):
+        assert main([*common, *options]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    full, ratios = run(), run("--keep-ratios", "0.8,0.5")
+    tight = run("--keep-ratios", "0.8,0.5", "--keep-margins", "none,0")
+    assert full["macs_ratio"] == 1.0 and full.get("keep_margins") is None
+    assert ratios["macs_ratio"] < 1.0 and tight["keep_margins"] == [None, 0.0]
+    # margin 0 keeps [CLS] and the best-scoring token(s) only after layer 1
+    assert tight["macs_ratio"] < ratios["macs_ratio"]
+    assert main([*common, "--keep-margins", "none,-1"]) == 2
+    assert "--keep-margins 'none,-1': keep_margins entries must be >= 0" in capsys.readouterr().err
+    assert main([*common, "--keep-margins", "5"]) == 2
+    assert "1 entries, the model has 2 layers" in capsys.readouterr().err

@@ -63,6 +63,13 @@ def test_sandwich_draws_per_row_ratios_or_one_padded_configuration_per_sub_model
     assert padded[0] == {"length_config": [32, 26, 21]} and all(len(d["length_config"]) == 3 for d in padded)
     with pytest.raises(ValueError, match="one bound for every layer"):
         sandwich(3, [0.1, 0.2, 0.3], 1, random.Random(0), batch_size=2, padded_length=40)
+    # margin_draws: the last random draws give each row one margin in margin_range at the layers that may drop
+    mixed = sandwich(3, [0.0, 0.2, 0.3], 2, random.Random(7), batch_size=4, margin_draws=1, margin_range=(3, 6))
+    assert list(mixed[1]) == ["keep_ratios"] and list(mixed[2]) == ["keep_margins"]
+    margins = mixed[2]["keep_margins"]
+    assert margins.shape == (4, 3) and torch.isinf(margins[:, 0]).all()  # layer 0's bound is 0: it never drops
+    assert ((margins[:, 1:] >= 3) & (margins[:, 1:] <= 6)).all() and torch.equal(margins[:, 1], margins[:, 2])
+    assert len(set(margins[:, 1].tolist())) == 4  # one margin per row
 
 
 def test_one_name_and_one_form_per_configuration():

@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -406,3 +407,49 @@ def test_span_selection_keeps_the_tokens_the_span_head_rates_highest():
     assert bool((score[:, 0] == float("inf")).all()) and bool((score[~real] == float("-inf")).all())
     with pytest.raises(ValueError, match="selection"):
         LengthAdaptiveConfig(selection="random")
+
+
+def test_keep_margins_keep_the_tokens_within_the_margin_of_each_rows_best():
+    """keep_margins (the LTP-style threshold): after layer i a row keeps [CLS] plus every real token whose span
+    score is within margins[i] of its best, under the keep_ratios cap; kept_tokens reports the counts, a row
+    scores the same alone or in a padded batch, and an unbounded margin changes nothing."""
+    torch.manual_seed(0)
+    model = LengthAdaptiveForQuestionAnswering.from_config(tiny_bert_config()).eval()
+    model.qala_config.selection = "span"
+    with torch.no_grad():
+        model.qa_outputs.weight *= 50  # a random head's logits all lie within 0.5 of each other
+    rows = _ragged_rows([23, 9, 16, 4])
+    ids, mask = _padded(rows)
+    with torch.no_grad():
+        full = model(ids, mask)
+        wide = model(ids, mask, keep_margins=[1e9, 1e9])
+        tight = model(ids, mask, keep_margins=[0.5, None])
+        capped = model(ids, mask, keep_ratios=[0.7, 0.4], keep_margins=[None, 1e9])
+        # Layer 0's counts by hand: the span head on the attention output, real tokens within 0.5 of the best.
+        hidden = model.backbone.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        real = mask.bool()
+        additive = (~real)[:, None, None, :].float() * torch.finfo(torch.float32).min
+        score = model.qa_outputs(model.backbone.encoder.layer[0].attention(hidden, additive)[0]).max(dim=-1).values
+        score = score.masked_fill(~real, float("-inf"))[:, 1:]
+        expected = 1 + (score >= score.max(dim=1, keepdim=True).values - 0.5).sum(dim=1)
+        for b, row in enumerate(rows):
+            alone = model(row[None], keep_margins=[0.5, None])
+            torch.testing.assert_close(tight.start_logits[b, : len(row)], alone.start_logits[0], atol=1e-5, rtol=1e-5)
+    assert full.kept_tokens.tolist() == [[n, n] for n in (23, 9, 16, 4)]
+    torch.testing.assert_close(wide.start_logits[real], full.start_logits[real])  # padding slots: no logit to keep
+    assert tight.kept_tokens[:, 0].tolist() == expected.tolist()
+    assert (tight.kept_tokens[:, 0] < mask.sum(dim=1)).any()  # the margin dropped something
+    assert torch.equal(tight.kept_tokens[:, 1], tight.kept_tokens[:, 0])  # None: that layer keeps what it has
+    assert capped.kept_tokens.tolist() == [kept_per_layer([0.7, 0.4], len(r)) for r in rows]
+    # LengthDrop's margin draws: a [batch, layers] table, one margin per row (inf: none), as each row alone.
+    table = torch.tensor([[0.5, math.inf], [math.inf, math.inf], [0.2, 0.1], [1.0, 0.5]])
+    with torch.no_grad():
+        per_row = model(ids, mask, keep_margins=table)
+        for b, row in enumerate(rows):
+            margins = [None if math.isinf(m) else m for m in table[b].tolist()]
+            alone = model(row[None], keep_margins=margins)
+            torch.testing.assert_close(per_row.start_logits[b, : len(row)], alone.start_logits[0], atol=1e-5, rtol=1e-5)
+            assert per_row.kept_tokens[b].tolist() == alone.kept_tokens[0].tolist()
+    assert per_row.kept_tokens[1].tolist() == [9, 9]
+    with pytest.raises(ValueError, match="keep_margins"):
+        LengthAdaptiveConfig(keep_margins=[1.0, -2.0])

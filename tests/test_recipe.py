@@ -313,3 +313,20 @@ def test_one_knob_says_the_length_unit_of_every_stage(tmp_path):
     assert load_recipe(path).data.length_units == "ratio"
     with pytest.raises(RecipeError, match="train.lengthdrop.length_drop_layer_bounds: per-layer bounds need data"):
         load_recipe(path, ["data.length_units=absolute"])
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("    margin_draws: 3\n", "margin_draws: expected 0 to num_sandwich (2), got 3"),
+        ("    margin_draws: 1\n    margin_range: [6, 3]\n", "margin_range: expected [low, high]"),
+        ("    margin_draws: 1\n    selection: attention\n", "margin_draws: the margin is in the span rule's logit"),
+    ],
+)
+def test_margin_draws_are_checked(tmp_path, stage, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lengthdrop:\n" + stage)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_recipe(recipe)
+    recipe.write_text("train:\n  lengthdrop:\n    margin_draws: 1\n    selection: span\n")
+    assert load_recipe(recipe).train.lengthdrop.margin_range == [3.0, 8.0]
