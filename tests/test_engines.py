@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from neural_compressor.torch.quantization import StaticQuantConfig
 from qala.lengths import kept_per_layer, ratio_table
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize import quantize_
-from qala.quantize.engines import BACKENDS, make_engine
+from qala.quantize.engines import BACKENDS, make_engine, margin_table
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx not installed (pip install -e '.[onnx]')")
@@ -303,7 +304,7 @@ def test_onnxruntime_skips_the_selection_at_leading_full_layers(model, tmp_path)
     assert max_error(engine, model, window(23), {"keep_ratios": [1.0, 0.6]}) < FP32_TOLERANCE
     assert max_error(engine, model, window(23), {"keep_ratios": RATIOS}) < FP32_TOLERANCE
     prefixed, every = engine.facts["adaptive.prefix1_graph"], engine.facts["adaptive_graph"]
-    assert Path(prefixed).name == "adaptive.prefix1.onnx"
+    assert Path(prefixed).name == "adaptive-v2.prefix1.onnx"  # ADAPTIVE_FORMAT: the graph with `margins`
     import onnx
 
     def topks(path: str) -> int:
@@ -427,3 +428,165 @@ def test_artifact_cache_is_keyed_by_the_model_content(tiny_checkpoint, tmp_path)
     manifest.write_text(json.dumps({"model_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="was built for model 0000"):
         artifact_dir(tmp_path / "cache", LengthAdaptiveForQuestionAnswering.from_pretrained(tiny_checkpoint))
+
+
+# --------------------------------------------------------------------------- keep margins
+
+
+@pytest.fixture(scope="module")
+def margin_model(model):
+    """The tiny model ranking by its span head, the head scaled so that its logits spread (a random head's all lie
+    within 0.5 of each other): margins of 4-8 keep part of each window."""
+    span = copy.deepcopy(model)
+    span.qala_config.selection = "span"
+    with torch.no_grad():
+        span.qa_outputs.weight *= 50
+    return span
+
+
+MARGIN_LENGTHS = (23, 9, 16, 40)
+# Each drops tokens in some row (checked below); [None, 6]: layers before the first margin skip the selection
+# (the ONNX graph of one leading full layer), also under ratios 1.0 there; a [batch, layers] table: per row, inf none.
+MARGIN_CONFIGS = [
+    {"keep_margins": [6.0, None]},
+    {"keep_margins": [None, 6.0]},
+    {"keep_ratios": [0.9, 0.6], "keep_margins": [6.0, 4.0]},
+    {"keep_ratios": [1.0, 1.0], "keep_margins": [None, 4.0]},
+    {"keep_margins": torch.tensor([[6.0, math.inf], [math.inf, math.inf], [4.0, 8.0], [8.0, 4.0]])},
+]
+
+
+def test_margin_table_converts_and_checks_keep_margins():
+    assert margin_table(None, 2, 3) is None and margin_table([None, None, math.inf], 2, 3) is None
+    table = margin_table([None, 2, 0.5], 2, 3)
+    assert table.dtype == torch.float32 and table.tolist() == [[math.inf, 2.0, 0.5]] * 2
+    per_row = torch.tensor([[1.0, math.inf], [math.inf, math.inf]], dtype=torch.float64)
+    assert margin_table(per_row, 2, 2).tolist() == per_row.tolist()
+    for bad, message in (
+        ([1.0], "keep_margins has 1 entries, the model has 3 layers"),
+        ([1.0, -1.0, None], "keep_margins entries must be >= 0"),
+        ([1.0, math.nan, None], "keep_margins entries must be >= 0"),
+        (torch.ones(3, 3), r"keep_margins tensor must be \[2, 3\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            margin_table(bad, 2, 3)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile-dynamic", pytest.param("onnxruntime", marks=needs_ort)])
+def test_keep_margins_are_served_as_the_model_runs_them(margin_model, backend, tmp_path):
+    # A padded batch of rows of different real lengths: each engine keeps what the eager model keeps, per row.
+    _, batch = mixed_batch(MARGIN_LENGTHS)
+    real = batch["attention_mask"].sum(dim=1)
+    for config in MARGIN_CONFIGS:
+        with torch.no_grad():
+            kept = margin_model(**batch, **config).kept_tokens
+        assert (kept[:, -1] < real).any(), config  # not vacuous: the margin dropped tokens
+    # Dynamo's own backend: the same graph breaks, guards and symbolic shapes as Inductor, without its code generation
+    # (slow on a shared CPU); test_keep_margins_compile_with_inductor runs Inductor itself.
+    engine = margin_engine(margin_model, backend, tmp_path)
+    if backend == "compile-dynamic":
+        engine.warmup(lengths=(8, 40), batch_sizes=(2,), keep_ratios=[[0.9, 0.6]], keep_margins=True)
+    for config in MARGIN_CONFIGS:
+        assert max_error(engine, margin_model, batch, config) < FP32_TOLERANCE, config
+    if backend == "compile-dynamic":
+        assert engine.compiles_after_warmup == 0
+    if backend == "onnxruntime":
+        assert {"adaptive_graph", "adaptive.prefix1_graph"} <= set(engine.facts)  # margins run the adaptive graph
+    # The config's keep_margins are the default, as in the model's forward; [None] * L is a call without any.
+    default = copy.deepcopy(margin_model)
+    default.qala_config.keep_margins = [6.0, None]
+    engine = margin_engine(default, backend, tmp_path)
+    with torch.no_grad():
+        tight, full = margin_model(**batch, keep_margins=[6.0, None]), margin_model(**batch)
+    assert logit_error(engine(**batch), tight, batch) < FP32_TOLERANCE
+    assert logit_error(engine(**batch, keep_margins=[None, None]), full, batch) < FP32_TOLERANCE
+
+
+def margin_engine(model, backend: str, tmp_path):
+    if backend == "compile-dynamic":  # make_engine's own `backend` names the engine: torch.compile's is passed here
+        from qala.quantize.engines import DynamicCompiledEngine
+
+        return DynamicCompiledEngine(model, backend="eager")
+    return make_engine(model, backend, **options(backend, tmp_path))
+
+
+def logit_error(got, expected, inputs: dict) -> float:
+    real = inputs["attention_mask"].bool()
+    return max(
+        float((got.start_logits - expected.start_logits)[real].abs().max()),
+        float((got.end_logits - expected.end_logits)[real].abs().max()),
+    )
+
+
+def test_keep_margins_compile_with_inductor(margin_model):
+    engine = make_engine(margin_model, "compile-dynamic")
+    _, batch = mixed_batch((23, 9))
+    assert max_error(engine, margin_model, batch, {"keep_margins": [6.0, 4.0]}) < FP32_TOLERANCE
+
+
+@needs_ort
+def test_onnxruntime_adaptive_graph_takes_margins_and_old_files_are_not_read(margin_model, tmp_path):
+    import onnx
+
+    engine = make_engine(margin_model, "onnxruntime", workdir=tmp_path)
+    # A file of the earlier four-input export where the adaptive graph used to be: another name now, never read.
+    (engine.folder / "adaptive.onnx").write_bytes(b"not this export")
+    _, batch = mixed_batch(MARGIN_LENGTHS)
+    assert max_error(engine, margin_model, batch, {"keep_ratios": RATIOS, "keep_margins": [6.0, 4.0]}) < FP32_TOLERANCE
+    path = Path(engine.facts["adaptive_graph"])
+    assert path.name == "adaptive-v2.onnx"
+    assert [i.name for i in onnx.load(str(path)).graph.input][-2:] == ["kept", "margins"]
+    # Keep ratios alone feed inf margins to the same graph: the logits of the configuration without margins.
+    assert max_error(engine, margin_model, batch, {"keep_ratios": RATIOS}) < FP32_TOLERANCE
+
+
+@needs_ort
+@on_int8_worker
+def test_onnxruntime_int8_runs_keep_margins(margin_model, tmp_path):
+    from qala.quantize.onnx import operator_types
+
+    engine = make_engine(margin_model, "onnxruntime-int8", workdir=tmp_path)
+    _, batch = mixed_batch(MARGIN_LENGTHS)
+    with torch.no_grad():
+        scale = float(margin_model(**batch).start_logits.abs().max())
+    for config in MARGIN_CONFIGS:  # ORT's dynamic INT8 against fp32: a bound as openvino-int8's when dropping
+        assert max_error(engine, margin_model, batch, config) < 0.25 * scale + 0.02, config
+    assert "MatMulInteger" in operator_types(engine.facts["adaptive_graph"])
+
+
+@needs_ort
+@on_int8_worker
+def test_onnxruntime_inc_runs_keep_margins_as_the_int8_model(margin_model, tmp_path):
+    # The QDQ graph computes INC's q/dq exactly (tests/test_inc_qdq.py): the eager INT8 model's logits to rounding.
+    _, batch = mixed_batch(MARGIN_LENGTHS)
+    calibration = [{k: batch[k] for k in ("input_ids", "attention_mask")}]
+    int8 = quantize_(copy.deepcopy(margin_model), StaticQuantConfig(w_granularity="per_channel"), calibration)
+    engine = make_engine(int8, "onnxruntime-inc", workdir=tmp_path)
+    for config in MARGIN_CONFIGS:
+        assert max_error(engine, int8, batch, config) < 2e-3, config
+    assert "adaptive_qdq" in engine.facts and Path(engine.facts["adaptive_graph"]).name.startswith("adaptive-v2.inc-")
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("openvino", marks=needs_ov), pytest.param("openvino-inc", marks=needs_ov)]
+)
+def test_openvino_engines_refuse_keep_margins(margin_model, int8_model, backend, tmp_path, monkeypatch):
+    # Static top-k widths per bucket: a margin would only mask slots computed anyway, so it is refused by name.
+    source = int8_model if backend == "openvino-inc" else margin_model
+    engine = make_engine(source, backend, workdir=tmp_path, buckets=[32, 64], batch_sizes=[1, 2])
+    rows, batch = mixed_batch((12, 30))
+    message = rf"^engine '{backend}' cannot run keep_margins \[6.0, None\]"
+    with pytest.raises(ValueError, match=message):
+        engine(**batch, keep_margins=[6.0, None])
+    with pytest.raises(ValueError, match=rf"engine '{backend}' cannot run keep_margins"):
+        engine(**batch, keep_margins=torch.tensor([[6.0, math.inf], [math.inf, math.inf]]))
+    # No margin at any layer is served (INT8: INC's q/dq to rounding, tests/test_inc_qdq.py).
+    assert max_error(engine, source, batch, {"keep_margins": [None, None]}) < 2e-3
+    # A model whose config has margins runs them in every call: refused, warm-up included.
+    monkeypatch.setattr(source.qala_config, "keep_margins", [6.0, None])
+    configured = make_engine(source, backend, workdir=tmp_path, buckets=[32, 64], batch_sizes=[1, 2])
+    with pytest.raises(ValueError, match=message):
+        configured(**batch)
+    with pytest.raises(ValueError, match=message):
+        configured.warmup(lengths=[10])
+    assert max_error(configured, source, batch, {"keep_margins": [None, None]}) < 2e-3

@@ -1,19 +1,21 @@
 """Serving engines: one callable per backend that runs windows of ANY length without a compile per request.
 
 `make_engine(model_or_dir, backend)` returns an object called like the model,
-`engine(input_ids=..., attention_mask=..., token_type_ids=..., keep_ratios=[...] | length_config=[...])`,
-returning .start_logits / .end_logits (torch tensors), plus `warmup(lengths=..., batch_sizes=...)`,
-which a server calls once at load so that no request waits for a compile. Backends, by name:
+`engine(input_ids=..., attention_mask=..., token_type_ids=..., keep_ratios=[...] | length_config=[...])`
+and `keep_margins=[...]` (the model's per-layer logit margins under that cap; None: the model config's),
+returning .start_logits / .end_logits (torch tensors), plus `warmup(lengths=..., batch_sizes=...)`, which a
+server calls once at load so that no request waits for a compile. Backends, by name:
 
 - "eager": the PyTorch model as is (fp32 or the INC PT2E INT8 units, reference kernels).
 - "compile-dynamic": torch.compile(dynamic=True) over the whole forward, Inductor freezing for INT8
   units (oneDNN qlinear kernels survive symbolic shapes). Keep ratios are passed as a [batch, layers]
-  float64 tensor, so Dynamo guards neither on their values nor on the window length: after warm-up, a
-  stream of lengths and configurations reuses the same graphs.
+  float64 tensor and keep margins as a float32 one, so Dynamo guards neither on their values nor on the window
+  length: after warm-up, a stream of lengths and configurations reuses the same graphs.
 - "onnxruntime" / "onnxruntime-int8" (qala.quantize.onnx): full length runs transformers' plain graph
   fused by ORT's transformer optimizer (Attention, SkipLayerNorm, BiasGelu); a keep configuration runs
-  the length-adaptive graph (dynamic axes, token selection in the graph). INT8 = ORT dynamic
-  quantization, per channel, of those graphs (re-quantized by the engine, not INC's configuration).
+  the length-adaptive graph (dynamic axes, token selection in the graph, keep margins by its `margins` input).
+  INT8 = ORT dynamic quantization, per channel, of those graphs (re-quantized by the engine, not INC's
+  configuration).
 - "onnxruntime-inc" (qala.quantize.qdq): an INC INT8 artifact only, as static QDQ ONNX on ONNX Runtime: INC's
   activation scales, int8 weights and fp32 units (integer GEMMs), full length and keep configurations;
   "openvino-inc" runs the same QDQ graph on OpenVINO (full length only). Both, given the artifact's directory,
@@ -23,7 +25,8 @@ which a server calls once at load so that no request waits for a compile. Backen
   graph with static top-k widths per bucket. INT8 = NNCF post-training quantization on the calibration
   windows passed in (`calibration=`; re-quantized by the engine, not INC's configuration). Layers that are
   not INT8 run in f32 whatever OpenVINO's CPU default (bf16 where the CPU has AVX-512 BF16 or AMX);
-  "openvino-bf16" asks for bf16 by name (other logits than fp32: served only when named).
+  "openvino-bf16" asks for bf16 by name (other logits than fp32: served only when named). No keep margins
+  (the OpenVINO engines and "openvino-inc" refuse them): with static widths a margin would save no compute.
 
 An engine asked for a configuration it cannot run raises ValueError naming both.
 
@@ -57,6 +60,39 @@ WARMUP_LENGTHS = (24, 64, 160, 250, 384)
 WARMUP_BATCH_SIZES = (1,)
 # The keep ratio of the warm-up's token-dropping configurations; any ratio below 1 does.
 WARMUP_KEEP = 0.8
+# The margin of the warm-up's keep-margin calls: only the path matters (a margin table at every layer), not the value.
+WARMUP_MARGIN = 4.0
+
+Margins = Sequence[float | None] | torch.Tensor
+
+
+def margin_table(
+    keep_margins: Margins | None, batch: int, num_layers: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """keep_margins (a per-layer list, None: no margin at that layer; or a [batch, layers] tensor, inf: none) as a
+    fresh float32 [batch, layers] table, inf where a layer has none; None when no layer of any row has a margin.
+
+    float32: the significance the margin is subtracted from is float32, as in the eager forward's list form."""
+    if keep_margins is None:
+        return None
+    if isinstance(keep_margins, torch.Tensor):
+        if keep_margins.dim() != 2 or tuple(keep_margins.shape) != (batch, num_layers):
+            raise ValueError(f"keep_margins tensor must be [{batch}, {num_layers}], got {list(keep_margins.shape)}")
+        table = keep_margins.detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
+    else:
+        values = list(keep_margins)
+        if len(values) != num_layers:
+            raise ValueError(f"keep_margins has {len(values)} entries, the model has {num_layers} layers")
+        row = [float("inf") if m is None else float(m) for m in values]
+        table = torch.tensor([row] * batch, dtype=torch.float32, device=device)
+    if not bool((table >= 0).all()):  # NaN fails too
+        raise ValueError(f"keep_margins entries must be >= 0 (or None / inf: no margin), got {keep_margins}")
+    return table if bool(table.isfinite().any()) else None
+
+
+def first_margin_layer(table: torch.Tensor) -> int:
+    """The first layer where some row of a margin_table has a margin (the table has one somewhere)."""
+    return int(table.isfinite().any(dim=0).to(torch.int8).argmax())
 
 
 # Windows are grouped per this many tokens: a call pads a window by fewer positions than this.
@@ -130,6 +166,7 @@ class EagerEngine:
         token_type_ids: torch.Tensor | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
+        keep_margins: Margins | None = None,
     ) -> QuestionAnsweringModelOutput:
         with torch.no_grad():
             return self.model(
@@ -138,6 +175,7 @@ class EagerEngine:
                 token_type_ids=token_type_ids,
                 keep_ratios=keep_ratios,
                 length_config=length_config,
+                keep_margins=keep_margins,
             )
 
     def warmup(self, lengths: Sequence[int] = WARMUP_LENGTHS, **_: Any) -> dict[str, Any]:
@@ -157,10 +195,11 @@ def dynamo_graphs() -> int:
 class DynamicCompiledEngine(EagerEngine):
     """torch.compile(dynamic=True) over the whole length-adaptive forward.
 
-    Every call goes through keep_ratios as a float64 [batch, layers] tensor (full length: None), so
-    the graphs depend on neither the window length nor the configuration. The model's token
-    selection reads data-dependent counts (how many tokens a row keeps), where Dynamo breaks the graph:
-    the forward runs as a fixed handful of graphs per path (full length, token selection) and batch
+    Every call goes through keep_ratios as a float64 [batch, layers] tensor (full length: None), and keep
+    margins as a float32 one (inf: none at that layer), so the graphs depend on neither the window length nor
+    the configuration. The model's token selection reads data-dependent counts (how many tokens a row keeps; a
+    margin's count depends on the scores too), where Dynamo breaks the graph:
+    the forward runs as a fixed handful of graphs per path (full length, token selection, margins) and batch
     kind (1, >= 2). `compiles_after_warmup` counts calls that still captured a new graph (should stay 0).
     """
 
@@ -190,6 +229,7 @@ class DynamicCompiledEngine(EagerEngine):
         token_type_ids: torch.Tensor | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
+        keep_margins: Margins | None = None,
     ) -> QuestionAnsweringModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -198,6 +238,12 @@ class DynamicCompiledEngine(EagerEngine):
         ratios = None
         if keep_ratios is not None or length_config is not None:
             ratios = lengths.ratio_table(attention_mask, self.num_layers, keep_ratios, length_config)
+        default = self.model.qala_config.keep_margins
+        margins: Margins | None = margin_table(
+            default if keep_margins is None else keep_margins, input_ids.size(0), self.num_layers, input_ids.device
+        )
+        if margins is None and default is not None:
+            margins = [None] * self.num_layers  # the call's "no margin", not the config's (which None would mean)
         before = dynamo_graphs()
         with (
             compile_settings(self.max_graphs, self._freezing),
@@ -206,7 +252,11 @@ class DynamicCompiledEngine(EagerEngine):
             torch.fx.experimental._config.patch(use_duck_shape=False),
         ):
             output = self._forward(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, keep_ratios=ratios
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                keep_ratios=ratios,
+                keep_margins=margins,
             )
         if self.warmed and dynamo_graphs() != before:
             self.compiles_after_warmup += 1
@@ -218,6 +268,7 @@ class DynamicCompiledEngine(EagerEngine):
         lengths: Sequence[int] = WARMUP_LENGTHS,
         batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES,
         keep_ratios: Sequence[Sequence[float]] | None = None,
+        keep_margins: bool = False,
     ) -> dict[str, Any]:
         """Compile every graph serving needs, so that no request waits for a compile.
 
@@ -228,7 +279,9 @@ class DynamicCompiledEngine(EagerEngine):
         layer dropping (constant keep 0.8), only the first dropping ([0.8] * L), only the later half
         dropping. Lengths: symbolic shapes generalise on the second size seen, and Inductor's CPU code
         generation guards on size thresholds (seen: 12 * seq <= 4096), so short and 384-token windows are
-        both visited. `compiles_after_warmup` then counts requests that still compiled.
+        both visited. `keep_margins`: also each configuration with a margin at every layer, the path of any
+        keep-margins call (the table's values do not matter; a model whose config has margins visits it anyway).
+        `compiles_after_warmup` then counts requests that still compiled.
         """
         layers = self.num_layers
         configs = (
@@ -243,11 +296,19 @@ class DynamicCompiledEngine(EagerEngine):
         )
         for config in configs:
             check_keep_ratios(config, num_layers=layers)
+        # None: the config's margins if it has some (the margin path), else none; [None] * L: none at all.
+        has_default = self.model.qala_config.keep_margins is not None
+        margin_calls: list[list[float | None] | None] = [None]
+        if has_default:
+            margin_calls.append([None] * layers)
+        elif keep_margins:
+            margin_calls.append([WARMUP_MARGIN] * layers)
         start, graphs = time.perf_counter(), dynamo_graphs()
         for batch in batch_sizes:
             for n in lengths:
                 for ratios in (None, *configs):
-                    self(**_inputs(n, batch), keep_ratios=ratios)
+                    for margins in margin_calls:
+                        self(**_inputs(n, batch), keep_ratios=ratios, keep_margins=margins)
         self.warmed = True
         seconds = time.perf_counter() - start
         logger.info("compile-dynamic warm-up: %d new graphs in %.1f s", dynamo_graphs() - graphs, seconds)
@@ -328,17 +389,21 @@ def warm_for_serving(
     engine: Any, *, lengths: Sequence[int], max_batch: int, configs: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Build everything `engine` needs to answer windows of any length up to max(lengths), in calls of up to
-    `max_batch` windows, at `configs` (model keyword arguments: {}, {"keep_ratios": ...}, {"length_config": ...}),
-    so that no request waits for a compile. compile-dynamic: its generic configurations at batch 1 and 2
-    (Dynamo specialises size 1; sizes >= 2 share graphs); openvino*: every bucket x batch size x configuration;
-    the others: one call per length (allocator arenas)."""
+    `max_batch` windows, at `configs` (model keyword arguments: {}, {"keep_ratios": ...}, {"length_config": ...},
+    each maybe with "keep_margins"), so that no request waits for a compile. compile-dynamic: its generic
+    configurations at batch 1 and 2 (Dynamo specialises size 1; sizes >= 2 share graphs), the margin path too if
+    a configuration has margins; openvino*: every bucket x batch size x configuration; the others: one call per
+    length (allocator arenas)."""
     name = getattr(engine, "name", "")
     if name.startswith("openvino"):
+        for config in configs:
+            engine.check_margins(config.get("keep_margins"))
         absolute = [list(c["length_config"]) for c in configs if c.get("length_config") is not None]
         ratios = [c.get("keep_ratios") for c in configs if c.get("length_config") is None]
         return engine.warmup(batch_sizes=[max_batch], keep_ratios=ratios, length_configs=absolute)
     if name == "compile-dynamic":
-        return engine.warmup(lengths=lengths, batch_sizes=(1, 2) if max_batch > 1 else (1,))
+        margins = any(c.get("keep_margins") is not None for c in configs)
+        return engine.warmup(lengths=lengths, batch_sizes=(1, 2) if max_batch > 1 else (1,), keep_margins=margins)
     if name.startswith("onnxruntime"):
         # Each configuration's graph (one per count of leading full layers) is exported and loaded now.
         for config in configs:

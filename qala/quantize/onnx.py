@@ -14,6 +14,10 @@ Two graphs, both from the fp32 weights (an INC/PT2E INT8 artifact is exported fr
   the ONNX Runtime engine runs) or static for the window length L: ceil(share_i * L), capped
   (`Widths`, one graph per configuration; with a static input shape OpenVINO folds it to a constant,
   see qala.quantize.openvino). Either way each row keeps exactly its own count (surplus slots masked).
+  The dynamic-width graph has a fifth input `margins` (float32 [batch, layers], inf: none): after layer i a row
+  keeps at most the tokens whose significance is within margins[:, i] of its best (qala.model.kept_within_margin,
+  the model's keep_margins), so its count depends on the window and is computed in the graph. Static widths
+  (OpenVINO) take no margins: there a margin would only mask slots that are computed anyway.
 
 INT8 here is ONNX Runtime's dynamic quantization (`quantize_onnx`: int8 weights per channel, activations
 quantized per call) of either graph; it re-quantizes the fp32 model on its own (not INC's configuration).
@@ -37,13 +41,24 @@ from torch import nn
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from qala.lengths import config_key, kept_table
-from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering, _restore, select_tokens, token_significance
+from qala.model import (
+    MODEL_INPUTS,
+    LengthAdaptiveForQuestionAnswering,
+    _restore,
+    kept_within_margin,
+    select_tokens,
+    token_significance,
+)
+from qala.quantize.engines import first_margin_layer, margin_table
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "ONNX Runtime backends need the onnx extra: pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
 OPSET = 17
-ADAPTIVE_INPUTS = (*MODEL_INPUTS, "kept")
+ADAPTIVE_INPUTS = (*MODEL_INPUTS, "kept", "margins")
+# In the dynamic adaptive graph's file names (graph_file): its folder is keyed by the weights alone, so files of an
+# earlier export (2: the `margins` input added) must not be read for this one.
+ADAPTIVE_FORMAT = 2
 OUTPUT_NAMES = ("start_logits", "end_logits")
 # Static widths are computed in integers: share_i as ceil(share_i * SCALE) / SCALE (never below the share,
 # so a width is never narrower than a row's count), exact in int32 for L * SCALE < 2**31.
@@ -119,7 +134,8 @@ class AdaptiveGraph(nn.Module):
     at every layer; keeping all of a row's tokens is an identity selection on its real positions). The leading
     layers at keep ratio 1.0 skip the selection altogether: with static `widths` (OpenVINO) those the widths
     say; with dynamic widths (ONNX Runtime) the first `full_prefix`, one graph per prefix (the caller feeds
-    only configurations whose first `full_prefix` ratios are 1.0 for every row).
+    only configurations whose first `full_prefix` ratios are 1.0 and margins inf for every row). `margins`
+    (dynamic widths only): each row's keep margin per layer, inf where none.
     """
 
     def __init__(
@@ -144,7 +160,7 @@ class AdaptiveGraph(nn.Module):
         width = torch.minimum(width.clamp(min=1), seq)
         return torch.clamp(width, max=cap) if cap is not None else width
 
-    def forward(self, input_ids, attention_mask, token_type_ids, kept):
+    def forward(self, input_ids, attention_mask, token_type_ids, kept, margins=None):
         model = self.model
         backbone = model.backbone
         mask = attention_mask.bool()
@@ -172,6 +188,8 @@ class AdaptiveGraph(nn.Module):
                 attention_output=attention_output,
                 qa_outputs=model.qa_outputs,
             )
+            if margins is not None:
+                kept_i = kept_within_margin(significance, margins[:, i], kept_i, mask)
             attention_output, mask, carried, positions = select_tokens(
                 significance, kept_i, self.width(i, kept_i, seq), attention_output, mask, carried, positions
             )
@@ -187,7 +205,8 @@ def export_onnx(
     """Export `graph` ("plain" or "adaptive", see the module doc) of the fp32 `model` to `path`.
 
     Dynamic batch and sequence axes. `model`: a qala model, or (plain only) any transformers QA model.
-    `widths` / `full_prefix`: the adaptive graph's static widths, or its leading layers without selection.
+    `widths` / `full_prefix`: the adaptive graph's static widths, or its leading layers without selection; without
+    static widths the adaptive graph also takes `margins` (ADAPTIVE_INPUTS).
     """
     require_onnxruntime()
     if graph not in ("plain", "adaptive"):
@@ -210,6 +229,13 @@ def export_onnx(
         wrapper, names = AdaptiveGraph(model, widths, full_prefix), ADAPTIVE_INPUTS
         example += (kept_table(example[1], model.num_layers, keep_ratios=[0.5] * model.num_layers),)
         axes["kept"] = {0: "batch"}
+        if widths is None:
+            margins = torch.full((2, model.num_layers), math.inf)
+            margins[0] = 3.0  # a finite margin in one row, an unbounded one in the other
+            example += (margins,)
+            axes["margins"] = {0: "batch"}
+        else:
+            names = names[:-1]
     with torch.no_grad():
         # The TorchScript exporter: TopK's k stays a tensor computed in the graph (the dynamo exporter
         # would make it an unbacked symbol that torch.export cannot reason about).
@@ -326,6 +352,12 @@ def artifact_dir(root: str | Path, model: nn.Module) -> Path:
     return folder
 
 
+def graph_file(graph: str) -> str:
+    """The file name of an OnnxEngine graph: "plain", or "adaptive" / "adaptive.prefixN" with ADAPTIVE_FORMAT."""
+    kind, dot, rest = graph.partition(".")
+    return f"{graph}.onnx" if kind == "plain" else f"{kind}-v{ADAPTIVE_FORMAT}{dot}{rest}.onnx"
+
+
 def key_slug(key: tuple[str, tuple[float, ...]] | None) -> str:
     if key is None:
         return "full"
@@ -340,10 +372,11 @@ def key_slug(key: tuple[str, tuple[float, ...]] | None) -> str:
 class OnnxEngine:
     """qala on ONNX Runtime, called like the model.
 
-    Full length (no configuration, ratios all 1.0): the plain graph, fused by ORT's transformer optimizer
-    (INT8: that fused graph quantized). A keep configuration: the adaptive graph with dynamic widths (one
-    file for every length and configuration; per-row [batch, layers] ratios too), one per count of leading
-    layers at ratio 1.0, which run without selection (at most one file per layer).
+    Full length (no configuration, ratios all 1.0, no margin): the plain graph, fused by ORT's transformer
+    optimizer (INT8: that fused graph quantized). A keep configuration or keep margins: the adaptive graph with
+    dynamic widths (one file for every length and configuration; per-row [batch, layers] ratios and margins too),
+    one per count of leading layers at ratio 1.0 without a margin, which run without selection (at most one file
+    per layer). `keep_margins` None is the model config's, as in the model's forward.
     """
 
     def __init__(
@@ -361,6 +394,7 @@ class OnnxEngine:
         self.name = "onnxruntime-int8" if int8 else "onnxruntime"
         self.model, self.int8, self.fused, self.threads = model, int8, fused, threads
         self.num_layers = model.num_layers
+        self.keep_margins = model.qala_config.keep_margins
         root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qala-onnx-"))
         self.folder = artifact_dir(root, model)
         self.facts: dict[str, Any] = {"quantization": ORT_INT8_METHOD if int8 else None}
@@ -370,7 +404,7 @@ class OnnxEngine:
         self.build_seconds = time.perf_counter() - start
 
     def _file(self, graph: str) -> Path:
-        fp32 = self.folder / f"{graph}.onnx"
+        fp32 = self.folder / graph_file(graph)
         if not fp32.is_file():
             kind, _, prefix = graph.partition(".prefix")
             export_onnx(self.model, fp32, graph=kind, full_prefix=int(prefix or 0))
@@ -400,24 +434,35 @@ class OnnxEngine:
         token_type_ids: torch.Tensor | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
+        keep_margins: Sequence[float | None] | torch.Tensor | None = None,
     ) -> QuestionAnsweringModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        batch = input_ids.size(0)
+        margins = margin_table(self.keep_margins if keep_margins is None else keep_margins, batch, self.num_layers)
         feeds = {
             "input_ids": input_ids.numpy().astype(np.int64, copy=False),
             "attention_mask": attention_mask.numpy().astype(np.int64, copy=False),
             "token_type_ids": token_type_ids.numpy().astype(np.int64, copy=False),
         }
         per_row = isinstance(keep_ratios, torch.Tensor) and keep_ratios.dim() == 2
-        if per_row or config_key(self.num_layers, None if per_row else keep_ratios, length_config) is not None:
+        key = None if per_row else config_key(self.num_layers, keep_ratios, length_config)
+        if per_row or key is not None or margins is not None:
             feeds["kept"] = kept_table(attention_mask, self.num_layers, keep_ratios, length_config).numpy()
-            prefix = 0 if length_config is not None else full_prefix(keep_ratios)
+            no_margin = torch.full((batch, self.num_layers), math.inf, dtype=torch.float32)
+            feeds["margins"] = (no_margin if margins is None else margins).numpy()
+            prefix = self.num_layers if keep_ratios is None else full_prefix(keep_ratios)
+            prefix = 0 if length_config is not None else prefix
+            if margins is not None:  # a margin drops tokens at a layer of ratio 1.0 too
+                prefix = min(prefix, first_margin_layer(margins))
             session = self.session("adaptive" if prefix == 0 else f"adaptive.prefix{prefix}")
         else:
             session = self.session("plain")
-        start, end = session.run(list(OUTPUT_NAMES), feeds)
+        # A graph whose every layer skips the selection (per-row ratios all 1.0) reads neither kept nor margins.
+        names = {i.name for i in session.get_inputs()}
+        start, end = session.run(list(OUTPUT_NAMES), {k: v for k, v in feeds.items() if k in names})
         return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
 
     def warmup(self, lengths: Sequence[int] = (16, 128, 384), **_: Any) -> dict[str, float]:

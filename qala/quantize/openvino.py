@@ -12,7 +12,8 @@ qala.quantize.onnx (transformers' QA model: no selection op at all). A keep conf
 adaptive graph with the selection in it; its top-k width at layer i is ceil(r_i * Lb) for the bucket
 length Lb (a constant once the shape is static), while each row keeps exactly ceil(r_i * n_real) tokens
 (the `kept` input, counted on the host as the PyTorch forward counts), so the logits at a window's real
-positions equal the unbucketed model's.
+positions equal the unbucketed model's. Keep margins (the model's keep_margins, a call's or its config's) are
+refused: the widths are static per bucket, so a margin would only mask slots that are computed anyway.
 
 INT8 ("openvino-int8"): NNCF post-training quantization (`model_type=TRANSFORMER`: SmoothQuant, bias
 correction) of each configuration's graph, on calibration windows passed in (a list, or a function that
@@ -48,7 +49,7 @@ from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
 from qala.lengths import config_key, kept_table, key_kwargs
 from qala.model import MODEL_INPUTS, LengthAdaptiveForQuestionAnswering
-from qala.quantize.engines import bucket_of, default_buckets, plan_chunks
+from qala.quantize.engines import Margins, bucket_of, default_buckets, margin_table, plan_chunks
 from qala.quantize.onnx import Widths, artifact_dir, export_onnx, key_slug
 from qala.utils import atomic_write_json
 
@@ -195,6 +196,7 @@ class OpenVinoEngine:
             raise ValueError(f"engine {self.name!r} needs calibration windows: make_engine(..., calibration=[...])")
         self.model, self.int8, self.threads = model, int8, threads
         self.num_layers = model.num_layers
+        self.keep_margins = model.qala_config.keep_margins
         self.max_seq_length = int(max_seq_length or model.qala_config.max_seq_length)
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(self.max_seq_length)
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
@@ -228,6 +230,16 @@ class OpenVinoEngine:
             )
         key = config_key(self.num_layers, keep_ratios, length_config, self.max_seq_length)
         return key
+
+    def check_margins(self, keep_margins: Margins | None, batch: int = 1) -> None:
+        """ValueError if a call with these keep_margins (None: the config's) would drop tokens by margin."""
+        margins = self.keep_margins if keep_margins is None else keep_margins
+        if margin_table(margins, batch, self.num_layers) is not None:
+            shown = margins.tolist() if isinstance(margins, torch.Tensor) else list(margins)
+            raise ValueError(
+                f"engine {self.name!r} cannot run keep_margins {shown}: its top-k widths are static per bucket, so a "
+                "margin saves no compute there; use 'onnxruntime', 'compile-dynamic' or 'eager'"
+            )
 
     def base(self, key: Key) -> Any:
         """The configuration's OpenVINO model with dynamic shapes (INT8: quantized once, then reshaped per bucket)."""
@@ -388,7 +400,9 @@ class OpenVinoEngine:
         token_type_ids: torch.Tensor | None = None,
         keep_ratios: Sequence[float] | torch.Tensor | None = None,
         length_config: Sequence[int] | None = None,
+        keep_margins: Margins | None = None,
     ) -> QuestionAnsweringModelOutput:
+        self.check_margins(keep_margins, input_ids.size(0))
         key = self.key(keep_ratios, length_config)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -428,6 +442,7 @@ class OpenVinoEngine:
     ) -> dict[str, Any]:
         """Compile every (configuration, bucket of `lengths`, batch size) ahead (default: every bucket, full
         length plus the model's own keep ratios), so that no request waits for a compile."""
+        self.check_margins(None)  # a model whose config has margins runs them in every call: none served here
         buckets = sorted({bucket_of(int(n), self.buckets) for n in lengths}) if lengths else list(self.buckets)
         configs = list(keep_ratios) if keep_ratios is not None else self.default_configs()
         keys = {self.key(c, None) for c in configs} | {self.key(None, c) for c in length_configs}

@@ -60,7 +60,7 @@ from torch import nn
 from qala.model import LengthAdaptiveForQuestionAnswering
 from qala.quantize.artifact import _dequantize, fp32_state_dict, int8_weights
 from qala.quantize.engines import default_buckets
-from qala.quantize.load import load_model, model_kind
+from qala.quantize.load import artifact_configs, load_model, model_kind
 from qala.quantize.onnx import OnnxEngine, artifact_dir, export_onnx, require_onnxruntime
 from qala.quantize.openvino import BATCH_SIZES, PRECISIONS, Key, OpenVinoEngine, read_model, require_openvino
 from qala.quantize.units import QuantizedUnit, quantized_units, state_prefix
@@ -406,8 +406,8 @@ def write_qdq(fp32_path: str | Path, out_path: str | Path, plan: Mapping[str, We
 def qdq_file(engine: Any, fp32: Path, graph: str) -> Path:
     """The QDQ graph of the fp32 export `fp32` (in the engine's content-keyed folder), written once: its name
     carries the digest of INC's parameters, the folder's the exported weights', so a changed artifact (weights,
-    scales, observers, units) never meets an old file."""
-    path = fp32.with_name(f"{graph}.inc-{engine.digest[:16]}.onnx")
+    scales, observers, units) never meets an old file, nor a changed export (the fp32 file's name, graph_file)."""
+    path = fp32.with_name(f"{fp32.name.removesuffix('.onnx')}.inc-{engine.digest[:16]}.onnx")
     if not path.is_file():
         engine.facts[f"{graph}_qdq"] = write_qdq(fp32, path, engine.plan, engine.digest)
     return path
@@ -504,8 +504,8 @@ class IncQdqEngine(OnnxEngine):
     the plain graph, a keep configuration the adaptive graph (one per count of leading full layers), each with
     INC's Q/DQ nodes.
 
-    `model`: an INT8 model in memory, its QDQ files at workdir/<hash of the exported weights>/<graph>.inc-<hash of
-    INC's parameters>.onnx, beside the other ONNX engines' files of the same weights; or an INT8 artifact
+    `model`: an INT8 model in memory, its QDQ files at workdir/<hash of the exported weights>/<graph file>.inc-<hash
+    of INC's parameters>.onnx, beside the other ONNX engines' files of the same weights; or an INT8 artifact
     directory, its QDQ files in QdqCache(workdir, directory), the model loaded (PT2E replayed) only to build a
     graph the cache lacks.
     """
@@ -534,6 +534,7 @@ class IncQdqEngine(OnnxEngine):
             else:
                 self.num_layers = int(self.cache.index["num_layers"])
                 self.facts["inc_units"] = list(self.cache.index.get("inc_units", []))
+                self.keep_margins = artifact_configs(self.artifact).qala_config.keep_margins
         self.session("plain")
         self.build_seconds = time.perf_counter() - start
 
@@ -543,6 +544,7 @@ class IncQdqEngine(OnnxEngine):
         self.digest = plan_digest(model, self.plan)
         self.model = export_model(model, self.plan)
         self.num_layers = self.model.num_layers
+        self.keep_margins = self.model.qala_config.keep_margins
         self.folder = artifact_dir(self._root, self.model)
         self.facts["inc_units"] = sorted({e.unit for e in self.plan.values()})
 
@@ -555,7 +557,8 @@ class IncQdqEngine(OnnxEngine):
 class IncOpenVinoEngine(OpenVinoEngine):
     """INC's INT8 artifact on OpenVINO (`openvino-inc`): the same QDQ ONNX plain graph, which OpenVINO runs with
     INT8 kernels (FullyConnected u8), static length buckets as `openvino`. Full length only: INT8 keep
-    configurations need OpenVINO's attention pin and fp32 agreement check (`openvino-int8`), not done here.
+    configurations need OpenVINO's attention pin and fp32 agreement check (`openvino-int8`), not done here; keep
+    margins are refused as by `openvino`.
 
     `model`: an INT8 model in memory, its files at workdir/<hash of the exported weights>/ as OpenVinoEngine's; or
     an INT8 artifact directory, its plain graph in QdqCache(workdir, directory) (the one `onnxruntime-inc` serves)
@@ -611,6 +614,7 @@ class IncOpenVinoEngine(OpenVinoEngine):
         cached_qdq(self, "plain", self._fp32_plain, needs=("max_seq_length",))
         index = self.cache.index
         self.num_layers = int(index["num_layers"])
+        self.keep_margins = artifact_configs(artifact).qala_config.keep_margins
         self.max_seq_length = int(max_seq_length or index["max_seq_length"])
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else default_buckets(self.max_seq_length)
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
